@@ -1,0 +1,118 @@
+//! `nbx bench`: every figure of the benchmark report, measured in one run on
+//! one machine, ours and the peer's side by side (the machines are shared and
+//! noisy, so only ratios from the same run are compared).
+
+mod hit_ratio;
+mod listener;
+mod memory;
+mod report;
+mod stream;
+mod throughput;
+mod workload;
+mod zipf;
+
+use std::time::{Duration, Instant};
+
+use nebulex::Cache;
+
+use self::report::Figures;
+use self::workload::Keys;
+
+/// Options of `nbx bench`.
+#[derive(Debug, clap::Args)]
+pub(crate) struct BenchArgs {
+    /// Fewer repetitions and shorter runs: the whole report in seconds.
+    #[arg(long)]
+    quick: bool,
+    /// Print one JSON object on stdout instead of a table (progress goes to
+    /// stderr either way).
+    #[arg(long)]
+    json: bool,
+}
+
+/// What a benchmark step returns.
+pub(crate) type BenchResult<T> = Result<T, Box<dyn std::error::Error>>;
+
+/// Sizes and repetition counts of a run.
+pub(crate) struct Config {
+    /// Whether this is a `--quick` run.
+    pub(crate) quick: bool,
+    /// Distinct keys of the throughput, memory and stream figures.
+    pub(crate) keys: usize,
+    /// Capacity of every cache in those figures: above `keys`, so none evicts.
+    pub(crate) capacity: usize,
+    /// Repetitions of each throughput measurement (the median is kept).
+    pub(crate) reps: usize,
+    /// Rounds of the listener-overhead measurement (each: one fill with a
+    /// stream, one without).
+    pub(crate) listener_rounds: usize,
+    /// Repetitions of each end-to-end stream measurement.
+    pub(crate) e2e_reps: usize,
+    /// Accesses of the hit-ratio trace.
+    pub(crate) zipf_accesses: usize,
+    /// How long the paced latency measurement runs.
+    pub(crate) latency_duration: Duration,
+    /// Per-subscriber buffer of the stream figures: larger than `keys`, so
+    /// a subscriber never lags.
+    pub(crate) stream_buffer: usize,
+}
+
+impl Config {
+    fn new(quick: bool) -> Self {
+        Self {
+            quick,
+            keys: 1_000_000,
+            capacity: 1_100_000,
+            reps: if quick { 3 } else { 5 },
+            listener_rounds: if quick { 5 } else { 11 },
+            e2e_reps: if quick { 1 } else { 3 },
+            zipf_accesses: if quick { 1_000_000 } else { 2_000_000 },
+            latency_duration: if quick { Duration::from_millis(1_500) } else { Duration::from_secs(5) },
+            stream_buffer: 1 << 20,
+        }
+    }
+}
+
+/// A `u64 -> u64` nebulex cache bounded to `capacity` entries, as every
+/// figure uses.
+pub(crate) fn new_cache(capacity: usize) -> Result<Cache<u64, u64>, nebulex::Error> {
+    Cache::builder().name("bench").max_entries(capacity).build()
+}
+
+/// Runs every measurement and prints the report (JSON or table) on stdout.
+pub(crate) fn run(args: &BenchArgs) -> BenchResult<()> {
+    let config = Config::new(args.quick);
+    let started = Instant::now();
+    let keys = step("keys", || Ok(Keys::new(config.keys)))?;
+    // First, while no other thread of ours is alive to allocate.
+    let memory = step("memory", || memory::measure(&config, &keys))?;
+    let throughput = step("put/get throughput", || throughput::measure(&config, &keys))?;
+    let listener = step("listener overhead", || listener::measure(&config, &keys))?;
+    let stream_1 = step("stream e2e, 1 partition", || stream::e2e(&config, &keys, 1))?;
+    let stream_4 = step("stream e2e, 4 partitions", || stream::e2e(&config, &keys, 4))?;
+    drop(keys);
+    let hit_ratio = step("hit ratio", || hit_ratio::measure(&config))?;
+    let latency = step("stream latency", || stream::latency(&config))?;
+    eprintln!("nbx bench: done in {:.1} s", started.elapsed().as_secs_f64());
+
+    let figures = Figures { quick: config.quick, throughput, listener, stream_1, stream_4, hit_ratio, memory, latency };
+    if args.json {
+        println!("{}", figures.to_json());
+    } else {
+        print!("{}", figures.to_table());
+    }
+    Ok(())
+}
+
+/// Runs one step, reporting its name and duration on stderr (steps may add
+/// detail lines of their own in between).
+fn step<T>(name: &str, f: impl FnOnce() -> BenchResult<T>) -> BenchResult<T> {
+    eprintln!("nbx bench: {name} ...");
+    let start = Instant::now();
+    let result = f();
+    match &result {
+        Ok(_) => eprintln!("nbx bench: {name}: {:.1} s", start.elapsed().as_secs_f64()),
+        Err(_) => eprintln!("nbx bench: {name}: failed"),
+    }
+    result.map_err(|err| format!("{name}: {err}").into())
+}

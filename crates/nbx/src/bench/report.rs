@@ -1,0 +1,310 @@
+//! The report: every figure with its ratio to the peer and its target, as
+//! one JSON object or as a table.
+
+use std::fmt::Write as _;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use serde_json::{json, Value};
+
+use super::hit_ratio::HitRatio;
+use super::listener::ListenerOverhead;
+use super::memory::Memory;
+use super::stream::{E2e, Latency};
+use super::throughput::Throughput;
+
+/// Everything one run measured.
+pub(crate) struct Figures {
+    /// Whether the run was `--quick`.
+    pub(crate) quick: bool,
+    /// Single-thread put/get rates, ours and the peers'.
+    pub(crate) throughput: Throughput,
+    /// Put time with an idle stream against none.
+    pub(crate) listener: ListenerOverhead,
+    /// End-to-end stream throughput, one unpartitioned stream.
+    pub(crate) stream_1: E2e,
+    /// End-to-end stream throughput, 4 partitions, one subscriber each.
+    pub(crate) stream_4: E2e,
+    /// Read-through hit ratio on a Zipf trace.
+    pub(crate) hit_ratio: HitRatio,
+    /// Heap bytes per entry.
+    pub(crate) memory: Memory,
+    /// Put-to-subscriber latency.
+    pub(crate) latency: Latency,
+}
+
+/// A goal for one figure.
+#[derive(Clone, Copy)]
+enum Target {
+    AtLeast(f64),
+    AtMost(f64),
+}
+
+impl Target {
+    fn met(self, value: f64) -> bool {
+        match self {
+            Self::AtLeast(goal) => value >= goal,
+            Self::AtMost(goal) => value <= goal,
+        }
+    }
+
+    fn label(self) -> String {
+        match self {
+            Self::AtLeast(goal) => format!(">= {goal}"),
+            Self::AtMost(goal) => format!("<= {goal}"),
+        }
+    }
+}
+
+/// One line of the table.
+struct Row {
+    figure: &'static str,
+    ours: String,
+    peer: String,
+    /// Ours ÷ the peer's, when there is a peer.
+    ratio: Option<f64>,
+    /// The goal, and the value it applies to (the ratio, or ours alone).
+    target: Option<(Target, f64)>,
+}
+
+/// `a / b`, 0 when `b` is 0.
+fn ratio(a: f64, b: f64) -> f64 {
+    if b == 0.0 {
+        0.0
+    } else {
+        a / b
+    }
+}
+
+/// `x` rounded to `digits` decimals.
+fn round(x: f64, digits: i32) -> f64 {
+    let scale = 10f64.powi(digits);
+    (x * scale).round() / scale
+}
+
+impl Figures {
+    fn put_vs_moka(&self) -> f64 {
+        ratio(self.throughput.put, self.throughput.moka_insert)
+    }
+    fn put_vs_quick_cache(&self) -> f64 {
+        ratio(self.throughput.put, self.throughput.quick_cache_insert)
+    }
+    fn get_vs_moka(&self) -> f64 {
+        ratio(self.throughput.get, self.throughput.moka_get)
+    }
+    fn stream_vs_moka(&self) -> f64 {
+        ratio(self.stream_1.events_per_sec, self.throughput.moka_insert)
+    }
+    fn partitions4_vs_1(&self) -> f64 {
+        ratio(self.stream_4.events_per_sec, self.stream_1.events_per_sec)
+    }
+    fn hit_ratio_vs_moka(&self) -> f64 {
+        ratio(self.hit_ratio.ours, self.hit_ratio.moka)
+    }
+    fn memory_vs_moka(&self) -> f64 {
+        ratio(self.memory.ours, self.memory.moka)
+    }
+
+    /// `{"local": {...}, "meta": {"date", "cores", "quick"}}`.
+    pub(crate) fn to_json(&self) -> Value {
+        let t = &self.throughput;
+        json!({
+            "local": {
+                "put_ops_per_sec": t.put.round(),
+                "moka_insert_ops_per_sec": t.moka_insert.round(),
+                "quick_cache_insert_ops_per_sec": t.quick_cache_insert.round(),
+                "put_vs_moka": round(self.put_vs_moka(), 3),
+                "put_vs_quick_cache": round(self.put_vs_quick_cache(), 3),
+                "get_ops_per_sec": t.get.round(),
+                "moka_get_ops_per_sec": t.moka_get.round(),
+                "get_vs_moka": round(self.get_vs_moka(), 3),
+                "listener_overhead": round(self.listener.ratio(), 3),
+                "stream_e2e_events_per_sec": self.stream_1.events_per_sec.round(),
+                "stream_e2e_lagged": self.stream_1.lagged,
+                "stream_vs_moka": round(self.stream_vs_moka(), 3),
+                "partitions4_e2e_events_per_sec": self.stream_4.events_per_sec.round(),
+                "partitions4_e2e_lagged": self.stream_4.lagged,
+                "partitions4_vs_1": round(self.partitions4_vs_1(), 3),
+                "hit_ratio": round(self.hit_ratio.ours, 4),
+                "moka_hit_ratio": round(self.hit_ratio.moka, 4),
+                "hit_ratio_vs_moka": round(self.hit_ratio_vs_moka(), 3),
+                "bytes_per_entry": round(self.memory.ours, 1),
+                "moka_bytes_per_entry": round(self.memory.moka, 1),
+                "memory_vs_moka": round(self.memory_vs_moka(), 3),
+                "stream_latency_p50_us": round(self.latency.p50_us, 1),
+                "stream_latency_p99_us": round(self.latency.p99_us, 1),
+            },
+            "meta": {
+                "date": utc_now(),
+                "cores": std::thread::available_parallelism().map_or(1, usize::from),
+                "quick": self.quick,
+            },
+        })
+    }
+
+    fn rows(&self) -> Vec<Row> {
+        let t = &self.throughput;
+        let vs = |figure, ours: f64, peer: f64, value: f64, target| Row {
+            figure,
+            ours: ops(ours),
+            peer: ops(peer),
+            ratio: Some(value),
+            target: Some((target, value)),
+        };
+        vec![
+            vs("put ops/s vs moka", t.put, t.moka_insert, self.put_vs_moka(), Target::AtLeast(5.0)),
+            vs(
+                "put ops/s vs quick_cache",
+                t.put,
+                t.quick_cache_insert,
+                self.put_vs_quick_cache(),
+                Target::AtLeast(1.0),
+            ),
+            vs("get ops/s vs moka", t.get, t.moka_get, self.get_vs_moka(), Target::AtLeast(2.0)),
+            Row {
+                figure: "put ms, idle stream vs none",
+                ours: format!("{:.1}", self.listener.streamed.as_secs_f64() * 1e3),
+                peer: format!("{:.1}", self.listener.plain.as_secs_f64() * 1e3),
+                ratio: Some(self.listener.ratio()),
+                target: Some((Target::AtMost(1.10), self.listener.ratio())),
+            },
+            vs(
+                "stream e2e events/s vs moka put",
+                self.stream_1.events_per_sec,
+                t.moka_insert,
+                self.stream_vs_moka(),
+                Target::AtLeast(3.0),
+            ),
+            vs(
+                "4 partitions e2e vs 1",
+                self.stream_4.events_per_sec,
+                self.stream_1.events_per_sec,
+                self.partitions4_vs_1(),
+                Target::AtLeast(0.9),
+            ),
+            Row {
+                figure: "hit ratio, Zipf 0.99 (vs moka)",
+                ours: format!("{:.4}", self.hit_ratio.ours),
+                peer: format!("{:.4}", self.hit_ratio.moka),
+                ratio: Some(self.hit_ratio_vs_moka()),
+                target: Some((Target::AtLeast(0.95), self.hit_ratio_vs_moka())),
+            },
+            Row {
+                figure: "heap bytes/entry vs moka",
+                ours: format!("{:.1}", self.memory.ours),
+                peer: format!("{:.1}", self.memory.moka),
+                ratio: Some(self.memory_vs_moka()),
+                target: Some((Target::AtMost(1.0), self.memory_vs_moka())),
+            },
+            Row {
+                figure: "stream latency p50 (us)",
+                ours: format!("{:.1}", self.latency.p50_us),
+                peer: "-".into(),
+                ratio: None,
+                target: None,
+            },
+            Row {
+                figure: "stream latency p99 (us)",
+                ours: format!("{:.1}", self.latency.p99_us),
+                peer: "-".into(),
+                ratio: None,
+                target: Some((Target::AtMost(50.0), self.latency.p99_us)),
+            },
+        ]
+    }
+
+    /// A readable table: figure, ours, peer, ratio, target, and whether the
+    /// target is met.
+    pub(crate) fn to_table(&self) -> String {
+        let mut out = String::new();
+        let mode = if self.quick { "quick" } else { "full" };
+        let _ = writeln!(
+            out,
+            "nbx bench ({mode}, {}, {} cores; ratio = ours / peer; stream lagged: {} / {})",
+            utc_now(),
+            std::thread::available_parallelism().map_or(1, usize::from),
+            self.stream_1.lagged,
+            self.stream_4.lagged,
+        );
+        table_line(&mut out, ["figure", "ours", "peer", "ratio", "target", "met"]);
+        for row in self.rows() {
+            let ratio = row.ratio.map_or_else(|| "-".to_string(), |r| format!("{r:.3}"));
+            let (target, met) = match row.target {
+                Some((target, value)) => (target.label(), if target.met(value) { "yes" } else { "NO" }),
+                None => ("-".to_string(), ""),
+            };
+            table_line(&mut out, [row.figure, &row.ours, &row.peer, &ratio, &target, met]);
+        }
+        out
+    }
+}
+
+/// One line of the table: figure, ours, peer, ratio, target, met.
+fn table_line(out: &mut String, [figure, ours, peer, ratio, target, met]: [&str; 6]) {
+    let line = format!("{figure:<34} {ours:>14} {peer:>14} {ratio:>8}  {target:<8} {met}");
+    let _ = writeln!(out, "{}", line.trim_end());
+}
+
+/// Operations per second with thousands separators.
+fn ops(rate: f64) -> String {
+    let digits = format!("{:.0}", rate.max(0.0));
+    let mut out = String::with_capacity(digits.len() + digits.len() / 3);
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
+/// The current UTC time, `YYYY-MM-DDTHH:MM:SSZ`.
+fn utc_now() -> String {
+    let secs = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    let days = i64::try_from(secs / 86_400).unwrap_or(0);
+    let rem = secs % 86_400;
+    let (year, month, day) = civil_from_days(days);
+    format!("{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z", rem / 3_600, rem % 3_600 / 60, rem % 60)
+}
+
+/// Proleptic Gregorian date of a day count since 1970-01-01 (Howard
+/// Hinnant's `civil_from_days`).
+fn civil_from_days(days: i64) -> (i64, u32, u32) {
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1_460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    (year, month, day)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dates() {
+        assert_eq!(civil_from_days(0), (1970, 1, 1));
+        assert_eq!(civil_from_days(11_016), (2000, 2, 29));
+        assert_eq!(civil_from_days(19_723), (2024, 1, 1));
+    }
+
+    #[test]
+    fn thousands() {
+        assert_eq!(ops(0.0), "0");
+        assert_eq!(ops(999.0), "999");
+        assert_eq!(ops(1_000.0), "1,000");
+        assert_eq!(ops(12_345_678.4), "12,345,678");
+    }
+
+    #[test]
+    fn targets() {
+        assert!(Target::AtLeast(5.0).met(5.0));
+        assert!(!Target::AtLeast(5.0).met(4.9));
+        assert!(Target::AtMost(1.1).met(1.05));
+        assert!(!Target::AtMost(1.1).met(1.2));
+    }
+}

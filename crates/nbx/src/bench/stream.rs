@@ -1,0 +1,295 @@
+//! Event stream figures: end-to-end throughput (one stream, or one
+//! subscriber per partition) and put-to-subscriber latency.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{self, Receiver, Sender};
+use std::sync::{Arc, Barrier};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use hdrhistogram::Histogram;
+use nebulex::Target;
+use nebulex_streams::{Lagged, Streams, StreamsExt, SubscribeOptions, Subscription, TryRecvError};
+
+use super::workload::{median, Keys};
+use super::{new_cache, BenchResult, Config};
+
+/// How long the subscribers may take to account for every event after the
+/// last put, before the run is declared broken.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A subscriber adds its count to the shared tally at least this often (and
+/// whenever its queue runs empty), so the shared counter is not a hot spot.
+const FLUSH_EVERY: u64 = 4_096;
+
+/// End-to-end throughput of one stream configuration.
+pub(crate) struct E2e {
+    /// Events per second, from the first put until the subscribers have
+    /// accounted for the last event (median over the repetitions).
+    pub(crate) events_per_sec: f64,
+    /// Events reported as `Lagged` (the most in any repetition); 0 when the
+    /// buffer is big enough.
+    pub(crate) lagged: u64,
+}
+
+/// Puts every key on this thread while `partitions` subscriber threads (one
+/// per partition; a single unpartitioned stream for 1) receive every event
+/// with `recv_blocking`. Repeated `config.e2e_reps` times.
+///
+/// Fails if an event is neither received nor reported as lagged.
+pub(crate) fn e2e(config: &Config, keys: &Keys, partitions: u32) -> BenchResult<E2e> {
+    let mut rates = Vec::new();
+    let mut lagged = 0;
+    for _ in 0..config.e2e_reps {
+        let run = e2e_once(config, keys, partitions)?;
+        eprintln!(
+            "nbx bench:   {} events: puts done after {:.0} ms, last event in after {:.0} ms, {} lagged",
+            keys.len(),
+            run.puts.as_secs_f64() * 1e3,
+            run.elapsed.as_secs_f64() * 1e3,
+            run.lagged,
+        );
+        rates.push(keys.len() as f64 / run.elapsed.as_secs_f64().max(f64::MIN_POSITIVE));
+        lagged = lagged.max(run.lagged);
+    }
+    Ok(E2e { events_per_sec: median(&rates), lagged })
+}
+
+/// One end-to-end run.
+struct E2eRun {
+    /// From the first put until the last event was accounted for.
+    elapsed: Duration,
+    /// From the first put until the last put returned (tells whether the
+    /// writer or the subscribers set the pace).
+    puts: Duration,
+    /// Events reported as lagged.
+    lagged: u64,
+}
+
+/// Events accounted for by all subscribers of one run.
+#[derive(Default)]
+struct Tally {
+    /// Received plus lagged, over every subscriber.
+    accounted: AtomicU64,
+    /// Lagged only.
+    lagged: AtomicU64,
+}
+
+impl Tally {
+    /// Adds a subscriber's pending count; whoever brings the total to
+    /// `expected` reports the instant on `done`.
+    fn flush(&self, pending: &mut u64, expected: u64, done: &Sender<Instant>) {
+        if *pending == 0 {
+            return;
+        }
+        let total = self.accounted.fetch_add(*pending, Ordering::AcqRel) + *pending;
+        *pending = 0;
+        if total == expected {
+            // The receiver is gone only if the run already gave up.
+            let _ = done.send(Instant::now());
+        }
+    }
+}
+
+fn e2e_once(config: &Config, keys: &Keys, partitions: u32) -> BenchResult<E2eRun> {
+    let expected = keys.len() as u64;
+    let cache = new_cache(config.capacity)?;
+    let builder = Streams::builder(&cache).buffer(config.stream_buffer);
+    let streams = if partitions > 1 { builder.partitions(partitions).start()? } else { builder.start()? };
+
+    let mut subscriptions = Vec::new();
+    for partition in 0..partitions {
+        let options =
+            if partitions > 1 { SubscribeOptions::new().partition(partition) } else { SubscribeOptions::new() };
+        subscriptions.push(cache.subscribe(options)?);
+    }
+
+    let tally = Arc::new(Tally::default());
+    let ready = Arc::new(Barrier::new(subscriptions.len() + 1));
+    let (done_tx, done_rx) = mpsc::channel();
+    let (exit_tx, exit_rx) = mpsc::channel();
+    for sub in subscriptions {
+        let (tally, ready, done, exit) = (Arc::clone(&tally), Arc::clone(&ready), done_tx.clone(), exit_tx.clone());
+        thread::Builder::new().name("nbx-bench-subscriber".into()).spawn(move || {
+            ready.wait();
+            consume(sub, &tally, expected, &done);
+            let _ = exit.send(());
+        })?;
+    }
+    drop((done_tx, exit_tx));
+
+    ready.wait();
+    let start = Instant::now();
+    for &k in &keys.insert {
+        cache.put(k, k);
+    }
+    let puts = start.elapsed();
+    let finished = done_rx.recv_timeout(DRAIN_TIMEOUT);
+    streams.stop();
+    wait_for_exits(&exit_rx, partitions)?;
+
+    let accounted = tally.accounted.load(Ordering::Acquire);
+    let lagged = tally.lagged.load(Ordering::Acquire);
+    let end = finished.map_err(|_| {
+        format!(
+            "{accounted} of {expected} events received or reported lagged within \
+             {DRAIN_TIMEOUT:?} of the last put"
+        )
+    })?;
+    if accounted != expected {
+        return Err(format!("{accounted} events received or lagged for {expected} puts").into());
+    }
+    Ok(E2eRun { elapsed: end.duration_since(start), puts, lagged })
+}
+
+/// Receives until the stream stops, counting events and lagged events.
+///
+/// Drains with `try_recv` and blocks in `recv_blocking` only when the queue
+/// is empty, which is also when it publishes its count: so the shared tally
+/// is touched rarely, yet is complete as soon as the last event is in.
+fn consume(mut sub: Subscription<u64>, tally: &Tally, expected: u64, done: &Sender<Instant>) {
+    let mut pending = 0u64;
+    loop {
+        let item = match sub.try_recv() {
+            Ok(event) => Ok(event),
+            Err(TryRecvError::Lagged(n)) => Err(Lagged(n)),
+            Err(TryRecvError::Closed) => break,
+            Err(TryRecvError::Empty) => {
+                tally.flush(&mut pending, expected, done);
+                match sub.recv_blocking() {
+                    Some(item) => item,
+                    None => break,
+                }
+            }
+        };
+        match item {
+            Ok(_event) => pending += 1,
+            Err(Lagged(n)) => {
+                tally.lagged.fetch_add(n, Ordering::AcqRel);
+                pending += n;
+            }
+        }
+        if pending >= FLUSH_EVERY {
+            tally.flush(&mut pending, expected, done);
+        }
+    }
+    tally.flush(&mut pending, expected, done);
+}
+
+/// Waits until `count` subscriber threads have ended (`stop()` ends their
+/// subscriptions); a subscription that outlives `stop()` is an error.
+fn wait_for_exits(exits: &Receiver<()>, count: u32) -> BenchResult<()> {
+    for ended in 0..count {
+        if exits.recv_timeout(DRAIN_TIMEOUT).is_err() {
+            return Err(format!("{} subscription(s) still open {DRAIN_TIMEOUT:?} after stop()", count - ended).into());
+        }
+    }
+    Ok(())
+}
+
+/// Put-to-receive latency percentiles, in microseconds.
+pub(crate) struct Latency {
+    /// Median latency.
+    pub(crate) p50_us: f64,
+    /// 99th percentile latency.
+    pub(crate) p99_us: f64,
+}
+
+/// Events per second of the latency figure: paced, far below saturation, so
+/// the figure is the path of one event and not queueing.
+const LATENCY_RATE: u32 = 10_000;
+
+/// Puts keys `0..n` at [`LATENCY_RATE`] per second while an async subscriber
+/// task (tokio) receives them with `recv().await`; the latency of each event
+/// is from just before its `put` until the task receives it.
+///
+/// Fails if an event is neither received nor reported as lagged.
+pub(crate) fn latency(config: &Config) -> BenchResult<Latency> {
+    let events = (f64::from(LATENCY_RATE) * config.latency_duration.as_secs_f64()) as usize;
+    let cache = new_cache(config.capacity)?;
+    let streams = Streams::builder(&cache).buffer(config.stream_buffer).start()?;
+    let mut sub = cache.subscribe(SubscribeOptions::new())?;
+
+    // Put instants, nanoseconds since `base`, indexed by key.
+    let base = Instant::now();
+    let stamps: Arc<Vec<AtomicU64>> = Arc::new((0..events).map(|_| AtomicU64::new(0)).collect());
+    let mut histogram = Histogram::<u64>::new_with_bounds(1, 60_000_000_000, 3)?;
+
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build()?;
+    let (ready_tx, ready_rx) = mpsc::channel();
+    let task_stamps = Arc::clone(&stamps);
+    let mut task = runtime.spawn(async move {
+        let _ = ready_tx.send(());
+        let (mut received, mut lagged) = (0u64, 0u64);
+        while received + lagged < events as u64 {
+            match sub.recv().await {
+                None => break,
+                Some(Ok(event)) => {
+                    let now = nanos_since(base);
+                    if let Target::Key(k) = &event.target {
+                        if let Some(stamp) = usize::try_from(*k).ok().and_then(|i| task_stamps.get(i)) {
+                            let sent = stamp.load(Ordering::Acquire);
+                            histogram.saturating_record(now.saturating_sub(sent).max(1));
+                        }
+                    }
+                    received += 1;
+                }
+                Some(Err(Lagged(n))) => lagged += n,
+            }
+        }
+        (histogram, received, lagged)
+    });
+    ready_rx.recv_timeout(DRAIN_TIMEOUT).map_err(|_| "the subscriber task did not start")?;
+
+    let interval = Duration::from_secs(1) / LATENCY_RATE;
+    let start = Instant::now();
+    for (i, stamp) in stamps.iter().enumerate() {
+        pace_until(start + interval * i as u32);
+        stamp.store(nanos_since(base), Ordering::Release);
+        cache.put(i as u64, i as u64);
+    }
+
+    let outcome = runtime.block_on(async { tokio::time::timeout(DRAIN_TIMEOUT, &mut task).await });
+    streams.stop();
+    let (histogram, received, lagged) = match outcome {
+        Ok(joined) => joined?,
+        Err(_) => {
+            let _ = runtime.block_on(async { tokio::time::timeout(DRAIN_TIMEOUT, task).await });
+            return Err(format!("not every event arrived within {DRAIN_TIMEOUT:?} of the last put").into());
+        }
+    };
+    if received + lagged != events as u64 {
+        return Err(format!("{received} received + {lagged} lagged for {events} puts").into());
+    }
+    if lagged > 0 {
+        return Err(format!("{lagged} of {events} events lagged at {LATENCY_RATE} events/s").into());
+    }
+    Ok(Latency {
+        p50_us: histogram.value_at_quantile(0.50) as f64 / 1_000.0,
+        p99_us: histogram.value_at_quantile(0.99) as f64 / 1_000.0,
+    })
+}
+
+/// Nanoseconds from `base` to now.
+fn nanos_since(base: Instant) -> u64 {
+    u64::try_from(base.elapsed().as_nanos()).unwrap_or(u64::MAX)
+}
+
+/// Waits until `slot`: sleeps while it is far, then yields until it comes
+/// (sleep alone overshoots by tens of microseconds; yielding rather than
+/// spinning leaves the core to the subscriber on a small machine).
+fn pace_until(slot: Instant) {
+    const NEAR: Duration = Duration::from_micros(200);
+    loop {
+        let now = Instant::now();
+        if now >= slot {
+            return;
+        }
+        let left = slot - now;
+        if left > NEAR {
+            thread::sleep(left - NEAR);
+        } else {
+            thread::yield_now();
+        }
+    }
+}

@@ -1,0 +1,123 @@
+//! Single-thread insert and lookup throughput: nebulex against moka and
+//! quick_cache, every cache sized so that none evicts.
+
+use std::hint::black_box;
+use std::time::Duration;
+
+use super::workload::{median, rate, time, Keys};
+use super::{new_cache, BenchResult, Config};
+
+/// Operations per second, each the median over the repetitions.
+pub(crate) struct Throughput {
+    /// `Cache::put` of every key into an empty nebulex cache.
+    pub(crate) put: f64,
+    /// `moka::sync::Cache::insert` of every key into an empty moka cache.
+    pub(crate) moka_insert: f64,
+    /// `quick_cache::sync::Cache::insert` of every key into an empty cache.
+    pub(crate) quick_cache_insert: f64,
+    /// `Cache::get` of every key (all hits) on the filled nebulex cache.
+    pub(crate) get: f64,
+    /// `moka::sync::Cache::get` of every key (all hits) on the filled cache.
+    pub(crate) moka_get: f64,
+}
+
+/// Measures every cache `config.reps` times, interleaved (ours, moka,
+/// quick_cache, ours, ...) so that a noisy moment hits all of them alike.
+pub(crate) fn measure(config: &Config, keys: &Keys) -> BenchResult<Throughput> {
+    let (mut put, mut get) = (Vec::new(), Vec::new());
+    let (mut moka_insert, mut moka_get) = (Vec::new(), Vec::new());
+    let mut quick_cache_insert = Vec::new();
+    let ms = |d: Duration| d.as_secs_f64() * 1e3;
+    for rep in 1..=config.reps {
+        let (put_time, get_time) = nebulex_run(config, keys)?;
+        put.push(rate(keys.len(), put_time));
+        get.push(rate(keys.len(), get_time));
+
+        let (moka_put_time, moka_get_time) = moka_run(config, keys)?;
+        moka_insert.push(rate(keys.len(), moka_put_time));
+        moka_get.push(rate(keys.len(), moka_get_time));
+
+        let quick_cache_time = quick_cache_run(config, keys)?;
+        quick_cache_insert.push(rate(keys.len(), quick_cache_time));
+        eprintln!(
+            "nbx bench:   run {rep}: put/get ms: nebulex {:.0}/{:.0}, moka {:.0}/{:.0}, quick_cache {:.0}/-",
+            ms(put_time),
+            ms(get_time),
+            ms(moka_put_time),
+            ms(moka_get_time),
+            ms(quick_cache_time),
+        );
+    }
+    Ok(Throughput {
+        put: median(&put),
+        moka_insert: median(&moka_insert),
+        quick_cache_insert: median(&quick_cache_insert),
+        get: median(&get),
+        moka_get: median(&moka_get),
+    })
+}
+
+/// Fills a fresh nebulex cache, then looks every key up: (fill, lookups).
+fn nebulex_run(config: &Config, keys: &Keys) -> BenchResult<(Duration, Duration)> {
+    let cache = new_cache(config.capacity)?;
+    let fill = time(|| {
+        for &k in &keys.insert {
+            cache.put(k, k);
+        }
+    });
+    check_len("nebulex", cache.len(), keys.len())?;
+    let lookups = timed_hits("nebulex", &keys.lookup, |k| cache.get(k))?;
+    Ok((fill, lookups))
+}
+
+/// Fills a fresh moka cache, then looks every key up: (fill, lookups).
+fn moka_run(config: &Config, keys: &Keys) -> BenchResult<(Duration, Duration)> {
+    let cache = moka::sync::Cache::new(config.capacity as u64);
+    let fill = time(|| {
+        for &k in &keys.insert {
+            cache.insert(k, k);
+        }
+    });
+    // Settle moka's deferred bookkeeping (untimed) so the count is exact.
+    cache.run_pending_tasks();
+    check_len("moka", usize::try_from(cache.entry_count())?, keys.len())?;
+    let lookups = timed_hits("moka", &keys.lookup, |k| cache.get(k))?;
+    Ok((fill, lookups))
+}
+
+/// Fills a fresh quick_cache cache: the fill time.
+fn quick_cache_run(config: &Config, keys: &Keys) -> BenchResult<Duration> {
+    let cache = quick_cache::sync::Cache::new(config.capacity);
+    let fill = time(|| {
+        for &k in &keys.insert {
+            cache.insert(k, k);
+        }
+    });
+    check_len("quick_cache", cache.len(), keys.len())?;
+    Ok(fill)
+}
+
+/// Times `get` over `keys`, and checks that every lookup hit.
+fn timed_hits(name: &str, keys: &[u64], get: impl Fn(&u64) -> Option<u64>) -> BenchResult<Duration> {
+    let mut hits = 0usize;
+    let elapsed = time(|| {
+        for k in keys {
+            if black_box(get(black_box(k))).is_some() {
+                hits += 1;
+            }
+        }
+    });
+    if hits != keys.len() {
+        return Err(format!("{name}: {hits} hits out of {} lookups on a full cache", keys.len()).into());
+    }
+    Ok(elapsed)
+}
+
+/// Checks that a cache kept every key (the figures assume no eviction).
+pub(crate) fn check_len(name: &str, len: usize, expected: usize) -> BenchResult<()> {
+    if len == expected {
+        Ok(())
+    } else {
+        Err(format!("{name}: holds {len} entries after inserting {expected} distinct keys").into())
+    }
+}

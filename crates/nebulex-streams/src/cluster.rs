@@ -1,0 +1,424 @@
+//! The cluster side of a stream: batching this node's events into frames for
+//! the transport, and turning other nodes' frames back into events.
+//!
+//! # Outbound
+//!
+//! The cache listener pushes each routed event into its partition's outbound
+//! buffer (bounded: a full one drops the event and counts it, so a writer
+//! never waits for the network). One task per stream drains the buffers,
+//! packs each partition's events into frames of at most `batch_size` events
+//! and hands them to the transport. Events are numbered per (node, epoch,
+//! partition) as the stream routes them (the same `seq` local subscribers
+//! see), so events the buffer dropped, or frames the transport lost, leave
+//! a jump in the numbers that receivers see. Batching is natural: whatever accumulated while the previous
+//! batch was being sent goes in the next one, so a lone event waits for
+//! nothing (unless `batch_linger` asks to wait for company).
+//!
+//! # Inbound
+//!
+//! Each frame is decoded and checked (size, version, signature, cache,
+//! partition count, channel); a refused frame is counted with its reason
+//! and dropped. Own frames are ignored. A jump in an origin's sequence
+//! numbers is a gap: the partition's subscribers get `Lagged(n)` and `Gap`
+//! telemetry fires. A lost connection is a gap of unknown size on every
+//! partition (`Lagged(0)`).
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock, Weak};
+use std::task::Poll;
+use std::time::{Duration, SystemTime};
+
+use nebulex::{CacheEntryEvent, NodeId};
+use parking_lot::Mutex;
+use tokio::sync::watch;
+
+use crate::error::Error;
+use crate::pubsub::{Backoff, Hooks, Link, LinkConfig, LinkState, PubSub};
+use crate::streams::StreamShared;
+use crate::subscription::Ring;
+use crate::wire::{unix_micros, DecodeLimits, Frame, FrameHeader, RejectReason, DEFAULT_MAX_FRAME_BYTES};
+
+/// The default most events in one frame.
+pub const DEFAULT_BATCH_SIZE: usize = 512;
+/// The default outbound buffer per partition, in events.
+pub const DEFAULT_OUTBOUND_BUFFER: usize = 65_536;
+
+pub(crate) type EncodeFn<K> = fn(&FrameHeader, &[Arc<CacheEntryEvent<K>>], Option<&[u8]>) -> Result<Vec<u8>, String>;
+pub(crate) type DecodeFn<K> = fn(&[u8], &DecodeLimits<'_>) -> Result<Frame<K>, RejectReason>;
+
+/// The cluster options of a stream, as the builder collects them.
+pub(crate) struct ClusterOptions<K> {
+    pub(crate) pubsub: PubSub,
+    pub(crate) encode: EncodeFn<K>,
+    pub(crate) decode: DecodeFn<K>,
+    pub(crate) prefix: String,
+    pub(crate) signing_key: Option<Arc<[u8]>>,
+    pub(crate) batch_size: usize,
+    pub(crate) batch_linger: Duration,
+    pub(crate) outbound_buffer: usize,
+    pub(crate) max_frame_bytes: usize,
+    pub(crate) backoff: Backoff,
+}
+
+impl<K> ClusterOptions<K> {
+    pub(crate) fn validate(&self) -> Result<(), Error> {
+        let invalid = |m: String| Err(Error::InvalidOption(m));
+        if self.batch_size == 0 {
+            return invalid("batch_size must be at least 1".into());
+        }
+        if self.outbound_buffer == 0 {
+            return invalid("outbound_buffer must hold at least 1 event".into());
+        }
+        if self.max_frame_bytes < 64 {
+            return invalid(format!("max_frame_bytes must be at least 64, got {}", self.max_frame_bytes));
+        }
+        if self.prefix.is_empty() || self.prefix.contains(char::is_whitespace) {
+            return invalid(format!("prefix must be non-empty without spaces, got `{}`", self.prefix));
+        }
+        if self.backoff.initial.is_zero() || self.backoff.max < self.backoff.initial {
+            return invalid("backoff needs 0 < initial <= max".into());
+        }
+        if self.signing_key.as_ref().is_some_and(|k| k.is_empty()) {
+            return invalid("signing_key must not be empty".into());
+        }
+        Ok(())
+    }
+}
+
+/// A started stream's cluster state.
+pub(crate) struct Cluster<K> {
+    pub(crate) describe: String,
+    encode: EncodeFn<K>,
+    decode: DecodeFn<K>,
+    signing_key: Option<Arc<[u8]>>,
+    max_frame_bytes: usize,
+    batch_size: usize,
+    batch_linger: Duration,
+    /// This stream's epoch: random at each start, so receivers tell a
+    /// restarted node's numbering from the old one's.
+    epoch: u64,
+    /// Per partition: events waiting to be sent.
+    pub(crate) outbound: Box<[Ring<K>]>,
+    link: OnceLock<Arc<dyn Link>>,
+    ready: watch::Receiver<Option<Result<(), Error>>>,
+    ready_tx: watch::Sender<Option<Result<(), Error>>>,
+    /// Per (origin, partition): the origin's epoch and the next sequence
+    /// number expected from it.
+    seen: Mutex<HashMap<(NodeId, u32), (u64, u64)>>,
+    link_up: AtomicBool,
+    shutdown: watch::Sender<bool>,
+    /// The options kept for `start_link`.
+    pubsub: PubSub,
+    channels: Vec<String>,
+    backoff: Backoff,
+}
+
+impl<K> Cluster<K> {
+    pub(crate) fn new(options: ClusterOptions<K>, channels: Vec<String>) -> Self {
+        let (ready_tx, ready) = watch::channel(None);
+        let outbound = channels.iter().map(|_| Ring::new(options.outbound_buffer, u8::MAX)).collect();
+        Cluster {
+            describe: options.pubsub.describe(),
+            encode: options.encode,
+            decode: options.decode,
+            signing_key: options.signing_key,
+            max_frame_bytes: options.max_frame_bytes,
+            batch_size: options.batch_size,
+            batch_linger: options.batch_linger,
+            epoch: NodeId::random().0,
+            outbound,
+            link: OnceLock::new(),
+            ready,
+            ready_tx,
+            seen: Mutex::new(HashMap::new()),
+            link_up: AtomicBool::new(false),
+            shutdown: watch::channel(false).0,
+            pubsub: options.pubsub,
+            channels,
+            backoff: options.backoff,
+        }
+    }
+
+    /// Resolves once every channel is subscribed, or with the transport's error.
+    pub(crate) async fn ready(&self) -> Result<(), Error> {
+        let mut ready = self.ready.clone();
+        let outcome = ready.wait_for(|r| r.is_some()).await.map_err(|_| Error::StreamNotStarted)?;
+        outcome.clone().unwrap_or(Err(Error::StreamNotStarted))
+    }
+
+    /// Stops the sender task and closes the connection.
+    pub(crate) fn close(&self) {
+        self.shutdown.send_replace(true);
+        if let Some(link) = self.link.get() {
+            link.close();
+        }
+        self.ready_tx.send_if_modified(|r| {
+            let unset = r.is_none();
+            if unset {
+                *r = Some(Err(Error::StreamNotStarted));
+            }
+            unset
+        });
+    }
+}
+
+/// Connects a started stream to its transport and starts its sender task.
+pub(crate) fn start_link<K>(shared: &Arc<StreamShared<K>>) -> Result<(), Error>
+where
+    K: Send + Sync + 'static,
+{
+    let Some(cluster) = shared.cluster.as_ref() else { return Ok(()) };
+    let rt = crate::pubsub::runtime()?;
+    let weak = Arc::downgrade(shared);
+    let on_state = weak.clone();
+    let hooks = Arc::new(Hooks {
+        on_frame: Box::new(move |index, bytes| {
+            if let Some(shared) = weak.upgrade() {
+                shared.on_frame(index, bytes);
+            }
+        }),
+        on_state: Box::new(move |state| {
+            if let Some(shared) = on_state.upgrade() {
+                shared.on_link_state(state);
+            }
+        }),
+    });
+    let link = cluster.pubsub.open(LinkConfig {
+        node: shared.node,
+        channels: cluster.channels.clone(),
+        backoff: cluster.backoff,
+        hooks,
+        ready: cluster.ready_tx.clone(),
+    })?;
+    let _ = cluster.link.set(link.clone());
+    rt.spawn(send_loop(Arc::downgrade(shared), link, cluster.shutdown.subscribe()));
+    Ok(())
+}
+
+/// Drains the outbound buffers into frames until the stream stops.
+async fn send_loop<K>(shared: Weak<StreamShared<K>>, link: Arc<dyn Link>, mut stop: watch::Receiver<bool>)
+where
+    K: Send + Sync + 'static,
+{
+    let Some(count) = shared.upgrade().and_then(|s| s.cluster.as_ref().map(|c| c.outbound.len())) else { return };
+    let mut stash: Vec<Option<Arc<CacheEntryEvent<K>>>> = vec![None; count];
+    loop {
+        // Wait until some partition has something to send.
+        let woke = {
+            let Some(s) = shared.upgrade() else { return };
+            let Some(cluster) = s.cluster.as_ref() else { return };
+            let any = std::future::poll_fn(|cx| {
+                for (p, ring) in cluster.outbound.iter().enumerate() {
+                    if let Poll::Ready(Some(item)) = ring.poll_recv(&mut stash[p], cx) {
+                        return Poll::Ready((p, item));
+                    }
+                }
+                Poll::Pending
+            });
+            tokio::select! {
+                woke = any => Some(woke),
+                _ = stop.changed() => None,
+            }
+        };
+        let Some((first_p, first)) = woke else { return };
+        let Some(s) = shared.upgrade() else { return };
+        let Some(cluster) = s.cluster.as_ref() else { return };
+        if !cluster.batch_linger.is_zero() {
+            tokio::time::sleep(cluster.batch_linger).await;
+        }
+        let mut pending: Vec<Vec<Arc<CacheEntryEvent<K>>>> = vec![Vec::new(); count];
+        let mut frames = Vec::new();
+        s.accept(first_p, first, &mut pending[first_p], &mut frames);
+        for p in 0..count {
+            while frames.len() < 64 {
+                let Some(item) = cluster.outbound[p].try_next(&mut stash[p]) else { break };
+                s.accept(p, item, &mut pending[p], &mut frames);
+            }
+        }
+        for (p, events) in pending.iter_mut().enumerate() {
+            frames.extend(s.seal(p, events));
+        }
+        drop(s);
+        if !frames.is_empty() {
+            let sent = frames.len();
+            let failed = link.publish(frames).await;
+            if failed > 0 {
+                if let Some(s) = shared.upgrade() {
+                    s.reporter.transport_error(failed, sent);
+                }
+            }
+        }
+    }
+}
+
+impl<K> StreamShared<K> {
+    /// Adds one outbound item of partition `p` to its pending frame. A frame
+    /// holds consecutive sequence numbers: it is sealed when full, and before
+    /// a jump (events the outbound buffer dropped), which receivers then see
+    /// as a gap.
+    fn accept(
+        &self,
+        p: usize,
+        item: Result<Arc<CacheEntryEvent<K>>, crate::Lagged>,
+        pending: &mut Vec<Arc<CacheEntryEvent<K>>>,
+        frames: &mut Vec<(usize, Arc<[u8]>)>,
+    ) {
+        let batch_size = self.cluster.as_ref().map_or(1, |c| c.batch_size);
+        match item {
+            Ok(event) => {
+                let follows = pending.last().is_none_or(|last| last.metadata.seq.wrapping_add(1) == event.metadata.seq);
+                if !follows || pending.len() >= batch_size {
+                    frames.extend(self.seal(p, pending));
+                }
+                pending.push(event);
+            }
+            Err(_) => frames.extend(self.seal(p, pending)),
+        }
+    }
+
+    /// Hands a remote node's events to this node's subscribers of the partition.
+    fn deliver_remote(&self, frame: Frame<K>) {
+        let Some(part) = self.parts.get(frame.header.partition as usize) else { return };
+        let subscribers = part.subscribers.load();
+        if subscribers.is_empty() {
+            return;
+        }
+        for event in frame.into_events(&self.reporter.cache, &part.topic) {
+            if !subscribers.iter().any(|r| r.wants(event.kind)) {
+                continue;
+            }
+            let event = Arc::new(event);
+            for ring in subscribers.iter().filter(|r| r.wants(event.kind)) {
+                if !ring.push(event.clone()) {
+                    self.reporter.broadcast_error(
+                        &part.topic,
+                        &event,
+                        crate::telemetry::BroadcastError::SubscriberFull { capacity: ring.capacity() },
+                    );
+                }
+            }
+        }
+    }
+
+    /// Encodes `events` of partition `p` (consecutive sequence numbers) as one frame.
+    fn seal(&self, p: usize, events: &mut Vec<Arc<CacheEntryEvent<K>>>) -> Option<(usize, Arc<[u8]>)> {
+        let first_seq = events.first()?.metadata.seq;
+        let cluster = self.cluster.as_ref()?;
+        let header = FrameHeader {
+            origin: self.node,
+            epoch: cluster.epoch,
+            cache: self.reporter.cache.to_string(),
+            partition: p as u32,
+            partitions: self.partitions.unwrap_or(0),
+            first_seq,
+            sent_at_us: unix_micros(SystemTime::now()),
+        };
+        let encoded = (cluster.encode)(&header, events, cluster.signing_key.as_deref());
+        events.clear();
+        match encoded {
+            Ok(bytes) => Some((p, Arc::from(bytes))),
+            Err(e) => {
+                // A key that cannot be serialized: the frame is lost, and
+                // receivers see the gap.
+                self.reporter.encode_error(&e);
+                None
+            }
+        }
+    }
+
+    /// A frame arrived on the channel of partition `index`.
+    pub(crate) fn on_frame(&self, index: usize, bytes: &[u8]) {
+        let Some(cluster) = self.cluster.as_ref() else { return };
+        let limits = DecodeLimits {
+            max_frame_bytes: if cluster.max_frame_bytes == 0 {
+                DEFAULT_MAX_FRAME_BYTES
+            } else {
+                cluster.max_frame_bytes
+            },
+            signing_key: cluster.signing_key.as_deref(),
+        };
+        let frame = match (cluster.decode)(bytes, &limits) {
+            Ok(frame) => frame,
+            Err(reason) => return self.reporter.frame_rejected(&reason),
+        };
+        let h = &frame.header;
+        if h.origin == self.node {
+            return;
+        }
+        let expected = self.partitions.unwrap_or(0);
+        let reason = if *h.cache != *self.reporter.cache {
+            Some(RejectReason::ForeignCache { got: h.cache.clone(), expected: self.reporter.cache.to_string() })
+        } else if h.partitions != expected {
+            Some(RejectReason::PartitionCount { got: h.partitions, expected })
+        } else if h.partition as usize != index {
+            Some(RejectReason::WrongPartition { got: h.partition, expected: index as u32 })
+        } else {
+            None
+        };
+        if let Some(reason) = reason {
+            return self.reporter.frame_rejected(&reason);
+        }
+        let partition = h.partition;
+        let frame_len = frame.events.len() as u64;
+        {
+            let mut seen = cluster.seen.lock();
+            let entry = seen.entry((h.origin, partition)).or_insert((h.epoch, h.first_seq));
+            if entry.0 != h.epoch {
+                // The origin restarted its stream: a new numbering.
+                *entry = (h.epoch, h.first_seq);
+            }
+            let next = entry.1;
+            if h.first_seq < next {
+                drop(seen);
+                return self.reporter.frame_rejected(&RejectReason::Malformed(format!(
+                    "replayed frame: sequence {} already seen (expected {next})",
+                    h.first_seq
+                )));
+            }
+            if h.first_seq > next {
+                let missed = h.first_seq - next;
+                self.lose(partition, Some(h.origin), missed);
+            }
+            entry.1 = h.first_seq.wrapping_add(frame_len);
+        }
+        self.deliver_remote(frame);
+    }
+
+    /// Tells partition `p`'s subscribers that `missed` events were lost
+    /// (`0`: an unknown number).
+    pub(crate) fn lose(&self, partition: u32, origin: Option<NodeId>, missed: u64) {
+        self.reporter.gap(partition, origin, missed);
+        if let Some(part) = self.parts.get(partition as usize) {
+            for ring in part.subscribers.load().iter() {
+                ring.push_lost(missed);
+            }
+        }
+    }
+
+    /// The transport connected, or lost its connection.
+    pub(crate) fn on_link_state(&self, state: LinkState) {
+        let Some(cluster) = self.cluster.as_ref() else { return };
+        match state {
+            LinkState::Up => {
+                cluster.link_up.store(true, Ordering::Release);
+            }
+            LinkState::Down(reason) => {
+                if cluster.link_up.swap(false, Ordering::AcqRel) {
+                    tracing::warn!(target: "nebulex_streams", cache = %self.reporter.cache, %reason,
+                        "cluster connection lost: every partition has a gap");
+                    // What was published meanwhile is gone: numbering restarts.
+                    cluster.seen.lock().clear();
+                    for p in 0..self.count {
+                        self.lose(p, None, 0);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Whether this stream has a cluster transport, for `info`.
+pub(crate) fn describe<K>(cluster: &Option<Cluster<K>>) -> Option<String> {
+    cluster.as_ref().map(|c| c.describe.clone())
+}

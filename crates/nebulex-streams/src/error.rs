@@ -1,0 +1,40 @@
+//! Errors of streams, subscriptions and transports.
+
+/// What can go wrong when starting a stream, subscribing, or reaching the
+/// cluster.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The cache already has a started stream; stop it first.
+    #[error("a stream is already started on this cache")]
+    AlreadyStarted,
+    /// A builder or subscription option has a value that cannot work.
+    #[error("invalid option: {0}")]
+    InvalidOption(String),
+    /// `subscribe` on a cache without a started stream.
+    #[error("no stream is started on this cache")]
+    StreamNotStarted,
+    /// `SubscribeOptions::events` was given no event type.
+    #[error("the event filter is empty: a subscription must want at least one event type")]
+    EmptyEventFilter,
+    /// A partition number at or past the partition count.
+    #[error("partition {partition} is out of range: the stream has {partitions} partitions")]
+    PartitionOutOfRange {
+        /// The partition asked for.
+        partition: u32,
+        /// The stream's partition count.
+        partitions: u32,
+    },
+    /// A partition was asked of a stream that is not partitioned.
+    #[error("the stream is not partitioned")]
+    NotPartitioned,
+    /// A network transport needs a tokio runtime, and there is none here.
+    #[error("a network transport needs a tokio runtime: start the stream from within one")]
+    NoRuntime,
+    /// The cluster transport failed (bad URL, unreachable server, lost connection).
+    #[error("transport: {0}")]
+    Transport(String),
+    /// The cache refused something the stream asked of it.
+    #[error(transparent)]
+    Cache(#[from] nebulex::Error),
+}

@@ -1,0 +1,60 @@
+//! Real-time event streams for [`nebulex`] caches.
+//!
+//! Subscribe to a cache's entry events — `inserted`, `updated`, `deleted`,
+//! `expired`, `evicted` — as they happen: filtered by type, split into
+//! partitions handled in parallel, from async or sync code, with exact
+//! accounting of anything a slow subscriber missed.
+//!
+//! ```
+//! use nebulex::{Cache, EventType, Target};
+//! use nebulex_streams::{Streams, StreamsExt, SubscribeOptions};
+//!
+//! let cache: Cache<String, u32> = Cache::builder().name("users").build()?;
+//! let _streams = Streams::builder(&cache).start()?;
+//! let mut sub = cache.subscribe(SubscribeOptions::new())?;
+//!
+//! cache.put("user:123".to_string(), 30);
+//! cache.put("user:123".to_string(), 31);
+//! cache.delete("user:123");
+//!
+//! for expected in [EventType::Inserted, EventType::Updated, EventType::Deleted] {
+//!     let event = sub.try_recv().expect("an event is waiting");
+//!     assert_eq!(event.kind, expected);
+//!     assert_eq!(event.target, Target::Key("user:123".to_string()));
+//! }
+//! # Ok::<(), nebulex_streams::Error>(())
+//! ```
+//!
+//! * [`Streams`] and its [`StreamsBuilder`]: partitions, routing, buffers.
+//! * [`Subscription`]: a `futures::Stream`, plus `recv`, `try_recv`,
+//!   `recv_blocking`; the [lagging rules](subscription#lagging).
+//! * [`router`]: the default key hash and custom routes.
+//! * [`telemetry`]: the observer, `tracing` and `metrics` reports.
+//!
+//! # Guarantees
+//!
+//! 1. **Per-key order.** With the default router, every subscriber sees a
+//!    key's events in the order the writes took effect, under concurrent
+//!    writers too.
+//! 2. **Almost no cost when nobody listens.** With no subscriber, the cache
+//!    does not even build events.
+//! 3. **Writers never wait on readers.** A full subscriber buffer drops the
+//!    event for that subscriber and counts it; the subscriber then receives
+//!    [`Lagged`] with the exact count.
+
+mod cluster;
+mod error;
+pub mod pubsub;
+pub mod router;
+mod streams;
+pub mod subscription;
+pub mod telemetry;
+pub mod wire;
+
+pub use cluster::{DEFAULT_BATCH_SIZE, DEFAULT_OUTBOUND_BUFFER};
+pub use error::Error;
+pub use pubsub::{Backoff, MemoryBus, PubSub};
+pub use router::{partition_of, stable_hash, Route, StableHasher};
+pub use streams::{Streams, StreamsBuilder, StreamsExt, StreamsInfo, DEFAULT_BUFFER, DEFAULT_PREFIX, MAX_PARTITIONS};
+pub use subscription::{Item, Lagged, SubscribeOptions, Subscription, TryRecvError};
+pub use telemetry::{BroadcastError, BroadcastStatus, InvalidatorEvent, Telemetry};

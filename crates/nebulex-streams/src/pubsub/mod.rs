@@ -1,0 +1,221 @@
+//! Cluster transports: how frames reach the other nodes.
+//!
+//! A [`PubSub`] names an engine — the in-process [`memory`] bus, [Redis
+//! Pub/Sub](redis) or [NATS](nats) — and opens one [`Link`] per started
+//! stream. Every transport has the same shape:
+//!
+//! * `open(…, LinkConfig) -> Result<Arc<dyn Link>, Error>`, called from
+//!   `Streams::start()` on the ambient tokio runtime, never blocking: it
+//!   spawns the tasks that connect, subscribe one channel per partition,
+//!   reconnect with exponential backoff and resubscribe;
+//! * inbound frames and connection changes go to the stream's [`Hooks`];
+//! * [`Link::publish`] sends a batch of frames; a frame that cannot be sent is
+//!   lost, and the receivers see the jump in its sequence numbers as a gap.
+//!
+//! Channel names are `{prefix}:{cache}:{partition}` (`{prefix}:{cache}` when
+//! the stream is not partitioned); the prefix defaults to `nbx`.
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::future::BoxFuture;
+use nebulex::NodeId;
+use tokio::sync::watch;
+
+use crate::error::Error;
+
+pub mod memory;
+#[cfg(feature = "nats")]
+pub mod nats;
+#[cfg(feature = "redis")]
+pub mod redis;
+
+pub use memory::MemoryBus;
+
+/// The cluster transport of a stream: which engine carries frames between
+/// nodes. Constructors never fail; a bad URL or an unreachable server surfaces
+/// from `Streams::start()` or `Streams::ready()`.
+///
+/// ```
+/// use nebulex_streams::PubSub;
+///
+/// let bus = PubSub::memory(); // clones share one in-process bus
+/// let redis = PubSub::redis("redis://127.0.0.1:6379/");
+/// let nats = PubSub::nats("nats://127.0.0.1:4222");
+/// assert_eq!(redis.describe(), "redis://127.0.0.1:6379/");
+/// # let _ = (bus, nats);
+/// ```
+#[derive(Clone)]
+pub struct PubSub {
+    pub(crate) engine: Engine,
+}
+
+#[derive(Clone)]
+pub(crate) enum Engine {
+    Memory(MemoryBus),
+    #[cfg(feature = "redis")]
+    Redis(String),
+    #[cfg(feature = "nats")]
+    Nats(String),
+}
+
+impl PubSub {
+    /// An in-process bus carrying the same encoded frames as the network
+    /// transports. Clones share the bus: two caches of one name on one bus
+    /// are two nodes of one cluster. See [`MemoryBus`] for fault injection.
+    pub fn memory() -> Self {
+        PubSub { engine: Engine::Memory(MemoryBus::new()) }
+    }
+
+    /// Redis Pub/Sub at `url` (`redis://[user:pass@]host:port[/db]`,
+    /// `rediss://` for TLS when the `redis` crate is built with it).
+    #[cfg(feature = "redis")]
+    pub fn redis(url: impl Into<String>) -> Self {
+        PubSub { engine: Engine::Redis(url.into()) }
+    }
+
+    /// NATS core publish/subscribe at `url` (`nats://[user:pass@]host:port`).
+    #[cfg(feature = "nats")]
+    pub fn nats(url: impl Into<String>) -> Self {
+        PubSub { engine: Engine::Nats(url.into()) }
+    }
+
+    /// The in-process bus, if this is one (for fault injection).
+    pub fn as_memory(&self) -> Option<&MemoryBus> {
+        match &self.engine {
+            Engine::Memory(bus) => Some(bus),
+            #[allow(unreachable_patterns)]
+            _ => None,
+        }
+    }
+
+    /// The engine and address, without credentials.
+    pub fn describe(&self) -> String {
+        match &self.engine {
+            Engine::Memory(_) => "memory".to_string(),
+            #[cfg(feature = "redis")]
+            Engine::Redis(url) => redact(url),
+            #[cfg(feature = "nats")]
+            Engine::Nats(url) => redact(url),
+        }
+    }
+
+    pub(crate) fn open(&self, config: LinkConfig) -> Result<Arc<dyn Link>, Error> {
+        match &self.engine {
+            Engine::Memory(bus) => memory::open(bus, config),
+            #[cfg(feature = "redis")]
+            Engine::Redis(url) => redis::open(url, config),
+            #[cfg(feature = "nats")]
+            Engine::Nats(url) => nats::open(url, config),
+        }
+    }
+}
+
+impl From<MemoryBus> for PubSub {
+    fn from(bus: MemoryBus) -> Self {
+        PubSub { engine: Engine::Memory(bus) }
+    }
+}
+
+impl fmt::Debug for PubSub {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_tuple("PubSub").field(&self.describe()).finish()
+    }
+}
+
+/// `scheme://user:pass@host` without the credentials.
+fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme_end), Some(at)) if at > scheme_end => format!("{}://{}", &url[..scheme_end], &url[at + 1..]),
+        _ => url.to_string(),
+    }
+}
+
+/// Reconnection delays: `initial`, doubling up to `max`, with jitter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Backoff {
+    /// The first delay.
+    pub initial: Duration,
+    /// The longest delay.
+    pub max: Duration,
+}
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Backoff { initial: Duration::from_millis(50), max: Duration::from_secs(5) }
+    }
+}
+
+impl Backoff {
+    /// The delay before reconnection attempt `attempt` (0-based), jittered
+    /// by up to a quarter so that nodes do not reconnect in lockstep.
+    pub fn delay(&self, attempt: u32) -> Duration {
+        let base = self.initial.saturating_mul(1u32 << attempt.min(20)).min(self.max);
+        let jitter = (NodeId::random().0 % 1024) as u32;
+        base.saturating_sub(base / 4 * jitter / 1024)
+    }
+}
+
+/// A connection change a transport reports.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum LinkState {
+    /// Every channel is subscribed (first time, or again after a loss).
+    Up,
+    /// The connection was lost: frames may have been missed.
+    Down(String),
+}
+
+/// What a transport calls: the stream's inbound side.
+pub(crate) struct Hooks {
+    /// A frame arrived on channel `index`.
+    pub(crate) on_frame: Box<dyn Fn(usize, &[u8]) + Send + Sync>,
+    /// The connection changed.
+    pub(crate) on_state: Box<dyn Fn(LinkState) + Send + Sync>,
+}
+
+/// What a transport needs to open a link.
+pub(crate) struct LinkConfig {
+    /// This node.
+    pub(crate) node: NodeId,
+    /// The channel of each partition, by index.
+    pub(crate) channels: Vec<String>,
+    pub(crate) backoff: Backoff,
+    pub(crate) hooks: Arc<Hooks>,
+    /// Set to `Some(Ok)` once subscribed, `Some(Err)` on a failure that
+    /// retrying will not fix (a bad URL).
+    pub(crate) ready: watch::Sender<Option<Result<(), Error>>>,
+}
+
+/// One stream's connection to the engine.
+pub(crate) trait Link: Send + Sync {
+    /// Sends frames `(channel index, bytes)`, in order. Returns how many could
+    /// not be sent.
+    fn publish(&self, frames: Vec<(usize, Arc<[u8]>)>) -> BoxFuture<'_, usize>;
+    /// Closes the connection and stops its tasks.
+    fn close(&self);
+}
+
+/// The ambient tokio runtime, or [`Error::NoRuntime`].
+pub(crate) fn runtime() -> Result<tokio::runtime::Handle, Error> {
+    tokio::runtime::Handle::try_current().map_err(|_| Error::NoRuntime)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn credentials_are_not_described() {
+        assert_eq!(redact("redis://user:secret@localhost:6379/0"), "redis://localhost:6379/0");
+        assert_eq!(redact("nats://127.0.0.1:4222"), "nats://127.0.0.1:4222");
+    }
+
+    #[test]
+    fn backoff_doubles_up_to_its_max() {
+        let b = Backoff { initial: Duration::from_millis(100), max: Duration::from_secs(1) };
+        assert!(b.delay(0) <= Duration::from_millis(100) && b.delay(0) >= Duration::from_millis(75));
+        assert!(b.delay(2) <= Duration::from_millis(400) && b.delay(2) >= Duration::from_millis(300));
+        assert!(b.delay(30) <= Duration::from_secs(1));
+    }
+}

@@ -1,0 +1,183 @@
+//! The Redis transport: Redis Pub/Sub, one channel per partition.
+//!
+//! Two connections per node: a Pub/Sub connection that subscribes every
+//! channel and reads frames, and a multiplexed connection that publishes
+//! batches of frames in one pipeline. Either one, when lost, is reconnected
+//! with exponential backoff; the subscriber resubscribes every channel and
+//! reports the loss, which the stream turns into a gap on every partition
+//! (Pub/Sub does not replay what was published meanwhile).
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::future::BoxFuture;
+use futures::StreamExt;
+use redis::aio::MultiplexedConnection;
+use tokio::sync::watch;
+
+use super::{redact, runtime, Backoff, Hooks, Link, LinkConfig, LinkState};
+use crate::error::Error;
+
+/// How long a connection attempt may take before it counts as failed.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+
+struct RedisLink {
+    client: redis::Client,
+    channels: Vec<String>,
+    backoff: Backoff,
+    /// The publishing connection, once made.
+    publisher: tokio::sync::Mutex<Publisher>,
+    shutdown: watch::Sender<bool>,
+}
+
+#[derive(Default)]
+struct Publisher {
+    conn: Option<MultiplexedConnection>,
+    failures: u32,
+    /// No reconnection attempt before this instant (backoff).
+    retry_at: Option<Instant>,
+}
+
+/// Connects to Redis at `url` in background tasks.
+pub(crate) fn open(url: &str, config: LinkConfig) -> Result<Arc<dyn Link>, Error> {
+    let client =
+        redis::Client::open(url).map_err(|e| Error::Transport(format!("invalid Redis URL `{}`: {e}", redact(url))))?;
+    let rt = runtime()?;
+    let (shutdown, stop) = watch::channel(false);
+    let link = Arc::new(RedisLink {
+        client: client.clone(),
+        channels: config.channels.clone(),
+        backoff: config.backoff,
+        publisher: tokio::sync::Mutex::new(Publisher::default()),
+        shutdown,
+    });
+    rt.spawn(subscribe_loop(client, config, stop));
+    Ok(link)
+}
+
+/// Subscribes every channel and hands frames to the stream, reconnecting
+/// until shut down.
+async fn subscribe_loop(client: redis::Client, config: LinkConfig, mut stop: watch::Receiver<bool>) {
+    let LinkConfig { channels, backoff, hooks, ready, .. } = config;
+    let mut attempt = 0u32;
+    loop {
+        let connected = tokio::select! {
+            r = tokio::time::timeout(CONNECT_TIMEOUT, subscribe(&client, &channels)) => {
+                r.unwrap_or_else(|_| Err(format!("no answer within {CONNECT_TIMEOUT:?}")))
+            }
+            _ = stop.changed() => return,
+        };
+        match connected {
+            Ok(stream) => {
+                attempt = 0;
+                ready.send_replace(Some(Ok(())));
+                (hooks.on_state)(LinkState::Up);
+                if !pump(stream, &channels, &hooks, &mut stop).await {
+                    return;
+                }
+                tracing::warn!(target: "nebulex_streams", "Redis Pub/Sub connection lost; reconnecting");
+                (hooks.on_state)(LinkState::Down("Redis Pub/Sub connection lost".into()));
+            }
+            Err(e) => {
+                tracing::warn!(target: "nebulex_streams", error = %e, attempt, "cannot subscribe to Redis");
+                if ready.borrow().is_none() {
+                    ready.send_replace(Some(Err(Error::Transport(format!("cannot subscribe to Redis: {e}")))));
+                }
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(backoff.delay(attempt)) => {}
+            _ = stop.changed() => return,
+        }
+        attempt = attempt.saturating_add(1);
+    }
+}
+
+async fn subscribe(client: &redis::Client, channels: &[String]) -> Result<redis::aio::PubSubStream, String> {
+    let mut pubsub = client.get_async_pubsub().await.map_err(|e| e.to_string())?;
+    pubsub.subscribe(channels).await.map_err(|e| e.to_string())?;
+    Ok(pubsub.into_on_message())
+}
+
+/// Reads frames until the connection ends (`true`) or shutdown (`false`).
+async fn pump(
+    mut stream: redis::aio::PubSubStream,
+    channels: &[String],
+    hooks: &Hooks,
+    stop: &mut watch::Receiver<bool>,
+) -> bool {
+    loop {
+        tokio::select! {
+            msg = stream.next() => match msg {
+                Some(msg) => {
+                    if let Some(index) = channels.iter().position(|c| c == msg.get_channel_name()) {
+                        (hooks.on_frame)(index, msg.get_payload_bytes());
+                    }
+                }
+                None => return true,
+            },
+            _ = stop.changed() => return false,
+        }
+    }
+}
+
+impl RedisLink {
+    /// The publishing connection, (re)connecting unless backing off.
+    async fn connection(&self, publisher: &mut Publisher) -> Option<MultiplexedConnection> {
+        if let Some(conn) = &publisher.conn {
+            return Some(conn.clone());
+        }
+        if publisher.retry_at.is_some_and(|at| Instant::now() < at) {
+            return None;
+        }
+        let made = tokio::time::timeout(CONNECT_TIMEOUT, self.client.get_multiplexed_async_connection()).await;
+        match made {
+            Ok(Ok(conn)) => {
+                publisher.failures = 0;
+                publisher.retry_at = None;
+                publisher.conn = Some(conn.clone());
+                Some(conn)
+            }
+            _ => {
+                self.failed(publisher);
+                None
+            }
+        }
+    }
+
+    fn failed(&self, publisher: &mut Publisher) {
+        publisher.conn = None;
+        publisher.retry_at = Some(Instant::now() + self.backoff.delay(publisher.failures));
+        publisher.failures = publisher.failures.saturating_add(1);
+    }
+}
+
+impl Link for RedisLink {
+    fn publish(&self, frames: Vec<(usize, Arc<[u8]>)>) -> BoxFuture<'_, usize> {
+        Box::pin(async move {
+            let total = frames.len();
+            let mut publisher = self.publisher.lock().await;
+            let Some(mut conn) = self.connection(&mut publisher).await else { return total };
+            let mut pipe = redis::pipe();
+            for (index, bytes) in &frames {
+                if let Some(channel) = self.channels.get(*index) {
+                    pipe.publish(channel, &bytes[..]).ignore();
+                }
+            }
+            // Others may publish while this pipeline is in flight.
+            drop(publisher);
+            match pipe.query_async::<()>(&mut conn).await {
+                Ok(()) => 0,
+                Err(e) => {
+                    tracing::warn!(target: "nebulex_streams", error = %e, frames = total, "Redis publish failed");
+                    self.failed(&mut *self.publisher.lock().await);
+                    total
+                }
+            }
+        })
+    }
+
+    fn close(&self) {
+        self.shutdown.send_replace(true);
+    }
+}

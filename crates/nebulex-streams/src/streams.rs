@@ -1,0 +1,702 @@
+//! Streams: a cache's events, routed to partitions and handed to subscribers.
+
+use std::fmt;
+use std::hash::Hash;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use nebulex::{Cache, CacheEntryEvent, CacheName, EventFilter, EventMetadata, NodeId, Target, WeakCache};
+use parking_lot::Mutex;
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+use crate::cluster::{self, Cluster, ClusterOptions, DEFAULT_BATCH_SIZE, DEFAULT_OUTBOUND_BUFFER};
+use crate::error::Error;
+use crate::pubsub::{Backoff, PubSub};
+use crate::router::{partition_of, Route};
+use crate::subscription::{Ring, SubscribeOptions, Subscription};
+use crate::telemetry::{BroadcastError, ObserverFn, Reporter, Telemetry};
+use crate::wire::DEFAULT_MAX_FRAME_BYTES;
+
+/// The default per-subscriber buffer, in events.
+pub const DEFAULT_BUFFER: usize = 16_384;
+/// The most partitions a stream can have.
+pub const MAX_PARTITIONS: u32 = 4_096;
+/// The prefix of topic (channel) names: `{prefix}:{cache}:{partition}`.
+pub const DEFAULT_PREFIX: &str = "nbx";
+
+pub(crate) type RouterFn<K> = dyn Fn(&CacheEntryEvent<K>) -> Route + Send + Sync;
+
+/// Options of a stream; made by [`Streams::builder`].
+///
+/// | option | default | refused |
+/// |---|---|---|
+/// | [`partitions`](Self::partitions) | none: one unpartitioned stream | `0`, more than [`MAX_PARTITIONS`] |
+/// | [`hash`](Self::hash) | `stable_hash(key) % partitions` | — |
+/// | [`buffer`](Self::buffer) | [`DEFAULT_BUFFER`] events per subscriber | `0` |
+/// | [`broadcast_from`](Self::broadcast_from) | `false` | — |
+/// | [`observer`](Self::observer) | none | — |
+///
+/// With a cluster transport ([`pubsub`](Self::pubsub)):
+///
+/// | option | default | refused |
+/// |---|---|---|
+/// | [`prefix`](Self::prefix) | `"nbx"`: channels `nbx:{cache}:{partition}` | empty, with spaces |
+/// | [`signing_key`](Self::signing_key) | none: frames unsigned | empty |
+/// | [`batch_size`](Self::batch_size) | 512 events per frame | `0` |
+/// | [`batch_linger`](Self::batch_linger) | zero: send what is there | — |
+/// | [`outbound_buffer`](Self::outbound_buffer) | 65,536 events per partition | `0` |
+/// | [`max_frame_bytes`](Self::max_frame_bytes) | 4 MiB | under 64 |
+/// | [`backoff`](Self::backoff) | 50 ms doubling up to 5 s | zero, `max < initial` |
+pub struct StreamsBuilder<'a, K, V> {
+    cache: &'a Cache<K, V>,
+    partitions: Option<u32>,
+    router: Option<Box<RouterFn<K>>>,
+    buffer: usize,
+    broadcast_from: bool,
+    observer: Option<Box<ObserverFn<K>>>,
+    cluster: Option<ClusterOptions<K>>,
+}
+
+impl<K, V> fmt::Debug for StreamsBuilder<'_, K, V> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("StreamsBuilder")
+            .field("partitions", &self.partitions)
+            .field("custom_router", &self.router.is_some())
+            .field("buffer", &self.buffer)
+            .field("broadcast_from", &self.broadcast_from)
+            .field("pubsub", &self.cluster.as_ref().map(|c| c.pubsub.describe()))
+            .finish_non_exhaustive()
+    }
+}
+
+impl<'a, K, V> StreamsBuilder<'a, K, V>
+where
+    K: Eq + Hash + Clone + Send + Sync + 'static,
+    V: Clone + Send + Sync + 'static,
+{
+    /// Splits the stream into this many partitions, each with its own
+    /// subscribers, so events can be handled in parallel. By default every
+    /// event of a key goes to the same partition (see [`router`](crate::router)).
+    pub fn partitions(mut self, partitions: u32) -> Self {
+        self.partitions = Some(partitions);
+        self
+    }
+
+    /// Routes events with this function instead of the key hash: it sees the
+    /// whole event and returns a [`Route`]. Runs on the writing thread for
+    /// every event: keep it fast.
+    ///
+    /// ```
+    /// use nebulex::{Cache, CacheEntryEvent, Target};
+    /// use nebulex_streams::{Route, Streams};
+    ///
+    /// let cache: Cache<String, u32> = Cache::builder().build()?;
+    /// let streams = Streams::builder(&cache)
+    ///     .partitions(3)
+    ///     .hash(|e: &CacheEntryEvent<String>| match &e.target {
+    ///         Target::Key(k) if k.starts_with("user:") => Route::Partition(0),
+    ///         Target::Key(k) if k.starts_with("session:") => Route::Partition(1),
+    ///         Target::Key(k) if k.starts_with("temp:") => Route::Discard,
+    ///         _ => Route::Partition(2),
+    ///     })
+    ///     .start()?;
+    /// # let _ = streams;
+    /// # Ok::<(), nebulex_streams::Error>(())
+    /// ```
+    pub fn hash(mut self, router: impl Fn(&CacheEntryEvent<K>) -> Route + Send + Sync + 'static) -> Self {
+        self.router = Some(Box::new(router));
+        self
+    }
+
+    /// How many events each subscriber's buffer holds before it lags.
+    pub fn buffer(mut self, events: usize) -> Self {
+        self.buffer = events;
+        self
+    }
+
+    /// When `true`, this node's own subscribers do not receive this node's own
+    /// events, only other nodes' (Nebulex's `:broadcast_from`).
+    pub fn broadcast_from(mut self, yes: bool) -> Self {
+        self.broadcast_from = yes;
+        self
+    }
+
+    /// Calls `observer` with every [`Telemetry`] report, inline: keep it fast.
+    pub fn observer(mut self, observer: impl Fn(&Telemetry<K>) + Send + Sync + 'static) -> Self {
+        self.observer = Some(Box::new(observer));
+        self
+    }
+
+    /// Options that only matter with a cluster transport; ignored without one.
+    fn cluster_mut(&mut self) -> Option<&mut ClusterOptions<K>> {
+        self.cluster.as_mut()
+    }
+
+    /// The prefix of channel names: `{prefix}:{cache}:{partition}`.
+    pub fn prefix(mut self, prefix: impl Into<String>) -> Self {
+        if let Some(c) = self.cluster_mut() {
+            c.prefix = prefix.into();
+        }
+        self
+    }
+
+    /// Signs every frame with HMAC-SHA256 under `key`, and refuses frames
+    /// that are unsigned or badly signed. Every node must use the same key.
+    pub fn signing_key(mut self, key: impl AsRef<[u8]>) -> Self {
+        if let Some(c) = self.cluster_mut() {
+            c.signing_key = Some(Arc::from(key.as_ref()));
+        }
+        self
+    }
+
+    /// The most events in one frame.
+    pub fn batch_size(mut self, events: usize) -> Self {
+        if let Some(c) = self.cluster_mut() {
+            c.batch_size = events;
+        }
+        self
+    }
+
+    /// How long the sender waits for more events before sending a frame
+    /// that is not full. Zero (the default) sends at once whatever has
+    /// accumulated, so a lone event never waits; under load, frames fill
+    /// while the previous one is being sent. (Timers have about 1 ms
+    /// resolution.)
+    pub fn batch_linger(mut self, linger: Duration) -> Self {
+        if let Some(c) = self.cluster_mut() {
+            c.batch_linger = linger;
+        }
+        self
+    }
+
+    /// How many events per partition may wait for the network before new
+    /// ones are dropped (and counted: receivers see the gap).
+    pub fn outbound_buffer(mut self, events: usize) -> Self {
+        if let Some(c) = self.cluster_mut() {
+            c.outbound_buffer = events;
+        }
+        self
+    }
+
+    /// The largest frame accepted from the network.
+    pub fn max_frame_bytes(mut self, bytes: usize) -> Self {
+        if let Some(c) = self.cluster_mut() {
+            c.max_frame_bytes = bytes;
+        }
+        self
+    }
+
+    /// Reconnection delays: `initial`, doubling up to `max`.
+    pub fn backoff(mut self, initial: Duration, max: Duration) -> Self {
+        if let Some(c) = self.cluster_mut() {
+            c.backoff = Backoff { initial, max };
+        }
+        self
+    }
+
+    /// Starts the stream: from now on the cache's events reach subscribers
+    /// (and, with a transport, the other nodes).
+    ///
+    /// Fails with [`Error::AlreadyStarted`] if the cache has a started stream,
+    /// [`Error::InvalidOption`] for a bad option, [`Error::NoRuntime`] if a
+    /// transport is set outside a tokio runtime, or [`Error::Transport`] for
+    /// a bad URL. Connecting happens in the background: await
+    /// [`Streams::ready`] to know the node is subscribed.
+    pub fn start(self) -> Result<Streams<K>, Error> {
+        let count = match self.partitions {
+            Some(0) => return Err(Error::InvalidOption("partitions must be at least 1".into())),
+            Some(n) if n > MAX_PARTITIONS => {
+                return Err(Error::InvalidOption(format!("partitions must be at most {MAX_PARTITIONS}, got {n}")))
+            }
+            Some(n) => n,
+            None => 1,
+        };
+        if self.buffer == 0 {
+            return Err(Error::InvalidOption("buffer must hold at least 1 event".into()));
+        }
+        if let Some(c) = &self.cluster {
+            c.validate()?;
+        }
+        let cache_name = self.cache.name();
+        let prefix = self.cluster.as_ref().map_or(DEFAULT_PREFIX, |c| c.prefix.as_str());
+        let topics: Vec<String> = (0..count)
+            .map(|p| match self.partitions {
+                Some(_) => format!("{prefix}:{cache_name}:{p}"),
+                None => format!("{prefix}:{cache_name}"),
+            })
+            .collect();
+        let parts = topics
+            .iter()
+            .map(|topic| Partition {
+                topic: Arc::from(topic.as_str()),
+                seq: Mutex::new(0),
+                subscribers: ArcSwap::from_pointee(Vec::new()),
+            })
+            .collect();
+        if self.cluster.is_some() {
+            crate::pubsub::runtime()?;
+        }
+        let cluster = self.cluster.map(|options| Cluster::new(options, topics));
+        let shared = Arc::new(StreamShared {
+            reporter: Reporter::new(cache_name, count, self.observer),
+            node: self.cache.node_id(),
+            partitions: self.partitions,
+            count,
+            router: self.router,
+            parts,
+            buffer: self.buffer,
+            broadcast_from: self.broadcast_from,
+            filter: EventFilter::none(),
+            subscribers_lock: Mutex::new(()),
+            next_partition: AtomicU32::new(0),
+            registered: AtomicBool::new(false),
+            stopped: AtomicBool::new(false),
+            cache: Box::new(self.cache.downgrade()),
+            cluster,
+        });
+        if self.cache.extensions().try_insert(Arc::new(StreamSlot(shared.clone()))).is_err() {
+            return Err(Error::AlreadyStarted);
+        }
+        let listener = shared.clone();
+        if let Err(e) = self
+            .cache
+            .register_event_listener(shared.listener_id(), shared.filter.clone(), move |e| listener.dispatch(e))
+        {
+            shared.cache.detach(&shared);
+            return Err(e.into());
+        }
+        shared.registered.store(true, Ordering::Release);
+        shared.reporter.listener_registered();
+        if let Err(e) = cluster::start_link(&shared) {
+            shared.cache.detach(&shared);
+            return Err(e);
+        }
+        shared.refresh_filter();
+        Ok(Streams { shared })
+    }
+}
+
+impl<K, V> StreamsBuilder<'_, K, V>
+where
+    K: Eq + Hash + Clone + Send + Sync + Serialize + DeserializeOwned + 'static,
+    V: Clone + Send + Sync + 'static,
+{
+    /// Carries the stream to every node of a cluster through `pubsub`
+    /// (Redis, NATS, or the in-process memory bus).
+    ///
+    /// Caches with the same name and partition count on every node form one
+    /// stream: each node's subscribers get its own events directly and every
+    /// other node's through the transport. Keys travel through serde, as
+    /// MessagePack (see [`wire`](crate::wire)).
+    pub fn pubsub(mut self, pubsub: PubSub) -> Self {
+        self.cluster = Some(ClusterOptions {
+            pubsub,
+            encode: |h, events, key| crate::wire::encode::<K>(h, events, key),
+            decode: |bytes, limits| crate::wire::decode::<K>(bytes, limits),
+            prefix: DEFAULT_PREFIX.to_string(),
+            signing_key: None,
+            batch_size: DEFAULT_BATCH_SIZE,
+            batch_linger: Duration::ZERO,
+            outbound_buffer: DEFAULT_OUTBOUND_BUFFER,
+            max_frame_bytes: DEFAULT_MAX_FRAME_BYTES,
+            backoff: Backoff::default(),
+        });
+        self
+    }
+}
+
+/// A started stream of a cache's events. A cheap handle: clone it freely.
+///
+/// The stream lives until [`stop`](Self::stop) or until the cache is dropped;
+/// dropping handles does not stop it. Subscribe with
+/// [`StreamsExt::subscribe`] on the cache or [`Streams::subscribe`].
+///
+/// ```
+/// use nebulex::{Cache, EventType};
+/// use nebulex_streams::{Streams, StreamsExt, SubscribeOptions};
+///
+/// let cache: Cache<String, u32> = Cache::builder().name("users").build()?;
+/// let streams = Streams::builder(&cache).partitions(4).start()?;
+/// let mut sub = cache.subscribe(SubscribeOptions::new().events([EventType::Deleted]).partition(0))?;
+/// assert_eq!(streams.info().partitions, Some(4));
+/// assert!(Streams::lookup(&cache).is_some());
+/// streams.stop();
+/// assert!(Streams::lookup(&cache).is_none());
+/// assert!(sub.recv_blocking().is_none());
+/// # Ok::<(), nebulex_streams::Error>(())
+/// ```
+pub struct Streams<K> {
+    shared: Arc<StreamShared<K>>,
+}
+
+impl<K> Clone for Streams<K> {
+    fn clone(&self) -> Self {
+        Streams { shared: self.shared.clone() }
+    }
+}
+
+impl<K> fmt::Debug for Streams<K> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Streams")
+            .field("cache", &self.shared.reporter.cache)
+            .field("partitions", &self.shared.partitions)
+            .field("node", &self.shared.node)
+            .field("stopped", &self.shared.stopped.load(Ordering::Relaxed))
+            .finish()
+    }
+}
+
+/// What a stream is: [`Streams::info`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct StreamsInfo {
+    /// The cache's name.
+    pub cache: CacheName,
+    /// The partition count, if partitioned.
+    pub partitions: Option<u32>,
+    /// The cluster transport, if any (its kind and address, no credentials).
+    pub pubsub: Option<String>,
+    /// This node's id.
+    pub node: NodeId,
+}
+
+impl<K> Streams<K>
+where
+    K: Eq + Hash + Clone + Send + Sync + 'static,
+{
+    /// Starts building a stream over `cache`'s events.
+    pub fn builder<V>(cache: &Cache<K, V>) -> StreamsBuilder<'_, K, V>
+    where
+        V: Clone + Send + Sync + 'static,
+    {
+        StreamsBuilder {
+            cache,
+            partitions: None,
+            router: None,
+            buffer: DEFAULT_BUFFER,
+            broadcast_from: false,
+            observer: None,
+            cluster: None,
+        }
+    }
+
+    /// The stream started on `cache`, if any.
+    pub fn lookup<V>(cache: &Cache<K, V>) -> Option<Streams<K>>
+    where
+        V: Clone + Send + Sync + 'static,
+    {
+        cache.extensions().get::<StreamSlot<K>>().map(|slot| Streams { shared: slot.0.clone() })
+    }
+
+    /// Subscribes to this stream; see [`SubscribeOptions`].
+    pub fn subscribe(&self, options: SubscribeOptions) -> Result<Subscription<K>, Error> {
+        self.shared.subscribe(options)
+    }
+
+    /// The stream's metadata.
+    pub fn info(&self) -> StreamsInfo {
+        StreamsInfo {
+            cache: self.shared.reporter.cache.clone(),
+            partitions: self.shared.partitions,
+            pubsub: cluster::describe(&self.shared.cluster),
+            node: self.shared.node,
+        }
+    }
+
+    /// Resolves once the stream is connected to its cluster transport and
+    /// subscribed to every channel (at once without a transport). Fails with
+    /// the transport's error if it cannot connect (the transport keeps
+    /// retrying in the background), or [`Error::StreamNotStarted`] if the
+    /// stream stops first.
+    pub async fn ready(&self) -> Result<(), Error> {
+        match &self.shared.cluster {
+            Some(cluster) => cluster.ready().await,
+            None => Ok(()),
+        }
+    }
+
+    /// Whether the stream was stopped (or its cache dropped).
+    pub fn is_stopped(&self) -> bool {
+        self.shared.stopped.load(Ordering::Acquire)
+    }
+
+    /// Stops the stream: unregisters its listener and ends every subscription
+    /// (each yields `None` once drained). A new stream can then be started on
+    /// the cache. Stopping twice does nothing.
+    pub fn stop(&self) {
+        self.shared.cache.detach(&self.shared);
+        self.shared.close();
+    }
+}
+
+/// Adds [`subscribe`](StreamsExt::subscribe) to [`Cache`], like
+/// `use Nebulex.Streams` does to a Nebulex cache.
+pub trait StreamsExt<K> {
+    /// Subscribes to the stream started on this cache.
+    ///
+    /// Fails with [`Error::StreamNotStarted`] if there is none,
+    /// [`Error::EmptyEventFilter`], [`Error::NotPartitioned`] or
+    /// [`Error::PartitionOutOfRange`] for bad options.
+    fn subscribe(&self, options: SubscribeOptions) -> Result<Subscription<K>, Error>;
+
+    /// The stream started on this cache, if any.
+    fn streams(&self) -> Option<Streams<K>>;
+}
+
+impl<K, V> StreamsExt<K> for Cache<K, V>
+where
+    K: Eq + Hash + Clone + Send + Sync + 'static,
+    V: Clone + Send + Sync + 'static,
+{
+    fn subscribe(&self, options: SubscribeOptions) -> Result<Subscription<K>, Error> {
+        Streams::lookup(self).ok_or(Error::StreamNotStarted)?.subscribe(options)
+    }
+
+    fn streams(&self) -> Option<Streams<K>> {
+        Streams::lookup(self)
+    }
+}
+
+/// What the cache holds for its stream: dropping it (at `stop`, or with the
+/// cache) closes the stream.
+struct StreamSlot<K>(Arc<StreamShared<K>>);
+
+impl<K> Drop for StreamSlot<K> {
+    fn drop(&mut self) {
+        self.0.close();
+    }
+}
+
+/// The stream's cache, without its value type, held weakly.
+pub(crate) trait LocalCache<K>: Send + Sync {
+    /// Removes the stream's slot and listener from the cache.
+    fn detach(&self, shared: &Arc<StreamShared<K>>);
+}
+
+impl<K, V> LocalCache<K> for WeakCache<K, V>
+where
+    K: Eq + Hash + Clone + Send + Sync + 'static,
+    V: Clone + Send + Sync + 'static,
+{
+    fn detach(&self, shared: &Arc<StreamShared<K>>) {
+        let Some(cache) = self.upgrade() else { return };
+        if shared.registered.swap(false, Ordering::AcqRel) {
+            cache.unregister_event_listener(&shared.listener_id());
+            shared.reporter.listener_unregistered();
+        }
+        let ext = cache.extensions();
+        if ext.get::<StreamSlot<K>>().is_some_and(|slot| Arc::ptr_eq(&slot.0, shared)) {
+            // Dropping the slot closes the stream.
+            drop(ext.remove::<StreamSlot<K>>());
+        }
+    }
+}
+
+pub(crate) struct Partition<K> {
+    pub(crate) topic: Arc<str>,
+    /// The last sequence number given out; its lock orders the hand-over.
+    seq: Mutex<u64>,
+    pub(crate) subscribers: ArcSwap<Vec<Arc<Ring<K>>>>,
+}
+
+/// The state a stream's handles, listener and subscriptions share.
+pub(crate) struct StreamShared<K> {
+    pub(crate) reporter: Reporter<K>,
+    pub(crate) node: NodeId,
+    pub(crate) partitions: Option<u32>,
+    pub(crate) count: u32,
+    router: Option<Box<RouterFn<K>>>,
+    pub(crate) parts: Box<[Partition<K>]>,
+    buffer: usize,
+    broadcast_from: bool,
+    /// The cache listener's filter: the union of what subscribers want.
+    filter: EventFilter,
+    subscribers_lock: Mutex<()>,
+    next_partition: AtomicU32,
+    registered: AtomicBool,
+    stopped: AtomicBool,
+    cache: Box<dyn LocalCache<K>>,
+    pub(crate) cluster: Option<Cluster<K>>,
+}
+
+impl<K> StreamShared<K>
+where
+    K: Eq + Hash + Clone + Send + Sync + 'static,
+{
+    fn listener_id(self: &Arc<Self>) -> String {
+        format!("nebulex_streams:{:p}", Arc::as_ptr(self))
+    }
+
+    /// The cache listener: routes one event to its partition(s).
+    fn dispatch(&self, event: &CacheEntryEvent<K>) {
+        if self.broadcast_from && self.cluster.is_none() {
+            return;
+        }
+        if let Some(router) = &self.router {
+            match router(event) {
+                Route::Discard => {}
+                Route::Partition(p) if p < self.count => self.deliver(p, event, || event.target.clone()),
+                Route::Partition(p) => self.misrouted(p, event),
+            }
+            return;
+        }
+        if self.count == 1 {
+            return self.deliver(0, event, || event.target.clone());
+        }
+        match &event.target {
+            Target::Key(k) => self.deliver(partition_of(k, self.count), event, || Target::Key(k.clone())),
+            Target::Keys(keys) => {
+                let mut split: Vec<Vec<K>> = vec![Vec::new(); self.count as usize];
+                for k in keys {
+                    split[partition_of(k, self.count) as usize].push(k.clone());
+                }
+                for (p, keys) in split.into_iter().enumerate().filter(|(_, ks)| !ks.is_empty()) {
+                    self.deliver(p as u32, event, || Target::Keys(keys));
+                }
+            }
+            Target::All => (0..self.count).for_each(|p| self.deliver(p, event, || Target::All)),
+        }
+    }
+
+    /// Hands an event to the subscribers of partition `p` that want it, and
+    /// to the cluster's outbound buffer.
+    #[inline]
+    fn deliver(&self, p: u32, event: &CacheEntryEvent<K>, target: impl FnOnce() -> Target<K>) {
+        let Some(part) = self.parts.get(p as usize) else { return };
+        let subscribers = part.subscribers.load();
+        let local = !self.broadcast_from && subscribers.iter().any(|r| r.wants(event.kind));
+        let outbound = self.cluster.as_ref().and_then(|c| c.outbound.get(p as usize));
+        if !local && outbound.is_none() {
+            return;
+        }
+        let target = target();
+        // Numbering and handing over happen under the partition's lock, so
+        // every buffer receives the partition's events in sequence order.
+        let (routed, outbound_full, subscribers_full) = {
+            let mut seq = part.seq.lock();
+            *seq += 1;
+            let routed = Arc::new(CacheEntryEvent {
+                cache: event.cache.clone(),
+                kind: event.kind,
+                target,
+                command: event.command,
+                version: event.version,
+                metadata: EventMetadata {
+                    node: event.metadata.node,
+                    partition: self.partitions.map(|_| p),
+                    partitions: self.partitions,
+                    topic: Some(part.topic.clone()),
+                    seq: *seq,
+                    timestamp: event.metadata.timestamp,
+                },
+            });
+            let outbound_full = outbound.is_some_and(|o| !o.push(routed.clone()));
+            let subscribers_full = if local {
+                subscribers.iter().filter(|r| r.wants(event.kind)).filter(|r| !r.push(routed.clone())).count()
+            } else {
+                0
+            };
+            (routed, outbound_full, subscribers_full)
+        };
+        if let Some(outbound) = outbound.filter(|_| outbound_full) {
+            let reason =
+                BroadcastError::Transport(format!("outbound buffer of {} events is full", outbound.capacity()));
+            self.reporter.broadcast_error(&part.topic, &routed, reason);
+        }
+        if !local {
+            return;
+        }
+        for _ in 0..subscribers_full {
+            let reason = BroadcastError::SubscriberFull { capacity: self.buffer };
+            self.reporter.broadcast_error(&part.topic, &routed, reason);
+        }
+        if subscribers_full == 0 {
+            self.reporter.broadcast_ok(p, &part.topic, &routed);
+        }
+    }
+
+    /// A custom router answered a partition that does not exist.
+    #[cold]
+    fn misrouted(&self, partition: u32, event: &CacheEntryEvent<K>) {
+        let topic: Arc<str> = Arc::from(format!("{DEFAULT_PREFIX}:{}:{partition}", self.reporter.cache));
+        let reason = BroadcastError::PartitionOutOfRange { partition, partitions: self.count };
+        self.reporter.broadcast_error(&topic, &Arc::new(event.clone()), reason);
+    }
+
+    fn subscribe(self: &Arc<Self>, options: SubscribeOptions) -> Result<Subscription<K>, Error> {
+        let mask = match options.events {
+            Some(0) => return Err(Error::EmptyEventFilter),
+            Some(mask) => mask,
+            None => EventFilter::all().mask(),
+        };
+        let partition = match (options.partition, self.partitions) {
+            (Some(_), None) => return Err(Error::NotPartitioned),
+            (Some(partition), Some(partitions)) if partition >= partitions => {
+                return Err(Error::PartitionOutOfRange { partition, partitions })
+            }
+            (Some(p), Some(_)) => p,
+            (None, _) => self.next_partition.fetch_add(1, Ordering::Relaxed) % self.count,
+        };
+        let ring = Arc::new(Ring::new(self.buffer, mask));
+        {
+            let _serial = self.subscribers_lock.lock();
+            if self.stopped.load(Ordering::Acquire) {
+                return Err(Error::StreamNotStarted);
+            }
+            self.parts[partition as usize].subscribers.rcu(|subs| {
+                let mut subs = Vec::clone(subs);
+                subs.push(ring.clone());
+                subs
+            });
+            self.refresh_filter();
+        }
+        Ok(Subscription::new(ring, partition, self.clone()))
+    }
+}
+
+impl<K> StreamShared<K> {
+    pub(crate) fn unsubscribe(&self, partition: u32, ring: &Arc<Ring<K>>) {
+        let _serial = self.subscribers_lock.lock();
+        if let Some(part) = self.parts.get(partition as usize) {
+            part.subscribers.rcu(|subs| subs.iter().filter(|r| !Arc::ptr_eq(r, ring)).cloned().collect::<Vec<_>>());
+        }
+        self.refresh_filter();
+    }
+
+    /// Tells the cache which event types anyone wants now.
+    pub(crate) fn refresh_filter(&self) {
+        let mask = if self.stopped.load(Ordering::Acquire) {
+            0
+        } else if self.cluster.is_some() {
+            EventFilter::all().mask()
+        } else if self.broadcast_from {
+            0
+        } else {
+            self.parts
+                .iter()
+                .flat_map(|p| p.subscribers.load().iter().map(|r| r.mask).collect::<Vec<_>>())
+                .fold(0, |m, r| m | r)
+        };
+        self.filter.set_mask(mask);
+    }
+
+    /// Ends every subscription; idempotent.
+    fn close(&self) {
+        let _serial = self.subscribers_lock.lock();
+        if self.stopped.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        self.filter.set_mask(0);
+        if let Some(cluster) = &self.cluster {
+            cluster.close();
+        }
+        for part in self.parts.iter() {
+            for ring in part.subscribers.load().iter() {
+                ring.close();
+            }
+        }
+    }
+}

@@ -1,0 +1,341 @@
+//! Subscriptions: where events end, one bounded buffer per subscriber.
+//!
+//! # Lagging
+//!
+//! Each subscription has a buffer of [`StreamsBuilder::buffer`] events. Writers
+//! never wait for a subscriber: when its buffer is full, the event is dropped
+//! for that subscriber alone and counted. The subscriber's next receive past
+//! the events it did get then yields `Err(Lagged(n))`, `n` being exactly the
+//! number of events it missed, and receiving continues with the next event.
+//! Nothing is lost silently: per subscriber, events received plus the sum of
+//! `Lagged` counts equals the events published to it.
+//!
+//! A `Lagged(0)` means "an unknown number" (a lost cluster connection): treat
+//! every `Lagged` as loss.
+//!
+//! [`StreamsBuilder::buffer`]: crate::StreamsBuilder::buffer
+
+use std::fmt;
+use std::pin::Pin;
+use std::sync::atomic::{fence, AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use crossbeam_queue::ArrayQueue;
+use futures::task::AtomicWaker;
+use nebulex::{CacheEntryEvent, EventType};
+
+use crate::streams::StreamShared;
+
+/// A subscriber missed this many events (`0`: an unknown number).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, thiserror::Error)]
+#[error("the subscriber lagged behind and missed {0} events")]
+pub struct Lagged(pub u64);
+
+/// What [`Subscription::try_recv`] can say instead of an event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, thiserror::Error)]
+pub enum TryRecvError {
+    /// No event is waiting.
+    #[error("no event is waiting")]
+    Empty,
+    /// The subscriber missed this many events (`0`: an unknown number).
+    #[error("the subscriber lagged behind and missed {0} events")]
+    Lagged(u64),
+    /// The stream was stopped and every event was received.
+    #[error("the stream is stopped")]
+    Closed,
+}
+
+/// One item of a subscription: an event, or how many were missed.
+pub type Item<K> = Result<Arc<CacheEntryEvent<K>>, Lagged>;
+
+/// Which events a new subscription wants, and from which partition.
+///
+/// ```
+/// use nebulex::EventType;
+/// use nebulex_streams::SubscribeOptions;
+///
+/// let all_of_partition_2 = SubscribeOptions::new().partition(2);
+/// let inserts_and_deletes = SubscribeOptions::new().events([EventType::Inserted, EventType::Deleted]);
+/// # let _ = (all_of_partition_2, inserts_and_deletes);
+/// ```
+#[derive(Debug, Clone, Default)]
+pub struct SubscribeOptions {
+    pub(crate) events: Option<u8>,
+    pub(crate) partition: Option<u32>,
+}
+
+impl SubscribeOptions {
+    /// Every event type, from the next partition in round-robin order.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Only these event types (at least one, or `subscribe` fails with
+    /// [`Error::EmptyEventFilter`](crate::Error::EmptyEventFilter)).
+    pub fn events(mut self, types: impl IntoIterator<Item = EventType>) -> Self {
+        self.events = Some(types.into_iter().fold(0, |m, t| m | t.bit()));
+        self
+    }
+
+    /// From this partition of a partitioned stream (default: round-robin).
+    pub fn partition(mut self, partition: u32) -> Self {
+        self.partition = Some(partition);
+        self
+    }
+}
+
+/// Set in a missed count when some loss has an unknown size.
+const UNKNOWN: u64 = 1 << 63;
+
+/// The notice for a missed count: `UNKNOWN` reads as `Lagged(0)`.
+fn lagged(missed: u64) -> Lagged {
+    Lagged(if missed & UNKNOWN != 0 { 0 } else { missed })
+}
+
+/// One buffered event, with the count of events dropped just before it.
+struct Slot<K> {
+    missed_before: u64,
+    event: Arc<CacheEntryEvent<K>>,
+}
+
+/// The buffer between the writers and one subscriber.
+pub(crate) struct Ring<K> {
+    queue: ArrayQueue<Slot<K>>,
+    /// Events dropped since the last slot that reported them.
+    missed: AtomicU64,
+    /// The event types this subscriber wants.
+    pub(crate) mask: u8,
+    waker: AtomicWaker,
+    /// The subscriber is (about to be) parked waiting for an event.
+    sleeping: AtomicBool,
+    closed: AtomicBool,
+}
+
+impl<K> Ring<K> {
+    pub(crate) fn new(capacity: usize, mask: u8) -> Self {
+        Ring {
+            queue: ArrayQueue::new(capacity),
+            missed: AtomicU64::new(0),
+            mask,
+            waker: AtomicWaker::new(),
+            sleeping: AtomicBool::new(false),
+            closed: AtomicBool::new(false),
+        }
+    }
+
+    #[inline]
+    pub(crate) fn wants(&self, kind: EventType) -> bool {
+        self.mask & kind.bit() != 0
+    }
+
+    pub(crate) fn capacity(&self) -> usize {
+        self.queue.capacity()
+    }
+
+    /// Offers an event; returns `false` if the buffer was full (the event is
+    /// then counted as missed).
+    #[inline]
+    pub(crate) fn push(&self, event: Arc<CacheEntryEvent<K>>) -> bool {
+        let missed_before =
+            if self.missed.load(Ordering::Relaxed) == 0 { 0 } else { self.missed.swap(0, Ordering::AcqRel) };
+        match self.queue.push(Slot { missed_before, event }) {
+            Ok(()) => {
+                self.wake();
+                true
+            }
+            Err(_) => {
+                self.add_missed(missed_before);
+                self.add_missed(1);
+                self.wake();
+                false
+            }
+        }
+    }
+
+    /// Records `missed` events lost before anything pushed from now on
+    /// (`0`: an unknown number), and wakes the subscriber to learn it.
+    pub(crate) fn push_lost(&self, missed: u64) {
+        self.add_missed(if missed == 0 { UNKNOWN } else { missed });
+        self.wake();
+    }
+
+    fn add_missed(&self, missed: u64) {
+        if missed == 0 {
+            return;
+        }
+        let _ = self.missed.fetch_update(Ordering::AcqRel, Ordering::Acquire, |m| {
+            let unknown = (m | missed) & UNKNOWN;
+            Some(unknown | ((m & !UNKNOWN).saturating_add(missed & !UNKNOWN) & !UNKNOWN))
+        });
+    }
+
+    /// Wakes the subscriber if it is waiting.
+    #[inline]
+    fn wake(&self) {
+        // Pairs with the fence in `poll_recv`: either the subscriber sees what
+        // was just pushed, or this sees it sleeping.
+        fence(Ordering::SeqCst);
+        if self.sleeping.load(Ordering::Relaxed) && self.sleeping.swap(false, Ordering::AcqRel) {
+            self.waker.wake();
+        }
+    }
+
+    pub(crate) fn close(&self) {
+        self.closed.store(true, Ordering::Release);
+        self.sleeping.store(false, Ordering::Release);
+        self.waker.wake();
+    }
+
+    /// The next item, if there is one: a pending `Lagged` first.
+    pub(crate) fn try_next(&self, stash: &mut Option<Arc<CacheEntryEvent<K>>>) -> Option<Item<K>> {
+        if let Some(event) = stash.take() {
+            return Some(Ok(event));
+        }
+        if let Some(slot) = self.queue.pop() {
+            if slot.missed_before > 0 {
+                *stash = Some(slot.event);
+                return Some(Err(lagged(slot.missed_before)));
+            }
+            return Some(Ok(slot.event));
+        }
+        if self.missed.load(Ordering::Relaxed) != 0 {
+            let missed = self.missed.swap(0, Ordering::AcqRel);
+            if missed > 0 {
+                return Some(Err(lagged(missed)));
+            }
+        }
+        None
+    }
+
+    pub(crate) fn poll_recv(
+        &self,
+        stash: &mut Option<Arc<CacheEntryEvent<K>>>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Item<K>>> {
+        if let Some(item) = self.try_next(stash) {
+            return Poll::Ready(Some(item));
+        }
+        self.waker.register(cx.waker());
+        self.sleeping.store(true, Ordering::SeqCst);
+        fence(Ordering::SeqCst);
+        if let Some(item) = self.try_next(stash) {
+            self.sleeping.store(false, Ordering::Relaxed);
+            return Poll::Ready(Some(item));
+        }
+        if self.closed.load(Ordering::Acquire) {
+            // Writers may have raced the close: drain before ending.
+            return Poll::Ready(self.try_next(stash));
+        }
+        Poll::Pending
+    }
+}
+
+/// A subscriber's view of a stream: a [`futures::Stream`] of events and
+/// [`Lagged`] notices, also readable with [`recv`](Self::recv),
+/// [`try_recv`](Self::try_recv) and [`recv_blocking`](Self::recv_blocking).
+///
+/// Made by [`StreamsExt::subscribe`](crate::StreamsExt::subscribe). It ends
+/// (`None`) once the stream is stopped and its buffer is drained. Dropping it
+/// unsubscribes.
+///
+/// ```
+/// use futures::StreamExt;
+/// use nebulex::{Cache, EventType};
+/// use nebulex_streams::{Streams, StreamsExt, SubscribeOptions};
+///
+/// # futures::executor::block_on(async {
+/// let cache: Cache<String, u32> = Cache::builder().build()?;
+/// let streams = Streams::builder(&cache).start()?;
+/// let mut sub = cache.subscribe(SubscribeOptions::new())?;
+///
+/// cache.put("user:123".to_string(), 1);
+/// let event = sub.next().await.unwrap().unwrap();
+/// assert_eq!(event.kind, EventType::Inserted);
+///
+/// streams.stop();
+/// assert!(sub.next().await.is_none());
+/// # Ok::<(), nebulex_streams::Error>(())
+/// # }).unwrap();
+/// ```
+pub struct Subscription<K> {
+    ring: Arc<Ring<K>>,
+    partition: u32,
+    /// An event that arrived right after a `Lagged` notice, for the next call.
+    stash: Option<Arc<CacheEntryEvent<K>>>,
+    stream: Arc<StreamShared<K>>,
+}
+
+impl<K> Subscription<K> {
+    pub(crate) fn new(ring: Arc<Ring<K>>, partition: u32, stream: Arc<StreamShared<K>>) -> Self {
+        Subscription { ring, partition, stash: None, stream }
+    }
+
+    /// The partition this subscription reads (0 for an unpartitioned stream).
+    pub fn partition(&self) -> u32 {
+        self.partition
+    }
+
+    /// The next event or lag notice; `None` once the stream is stopped.
+    pub async fn recv(&mut self) -> Option<Item<K>> {
+        std::future::poll_fn(|cx| self.poll_item(cx)).await
+    }
+
+    /// Like [`recv`](Self::recv), blocking the thread. For sync code; do not
+    /// call it on an async runtime's thread.
+    pub fn recv_blocking(&mut self) -> Option<Item<K>> {
+        futures::executor::block_on(self.recv())
+    }
+
+    /// The next event if one is waiting.
+    pub fn try_recv(&mut self) -> Result<Arc<CacheEntryEvent<K>>, TryRecvError> {
+        match self.ring.try_next(&mut self.stash) {
+            Some(item) => self.report(item).map_err(|Lagged(n)| TryRecvError::Lagged(n)),
+            None if self.ring.closed.load(Ordering::Acquire) => match self.ring.try_next(&mut self.stash) {
+                Some(item) => self.report(item).map_err(|Lagged(n)| TryRecvError::Lagged(n)),
+                None => Err(TryRecvError::Closed),
+            },
+            None => Err(TryRecvError::Empty),
+        }
+    }
+
+    fn poll_item(&mut self, cx: &mut Context<'_>) -> Poll<Option<Item<K>>> {
+        match self.ring.poll_recv(&mut self.stash, cx) {
+            Poll::Ready(Some(item)) => Poll::Ready(Some(self.report(item))),
+            other => other,
+        }
+    }
+
+    /// Reports a lag notice to telemetry as the subscriber receives it.
+    #[inline]
+    fn report(&self, item: Item<K>) -> Item<K> {
+        if let Err(Lagged(missed)) = item {
+            self.stream.reporter.lagged(self.partition, missed);
+        }
+        item
+    }
+}
+
+impl<K> futures::Stream for Subscription<K> {
+    type Item = Item<K>;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        self.get_mut().poll_item(cx)
+    }
+}
+
+impl<K> Drop for Subscription<K> {
+    fn drop(&mut self) {
+        self.stream.unsubscribe(self.partition, &self.ring);
+    }
+}
+
+impl<K> fmt::Debug for Subscription<K> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Subscription")
+            .field("cache", &self.stream.reporter.cache)
+            .field("partition", &self.partition)
+            .field("buffered", &self.ring.queue.len())
+            .finish_non_exhaustive()
+    }
+}

@@ -1,0 +1,350 @@
+//! Telemetry: what a stream reports, in three layers.
+//!
+//! Every report reaches three places, so each user finds it where they look:
+//!
+//! 1. the typed observer given to
+//!    [`StreamsBuilder::observer`](crate::StreamsBuilder::observer), called
+//!    with a [`Telemetry`] value, inline (keep it fast);
+//! 2. [`tracing`] events under the target `nebulex_streams`, with the same
+//!    fields (`trace` for each broadcast, `debug` for lifecycle, `warn` for
+//!    loss);
+//! 3. [`metrics`](https://docs.rs/metrics) counters and histograms, through
+//!    the `metrics` facade (feature `metrics`, on by default), so any exporter
+//!    works. Install the recorder before starting the stream: handles are
+//!    taken at start.
+//!
+//! | report | observer | metric |
+//! |---|---|---|
+//! | listener registered / unregistered | [`Telemetry::ListenerRegistered`], [`Telemetry::ListenerUnregistered`] | — |
+//! | an event delivered to a partition | [`Telemetry::Broadcast`] with [`BroadcastStatus::Ok`] | `nebulex_streams_events_total{cache, partition, kind}` |
+//! | an event a subscriber's full buffer could not take | [`Telemetry::Broadcast`] with [`BroadcastStatus::Error`] | `nebulex_streams_broadcast_errors_total{cache, reason}` |
+//! | a subscriber learns it missed events | [`Telemetry::Lagged`] | `nebulex_streams_lagged_total{cache, partition}` (events) |
+//! | a jump in a remote node's sequence | [`Telemetry::Gap`] | `nebulex_streams_gaps_total{cache, partition}` |
+//! | a frame from the network refused | [`Telemetry::FrameRejected`] | `nebulex_streams_frames_rejected_total{cache, reason}` |
+//! | frames that could not be published | [`Telemetry::PublishFailed`] | `nebulex_streams_broadcast_errors_total{cache, reason="transport"}` |
+//! | the invalidator's work | [`Telemetry::Invalidator`] | `nebulex_streams_invalidations_total{cache}`, `nebulex_streams_propagation_seconds{cache}` |
+//!
+//! The names follow Nebulex Streams' `[:nebulex, :streams, …]` events.
+
+use std::fmt;
+use std::sync::Arc;
+
+use nebulex::{CacheEntryEvent, CacheName, EventType, NodeId};
+
+use crate::wire::RejectReason;
+
+/// One telemetry report of a stream.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub enum Telemetry<K> {
+    /// The stream registered its listener on the cache (at start).
+    ListenerRegistered {
+        /// The cache.
+        cache: CacheName,
+    },
+    /// The stream removed its listener (at stop).
+    ListenerUnregistered {
+        /// The cache.
+        cache: CacheName,
+    },
+    /// An event was handed to a partition's subscribers, or could not be.
+    Broadcast {
+        /// Whether every interested subscriber took it.
+        status: BroadcastStatus,
+        /// Why not, on error.
+        reason: Option<BroadcastError>,
+        /// The partition's topic.
+        topic: Arc<str>,
+        /// The event.
+        event: Arc<CacheEntryEvent<K>>,
+    },
+    /// A subscriber is told it missed `missed` events (`0`: an unknown number).
+    Lagged {
+        /// The cache.
+        cache: CacheName,
+        /// The subscriber's partition.
+        partition: u32,
+        /// How many events it missed.
+        missed: u64,
+    },
+    /// A remote node's events jumped in sequence: events were lost on the way.
+    Gap {
+        /// The cache.
+        cache: CacheName,
+        /// The partition.
+        partition: u32,
+        /// The node whose events were lost (`None`: every node's, such as
+        /// after a lost connection).
+        origin: Option<NodeId>,
+        /// How many (`0`: an unknown number, such as after a lost connection).
+        missed: u64,
+    },
+    /// A frame from the network was refused.
+    FrameRejected {
+        /// The cache.
+        cache: CacheName,
+        /// Why.
+        reason: RejectReason,
+    },
+    /// Frames of this node's events could not be published (the server is
+    /// unreachable, or a key could not be encoded): receivers will see a gap.
+    PublishFailed {
+        /// The cache.
+        cache: CacheName,
+        /// How many frames.
+        frames: usize,
+    },
+    /// What an invalidator did.
+    Invalidator {
+        /// The cache.
+        cache: CacheName,
+        /// The report.
+        event: InvalidatorEvent,
+    },
+}
+
+/// Whether a broadcast reached every interested subscriber.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum BroadcastStatus {
+    /// Delivered.
+    Ok,
+    /// Not delivered to at least one subscriber, or not at all.
+    Error,
+}
+
+/// Why a broadcast failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum BroadcastError {
+    /// A subscriber's buffer was full: it will see `Lagged`.
+    #[error("a subscriber's buffer of {capacity} events is full")]
+    SubscriberFull {
+        /// The buffer's capacity.
+        capacity: usize,
+    },
+    /// A custom router returned a partition past the partition count.
+    #[error("the router returned partition {partition}, but the stream has {partitions}")]
+    PartitionOutOfRange {
+        /// The router's answer.
+        partition: u32,
+        /// The partition count.
+        partitions: u32,
+    },
+    /// The cluster transport could not take the event.
+    #[error("transport: {0}")]
+    Transport(String),
+}
+
+/// What an invalidator reports.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum InvalidatorEvent {
+    /// Its workers started.
+    Started,
+    /// It stopped.
+    Stopped,
+    /// It removed `count` local entries for an event.
+    Invalidate {
+        /// The partition.
+        partition: u32,
+        /// Entries removed.
+        count: usize,
+    },
+    /// It received an event it does not act on (e.g. out of scope).
+    Unhandled {
+        /// The partition.
+        partition: u32,
+        /// The event's type.
+        kind: EventType,
+    },
+    /// It flushed a partition after a loss, so that nothing stale survives.
+    Resync {
+        /// The partition.
+        partition: u32,
+        /// Entries removed.
+        count: usize,
+    },
+}
+
+pub(crate) type ObserverFn<K> = dyn Fn(&Telemetry<K>) + Send + Sync;
+
+/// Where a stream sends its reports.
+pub(crate) struct Reporter<K> {
+    pub(crate) cache: CacheName,
+    observer: Option<Box<ObserverFn<K>>>,
+    #[cfg(feature = "metrics")]
+    metrics: Metrics,
+}
+
+#[cfg(feature = "metrics")]
+struct Metrics {
+    /// `events[partition][kind]`
+    events: Vec<[metrics::Counter; 5]>,
+    lagged: Vec<metrics::Counter>,
+    gaps: Vec<metrics::Counter>,
+    subscriber_full: metrics::Counter,
+    bad_route: metrics::Counter,
+    transport: metrics::Counter,
+    invalidations: metrics::Counter,
+    propagation: metrics::Histogram,
+}
+
+#[cfg(feature = "metrics")]
+impl Metrics {
+    fn new(cache: &CacheName, partitions: u32) -> Self {
+        let c = cache.to_string();
+        let per_partition = |name: &'static str| -> Vec<metrics::Counter> {
+            (0..partitions)
+                .map(|p| metrics::counter!(name, "cache" => c.clone(), "partition" => p.to_string()))
+                .collect()
+        };
+        Metrics {
+            events: (0..partitions)
+                .map(|p| {
+                    EventType::ALL.map(|kind| {
+                        metrics::counter!("nebulex_streams_events_total",
+                            "cache" => c.clone(), "partition" => p.to_string(), "kind" => kind.as_str())
+                    })
+                })
+                .collect(),
+            lagged: per_partition("nebulex_streams_lagged_total"),
+            gaps: per_partition("nebulex_streams_gaps_total"),
+            subscriber_full: metrics::counter!("nebulex_streams_broadcast_errors_total",
+                "cache" => c.clone(), "reason" => "subscriber_full"),
+            bad_route: metrics::counter!("nebulex_streams_broadcast_errors_total",
+                "cache" => c.clone(), "reason" => "partition_out_of_range"),
+            transport: metrics::counter!("nebulex_streams_broadcast_errors_total",
+                "cache" => c.clone(), "reason" => "transport"),
+            invalidations: metrics::counter!("nebulex_streams_invalidations_total", "cache" => c.clone()),
+            propagation: metrics::histogram!("nebulex_streams_propagation_seconds", "cache" => c),
+        }
+    }
+}
+
+impl<K> Reporter<K> {
+    pub(crate) fn new(cache: CacheName, partitions: u32, observer: Option<Box<ObserverFn<K>>>) -> Self {
+        Reporter {
+            #[cfg(feature = "metrics")]
+            metrics: Metrics::new(&cache, partitions),
+            cache,
+            observer,
+        }
+    }
+
+    #[inline]
+    fn observe(&self, t: impl FnOnce() -> Telemetry<K>) {
+        if let Some(observer) = &self.observer {
+            observer(&t());
+        }
+    }
+
+    pub(crate) fn listener_registered(&self) {
+        tracing::debug!(target: "nebulex_streams", cache = %self.cache, "listener registered");
+        self.observe(|| Telemetry::ListenerRegistered { cache: self.cache.clone() });
+    }
+
+    pub(crate) fn listener_unregistered(&self) {
+        tracing::debug!(target: "nebulex_streams", cache = %self.cache, "listener unregistered");
+        self.observe(|| Telemetry::ListenerUnregistered { cache: self.cache.clone() });
+    }
+
+    /// An event delivered to partition `partition`.
+    #[inline]
+    pub(crate) fn broadcast_ok(&self, partition: u32, topic: &Arc<str>, event: &Arc<CacheEntryEvent<K>>) {
+        #[cfg(feature = "metrics")]
+        if let Some(c) = self.metrics.events.get(partition as usize) {
+            c[event.kind as usize].increment(1);
+        }
+        let _ = partition;
+        tracing::trace!(target: "nebulex_streams", cache = %self.cache, topic = %topic,
+            kind = %event.kind, command = %event.command, seq = event.metadata.seq, "broadcast");
+        self.observe(|| Telemetry::Broadcast {
+            status: BroadcastStatus::Ok,
+            reason: None,
+            topic: topic.clone(),
+            event: event.clone(),
+        });
+    }
+
+    /// An event that could not be delivered.
+    pub(crate) fn broadcast_error(&self, topic: &Arc<str>, event: &Arc<CacheEntryEvent<K>>, reason: BroadcastError) {
+        #[cfg(feature = "metrics")]
+        match reason {
+            BroadcastError::PartitionOutOfRange { .. } => self.metrics.bad_route.increment(1),
+            _ => self.metrics.subscriber_full.increment(1),
+        }
+        tracing::trace!(target: "nebulex_streams", cache = %self.cache, topic = %topic,
+            kind = %event.kind, %reason, "broadcast failed");
+        self.observe(|| Telemetry::Broadcast {
+            status: BroadcastStatus::Error,
+            reason: Some(reason),
+            topic: topic.clone(),
+            event: event.clone(),
+        });
+    }
+
+    pub(crate) fn lagged(&self, partition: u32, missed: u64) {
+        #[cfg(feature = "metrics")]
+        if let Some(c) = self.metrics.lagged.get(partition as usize) {
+            c.increment(missed);
+        }
+        tracing::warn!(target: "nebulex_streams", cache = %self.cache, partition, missed, "subscriber lagged");
+        self.observe(|| Telemetry::Lagged { cache: self.cache.clone(), partition, missed });
+    }
+
+    pub(crate) fn gap(&self, partition: u32, origin: Option<NodeId>, missed: u64) {
+        #[cfg(feature = "metrics")]
+        if let Some(c) = self.metrics.gaps.get(partition as usize) {
+            c.increment(1);
+        }
+        tracing::warn!(target: "nebulex_streams", cache = %self.cache, partition, origin = ?origin, missed, "gap");
+        self.observe(|| Telemetry::Gap { cache: self.cache.clone(), partition, origin, missed });
+    }
+
+    pub(crate) fn frame_rejected(&self, reason: &RejectReason) {
+        #[cfg(feature = "metrics")]
+        metrics::counter!("nebulex_streams_frames_rejected_total",
+            "cache" => self.cache.to_string(), "reason" => reason.label())
+        .increment(1);
+        tracing::warn!(target: "nebulex_streams", cache = %self.cache, %reason, "frame rejected");
+        self.observe(|| Telemetry::FrameRejected { cache: self.cache.clone(), reason: reason.clone() });
+    }
+
+    /// `failed` of `sent` frames could not be handed to the transport.
+    pub(crate) fn transport_error(&self, failed: usize, sent: usize) {
+        #[cfg(feature = "metrics")]
+        self.metrics.transport.increment(failed as u64);
+        tracing::warn!(target: "nebulex_streams", cache = %self.cache, failed, sent, "frames not published");
+        self.observe(|| Telemetry::PublishFailed { cache: self.cache.clone(), frames: failed });
+    }
+
+    pub(crate) fn encode_error(&self, error: &str) {
+        #[cfg(feature = "metrics")]
+        self.metrics.transport.increment(1);
+        tracing::error!(target: "nebulex_streams", cache = %self.cache, error, "cannot encode a frame");
+        self.observe(|| Telemetry::PublishFailed { cache: self.cache.clone(), frames: 1 });
+    }
+
+    #[allow(dead_code)]
+    pub(crate) fn invalidator(&self, event: InvalidatorEvent) {
+        #[cfg(feature = "metrics")]
+        if let InvalidatorEvent::Invalidate { count, .. } | InvalidatorEvent::Resync { count, .. } = event {
+            self.metrics.invalidations.increment(count as u64);
+        }
+        tracing::debug!(target: "nebulex_streams", cache = %self.cache, ?event, "invalidator");
+        self.observe(|| Telemetry::Invalidator { cache: self.cache.clone(), event });
+    }
+
+    #[allow(dead_code)]
+    pub(crate) fn propagation(&self, seconds: f64) {
+        #[cfg(feature = "metrics")]
+        self.metrics.propagation.record(seconds);
+        let _ = seconds;
+    }
+}
+
+impl<K> fmt::Debug for Reporter<K> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Reporter").field("cache", &self.cache).field("observer", &self.observer.is_some()).finish()
+    }
+}

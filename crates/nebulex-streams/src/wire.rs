@@ -1,0 +1,446 @@
+//! Frames: how events cross the network between nodes.
+//!
+//! A frame carries a batch of one node's events of one partition. The layout
+//! is specified in `docs/wire-format.md`, so other languages can read it:
+//!
+//! ```text
+//! frame = version:u8 (1) | flags:u8 | body:MessagePack | tag:32 bytes (if flags & 1)
+//! body  = [origin:u64, epoch:u64, cache:str, partition:u32, partitions:u32,
+//!          first_seq:u64, sent_at_us:u64, events:[event, ...]]
+//! event = [kind:u8, command:u8, version:u64, timestamp_us:u64, target]
+//! target = [0, key] | [1, [key, ...]] | [2]
+//! tag   = HMAC-SHA256(signing key, version | flags | body)
+//! ```
+//!
+//! Decoding never panics and never trusts a length it has not checked: a
+//! frame that is too large, truncated, of another version, malformed, of
+//! another cache or partition count, or unsigned / badly signed when a key is
+//! set, is refused with a [`RejectReason`].
+
+use std::fmt;
+use std::marker::PhantomData;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use hmac::{Hmac, Mac};
+use nebulex::{CacheEntryEvent, CacheName, Command, EventMetadata, EventType, NodeId, Target};
+use serde::de::{self, DeserializeOwned, SeqAccess, Visitor};
+use serde::ser::SerializeTuple;
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use sha2::Sha256;
+
+/// The wire format version this crate writes and reads.
+pub const WIRE_VERSION: u8 = 1;
+/// Flag bit: the frame ends with an HMAC-SHA256 tag.
+pub const FLAG_SIGNED: u8 = 1;
+/// Length of the tag of a signed frame.
+pub const TAG_LEN: usize = 32;
+/// The default largest frame accepted, in bytes.
+pub const DEFAULT_MAX_FRAME_BYTES: usize = 4 << 20;
+
+/// Why a frame from the network was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum RejectReason {
+    /// Larger than the configured limit.
+    #[error("frame of {size} bytes exceeds the limit of {limit} bytes")]
+    TooLarge {
+        /// The frame's size.
+        size: usize,
+        /// The limit.
+        limit: usize,
+    },
+    /// Too short to hold a header (or its tag).
+    #[error("frame is truncated ({size} bytes)")]
+    Truncated {
+        /// The frame's size.
+        size: usize,
+    },
+    /// A version this crate does not read.
+    #[error("unsupported wire version {0}")]
+    Version(u8),
+    /// A signing key is set and the frame carries no tag.
+    #[error("frame is not signed, and a signing key is set")]
+    Unsigned,
+    /// The tag does not match the frame.
+    #[error("frame signature does not match")]
+    BadSignature,
+    /// The body is not a valid frame.
+    #[error("malformed frame: {0}")]
+    Malformed(String),
+    /// A frame of another cache.
+    #[error("frame is for cache `{got}`, not `{expected}`")]
+    ForeignCache {
+        /// The frame's cache.
+        got: String,
+        /// This stream's cache.
+        expected: String,
+    },
+    /// A frame of a stream with another partition count.
+    #[error("frame says {got} partitions, this stream has {expected}")]
+    PartitionCount {
+        /// The frame's partition count.
+        got: u32,
+        /// This stream's.
+        expected: u32,
+    },
+    /// A frame whose partition is not the one of the channel it came on.
+    #[error("frame of partition {got} arrived on the channel of partition {expected}")]
+    WrongPartition {
+        /// The frame's partition.
+        got: u32,
+        /// The channel's partition.
+        expected: u32,
+    },
+}
+
+impl RejectReason {
+    /// A short label for metrics (`reason` label).
+    pub fn label(&self) -> &'static str {
+        match self {
+            RejectReason::TooLarge { .. } => "too_large",
+            RejectReason::Truncated { .. } => "truncated",
+            RejectReason::Version(_) => "version",
+            RejectReason::Unsigned => "unsigned",
+            RejectReason::BadSignature => "bad_signature",
+            RejectReason::Malformed(_) => "malformed",
+            RejectReason::ForeignCache { .. } => "foreign_cache",
+            RejectReason::PartitionCount { .. } => "partition_count",
+            RejectReason::WrongPartition { .. } => "wrong_partition",
+        }
+    }
+}
+
+/// The header of a frame: who sent it, for which partition, from which sequence number.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FrameHeader {
+    /// The sending node.
+    pub origin: NodeId,
+    /// The sending stream's epoch (random at each start).
+    pub epoch: u64,
+    /// The cache's name.
+    pub cache: String,
+    /// The partition.
+    pub partition: u32,
+    /// The partition count (0: an unpartitioned stream).
+    pub partitions: u32,
+    /// The sequence number of the first event; the others follow one by one.
+    pub first_seq: u64,
+    /// When the frame was sent (µs since the Unix epoch).
+    pub sent_at_us: u64,
+}
+
+/// A decoded frame.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Frame<K> {
+    /// The header.
+    pub header: FrameHeader,
+    /// The events, in order.
+    pub events: Vec<WireEvent<K>>,
+}
+
+/// One event as it travels.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WireEvent<K> {
+    /// What changed.
+    pub kind: EventType,
+    /// The call that changed it.
+    pub command: Command,
+    /// The per-key version on the origin node.
+    pub version: u64,
+    /// When the write took effect on the origin (µs since the Unix epoch).
+    pub timestamp_us: u64,
+    /// Which entries.
+    pub target: Target<K>,
+}
+
+impl<K> Frame<K> {
+    /// The events as the local stream hands them to subscribers.
+    pub fn into_events(self, cache: &CacheName, topic: &std::sync::Arc<str>) -> Vec<CacheEntryEvent<K>> {
+        let h = self.header;
+        let partitioned = h.partitions > 0;
+        self.events
+            .into_iter()
+            .enumerate()
+            .map(|(i, e)| CacheEntryEvent {
+                cache: cache.clone(),
+                kind: e.kind,
+                target: e.target,
+                command: e.command,
+                version: e.version,
+                metadata: EventMetadata {
+                    node: h.origin,
+                    partition: partitioned.then_some(h.partition),
+                    partitions: partitioned.then_some(h.partitions),
+                    topic: Some(topic.clone()),
+                    seq: h.first_seq.wrapping_add(i as u64),
+                    timestamp: UNIX_EPOCH + Duration::from_micros(e.timestamp_us),
+                },
+            })
+            .collect()
+    }
+}
+
+/// Microseconds since the Unix epoch (0 before it).
+pub fn unix_micros(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH).map_or(0, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX))
+}
+
+type HmacSha256 = Hmac<Sha256>;
+
+/// Encodes a frame of `events` (all of `header.partition`).
+pub fn encode<K: Serialize>(
+    header: &FrameHeader,
+    events: &[impl AsRef<CacheEntryEvent<K>>],
+    signing_key: Option<&[u8]>,
+) -> Result<Vec<u8>, String> {
+    let body = (
+        header.origin.0,
+        header.epoch,
+        &header.cache,
+        header.partition,
+        header.partitions,
+        header.first_seq,
+        header.sent_at_us,
+        EventsOut(events, PhantomData),
+    );
+    let mut out = Vec::with_capacity(64 + events.len() * 32);
+    out.push(WIRE_VERSION);
+    out.push(if signing_key.is_some() { FLAG_SIGNED } else { 0 });
+    rmp_serde::encode::write(&mut out, &body).map_err(|e| e.to_string())?;
+    if let Some(key) = signing_key {
+        let tag = tag_of(key, &out);
+        out.extend_from_slice(&tag);
+    }
+    Ok(out)
+}
+
+fn tag_of(key: &[u8], bytes: &[u8]) -> [u8; TAG_LEN] {
+    // HMAC takes keys of any length.
+    let mut mac = match HmacSha256::new_from_slice(key) {
+        Ok(mac) => mac,
+        Err(_) => return [0; TAG_LEN],
+    };
+    mac.update(bytes);
+    mac.finalize().into_bytes().into()
+}
+
+/// What a decoder checks beyond the format.
+#[derive(Debug, Clone, Default)]
+pub struct DecodeLimits<'a> {
+    /// The largest frame accepted (0: [`DEFAULT_MAX_FRAME_BYTES`]).
+    pub max_frame_bytes: usize,
+    /// If set, frames must carry a valid tag made with this key.
+    pub signing_key: Option<&'a [u8]>,
+}
+
+/// Decodes a frame, checking its size, version, signature and shape.
+pub fn decode<K: DeserializeOwned>(bytes: &[u8], limits: &DecodeLimits<'_>) -> Result<Frame<K>, RejectReason> {
+    let limit = if limits.max_frame_bytes == 0 { DEFAULT_MAX_FRAME_BYTES } else { limits.max_frame_bytes };
+    if bytes.len() > limit {
+        return Err(RejectReason::TooLarge { size: bytes.len(), limit });
+    }
+    let [version, flags, ..] = *bytes else {
+        return Err(RejectReason::Truncated { size: bytes.len() });
+    };
+    if version != WIRE_VERSION {
+        return Err(RejectReason::Version(version));
+    }
+    let signed = flags & FLAG_SIGNED != 0;
+    let body_end = if signed {
+        bytes.len().checked_sub(TAG_LEN).filter(|&end| end > 2).ok_or(RejectReason::Truncated { size: bytes.len() })?
+    } else {
+        bytes.len()
+    };
+    if let Some(key) = limits.signing_key {
+        if !signed {
+            return Err(RejectReason::Unsigned);
+        }
+        let mut mac = HmacSha256::new_from_slice(key).map_err(|_| RejectReason::BadSignature)?;
+        mac.update(&bytes[..body_end]);
+        mac.verify_slice(&bytes[body_end..]).map_err(|_| RejectReason::BadSignature)?;
+    }
+    let body = &bytes[2..body_end];
+    let mut de = rmp_serde::Deserializer::new(std::io::Cursor::new(body));
+    type Body<K> = (u64, u64, String, u32, u32, u64, u64, Vec<EventIn<K>>);
+    let (origin, epoch, cache, partition, partitions, first_seq, sent_at_us, events): Body<K> =
+        Deserialize::deserialize(&mut de).map_err(|e| RejectReason::Malformed(e.to_string()))?;
+    if de.position() as usize != body.len() {
+        return Err(RejectReason::Malformed(format!("{} trailing bytes", body.len() - de.position() as usize)));
+    }
+    if partitions > 0 && partition >= partitions {
+        return Err(RejectReason::Malformed(format!("partition {partition} of {partitions}")));
+    }
+    Ok(Frame {
+        header: FrameHeader { origin: NodeId(origin), epoch, cache, partition, partitions, first_seq, sent_at_us },
+        events: events.into_iter().map(|e| e.0).collect(),
+    })
+}
+
+struct EventsOut<'a, K, E>(&'a [E], PhantomData<K>);
+
+impl<K: Serialize, E: AsRef<CacheEntryEvent<K>>> Serialize for EventsOut<'_, K, E> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_seq(self.0.iter().map(|e| EventOut(e.as_ref())))
+    }
+}
+
+struct EventOut<'a, K>(&'a CacheEntryEvent<K>);
+
+impl<K: Serialize> Serialize for EventOut<'_, K> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let e = self.0;
+        let mut t = s.serialize_tuple(5)?;
+        t.serialize_element(&(e.kind as u8))?;
+        t.serialize_element(&(e.command as u8))?;
+        t.serialize_element(&e.version)?;
+        t.serialize_element(&unix_micros(e.metadata.timestamp))?;
+        t.serialize_element(&TargetOut(&e.target))?;
+        t.end()
+    }
+}
+
+struct TargetOut<'a, K>(&'a Target<K>);
+
+impl<K: Serialize> Serialize for TargetOut<'_, K> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self.0 {
+            Target::Key(k) => (0u8, k).serialize(s),
+            Target::Keys(ks) => (1u8, ks).serialize(s),
+            Target::All => (2u8,).serialize(s),
+        }
+    }
+}
+
+struct EventIn<K>(WireEvent<K>);
+
+impl<'de, K: DeserializeOwned> Deserialize<'de> for EventIn<K> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let (kind, command, version, timestamp_us, TargetIn(target)): (u8, u8, u64, u64, TargetIn<K>) =
+            Deserialize::deserialize(d)?;
+        let kind = *EventType::ALL
+            .get(usize::from(kind))
+            .ok_or_else(|| de::Error::custom(format!("unknown event kind {kind}")))?;
+        let command = *Command::ALL
+            .get(usize::from(command))
+            .ok_or_else(|| de::Error::custom(format!("unknown command {command}")))?;
+        Ok(EventIn(WireEvent { kind, command, version, timestamp_us, target }))
+    }
+}
+
+struct TargetIn<K>(Target<K>);
+
+impl<'de, K: DeserializeOwned> Deserialize<'de> for TargetIn<K> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V<K>(PhantomData<K>);
+        impl<'de, K: DeserializeOwned> Visitor<'de> for V<K> {
+            type Value = TargetIn<K>;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a target: [0, key], [1, [keys]] or [2]")
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+                let tag: u8 = seq.next_element()?.ok_or_else(|| de::Error::invalid_length(0, &self))?;
+                let target = match tag {
+                    0 => Target::Key(seq.next_element()?.ok_or_else(|| de::Error::invalid_length(1, &self))?),
+                    1 => Target::Keys(seq.next_element()?.ok_or_else(|| de::Error::invalid_length(1, &self))?),
+                    2 => Target::All,
+                    other => return Err(de::Error::custom(format!("unknown target tag {other}"))),
+                };
+                if seq.next_element::<de::IgnoredAny>()?.is_some() {
+                    return Err(de::Error::custom("target has extra elements"));
+                }
+                Ok(TargetIn(target))
+            }
+        }
+        d.deserialize_seq(V(PhantomData))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+
+    fn event(kind: EventType, target: Target<String>) -> Arc<CacheEntryEvent<String>> {
+        Arc::new(CacheEntryEvent {
+            cache: Arc::from("users"),
+            kind,
+            target,
+            command: Command::Put,
+            version: 7,
+            metadata: EventMetadata {
+                node: NodeId(1),
+                partition: Some(1),
+                partitions: Some(4),
+                topic: None,
+                seq: 0,
+                timestamp: UNIX_EPOCH + Duration::from_micros(1_700_000_000_000_000),
+            },
+        })
+    }
+
+    fn header() -> FrameHeader {
+        FrameHeader {
+            origin: NodeId(0xfeed),
+            epoch: 42,
+            cache: "users".into(),
+            partition: 1,
+            partitions: 4,
+            first_seq: 100,
+            sent_at_us: 5,
+        }
+    }
+
+    #[test]
+    fn frames_round_trip_with_every_target() {
+        let events = vec![
+            event(EventType::Inserted, Target::Key("user:1".into())),
+            event(EventType::Deleted, Target::Keys(vec!["a".into(), "b".into()])),
+            event(EventType::Deleted, Target::All),
+        ];
+        let bytes = encode(&header(), &events, None).unwrap();
+        let frame: Frame<String> = decode(&bytes, &DecodeLimits::default()).unwrap();
+        assert_eq!(frame.header, header());
+        assert_eq!(frame.events.len(), 3);
+        assert_eq!(frame.events[1].target, Target::Keys(vec!["a".into(), "b".into()]));
+        assert_eq!(frame.events[0].timestamp_us, 1_700_000_000_000_000);
+        assert_eq!(frame.events[2].target, Target::All);
+    }
+
+    #[test]
+    fn signed_frames_are_checked_when_a_key_is_set() {
+        let events = vec![event(EventType::Inserted, Target::Key("k".into()))];
+        let key = Some(&b"secret"[..]);
+        let signed = encode(&header(), &events, key).unwrap();
+        let unsigned = encode(&header(), &events, None).unwrap();
+        let with_key = DecodeLimits { signing_key: key, ..Default::default() };
+        assert!(decode::<String>(&signed, &with_key).is_ok());
+        assert_eq!(decode::<String>(&unsigned, &with_key).unwrap_err(), RejectReason::Unsigned);
+        let mut forged = signed.clone();
+        forged[10] ^= 1;
+        assert_eq!(decode::<String>(&forged, &with_key).unwrap_err(), RejectReason::BadSignature);
+        let other = DecodeLimits { signing_key: Some(b"other"), ..Default::default() };
+        assert_eq!(decode::<String>(&signed, &other).unwrap_err(), RejectReason::BadSignature);
+    }
+
+    #[test]
+    fn hostile_frames_are_rejected_with_a_reason() {
+        let events = vec![event(EventType::Inserted, Target::Key("k".into()))];
+        let good = encode(&header(), &events, None).unwrap();
+        let limits = DecodeLimits::default();
+        assert!(matches!(decode::<String>(&[], &limits), Err(RejectReason::Truncated { .. })));
+        assert!(matches!(decode::<String>(&[1], &limits), Err(RejectReason::Truncated { .. })));
+        let mut v2 = good.clone();
+        v2[0] = 2;
+        assert_eq!(decode::<String>(&v2, &limits).unwrap_err(), RejectReason::Version(2));
+        for cut in 2..good.len() {
+            assert!(matches!(decode::<String>(&good[..cut], &limits), Err(RejectReason::Malformed(_))), "cut {cut}");
+        }
+        let mut trailing = good.clone();
+        trailing.push(0);
+        assert!(matches!(decode::<String>(&trailing, &limits), Err(RejectReason::Malformed(_))));
+        let small = DecodeLimits { max_frame_bytes: 8, ..Default::default() };
+        assert!(matches!(decode::<String>(&good, &small), Err(RejectReason::TooLarge { .. })));
+        // A key of the wrong type.
+        assert!(matches!(decode::<u64>(&good, &limits), Err(RejectReason::Malformed(_))));
+    }
+}

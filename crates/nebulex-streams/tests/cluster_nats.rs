@@ -1,0 +1,90 @@
+//! Nodes over a real, throwaway `nats-server`: events cross with keys intact
+//! and per-key order kept, a server restart shows up as `Lagged` and then
+//! events flow again, and garbage frames are refused while traffic continues.
+
+mod support;
+
+use std::sync::{Arc, Mutex};
+
+use nebulex::{NodeId, Target};
+use nebulex_streams::{PubSub, Streams, StreamsExt, SubscribeOptions, Telemetry};
+use nebulex_testkit::NatsServer;
+use support::*;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_nodes_exchange_events_in_per_key_order() {
+    let nats = NatsServer::start().expect("nats-server");
+    let pubsub = PubSub::nats(nats.url());
+    let (a, b) = (node("users", 1), node("users", 2));
+    let _sa = start(&a, &pubsub, 4).await;
+    let _sb = start(&b, &pubsub, 4).await;
+    let p = nebulex_streams::partition_of("user:7", 4);
+    let mut on_b = b.subscribe(SubscribeOptions::new().partition(p)).unwrap();
+
+    for v in 0..100 {
+        a.put("user:7".into(), v);
+    }
+    a.delete("user:7");
+    let mut last = 0;
+    for i in 0..101 {
+        let e = next(&mut on_b).await.unwrap();
+        assert_eq!((e.metadata.node, &e.target), (NodeId(1), &Target::Key("user:7".to_string())));
+        assert!(e.version > last, "versions increase");
+        last = e.version;
+        assert_eq!(e.metadata.partition, Some(p));
+        if i == 100 {
+            assert_eq!(e.kind, nebulex::EventType::Deleted);
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_restart_is_a_gap_then_events_flow() {
+    let mut nats = NatsServer::start().expect("nats-server");
+    let pubsub = PubSub::nats(nats.url());
+    let (a, b) = (node("orders", 1), node("orders", 2));
+    let _sa = start(&a, &pubsub, 1).await;
+    let _sb = start(&b, &pubsub, 1).await;
+    let mut on_b = b.subscribe(SubscribeOptions::new()).unwrap();
+    until_flowing(&a, &mut on_b, "warmup").await;
+
+    nats.restart().expect("restart");
+    let before = until_flowing(&a, &mut on_b, "after-restart").await;
+    assert!(before.iter().any(|i| i.is_err()), "a Lagged notice after the restart: {before:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn garbage_frames_are_rejected_while_traffic_flows() {
+    let nats = NatsServer::start().expect("nats-server");
+    let pubsub = PubSub::nats(nats.url());
+    let (a, b) = (node("carts", 1), node("carts", 2));
+    let _sa = start(&a, &pubsub, 1).await;
+    let rejected = Arc::new(Mutex::new(Vec::new()));
+    let seen = rejected.clone();
+    let sb = Streams::builder(&b)
+        .partitions(1)
+        .pubsub(pubsub.clone())
+        .observer(move |t| {
+            if let Telemetry::FrameRejected { reason, .. } = t {
+                seen.lock().unwrap().push(reason.label());
+            }
+        })
+        .start()
+        .unwrap();
+    sb.ready().await.unwrap();
+    let mut on_b = b.subscribe(SubscribeOptions::new()).unwrap();
+
+    nats.publish("nbx:carts:0", b"\x01\x00\xc1garbage").unwrap();
+    nats.publish("nbx:carts:0", b"").unwrap();
+    a.put("cart:1".into(), 1);
+    let e = next(&mut on_b).await.unwrap();
+    assert_eq!(e.target, Target::Key("cart:1".to_string()));
+    let deadline = std::time::Instant::now() + PATIENCE;
+    while rejected.lock().unwrap().len() < 2 {
+        assert!(std::time::Instant::now() < deadline, "rejections: {:?}", rejected.lock().unwrap());
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+    let mut labels = rejected.lock().unwrap().clone();
+    labels.sort();
+    assert_eq!(labels, ["malformed", "truncated"]);
+}

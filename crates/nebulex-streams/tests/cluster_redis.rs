@@ -1,0 +1,164 @@
+//! Nodes over a real, throwaway `redis-server`: events cross with keys intact
+//! and per-key order kept, connections killed mid-stream and a full server
+//! restart show up as `Lagged` and then events flow again, and garbage or
+//! forged frames are refused and counted while real traffic continues.
+
+mod support;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use nebulex::{EventType, NodeId, Target};
+use nebulex_streams::wire::{encode, FrameHeader};
+use nebulex_streams::{partition_of, PubSub, Streams, StreamsExt, SubscribeOptions, Telemetry};
+use nebulex_testkit::RedisServer;
+use support::*;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_nodes_exchange_events_in_per_key_order() {
+    let redis = RedisServer::start().expect("redis-server");
+    let pubsub = PubSub::redis(redis.url());
+    let nodes: Vec<_> = (1..=3).map(|i| node("users", i)).collect();
+    let mut streams = Vec::new();
+    for n in &nodes {
+        streams.push(start(n, &pubsub, 2).await);
+    }
+    let mut subs: Vec<Vec<_>> = nodes
+        .iter()
+        .map(|n| (0..2).map(|p| n.subscribe(SubscribeOptions::new().partition(p)).unwrap()).collect())
+        .collect();
+
+    // Each node writes its own keys and a shared one.
+    for round in 0..50u32 {
+        for (i, n) in nodes.iter().enumerate() {
+            n.put(format!("node{i}:{}", round % 5), round);
+            if round % 10 == 9 {
+                n.delete(&format!("node{i}:{}", round % 5));
+            }
+        }
+    }
+    let writes_per_node = 50 + 5;
+    for (receiver, node_subs) in subs.iter_mut().enumerate() {
+        // Per origin and key: the versions seen, in arrival order.
+        let mut versions: HashMap<(NodeId, String), Vec<u64>> = HashMap::new();
+        let mut count = 0;
+        while count < writes_per_node * 3 {
+            for sub in node_subs.iter_mut() {
+                while let Ok(e) = sub.try_recv() {
+                    let Target::Key(k) = &e.target else { panic!("single-key events only") };
+                    assert_eq!(partition_of(k, 2), sub.partition(), "key routed to its partition");
+                    versions.entry((e.metadata.node, k.clone())).or_default().push(e.version);
+                    count += 1;
+                }
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+        assert_eq!(count, writes_per_node * 3, "node {receiver} got every event exactly once");
+        for ((origin, key), vs) in versions {
+            assert!(vs.windows(2).all(|w| w[0] < w[1]), "per-key order from {origin:?} for {key}: {vs:?}");
+        }
+    }
+    drop(streams);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_pubsub_connections_and_a_restart_are_gaps_then_events_flow() {
+    let mut redis = RedisServer::start().expect("redis-server");
+    let pubsub = PubSub::redis(redis.url());
+    let (a, b) = (node("orders", 1), node("orders", 2));
+    let _sa = start(&a, &pubsub, 1).await;
+    let _sb = start(&b, &pubsub, 1).await;
+    let mut on_b = b.subscribe(SubscribeOptions::new()).unwrap();
+    until_flowing(&a, &mut on_b, "warmup").await;
+
+    // CLIENT KILL TYPE pubsub: B's subscriber connection is gone.
+    assert!(redis.kill_pubsub_clients().expect("kill") >= 1);
+    let before = until_flowing(&a, &mut on_b, "after-kill").await;
+    assert!(before.iter().any(|i| i.is_err()), "a Lagged notice before events flow again: {before:?}");
+
+    // A full restart: both connections of both nodes are lost.
+    redis.restart().expect("restart");
+    let before = until_flowing(&a, &mut on_b, "after-restart").await;
+    assert!(before.iter().any(|i| i.is_err()), "a Lagged notice after the restart: {before:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn garbage_and_forged_frames_are_rejected_and_counted() {
+    let redis = RedisServer::start().expect("redis-server");
+    let pubsub = PubSub::redis(redis.url());
+    let a = node("carts", 1);
+    let b = node("carts", 2);
+    let _sa = Streams::builder(&a).pubsub(pubsub.clone()).signing_key("k3y").start().unwrap();
+    _sa.ready().await.unwrap();
+    let rejected = Arc::new(Mutex::new(Vec::new()));
+    let seen = rejected.clone();
+    let _sb = Streams::builder(&b)
+        .pubsub(pubsub.clone())
+        .signing_key("k3y")
+        .observer(move |t| {
+            if let Telemetry::FrameRejected { reason, .. } = t {
+                seen.lock().unwrap().push(reason.label());
+            }
+        })
+        .start()
+        .unwrap();
+    _sb.ready().await.unwrap();
+    let mut on_b = b.subscribe(SubscribeOptions::new()).unwrap();
+
+    let channel = b"nbx:carts";
+    let header = FrameHeader {
+        origin: NodeId(66),
+        epoch: 1,
+        cache: "carts".into(),
+        partition: 0,
+        partitions: 0,
+        first_seq: 1,
+        sent_at_us: 0,
+    };
+    let forged_event = Arc::new(nebulex::CacheEntryEvent {
+        cache: Arc::from("carts"),
+        kind: EventType::Deleted,
+        target: Target::All,
+        command: nebulex::Command::DeleteAll,
+        version: 1,
+        metadata: nebulex::EventMetadata {
+            node: NodeId(66),
+            partition: None,
+            partitions: None,
+            topic: None,
+            seq: 1,
+            timestamp: std::time::SystemTime::now(),
+        },
+    });
+    let unsigned = encode::<String>(&header, &[forged_event.clone()], None).unwrap();
+    let wrong_key = encode::<String>(&header, &[forged_event], Some(b"guess")).unwrap();
+    let garbage: Vec<u8> = (0..200u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
+    for payload in [&garbage[..], &[1u8][..], &unsigned[..], &wrong_key[..], &[9u8, 0, 0][..]] {
+        let reply = redis.command(&[b"PUBLISH", channel, payload]).unwrap();
+        assert_eq!(reply, ":2", "both nodes subscribed");
+    }
+    // Real traffic still flows, and nothing forged got through.
+    a.put("cart:1".into(), 1);
+    let e = next(&mut on_b).await.unwrap();
+    assert_eq!((e.metadata.node, &e.target), (NodeId(1), &Target::Key("cart:1".to_string())));
+    let deadline = std::time::Instant::now() + PATIENCE;
+    while rejected.lock().unwrap().len() < 5 {
+        assert!(std::time::Instant::now() < deadline, "rejections: {:?}", rejected.lock().unwrap());
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+    let mut labels = rejected.lock().unwrap().clone();
+    labels.sort();
+    assert_eq!(labels, ["bad_signature", "truncated", "unsigned", "version", "version"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_server_fails_ready_and_a_bad_url_fails_start() {
+    let port = nebulex_testkit::free_port().unwrap();
+    let a = node("x", 1);
+    let s = Streams::builder(&a).pubsub(PubSub::redis(format!("redis://127.0.0.1:{port}/"))).start().unwrap();
+    let err = tokio::time::timeout(PATIENCE, s.ready()).await.expect("answer in time").unwrap_err();
+    assert!(matches!(err, nebulex_streams::Error::Transport(_)), "{err}");
+    s.stop();
+    let err = Streams::builder(&a).pubsub(PubSub::redis("not a url")).start().unwrap_err();
+    assert!(matches!(err, nebulex_streams::Error::Transport(_)), "{err}");
+}

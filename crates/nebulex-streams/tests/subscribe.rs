@@ -1,0 +1,567 @@
+//! Starting streams, subscribing, routing to partitions, filtering, stopping,
+//! and reading from sync and async code.
+#![allow(clippy::unwrap_used, missing_docs)]
+
+mod common;
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::{mpsc, Arc};
+
+use futures::StreamExt;
+use nebulex::{Cache, CacheEntryEvent, Command, EventType, Query, Target};
+use nebulex_streams::{
+    partition_of, BroadcastError, BroadcastStatus, Error, Lagged, Route, Streams, StreamsExt, SubscribeOptions,
+    Telemetry, TryRecvError,
+};
+
+use common::{drain, event, events_only, recv_within, Recorded, PATIENCE};
+
+fn cache(name: &str) -> Cache<String, u32> {
+    Cache::builder().name(name).build().unwrap()
+}
+
+fn key(i: usize) -> String {
+    format!("user:{i}")
+}
+
+// ----- errors ---------------------------------------------------------------
+
+#[test]
+fn subscribe_without_a_stream_fails_with_stream_not_started() {
+    let cache = cache("no-stream");
+    assert_eq!(cache.subscribe(SubscribeOptions::new()).unwrap_err(), Error::StreamNotStarted);
+    assert!(cache.streams().is_none());
+    assert!(Streams::lookup(&cache).is_none());
+}
+
+#[test]
+fn subscribe_after_stop_fails_with_stream_not_started() {
+    let cache = cache("stopped");
+    let streams = Streams::builder(&cache).start().unwrap();
+    let _live = cache.subscribe(SubscribeOptions::new()).unwrap();
+    streams.stop();
+    assert!(streams.is_stopped());
+    assert_eq!(cache.subscribe(SubscribeOptions::new()).unwrap_err(), Error::StreamNotStarted);
+    // Through a handle kept from before the stop, too.
+    assert_eq!(streams.subscribe(SubscribeOptions::new()).unwrap_err(), Error::StreamNotStarted);
+    // Stopping twice does nothing.
+    streams.stop();
+}
+
+#[test]
+fn second_start_fails_with_already_started_and_a_new_start_is_allowed_after_stop() {
+    let cache = cache("restart");
+    let first = Streams::builder(&cache).start().unwrap();
+    assert_eq!(Streams::builder(&cache).start().unwrap_err(), Error::AlreadyStarted);
+    assert_eq!(Streams::builder(&cache).partitions(4).start().unwrap_err(), Error::AlreadyStarted);
+    // The refused start left the first stream working.
+    let mut sub = cache.subscribe(SubscribeOptions::new()).unwrap();
+    cache.put(key(1), 1);
+    assert_eq!(event(&mut sub).kind, EventType::Inserted);
+
+    first.stop();
+    let second = Streams::builder(&cache).partitions(2).start().unwrap();
+    assert_eq!(second.info().partitions, Some(2));
+    assert!(Streams::lookup(&cache).is_some());
+    let mut sub2 = cache.subscribe(SubscribeOptions::new().partition(partition_of(&key(1), 2))).unwrap();
+    cache.put(key(1), 2);
+    let e = event(&mut sub2);
+    assert_eq!((e.kind, &e.target), (EventType::Updated, &Target::Key(key(1))));
+    // The old subscription ended at the first stop and sees nothing of the second stream.
+    assert_eq!(sub.try_recv().unwrap_err(), TryRecvError::Closed);
+    // Stopping the old handle again does not touch the new stream.
+    first.stop();
+    assert!(!second.is_stopped());
+    assert!(Streams::lookup(&cache).is_some());
+    cache.put(key(1), 3);
+    assert_eq!(event(&mut sub2).kind, EventType::Updated);
+}
+
+#[test]
+fn empty_event_filter_is_refused() {
+    let cache = cache("empty-filter");
+    let _streams = Streams::builder(&cache).start().unwrap();
+    let err = cache.subscribe(SubscribeOptions::new().events([])).unwrap_err();
+    assert_eq!(err, Error::EmptyEventFilter);
+}
+
+#[test]
+fn partition_on_an_unpartitioned_stream_is_refused_with_not_partitioned() {
+    let cache = cache("unpartitioned");
+    let _streams = Streams::builder(&cache).start().unwrap();
+    assert_eq!(cache.subscribe(SubscribeOptions::new().partition(0)).unwrap_err(), Error::NotPartitioned);
+}
+
+#[test]
+fn partition_past_the_count_is_refused_with_partition_out_of_range() {
+    let cache = cache("out-of-range");
+    let _streams = Streams::builder(&cache).partitions(4).start().unwrap();
+    assert_eq!(
+        cache.subscribe(SubscribeOptions::new().partition(4)).unwrap_err(),
+        Error::PartitionOutOfRange { partition: 4, partitions: 4 }
+    );
+    assert_eq!(
+        cache.subscribe(SubscribeOptions::new().partition(u32::MAX)).unwrap_err(),
+        Error::PartitionOutOfRange { partition: u32::MAX, partitions: 4 }
+    );
+    assert_eq!(cache.subscribe(SubscribeOptions::new().partition(3)).unwrap().partition(), 3);
+}
+
+#[test]
+fn zero_partitions_and_zero_buffer_are_invalid_options_and_leave_nothing_started() {
+    let cache = cache("invalid");
+    assert!(matches!(Streams::builder(&cache).partitions(0).start(), Err(Error::InvalidOption(_))));
+    assert!(matches!(Streams::builder(&cache).buffer(0).start(), Err(Error::InvalidOption(_))));
+    let too_many = nebulex_streams::MAX_PARTITIONS + 1;
+    assert!(matches!(Streams::builder(&cache).partitions(too_many).start(), Err(Error::InvalidOption(_))));
+    assert!(Streams::lookup(&cache).is_none());
+    assert_eq!(cache.subscribe(SubscribeOptions::new()).unwrap_err(), Error::StreamNotStarted);
+    // Nothing was left registered: a valid start works.
+    let _streams = Streams::builder(&cache).partitions(nebulex_streams::MAX_PARTITIONS).buffer(1).start().unwrap();
+}
+
+// ----- filtering and routing --------------------------------------------------
+
+#[test]
+fn event_filter_delivers_only_the_chosen_types() {
+    let cache = cache("filter");
+    let _streams = Streams::builder(&cache).start().unwrap();
+    let mut ins_del =
+        cache.subscribe(SubscribeOptions::new().events([EventType::Inserted, EventType::Deleted])).unwrap();
+    let mut all = cache.subscribe(SubscribeOptions::new()).unwrap();
+
+    cache.put(key(1), 1); // inserted
+    cache.put(key(1), 2); // updated
+    cache.replace(key(1), 3); // updated
+    cache.delete(&key(1)); // deleted
+    cache.put(key(2), 1); // inserted
+    cache.take(&key(2)); // deleted
+    cache.delete(&key(3)); // deleted (always)
+
+    let kinds = |sub: &mut nebulex_streams::Subscription<String>| {
+        events_only(drain(sub)).iter().map(|e| e.kind).collect::<Vec<_>>()
+    };
+    use EventType::*;
+    assert_eq!(kinds(&mut ins_del), [Inserted, Deleted, Inserted, Deleted, Deleted]);
+    assert_eq!(kinds(&mut all), [Inserted, Updated, Updated, Deleted, Inserted, Deleted, Deleted]);
+}
+
+#[test]
+fn subscriptions_without_a_partition_are_assigned_round_robin() {
+    let cache = cache("round-robin");
+    let _streams = Streams::builder(&cache).partitions(4).start().unwrap();
+    let subs: Vec<_> = (0..8).map(|_| cache.subscribe(SubscribeOptions::new()).unwrap()).collect();
+    let mut per_partition = [0; 4];
+    for s in &subs {
+        per_partition[s.partition() as usize] += 1;
+    }
+    assert_eq!(per_partition, [2, 2, 2, 2]);
+    // Consecutive subscriptions take consecutive partitions.
+    let order: Vec<u32> = subs.iter().map(|s| s.partition()).collect();
+    for w in order.windows(2) {
+        assert_eq!(w[1], (w[0] + 1) % 4, "{order:?}");
+    }
+    // An unpartitioned stream has the one partition 0.
+    let other = self::cache("round-robin-1");
+    let _s = Streams::builder(&other).start().unwrap();
+    for _ in 0..3 {
+        assert_eq!(other.subscribe(SubscribeOptions::new()).unwrap().partition(), 0);
+    }
+}
+
+#[test]
+fn default_router_sends_every_event_of_a_key_to_its_stable_partition_with_metadata() {
+    const N: u32 = 4;
+    let cache = cache("router");
+    let _streams = Streams::builder(&cache).partitions(N).start().unwrap();
+    let mut subs: Vec<_> = (0..N).map(|p| cache.subscribe(SubscribeOptions::new().partition(p)).unwrap()).collect();
+
+    for round in 0..3u32 {
+        for i in 0..200 {
+            cache.put(key(i), round);
+        }
+    }
+    for i in 0..200 {
+        cache.delete(&key(i));
+    }
+
+    let mut keys_seen: HashMap<String, (u32, usize)> = HashMap::new();
+    for (p, sub) in subs.iter_mut().enumerate() {
+        let p = p as u32;
+        let events = events_only(drain(sub));
+        assert!(!events.is_empty(), "partition {p} got nothing: keys spread over all 4");
+        let mut last_seq = 0;
+        for e in &events {
+            let Target::Key(k) = &e.target else { panic!("a single-key event: {e:?}") };
+            assert_eq!(partition_of(k, N), p, "{k} is routed by its stable hash");
+            assert_eq!(e.metadata.partition, Some(p));
+            assert_eq!(e.metadata.partitions, Some(N));
+            assert_eq!(e.metadata.topic.as_deref(), Some(format!("nbx:router:{p}").as_str()));
+            assert_eq!(e.metadata.node, cache.node_id());
+            assert!(
+                e.metadata.seq > last_seq,
+                "seq strictly increases per partition: {} after {last_seq}",
+                e.metadata.seq
+            );
+            last_seq = e.metadata.seq;
+            let entry = keys_seen.entry(k.clone()).or_insert((p, 0));
+            assert_eq!(entry.0, p, "every event of {k} goes to one partition");
+            entry.1 += 1;
+        }
+    }
+    assert_eq!(keys_seen.len(), 200);
+    assert!(keys_seen.values().all(|&(_, n)| n == 4), "each key: 1 insert, 2 updates, 1 delete");
+}
+
+#[test]
+fn unpartitioned_stream_events_carry_no_partition_and_the_cache_topic() {
+    let cache = cache("flat");
+    let _streams = Streams::builder(&cache).start().unwrap();
+    let mut sub = cache.subscribe(SubscribeOptions::new()).unwrap();
+    for i in 0..50 {
+        cache.put(key(i), 1);
+    }
+    let events = events_only(drain(&mut sub));
+    assert_eq!(events.len(), 50);
+    for (i, e) in events.iter().enumerate() {
+        assert_eq!(e.metadata.partition, None);
+        assert_eq!(e.metadata.partitions, None);
+        assert_eq!(e.metadata.topic.as_deref(), Some("nbx:flat"));
+        assert_eq!(e.metadata.seq, i as u64 + 1);
+        assert_eq!(e.target, Target::Key(key(i)));
+    }
+}
+
+#[test]
+fn multi_key_event_is_split_per_partition_with_each_part_holding_only_its_keys() {
+    const N: u32 = 4;
+    let cache = cache("split");
+    let _streams = Streams::builder(&cache).partitions(N).start().unwrap();
+    let mut subs: Vec<_> = (0..N).map(|p| cache.subscribe(SubscribeOptions::new().partition(p)).unwrap()).collect();
+
+    let keys: Vec<String> = (0..40).map(key).collect();
+    cache.put_all(keys.iter().map(|k| (k.clone(), 1)));
+
+    let mut all_keys = BTreeSet::new();
+    let mut versions = BTreeSet::new();
+    for (p, sub) in subs.iter_mut().enumerate() {
+        let p = p as u32;
+        let events = events_only(drain(sub));
+        assert_eq!(events.len(), 1, "one part per partition (40 keys reach all 4)");
+        let e = &events[0];
+        assert_eq!((e.kind, e.command), (EventType::Inserted, Command::PutAll));
+        assert_eq!(e.metadata.partition, Some(p));
+        let Target::Keys(part) = &e.target else { panic!("a multi-key part: {e:?}") };
+        assert!(!part.is_empty());
+        for k in part {
+            assert_eq!(partition_of(k, N), p, "{k} belongs to partition {p}");
+            assert!(all_keys.insert(k.clone()), "{k} is in one part only");
+        }
+        versions.insert(e.version);
+    }
+    assert_eq!(all_keys, keys.iter().cloned().collect(), "the parts together name every key");
+    assert_eq!(versions.len(), 1, "the parts are one event: one version");
+}
+
+#[test]
+fn delete_all_target_all_reaches_every_partition() {
+    const N: u32 = 4;
+    let cache = cache("all");
+    let _streams = Streams::builder(&cache).partitions(N).start().unwrap();
+    let mut subs: Vec<_> = (0..N).map(|p| cache.subscribe(SubscribeOptions::new().partition(p)).unwrap()).collect();
+    cache.put(key(1), 1);
+    drain(&mut subs[partition_of(&key(1), N) as usize]);
+
+    assert_eq!(cache.delete_all(Query::All), 1);
+    for (p, sub) in subs.iter_mut().enumerate() {
+        let events = events_only(drain(sub));
+        assert_eq!(events.len(), 1, "partition {p}");
+        assert_eq!(events[0].kind, EventType::Deleted);
+        assert_eq!(events[0].command, Command::DeleteAll);
+        assert_eq!(events[0].target, Target::All);
+        assert_eq!(events[0].metadata.partition, Some(p as u32));
+    }
+}
+
+#[test]
+fn custom_router_discards_and_reports_out_of_range_routes_without_panicking() {
+    const N: u32 = 4;
+    let cache = cache("custom");
+    let telemetry = Recorded::new();
+    let _streams = Streams::builder(&cache)
+        .partitions(N)
+        .hash(|e: &CacheEntryEvent<String>| match &e.target {
+            Target::Key(k) if k.starts_with("temp:") => Route::Discard,
+            Target::Key(k) if k.starts_with("bad:") => Route::Partition(99),
+            Target::Key(k) if k.starts_with("session:") => Route::Partition(2),
+            _ => Route::Partition(1),
+        })
+        .observer(telemetry.observer())
+        .start()
+        .unwrap();
+    let mut subs: Vec<_> = (0..N).map(|p| cache.subscribe(SubscribeOptions::new().partition(p)).unwrap()).collect();
+    telemetry.clear();
+
+    cache.put("temp:1".to_string(), 1);
+    cache.put("bad:1".to_string(), 1);
+    cache.put("session:1".to_string(), 1);
+    cache.put("user:1".to_string(), 1);
+    cache.put_all([("user:2".to_string(), 1), ("temp:2".to_string(), 1)]); // Keys: partition 1 whole
+
+    let got: Vec<Vec<Arc<CacheEntryEvent<String>>>> = subs.iter_mut().map(|s| events_only(drain(s))).collect();
+    assert!(got[0].is_empty() && got[3].is_empty());
+    assert_eq!(got[2].len(), 1);
+    assert_eq!(got[2][0].target, Target::Key("session:1".to_string()));
+    assert_eq!(got[2][0].metadata.partition, Some(2));
+    assert_eq!(got[1].len(), 2);
+    assert_eq!(got[1][0].target, Target::Key("user:1".to_string()));
+    // A custom router routes the whole event: no split.
+    assert_eq!(got[1][1].target, Target::Keys(vec!["user:2".to_string(), "temp:2".to_string()]));
+
+    let errors: Vec<_> = telemetry
+        .all()
+        .into_iter()
+        .filter_map(|t| match t {
+            Telemetry::Broadcast { status: BroadcastStatus::Error, reason, event, .. } => Some((reason, event)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(errors.len(), 1, "only the out-of-range route is an error; a discard is not");
+    assert_eq!(errors[0].0, Some(BroadcastError::PartitionOutOfRange { partition: 99, partitions: N }));
+    assert_eq!(errors[0].1.target, Target::Key("bad:1".to_string()));
+
+    // The stream still works after a bad route.
+    cache.delete(&"user:1".to_string());
+    assert_eq!(event(&mut subs[1]).kind, EventType::Deleted);
+}
+
+#[test]
+fn broadcast_from_true_keeps_the_nodes_own_events_from_its_local_subscribers() {
+    let cache = cache("broadcast-from");
+    let streams = Streams::builder(&cache).partitions(2).broadcast_from(true).start().unwrap();
+    let mut subs: Vec<_> = (0..2).map(|p| cache.subscribe(SubscribeOptions::new().partition(p)).unwrap()).collect();
+    for i in 0..100 {
+        cache.put(key(i), 1);
+        cache.delete(&key(i));
+    }
+    cache.delete_all(Query::All);
+    for sub in &mut subs {
+        assert_eq!(sub.try_recv().unwrap_err(), TryRecvError::Empty);
+    }
+    streams.stop();
+    for sub in &mut subs {
+        assert_eq!(sub.try_recv().unwrap_err(), TryRecvError::Closed);
+    }
+}
+
+// ----- lifecycle -------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stop_drains_buffered_events_then_ends_every_subscription() {
+    let cache = cache("stop");
+    let streams = Streams::builder(&cache).partitions(2).start().unwrap();
+    let mut subs: Vec<_> = (0..2).map(|p| cache.subscribe(SubscribeOptions::new().partition(p)).unwrap()).collect();
+    // A third subscriber is already waiting in a task when the stream stops.
+    let waiting = cache.subscribe(SubscribeOptions::new().partition(0).events([EventType::Expired])).unwrap();
+    let waiter = tokio::spawn(async move {
+        let mut waiting = waiting;
+        waiting.recv().await.map(|_| ())
+    });
+
+    for i in 0..20 {
+        cache.put(key(i), 1);
+    }
+    streams.stop();
+    cache.put(key(100), 1); // after the stop: nobody sees it
+
+    let mut received = 0;
+    for sub in &mut subs {
+        loop {
+            match recv_within(sub, PATIENCE).await.expect("recv ends after stop") {
+                Some(item) => {
+                    let e = item.unwrap();
+                    assert_ne!(e.target, Target::Key(key(100)));
+                    received += 1;
+                }
+                None => break,
+            }
+        }
+        // And it stays ended.
+        assert!(recv_within(sub, PATIENCE).await.expect("no hang").is_none());
+    }
+    assert_eq!(received, 20, "every event put before the stop is received");
+    let ended = tokio::time::timeout(PATIENCE, waiter).await.expect("a waiting recv is woken by stop").unwrap();
+    assert_eq!(ended, None);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dropping_the_cache_ends_subscriptions_even_while_a_streams_handle_lives() {
+    let cache = cache("dropped");
+    let streams = Streams::builder(&cache).start().unwrap();
+    let mut sub = cache.subscribe(SubscribeOptions::new()).unwrap();
+    let waiting = cache.subscribe(SubscribeOptions::new().events([EventType::Evicted])).unwrap();
+    let waiter = tokio::spawn(async move {
+        let mut waiting = waiting;
+        waiting.recv().await.map(|_| ())
+    });
+    cache.put(key(1), 1);
+    let clone = cache.clone();
+    drop(cache);
+    clone.put(key(2), 1); // a clone keeps the cache, and so the stream, alive
+    drop(clone);
+
+    let first = recv_within(&mut sub, PATIENCE).await.unwrap().unwrap().unwrap();
+    assert_eq!(first.target, Target::Key(key(1)));
+    let second = recv_within(&mut sub, PATIENCE).await.unwrap().unwrap().unwrap();
+    assert_eq!(second.target, Target::Key(key(2)));
+    assert!(recv_within(&mut sub, PATIENCE).await.expect("the stream closed with the cache").is_none());
+    assert_eq!(tokio::time::timeout(PATIENCE, waiter).await.expect("a waiting recv is woken").unwrap(), None);
+    assert!(streams.is_stopped());
+    assert_eq!(streams.subscribe(SubscribeOptions::new()).unwrap_err(), Error::StreamNotStarted);
+    streams.stop(); // no cache left: does nothing, no panic
+}
+
+#[test]
+fn lookup_and_info_describe_the_started_stream() {
+    let cache = cache("info");
+    assert!(Streams::lookup(&cache).is_none());
+    let streams = Streams::builder(&cache).partitions(3).start().unwrap();
+    let info = streams.info();
+    assert_eq!(&*info.cache, "info");
+    assert_eq!(info.partitions, Some(3));
+    assert_eq!(info.pubsub, None);
+    assert_eq!(info.node, cache.node_id());
+
+    let found = Streams::lookup(&cache).expect("the stream is found from its cache");
+    assert_eq!(found.info(), info);
+    assert_eq!(cache.streams().unwrap().info(), info);
+    // The looked-up handle is the same stream: stopping it stops the original.
+    found.stop();
+    assert!(streams.is_stopped());
+    assert!(Streams::lookup(&cache).is_none());
+
+    let flat = self::cache("info-flat");
+    let s = Streams::builder(&flat).start().unwrap();
+    assert_eq!(s.info().partitions, None);
+    assert_eq!(&*s.info().cache, "info-flat");
+}
+
+#[test]
+fn dropping_every_streams_handle_does_not_stop_the_stream() {
+    let cache = cache("handle-drop");
+    {
+        let streams = Streams::builder(&cache).start().unwrap();
+        let clone = streams.clone();
+        drop(streams);
+        drop(clone);
+    }
+    drop(Streams::lookup(&cache).unwrap());
+    let mut sub = cache.subscribe(SubscribeOptions::new()).expect("still started");
+    cache.put(key(1), 1);
+    assert_eq!(event(&mut sub).target, Target::Key(key(1)));
+    assert!(!Streams::lookup(&cache).unwrap().is_stopped());
+    assert_eq!(Streams::builder(&cache).start().unwrap_err(), Error::AlreadyStarted);
+}
+
+#[test]
+fn dropping_a_subscription_stops_delivery_to_it_only() {
+    let cache = cache("unsubscribe");
+    let telemetry = Recorded::new();
+    let _streams = Streams::builder(&cache).observer(telemetry.observer()).start().unwrap();
+    let a = cache.subscribe(SubscribeOptions::new()).unwrap();
+    let mut b = cache.subscribe(SubscribeOptions::new()).unwrap();
+    drop(a);
+    cache.put(key(1), 1);
+    assert_eq!(event(&mut b).target, Target::Key(key(1)));
+    drop(b);
+    telemetry.clear();
+    cache.put(key(2), 1);
+    assert!(telemetry.all().is_empty(), "no subscriber: nothing is broadcast");
+}
+
+// ----- sync and async readers ------------------------------------------------
+
+#[test]
+fn recv_blocking_from_a_std_thread_receives_every_event_then_none_after_stop() {
+    let cache = cache("blocking");
+    let streams = Streams::builder(&cache).start().unwrap();
+    let mut sub = cache.subscribe(SubscribeOptions::new()).unwrap();
+    let (started_tx, started_rx) = mpsc::channel();
+    let (done_tx, done_rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        started_tx.send(()).unwrap();
+        let mut got = Vec::new();
+        while let Some(item) = sub.recv_blocking() {
+            got.push(item.map(|e| e.target.clone()));
+        }
+        done_tx.send(got).unwrap();
+    });
+    started_rx.recv_timeout(PATIENCE).unwrap();
+    for i in 0..1_000 {
+        cache.put(key(i), 1);
+    }
+    streams.stop();
+    let got = done_rx.recv_timeout(PATIENCE).expect("recv_blocking returns None after stop");
+    let expected: Vec<Result<Target<String>, Lagged>> = (0..1_000).map(|i| Ok(Target::Key(key(i)))).collect();
+    assert_eq!(got, expected);
+}
+
+#[test]
+fn try_recv_says_empty_then_gives_the_event_then_closed_after_stop() {
+    let cache = cache("try-recv");
+    let streams = Streams::builder(&cache).start().unwrap();
+    let mut sub = cache.subscribe(SubscribeOptions::new()).unwrap();
+    assert_eq!(sub.try_recv().unwrap_err(), TryRecvError::Empty);
+    cache.put(key(1), 1);
+    let e = sub.try_recv().unwrap();
+    assert_eq!((e.kind, &e.target, e.command), (EventType::Inserted, &Target::Key(key(1)), Command::Put));
+    assert_eq!(sub.try_recv().unwrap_err(), TryRecvError::Empty);
+    cache.put(key(1), 2);
+    streams.stop();
+    // Buffered before the stop: still received.
+    assert_eq!(sub.try_recv().unwrap().kind, EventType::Updated);
+    assert_eq!(sub.try_recv().unwrap_err(), TryRecvError::Closed);
+    assert_eq!(sub.try_recv().unwrap_err(), TryRecvError::Closed);
+    assert!(sub.recv_blocking().is_none());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn async_task_reads_with_stream_next_until_the_stream_stops() {
+    let cache = cache("async");
+    let streams = Streams::builder(&cache).partitions(2).start().unwrap();
+    let mut tasks = Vec::new();
+    for p in 0..2 {
+        let mut sub = cache.subscribe(SubscribeOptions::new().partition(p)).unwrap();
+        tasks.push(tokio::spawn(async move {
+            let mut got = Vec::new();
+            while let Some(item) = sub.next().await {
+                got.push(item.unwrap());
+            }
+            got
+        }));
+    }
+    // Writes from another thread while the tasks wait.
+    let writer = {
+        let cache = cache.clone();
+        std::thread::spawn(move || {
+            for i in 0..500 {
+                cache.put(key(i), 1);
+                cache.delete(&key(i));
+            }
+        })
+    };
+    tokio::task::spawn_blocking(move || writer.join().unwrap()).await.unwrap();
+    streams.stop();
+    let mut total = 0;
+    for (p, task) in tasks.into_iter().enumerate() {
+        let got = tokio::time::timeout(PATIENCE, task).await.expect("the task ends after stop").unwrap();
+        for pair in got.chunks(2) {
+            let Target::Key(k) = &pair[0].target else { panic!() };
+            assert_eq!(partition_of(k, 2), p as u32);
+            assert_eq!(pair[0].kind, EventType::Inserted);
+            assert_eq!((pair[1].kind, &pair[1].target), (EventType::Deleted, &pair[0].target));
+        }
+        total += got.len();
+    }
+    assert_eq!(total, 1_000);
+}

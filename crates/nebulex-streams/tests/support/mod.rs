@@ -1,0 +1,67 @@
+//! Helpers of the cluster tests: nodes, subscriptions, and waiting with a
+//! deadline instead of sleeping.
+#![allow(dead_code)]
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use nebulex::{Cache, CacheEntryEvent, NodeId};
+use nebulex_streams::{Lagged, PubSub, Streams, Subscription};
+
+pub(crate) type Item = Result<Arc<CacheEntryEvent<String>>, Lagged>;
+
+/// The longest a test waits for something that should happen.
+pub(crate) const PATIENCE: Duration = Duration::from_secs(15);
+
+pub(crate) fn node(name: &str, id: u64) -> Cache<String, u32> {
+    Cache::builder().name(name).node_id(NodeId(id)).build().expect("cache")
+}
+
+pub(crate) async fn start(cache: &Cache<String, u32>, pubsub: &PubSub, partitions: u32) -> Streams<String> {
+    let streams = Streams::builder(cache)
+        .partitions(partitions)
+        .pubsub(pubsub.clone())
+        .backoff(Duration::from_millis(20), Duration::from_millis(200))
+        .start()
+        .expect("start");
+    tokio::time::timeout(PATIENCE, streams.ready()).await.expect("ready in time").expect("ready");
+    streams
+}
+
+/// The next item, failing the test if none comes in time.
+pub(crate) async fn next(sub: &mut Subscription<String>) -> Item {
+    tokio::time::timeout(PATIENCE, sub.recv()).await.expect("an item in time").expect("stream open")
+}
+
+/// Reads until an event satisfies `pred`, returning every item read before it.
+pub(crate) async fn until(
+    sub: &mut Subscription<String>,
+    pred: impl Fn(&CacheEntryEvent<String>) -> bool,
+) -> Vec<Item> {
+    let mut before = Vec::new();
+    loop {
+        match next(sub).await {
+            Ok(e) if pred(&e) => return before,
+            other => before.push(other),
+        }
+    }
+}
+
+/// Keeps writing probes from `writer` until `sub` receives one, proving events
+/// flow end to end again; returns the items read meanwhile.
+pub(crate) async fn until_flowing(writer: &Cache<String, u32>, sub: &mut Subscription<String>, tag: &str) -> Vec<Item> {
+    let mut before = Vec::new();
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    for i in 0.. {
+        assert!(tokio::time::Instant::now() < deadline, "events did not flow again in time");
+        let key = format!("{tag}:{i}");
+        writer.put(key.clone(), i);
+        match tokio::time::timeout(Duration::from_millis(100), sub.recv()).await {
+            Ok(Some(Ok(e))) if e.target.keys().iter().any(|k| k.starts_with(tag)) => return before,
+            Ok(Some(item)) => before.push(item),
+            Ok(None) => panic!("stream ended"),
+            Err(_) => {}
+        }
+    }
+    before
+}

@@ -1,0 +1,278 @@
+//! Throwaway `redis-server` and `nats-server` processes, one per test.
+//!
+//! Each server gets a free loopback port and a temporary directory, is waited
+//! for until it answers, and is killed when dropped — no shared fixed ports,
+//! no pre-started services assumed (as redis-rs's own test suite does).
+//!
+//! ```no_run
+//! let redis = nebulex_testkit::RedisServer::start()?;
+//! assert_eq!(redis.command(&[b"PING"])?, "+PONG");
+//! println!("{}", redis.url()); // redis://127.0.0.1:PORT/
+//! # Ok::<(), std::io::Error>(())
+//! ```
+
+use std::io::{self, BufRead, BufReader, Read, Write};
+use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// How long a server may take to answer after it is spawned.
+const STARTUP: Duration = Duration::from_secs(10);
+
+/// Finds a server binary on `PATH` or in the usual Debian places.
+fn find_binary(name: &str) -> io::Result<PathBuf> {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .chain(["/usr/bin", "/usr/sbin", "/usr/local/bin", "/usr/local/sbin"].map(PathBuf::from))
+        .map(|dir| dir.join(name))
+        .find(|p| p.is_file())
+        .ok_or_else(|| {
+            io::Error::new(
+                io::ErrorKind::NotFound,
+                format!("`{name}` not found: install it (Debian: apt-get install -y {name}) or run scripts/test"),
+            )
+        })
+}
+
+/// Whether the server binary is installed.
+pub fn available(name: &str) -> bool {
+    find_binary(name).is_ok()
+}
+
+/// A port no one listens on right now (the OS picks it).
+pub fn free_port() -> io::Result<u16> {
+    Ok(TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?.local_addr()?.port())
+}
+
+fn addr(port: u16) -> SocketAddr {
+    SocketAddr::from((Ipv4Addr::LOCALHOST, port))
+}
+
+/// A process killed (and reaped) on drop.
+struct Process {
+    child: Option<Child>,
+}
+
+impl Process {
+    fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    fn exited(&mut self) -> bool {
+        self.child.as_mut().is_none_or(|c| c.try_wait().ok().flatten().is_some())
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Waits until `ready` succeeds, the process dies, or the startup time passes.
+fn wait_until(process: &mut Process, what: &str, mut ready: impl FnMut() -> bool) -> io::Result<()> {
+    let deadline = Instant::now() + STARTUP;
+    while Instant::now() < deadline {
+        if ready() {
+            return Ok(());
+        }
+        if process.exited() {
+            return Err(io::Error::other(format!("{what} exited during startup")));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Err(io::Error::new(io::ErrorKind::TimedOut, format!("{what} did not answer within {STARTUP:?}")))
+}
+
+/// A throwaway `redis-server`.
+pub struct RedisServer {
+    port: u16,
+    dir: tempfile::TempDir,
+    process: Process,
+}
+
+impl RedisServer {
+    /// Starts one on a free loopback port and waits until it answers `PING`.
+    pub fn start() -> io::Result<Self> {
+        let dir = tempfile::tempdir()?;
+        let mut last = None;
+        // Another process may take the port between our probe and the bind.
+        for _ in 0..5 {
+            let port = free_port()?;
+            match Self::spawn(port, &dir) {
+                Ok(process) => return Ok(RedisServer { port, dir, process }),
+                Err(e) => last = Some(e),
+            }
+        }
+        Err(last.unwrap_or_else(|| io::Error::other("redis-server did not start")))
+    }
+
+    fn spawn(port: u16, dir: &tempfile::TempDir) -> io::Result<Process> {
+        let child = Command::new(find_binary("redis-server")?)
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .arg("--dir")
+            .arg(dir.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()?;
+        let mut process = Process { child: Some(child) };
+        wait_until(&mut process, "redis-server", || resp(port, &[b"PING"]).is_ok_and(|r| r == "+PONG"))?;
+        Ok(process)
+    }
+
+    /// The server's URL: `redis://127.0.0.1:PORT/`.
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/", self.port)
+    }
+
+    /// The server's port.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// Sends one command and returns the first line of the reply
+    /// (`+OK`, `:3`, `-ERR …`).
+    pub fn command(&self, args: &[&[u8]]) -> io::Result<String> {
+        resp(self.port, args)
+    }
+
+    /// Kills every Pub/Sub connection (`CLIENT KILL TYPE pubsub`); returns how many.
+    pub fn kill_pubsub_clients(&self) -> io::Result<u64> {
+        let reply = self.command(&[b"CLIENT", b"KILL", b"TYPE", b"pubsub"])?;
+        reply.trim_start_matches(':').parse().map_err(|_| io::Error::other(format!("unexpected reply {reply}")))
+    }
+
+    /// Kills the server.
+    pub fn stop(&mut self) {
+        self.process.kill();
+    }
+
+    /// Kills the server and starts a new one on the same port (its data is lost).
+    pub fn restart(&mut self) -> io::Result<()> {
+        self.process.kill();
+        let deadline = Instant::now() + STARTUP;
+        loop {
+            match Self::spawn(self.port, &self.dir) {
+                Ok(process) => {
+                    self.process = process;
+                    return Ok(());
+                }
+                Err(e) if Instant::now() > deadline => return Err(e),
+                Err(_) => std::thread::sleep(Duration::from_millis(50)),
+            }
+        }
+    }
+}
+
+/// One RESP command over a fresh connection; the reply's first line.
+fn resp(port: u16, args: &[&[u8]]) -> io::Result<String> {
+    let mut stream = TcpStream::connect_timeout(&addr(port), Duration::from_secs(1))?;
+    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+    let mut out = format!("*{}\r\n", args.len()).into_bytes();
+    for arg in args {
+        out.extend_from_slice(format!("${}\r\n", arg.len()).as_bytes());
+        out.extend_from_slice(arg);
+        out.extend_from_slice(b"\r\n");
+    }
+    stream.write_all(&out)?;
+    let mut line = String::new();
+    BufReader::new(stream).read_line(&mut line)?;
+    Ok(line.trim_end().to_string())
+}
+
+/// A throwaway `nats-server` (core NATS, no JetStream).
+pub struct NatsServer {
+    port: u16,
+    _dir: tempfile::TempDir,
+    process: Process,
+}
+
+impl NatsServer {
+    /// Starts one on a free loopback port and waits until it greets.
+    pub fn start() -> io::Result<Self> {
+        let dir = tempfile::tempdir()?;
+        let mut last = None;
+        for _ in 0..5 {
+            let port = free_port()?;
+            match Self::spawn(port, &dir) {
+                Ok(process) => return Ok(NatsServer { port, _dir: dir, process }),
+                Err(e) => last = Some(e),
+            }
+        }
+        Err(last.unwrap_or_else(|| io::Error::other("nats-server did not start")))
+    }
+
+    fn spawn(port: u16, dir: &tempfile::TempDir) -> io::Result<Process> {
+        let child = Command::new(find_binary("nats-server")?)
+            .args(["-a", "127.0.0.1", "-p", &port.to_string()])
+            .current_dir(dir.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()?;
+        let mut process = Process { child: Some(child) };
+        wait_until(&mut process, "nats-server", || greets(port))?;
+        Ok(process)
+    }
+
+    /// The server's URL: `nats://127.0.0.1:PORT`.
+    pub fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    /// The server's port.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// Publishes raw bytes on `subject` from a fresh connection.
+    pub fn publish(&self, subject: &str, payload: &[u8]) -> io::Result<()> {
+        let mut stream = TcpStream::connect_timeout(&addr(self.port), Duration::from_secs(1))?;
+        stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+        let mut reader = BufReader::new(stream.try_clone()?);
+        let mut info = String::new();
+        reader.read_line(&mut info)?;
+        stream.write_all(b"CONNECT {\"verbose\":false,\"pedantic\":false}\r\n")?;
+        stream.write_all(format!("PUB {subject} {}\r\n", payload.len()).as_bytes())?;
+        stream.write_all(payload)?;
+        stream.write_all(b"\r\nPING\r\n")?;
+        let mut pong = String::new();
+        reader.read_line(&mut pong)?;
+        if pong.starts_with("PONG") {
+            Ok(())
+        } else {
+            Err(io::Error::other(format!("unexpected reply {}", pong.trim_end())))
+        }
+    }
+
+    /// Kills the server.
+    pub fn stop(&mut self) {
+        self.process.kill();
+    }
+
+    /// Kills the server and starts a new one on the same port.
+    pub fn restart(&mut self) -> io::Result<()> {
+        self.process.kill();
+        let deadline = Instant::now() + STARTUP;
+        loop {
+            match Self::spawn(self.port, &self._dir) {
+                Ok(process) => {
+                    self.process = process;
+                    return Ok(());
+                }
+                Err(e) if Instant::now() > deadline => return Err(e),
+                Err(_) => std::thread::sleep(Duration::from_millis(50)),
+            }
+        }
+    }
+}
+
+fn greets(port: u16) -> bool {
+    let Ok(mut stream) = TcpStream::connect_timeout(&addr(port), Duration::from_millis(200)) else { return false };
+    let _ = stream.set_read_timeout(Some(Duration::from_millis(500)));
+    let mut buf = [0u8; 4];
+    stream.read_exact(&mut buf).is_ok() && &buf == b"INFO"
+}

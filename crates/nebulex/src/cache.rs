@@ -1,0 +1,1104 @@
+//! The cache: a sharded in-process store whose every write emits an exact
+//! [`CacheEntryEvent`].
+
+use std::borrow::Borrow;
+use std::collections::HashMap;
+use std::fmt;
+use std::hash::{BuildHasher, Hash};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Weak};
+use std::time::{Duration, SystemTime};
+
+use indexmap::IndexMap;
+use parking_lot::{Mutex, MutexGuard};
+
+use crate::builder::{CacheBuilder, Config};
+use crate::clock::{saturating_nanos, Clock};
+use crate::error::Error;
+use crate::event::{CacheEntryEvent, CacheName, Command, EventMetadata, EventType, NodeId, Target};
+use crate::extensions::Extensions;
+use crate::listener::{wanted, EventFilter, Listener, Listeners};
+use crate::query::Query;
+use crate::store::load::{Load, Outcome};
+use crate::store::shard::{no_listeners, MapHasher, Shard, Slot};
+use crate::store::sweeper::{self, Sweep};
+
+/// A concurrent in-process cache whose every change emits an exact event.
+///
+/// * [Writing and reading](#writing-and-reading)
+/// * [Events](#events)
+/// * [Expiry and eviction](#expiry-and-eviction)
+/// * [Listeners](#listeners)
+///
+/// `Cache` is a cheap handle (`Arc` inside): clone it freely, share it between
+/// threads. The cache lives while some handle does.
+///
+/// # Writing and reading
+///
+/// ```
+/// use nebulex::Cache;
+///
+/// let cache: Cache<String, u32> = Cache::builder().name("users").build()?;
+/// cache.put("user:1".to_string(), 30);
+/// assert_eq!(cache.get("user:1"), Some(30));
+/// assert!(!cache.put_new("user:1".to_string(), 31));
+/// assert_eq!(cache.update("user:1".to_string(), 0, |age| age + 1), 31);
+/// assert_eq!(cache.take("user:1"), Some(31));
+/// assert!(cache.is_empty());
+/// # Ok::<(), nebulex::Error>(())
+/// ```
+///
+/// # Events
+///
+/// | call | event |
+/// |---|---|
+/// | `put`, `put_with_ttl` | `Inserted` if there was no live entry, else `Updated` |
+/// | `put_new` / `replace` | `Inserted` / `Updated` when it wrote |
+/// | `put_all` / `put_new_all` | `Inserted` for new keys, `Updated` for existing ones, target `Keys` |
+/// | `get`, `get_all`, `contains_key`, `ttl` | `Expired` if the read found the entry expired |
+/// | `take` | `Deleted` when it removed a live entry |
+/// | `delete` | `Deleted` **always**: other nodes may hold the key |
+/// | `delete_all` | `Deleted`, target `All` or `Keys` |
+/// | `expire`, `touch` | `Updated` |
+/// | `update`, `incr`, `decr` | `Inserted` or `Updated` |
+/// | `get_or_insert_with` | `Inserted` when it stored a loaded value |
+///
+/// Every event is emitted while the key's shard is locked, so for any key the
+/// events reach listeners in the order the writes took effect, and each
+/// event's `version` is greater than the key's previous one.
+///
+/// # Expiry and eviction
+///
+/// An expired entry is never returned. It is removed, with exactly one
+/// `Expired` event, by whichever comes first: a call that finds it, or the
+/// periodic sweep (see [`CacheBuilder::sweep_interval`]). Until then it still
+/// counts in [`len`](Self::len); [`count_all`](Self::count_all) counts live
+/// entries only.
+///
+/// With [`max_entries`](CacheBuilder::max_entries), each shard keeps its share
+/// of the bound, and a write past it evicts the least used of a few sampled
+/// entries (LFU with aging), each with exactly one `Evicted` event.
+///
+/// # Listeners
+///
+/// See [`register_event_listener`](Self::register_event_listener). Streams
+/// (`nebulex-streams`) are the main listener.
+pub struct Cache<K, V> {
+    inner: Arc<Inner<K, V>>,
+}
+
+/// A handle that does not keep the cache alive; see [`Cache::downgrade`].
+pub struct WeakCache<K, V> {
+    inner: Weak<Inner<K, V>>,
+}
+
+/// Keeps each shard's lock on a cache line of its own.
+#[repr(align(128))]
+struct Padded<T>(T);
+
+struct Inner<K, V> {
+    name: CacheName,
+    node: NodeId,
+    shards: Box<[Padded<Mutex<Shard<K, V>>>]>,
+    shard_mask: usize,
+    selector: MapHasher,
+    max_entries: Option<usize>,
+    /// Time to live of `put`, in nanoseconds; 0 = none.
+    default_ttl: u64,
+    clock: Clock,
+    /// Whether any entry was ever written with a time to live (else the sweep
+    /// and `count_all` skip the expiry checks).
+    may_expire: AtomicBool,
+    /// The listeners, as the snapshot every shard copies; also serialises
+    /// registrations.
+    listeners: Mutex<Listeners<K>>,
+    extensions: Extensions,
+}
+
+impl<K, V> Clone for Cache<K, V> {
+    fn clone(&self) -> Self {
+        Cache { inner: self.inner.clone() }
+    }
+}
+
+impl<K, V> Clone for WeakCache<K, V> {
+    fn clone(&self) -> Self {
+        WeakCache { inner: self.inner.clone() }
+    }
+}
+
+impl<K, V> fmt::Debug for Cache<K, V> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Cache")
+            .field("name", &self.inner.name)
+            .field("node", &self.inner.node)
+            .field("max_entries", &self.inner.max_entries)
+            .field("shards", &self.inner.shards.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl<K, V> fmt::Debug for WeakCache<K, V> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("WeakCache")
+    }
+}
+
+impl<K, V> WeakCache<K, V> {
+    /// The cache, if some [`Cache`] handle still keeps it alive.
+    pub fn upgrade(&self) -> Option<Cache<K, V>> {
+        self.inner.upgrade().map(|inner| Cache { inner })
+    }
+}
+
+/// How a single-key write treats an existing entry.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    /// `put`: write whatever is there.
+    Upsert,
+    /// `put_new`: write only if no live entry.
+    OnlyNew,
+    /// `replace`: write only over a live entry.
+    OnlyExisting,
+}
+
+fn ttl_nanos(ttl: Duration) -> u64 {
+    saturating_nanos(ttl).max(1)
+}
+
+impl<K, V> Cache<K, V>
+where
+    K: Eq + Hash + Clone + Send + Sync + 'static,
+    V: Clone + Send + Sync + 'static,
+{
+    /// Starts building a cache; see [`CacheBuilder`] for the options.
+    pub fn builder() -> CacheBuilder<K, V> {
+        CacheBuilder::default()
+    }
+
+    pub(crate) fn from_config(config: Config) -> Self {
+        let seed = NodeId::random().0;
+        let map_hasher = MapHasher::with_seed(seed.rotate_left(17) ^ 0x9e37_79b9_7f4a_7c15);
+        let shards = (0..config.shards)
+            .map(|i| {
+                let cap = config
+                    .max_entries
+                    .map_or(usize::MAX, |max| max / config.shards + usize::from(i < max % config.shards));
+                let shard_seed = seed.wrapping_add(i as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+                Padded(Mutex::new(Shard::new(cap, no_listeners(), shard_seed, map_hasher.clone())))
+            })
+            .collect();
+        let inner = Arc::new(Inner {
+            name: Arc::from(config.name),
+            node: config.node,
+            shards,
+            shard_mask: config.shards - 1,
+            selector: MapHasher::with_seed(seed),
+            max_entries: config.max_entries,
+            default_ttl: config.default_ttl.map_or(0, ttl_nanos),
+            clock: config.clock,
+            may_expire: AtomicBool::new(false),
+            listeners: Mutex::new(no_listeners()),
+            extensions: Extensions::default(),
+        });
+        let weak: Weak<dyn Sweep> = Arc::downgrade(&inner) as Weak<Inner<K, V>>;
+        sweeper::register(weak, config.sweep_interval);
+        Cache { inner }
+    }
+
+    /// The cache's name.
+    pub fn name(&self) -> CacheName {
+        self.inner.name.clone()
+    }
+
+    /// The cache's node id (carried by its events).
+    pub fn node_id(&self) -> NodeId {
+        self.inner.node
+    }
+
+    /// The size bound, if any.
+    pub fn max_entries(&self) -> Option<usize> {
+        self.inner.max_entries
+    }
+
+    /// Values attached to this cache by other crates (such as its stream).
+    pub fn extensions(&self) -> &Extensions {
+        &self.inner.extensions
+    }
+
+    /// A handle that does not keep the cache alive.
+    pub fn downgrade(&self) -> WeakCache<K, V> {
+        WeakCache { inner: Arc::downgrade(&self.inner) }
+    }
+
+    /// Whether two handles are the same cache.
+    pub fn ptr_eq(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.inner, &other.inner)
+    }
+
+    // ----- writes -------------------------------------------------------
+
+    /// Stores `value` under `key` with the default time to live.
+    ///
+    /// Emits `Inserted` if the key had no live entry, else `Updated`.
+    pub fn put(&self, key: K, value: V) {
+        self.inner.write(key, value, self.inner.default_ttl, Mode::Upsert, Command::Put);
+    }
+
+    /// Stores `value` under `key`, expiring after `ttl` (a zero `ttl` counts
+    /// as one nanosecond: the entry expires as soon as the clock moves, which
+    /// for a [`ManualClock`](crate::ManualClock) means its next `advance`).
+    pub fn put_with_ttl(&self, key: K, value: V, ttl: Duration) {
+        self.inner.write(key, value, ttl_nanos(ttl), Mode::Upsert, Command::Put);
+    }
+
+    /// Stores `value` only if `key` has no live entry; returns whether it did
+    /// (with an `Inserted` event).
+    pub fn put_new(&self, key: K, value: V) -> bool {
+        self.inner.write(key, value, self.inner.default_ttl, Mode::OnlyNew, Command::PutNew)
+    }
+
+    /// Stores `value` only if `key` has a live entry; returns whether it did
+    /// (with an `Updated` event).
+    pub fn replace(&self, key: K, value: V) -> bool {
+        self.inner.write(key, value, self.inner.default_ttl, Mode::OnlyExisting, Command::Replace)
+    }
+
+    /// Stores every pair (the last value of a repeated key wins), emitting one
+    /// `Inserted` event naming the new keys and one `Updated` event naming
+    /// the existing ones.
+    pub fn put_all(&self, entries: impl IntoIterator<Item = (K, V)>) {
+        self.inner.write_all(entries, false);
+    }
+
+    /// Stores every pair if none of the keys has a live entry, else nothing;
+    /// returns whether it stored them (with one `Inserted` event).
+    pub fn put_new_all(&self, entries: impl IntoIterator<Item = (K, V)>) -> bool {
+        self.inner.write_all(entries, true)
+    }
+
+    /// Applies `f` to the live value of `key` and stores the result, or stores
+    /// `default` if there is none; returns the stored value.
+    ///
+    /// An existing entry keeps its time to live; a new one gets the default.
+    /// `f` runs while the key's shard is locked: it must be quick and must not
+    /// call this cache.
+    pub fn update(&self, key: K, default: V, f: impl FnOnce(&V) -> V) -> V {
+        self.inner.update(key, default, f, Command::Update)
+    }
+
+    // ----- reads --------------------------------------------------------
+
+    /// The live value of `key`.
+    pub fn get<Q>(&self, key: &Q) -> Option<V>
+    where
+        K: Borrow<Q>,
+        Q: Hash + Eq + ?Sized,
+    {
+        self.inner.get(key)
+    }
+
+    /// The live values of the given keys that have one.
+    pub fn get_all<'q, Q>(&self, keys: impl IntoIterator<Item = &'q Q>) -> HashMap<K, V>
+    where
+        K: Borrow<Q>,
+        Q: Hash + Eq + ?Sized + 'q,
+    {
+        keys.into_iter()
+            .filter_map(|q| {
+                let mut guard = self.inner.lock_for(q);
+                let s = &mut *guard;
+                let (i, k, slot) = s.map.get_full_mut(q)?;
+                if slot.is_expired(|| self.inner.clock.now()) {
+                    self.inner.remove_expired(s, i, Command::Get);
+                    return None;
+                }
+                Some((k.clone(), slot.value.clone()))
+            })
+            .collect()
+    }
+
+    /// Whether `key` has a live entry.
+    pub fn contains_key<Q>(&self, key: &Q) -> bool
+    where
+        K: Borrow<Q>,
+        Q: Hash + Eq + ?Sized,
+    {
+        self.inner.with_live(key, Command::Get, |_, _| ()).is_some()
+    }
+
+    /// The remaining time to live of `key`: `None` if it has no live entry,
+    /// `Some(None)` if it never expires.
+    pub fn ttl<Q>(&self, key: &Q) -> Option<Option<Duration>>
+    where
+        K: Borrow<Q>,
+        Q: Hash + Eq + ?Sized,
+    {
+        let clock = &self.inner.clock;
+        self.inner.with_live(key, Command::Get, |_, slot| {
+            (slot.expires_at != 0).then(|| Duration::from_nanos(slot.expires_at.saturating_sub(clock.now())))
+        })
+    }
+
+    /// The number of entries stored, including expired ones that no call or
+    /// sweep has removed yet. Never more than `max_entries`.
+    pub fn len(&self) -> usize {
+        self.inner.shards.iter().map(|s| s.0.lock().map.len()).sum()
+    }
+
+    /// Whether the cache stores no entry.
+    pub fn is_empty(&self) -> bool {
+        self.inner.shards.iter().all(|s| s.0.lock().map.is_empty())
+    }
+
+    /// The number of live entries the query selects (no event).
+    pub fn count_all(&self, query: Query<K, V>) -> usize {
+        self.inner.count_all(query)
+    }
+
+    // ----- removals -----------------------------------------------------
+
+    /// Removes and returns the live value of `key` (with a `Deleted` event
+    /// when there was one).
+    pub fn take<Q>(&self, key: &Q) -> Option<V>
+    where
+        K: Borrow<Q>,
+        Q: Hash + Eq + ?Sized,
+    {
+        let mut guard = self.inner.lock_for(key);
+        let s = &mut *guard;
+        let (i, _, slot) = s.map.get_full_mut(key)?;
+        if slot.is_expired(|| self.inner.clock.now()) {
+            self.inner.remove_expired(s, i, Command::Take);
+            return None;
+        }
+        let (k, slot) = s.map.swap_remove_index(i)?;
+        s.mark_load_stale::<K>(&k);
+        let version = s.next_version();
+        self.inner.emit(&s.listeners, EventType::Deleted, Command::Take, version, || Target::Key(k));
+        Some(slot.value)
+    }
+
+    /// Removes `key`'s entry; returns whether a live one was removed.
+    ///
+    /// Emits `Deleted` **always**, entry or not: a delete is an invalidation
+    /// signal, and other nodes of a cluster may hold the key.
+    pub fn delete<Q>(&self, key: &Q) -> bool
+    where
+        K: Borrow<Q>,
+        Q: Hash + Eq + ?Sized + ToOwned<Owned = K>,
+    {
+        let mut guard = self.inner.lock_for(key);
+        let s = &mut *guard;
+        s.mark_load_stale(key);
+        let mut removed = false;
+        if let Some((i, _, slot)) = s.map.get_full_mut(key) {
+            if slot.is_expired(|| self.inner.clock.now()) {
+                self.inner.remove_expired(s, i, Command::Delete);
+            } else {
+                s.map.swap_remove_index(i);
+                removed = true;
+            }
+        }
+        let version = s.next_version();
+        self.inner.emit(&s.listeners, EventType::Deleted, Command::Delete, version, || Target::Key(key.to_owned()));
+        removed
+    }
+
+    /// Removes the entries the query selects; returns how many live ones it
+    /// removed. Emits `Deleted` with target `All` or `Keys(keys)` (each key
+    /// once) always — whether or not the keys had entries — and with
+    /// `Keys(removed)` for a filter that removed any. An empty key list
+    /// removes nothing and emits nothing.
+    pub fn delete_all(&self, query: Query<K, V>) -> usize {
+        self.inner.delete_all(query)
+    }
+
+    // ----- expiry -------------------------------------------------------
+
+    /// Gives `key`'s live entry a new time to live from now; returns whether
+    /// there was one (with an `Updated` event).
+    pub fn expire<Q>(&self, key: &Q, ttl: Duration) -> bool
+    where
+        K: Borrow<Q>,
+        Q: Hash + Eq + ?Sized,
+    {
+        let clock = &self.inner.clock;
+        self.inner.note_ttl(1);
+        self.inner.touch_live(key, Command::Expire, |slot| slot.set_ttl(ttl_nanos(ttl), || clock.now()))
+    }
+
+    /// Restarts the time to live of `key`'s live entry (as it was last
+    /// written) from now; returns whether there was one (with an `Updated`
+    /// event).
+    pub fn touch<Q>(&self, key: &Q) -> bool
+    where
+        K: Borrow<Q>,
+        Q: Hash + Eq + ?Sized,
+    {
+        let clock = &self.inner.clock;
+        self.inner.touch_live(key, Command::Touch, |slot| slot.set_ttl(slot.ttl, || clock.now()))
+    }
+
+    /// Removes every expired entry now (each with an `Expired` event) and
+    /// returns how many; the periodic sweep does the same.
+    pub fn sweep_expired(&self) -> usize {
+        self.inner.sweep_expired()
+    }
+
+    // ----- loading ------------------------------------------------------
+
+    /// The live value of `key`, or the one `load` returns, which is stored
+    /// (with an `Inserted` event) and returned.
+    ///
+    /// Concurrent callers for one key run `load` once: the others wait for its
+    /// value. `load` runs without any lock held. If a write or delete of the
+    /// key happens while `load` runs, the loaded value is returned but not
+    /// stored, since it may be older than what that write said.
+    pub fn get_or_insert_with(&self, key: K, load: impl FnOnce() -> V) -> V {
+        match self.inner.load::<std::convert::Infallible>(key, || Ok(load())) {
+            Ok(v) => v,
+            Err(never) => match *never {},
+        }
+    }
+
+    /// Like [`get_or_insert_with`](Self::get_or_insert_with) with a loader
+    /// that can fail: nothing is stored then, and every caller waiting on
+    /// that load gets the same error.
+    pub fn try_get_or_insert_with<E>(&self, key: K, load: impl FnOnce() -> Result<V, E>) -> Result<V, Arc<E>>
+    where
+        E: Send + Sync + 'static,
+    {
+        self.inner.load(key, load)
+    }
+
+    // ----- invalidation -------------------------------------------------
+
+    /// Removes `key`'s entry **without emitting an event**; returns whether it
+    /// held one. For applying a change that already happened elsewhere (a
+    /// cluster invalidator), where an event would echo it back. A load of the
+    /// key in flight will not store its result.
+    pub fn invalidate<Q>(&self, key: &Q) -> bool
+    where
+        K: Borrow<Q>,
+        Q: Hash + Eq + ?Sized,
+    {
+        let mut s = self.inner.lock_for(key);
+        s.mark_load_stale(key);
+        s.map.swap_remove(key).is_some()
+    }
+
+    /// Removes, without events, every entry whose key `pred` selects; returns
+    /// how many. Loads in flight will not store their results.
+    pub fn invalidate_where(&self, mut pred: impl FnMut(&K) -> bool) -> usize {
+        let mut removed = 0;
+        for shard in self.inner.shards.iter() {
+            let mut s = shard.0.lock();
+            let before = s.map.len();
+            s.map.retain(|k, _| !pred(k));
+            removed += before - s.map.len();
+            s.loads.values().for_each(|l| l.mark_stale());
+        }
+        removed
+    }
+
+    // ----- listeners ----------------------------------------------------
+
+    /// Calls `f` with every event whose type `filter` wants, until
+    /// [`unregister_event_listener`](Self::unregister_event_listener).
+    ///
+    /// `f` runs **inline on the writing thread, while the key's shard is
+    /// locked**: that is what gives per-key order. So it must be fast, must not
+    /// block, and must not call back into this cache (it would deadlock).
+    /// Hand events to another thread (as streams do) for anything more.
+    ///
+    /// When no listener wants an event type, writes do not even build those
+    /// events; a filter can be changed at any time with [`EventFilter::set`].
+    ///
+    /// ```
+    /// use std::sync::{Arc, Mutex};
+    /// use nebulex::{Cache, EventFilter, EventType};
+    ///
+    /// let cache: Cache<&str, i32> = Cache::builder().build()?;
+    /// let seen = Arc::new(Mutex::new(Vec::new()));
+    /// let log = seen.clone();
+    /// cache.register_event_listener("log", EventFilter::all(), move |e| {
+    ///     log.lock().unwrap().push(e.kind);
+    /// })?;
+    /// cache.put("a", 1);
+    /// cache.put("a", 2);
+    /// cache.delete(&"a"); // `K` is `&str`, so `delete` takes a `&&str`
+    /// assert_eq!(*seen.lock().unwrap(), [EventType::Inserted, EventType::Updated, EventType::Deleted]);
+    /// assert!(cache.unregister_event_listener("log"));
+    /// # Ok::<(), nebulex::Error>(())
+    /// ```
+    pub fn register_event_listener(
+        &self,
+        id: impl Into<String>,
+        filter: EventFilter,
+        f: impl Fn(&CacheEntryEvent<K>) + Send + Sync + 'static,
+    ) -> Result<(), Error> {
+        let id = id.into();
+        let mut master = self.inner.listeners.lock();
+        if master.iter().any(|l| l.id == id) {
+            return Err(Error::ListenerExists(id));
+        }
+        let listener = Arc::new(Listener { id, filter, f: Box::new(f) });
+        let next: Listeners<K> = master.iter().cloned().chain(std::iter::once(listener)).collect();
+        self.inner.install_listeners(&mut master, next);
+        Ok(())
+    }
+
+    /// Removes the listener registered under `id`; returns whether there was one.
+    pub fn unregister_event_listener(&self, id: &str) -> bool {
+        let mut master = self.inner.listeners.lock();
+        if !master.iter().any(|l| l.id == id) {
+            return false;
+        }
+        let next: Listeners<K> = master.iter().filter(|l| l.id != id).cloned().collect();
+        self.inner.install_listeners(&mut master, next);
+        true
+    }
+}
+
+impl<K> Cache<K, i64>
+where
+    K: Eq + Hash + Clone + Send + Sync + 'static,
+{
+    /// Adds `by` to the counter under `key` (a missing one starts from 0) and
+    /// returns the new value; wraps around on overflow.
+    pub fn incr(&self, key: K, by: i64) -> i64 {
+        self.inner.update(key, by, |v| v.wrapping_add(by), Command::Incr)
+    }
+
+    /// Subtracts `by` from the counter under `key` (a missing one starts from
+    /// 0) and returns the new value; wraps around on overflow.
+    pub fn decr(&self, key: K, by: i64) -> i64 {
+        self.inner.update(key, 0i64.wrapping_sub(by), |v| v.wrapping_sub(by), Command::Decr)
+    }
+}
+
+type Guard<'a, K, V> = MutexGuard<'a, Shard<K, V>>;
+
+impl<K, V> Inner<K, V>
+where
+    K: Eq + Hash + Clone + Send + Sync + 'static,
+    V: Clone + Send + Sync + 'static,
+{
+    #[inline]
+    fn shard_index<Q: Hash + ?Sized>(&self, key: &Q) -> usize {
+        (self.selector.hash_one(key) as usize) & self.shard_mask
+    }
+
+    #[inline]
+    fn lock_for<Q: Hash + ?Sized>(&self, key: &Q) -> Guard<'_, K, V> {
+        self.shards[self.shard_index(key)].0.lock()
+    }
+
+    /// Locks several shards in index order (so two callers cannot deadlock);
+    /// `slots[i]` is the position of shard `i`'s guard, if locked.
+    fn lock_shards(&self, shard_ids: impl IntoIterator<Item = usize>) -> (Vec<Guard<'_, K, V>>, Vec<Option<usize>>) {
+        let mut wanted = vec![false; self.shards.len()];
+        shard_ids.into_iter().for_each(|i| wanted[i] = true);
+        let mut slots = vec![None; self.shards.len()];
+        let mut guards = Vec::new();
+        for (i, _) in wanted.iter().enumerate().filter(|(_, w)| **w) {
+            slots[i] = Some(guards.len());
+            guards.push(self.shards[i].0.lock());
+        }
+        (guards, slots)
+    }
+
+    /// One version for an event that spans several shards: above every
+    /// version those shards gave out.
+    fn shared_version(guards: &mut [Guard<'_, K, V>]) -> u64 {
+        let version = guards.iter().map(|g| g.version).max().unwrap_or(0) + 1;
+        guards.iter_mut().for_each(|g| g.version = version);
+        version
+    }
+
+    fn install_listeners(&self, master: &mut Listeners<K>, next: Listeners<K>) {
+        for shard in self.shards.iter() {
+            shard.0.lock().listeners = next.clone();
+        }
+        *master = next;
+    }
+
+    /// Remembers that entries may expire, so that sweeps look for them.
+    #[inline]
+    fn note_ttl(&self, ttl: u64) {
+        if ttl != 0 && !self.may_expire.load(Ordering::Relaxed) {
+            self.may_expire.store(true, Ordering::Relaxed);
+        }
+    }
+
+    /// Builds the event and calls the listeners that want it, if any does.
+    #[inline]
+    fn emit(
+        &self,
+        listeners: &[Arc<Listener<K>>],
+        kind: EventType,
+        command: Command,
+        version: u64,
+        target: impl FnOnce() -> Target<K>,
+    ) {
+        if listeners.is_empty() || wanted(listeners) & kind.bit() == 0 {
+            return;
+        }
+        let event = CacheEntryEvent {
+            cache: self.name.clone(),
+            kind,
+            target: target(),
+            command,
+            version,
+            metadata: EventMetadata {
+                node: self.node,
+                partition: None,
+                partitions: None,
+                topic: None,
+                seq: 0,
+                timestamp: SystemTime::now(),
+            },
+        };
+        for l in listeners.iter().filter(|l| l.filter.contains(kind)) {
+            (l.f)(&event);
+        }
+    }
+
+    /// Emits an event about the key at `index` of the shard.
+    #[inline]
+    fn emit_at(&self, s: &Shard<K, V>, index: usize, kind: EventType, command: Command, version: u64) {
+        if let Some((k, _)) = s.map.get_index(index) {
+            self.emit(&s.listeners, kind, command, version, || Target::Key(k.clone()));
+        }
+    }
+
+    /// Removes the expired entry at `index`, with its `Expired` event.
+    fn remove_expired(&self, s: &mut Shard<K, V>, index: usize, command: Command) {
+        if let Some((k, _)) = s.map.swap_remove_index(index) {
+            s.mark_load_stale(&k);
+            let version = s.next_version();
+            self.emit(&s.listeners, EventType::Expired, command, version, || Target::Key(k));
+        }
+    }
+
+    /// Evicts entries until the shard is within its bound, each with an
+    /// `Evicted` event.
+    #[inline]
+    fn trim(&self, s: &mut Shard<K, V>) {
+        while s.over_capacity() {
+            let Some(k) = s.evict_one() else { break };
+            s.mark_load_stale(&k);
+            let version = s.next_version();
+            self.emit(&s.listeners, EventType::Evicted, Command::Evict, version, || Target::Key(k));
+        }
+    }
+
+    fn write(&self, key: K, value: V, ttl: u64, mode: Mode, command: Command) -> bool {
+        self.note_ttl(ttl);
+        let now = || self.clock.now();
+        let mut guard = self.lock_for(&key);
+        let s = &mut *guard;
+        s.mark_load_stale(&key);
+        let bounded = s.bounded();
+        match s.map.get_full_mut(&key) {
+            Some((_, _, slot)) if !slot.is_expired(now) => {
+                if mode == Mode::OnlyNew {
+                    return false;
+                }
+                slot.value = value;
+                slot.set_ttl(ttl, now);
+                if bounded {
+                    slot.used();
+                }
+                s.age();
+                let version = s.next_version();
+                self.emit(&s.listeners, EventType::Updated, command, version, || Target::Key(key));
+                true
+            }
+            Some((i, _, _)) => {
+                self.remove_expired(s, i, command);
+                if mode == Mode::OnlyExisting {
+                    return false;
+                }
+                self.insert_new(s, key, Slot::new(value, ttl, now), command);
+                true
+            }
+            None => {
+                if mode == Mode::OnlyExisting {
+                    return false;
+                }
+                self.insert_new(s, key, Slot::new(value, ttl, now), command);
+                true
+            }
+        }
+    }
+
+    /// Inserts an entry for a key that has none, with its `Inserted` event,
+    /// then keeps the shard within its bound.
+    #[inline]
+    fn insert_new(&self, s: &mut Shard<K, V>, key: K, slot: Slot<V>, command: Command) {
+        let (i, _) = s.map.insert_full(key, slot);
+        let version = s.next_version();
+        self.emit_at(s, i, EventType::Inserted, command, version);
+        self.trim(s);
+    }
+
+    fn write_all(&self, entries: impl IntoIterator<Item = (K, V)>, only_new: bool) -> bool {
+        let ttl = self.default_ttl;
+        self.note_ttl(ttl);
+        let now = || self.clock.now();
+        let command = if only_new { Command::PutNewAll } else { Command::PutAll };
+        // Repeated keys: the last value wins, the first position stays.
+        let mut batch: IndexMap<K, V, MapHasher> = IndexMap::with_hasher(self.selector.clone());
+        batch.extend(entries);
+        if batch.is_empty() {
+            return true;
+        }
+        let (mut guards, slots) = self.lock_shards(batch.keys().map(|k| self.shard_index(k)));
+        let shard_of = |k: &K| slots[self.shard_index(k)].unwrap_or(0);
+        if only_new {
+            let any_live = batch.keys().any(|k| {
+                let s = &guards[shard_of(k)];
+                s.map.get(k).is_some_and(|slot| !slot.is_expired(now))
+            });
+            if any_live {
+                return false;
+            }
+        }
+        let (mut inserted, mut updated) = (Vec::new(), Vec::new());
+        for (key, value) in batch {
+            let s = &mut *guards[shard_of(&key)];
+            s.mark_load_stale(&key);
+            match s.map.get_full_mut(&key) {
+                Some((_, _, slot)) if !slot.is_expired(now) => {
+                    slot.value = value;
+                    slot.set_ttl(ttl, now);
+                    updated.push(key);
+                }
+                found => {
+                    if let Some((i, _, _)) = found {
+                        self.remove_expired(s, i, command);
+                    }
+                    s.map.insert(key.clone(), Slot::new(value, ttl, now));
+                    inserted.push(key);
+                }
+            }
+        }
+        let version = Self::shared_version(&mut guards);
+        let listeners = guards[0].listeners.clone();
+        if !inserted.is_empty() {
+            self.emit(&listeners, EventType::Inserted, command, version, || Target::Keys(inserted));
+        }
+        if !updated.is_empty() {
+            self.emit(&listeners, EventType::Updated, command, version, || Target::Keys(updated));
+        }
+        for g in guards.iter_mut() {
+            self.trim(g);
+        }
+        true
+    }
+
+    fn update(&self, key: K, default: V, f: impl FnOnce(&V) -> V, command: Command) -> V {
+        let ttl = self.default_ttl;
+        self.note_ttl(ttl);
+        let now = || self.clock.now();
+        let mut guard = self.lock_for(&key);
+        let s = &mut *guard;
+        s.mark_load_stale(&key);
+        let bounded = s.bounded();
+        match s.map.get_full_mut(&key) {
+            Some((_, _, slot)) if !slot.is_expired(now) => {
+                let value = f(&slot.value);
+                slot.value = value.clone();
+                if bounded {
+                    slot.used();
+                }
+                s.age();
+                let version = s.next_version();
+                self.emit(&s.listeners, EventType::Updated, command, version, || Target::Key(key));
+                value
+            }
+            found => {
+                if let Some((i, _, _)) = found {
+                    self.remove_expired(s, i, command);
+                }
+                self.insert_new(s, key, Slot::new(default.clone(), ttl, now), command);
+                default
+            }
+        }
+    }
+
+    fn get<Q>(&self, key: &Q) -> Option<V>
+    where
+        K: Borrow<Q>,
+        Q: Hash + Eq + ?Sized,
+    {
+        let mut guard = self.lock_for(key);
+        let s = &mut *guard;
+        let bounded = s.bounded();
+        let (i, _, slot) = s.map.get_full_mut(key)?;
+        if slot.is_expired(|| self.clock.now()) {
+            self.remove_expired(s, i, Command::Get);
+            return None;
+        }
+        let value = slot.value.clone();
+        if bounded {
+            slot.used();
+            s.age();
+        }
+        Some(value)
+    }
+
+    /// Runs `f` on `key`'s live entry; removes it (with `Expired`) if expired.
+    fn with_live<Q, R>(&self, key: &Q, command: Command, f: impl FnOnce(&K, &Slot<V>) -> R) -> Option<R>
+    where
+        K: Borrow<Q>,
+        Q: Hash + Eq + ?Sized,
+    {
+        let mut guard = self.lock_for(key);
+        let s = &mut *guard;
+        let (i, k, slot) = s.map.get_full_mut(key)?;
+        if slot.is_expired(|| self.clock.now()) {
+            self.remove_expired(s, i, command);
+            return None;
+        }
+        Some(f(k, slot))
+    }
+
+    /// Changes `key`'s live entry's expiry with `f`, with an `Updated` event.
+    fn touch_live<Q>(&self, key: &Q, command: Command, f: impl FnOnce(&mut Slot<V>)) -> bool
+    where
+        K: Borrow<Q>,
+        Q: Hash + Eq + ?Sized,
+    {
+        let mut guard = self.lock_for(key);
+        let s = &mut *guard;
+        let Some((i, _, slot)) = s.map.get_full_mut(key) else { return false };
+        if slot.is_expired(|| self.clock.now()) {
+            self.remove_expired(s, i, command);
+            return false;
+        }
+        f(slot);
+        s.mark_load_stale(key);
+        let version = s.next_version();
+        self.emit_at(s, i, EventType::Updated, command, version);
+        true
+    }
+
+    fn count_all(&self, query: Query<K, V>) -> usize {
+        let now = self.clock.now();
+        let live = |slot: &Slot<V>| !slot.is_expired(|| now);
+        match query {
+            Query::All => self.shards.iter().map(|s| s.0.lock().map.values().filter(|v| live(v)).count()).sum(),
+            Query::Keys(keys) => {
+                let mut seen = std::collections::HashSet::with_capacity_and_hasher(keys.len(), self.selector.clone());
+                keys.into_iter()
+                    .filter(|k| seen.insert(k.clone()))
+                    .filter(|k| self.lock_for(k).map.get(k).is_some_and(live))
+                    .count()
+            }
+            Query::Filter(f) => self
+                .shards
+                .iter()
+                .map(|s| s.0.lock().map.iter().filter(|(k, v)| live(v) && f(k, &v.value)).count())
+                .sum(),
+        }
+    }
+
+    fn delete_all(&self, query: Query<K, V>) -> usize {
+        match query {
+            Query::All => {
+                let (mut guards, _) = self.lock_shards(0..self.shards.len());
+                let mut removed = 0;
+                for s in guards.iter_mut() {
+                    self.remove_all_expired(s, Command::DeleteAll);
+                    removed += s.map.len();
+                    s.map.clear();
+                    s.loads.values().for_each(|l| l.mark_stale());
+                }
+                let version = Self::shared_version(&mut guards);
+                self.emit(&guards[0].listeners, EventType::Deleted, Command::DeleteAll, version, || Target::All);
+                removed
+            }
+            Query::Keys(keys) => {
+                if keys.is_empty() {
+                    return 0;
+                }
+                // The event names each key once, in first-seen order.
+                let mut seen = std::collections::HashSet::with_capacity_and_hasher(keys.len(), self.selector.clone());
+                let keys: Vec<K> = keys.into_iter().filter(|k| seen.insert(k.clone())).collect();
+                let (mut guards, slots) = self.lock_shards(keys.iter().map(|k| self.shard_index(k)));
+                let mut removed = 0;
+                for k in &keys {
+                    let s = &mut *guards[slots[self.shard_index(k)].unwrap_or(0)];
+                    s.mark_load_stale(k);
+                    if let Some((i, _, slot)) = s.map.get_full_mut(k) {
+                        if slot.is_expired(|| self.clock.now()) {
+                            self.remove_expired(s, i, Command::DeleteAll);
+                        } else {
+                            s.map.swap_remove_index(i);
+                            removed += 1;
+                        }
+                    }
+                }
+                let version = Self::shared_version(&mut guards);
+                self.emit(&guards[0].listeners, EventType::Deleted, Command::DeleteAll, version, || Target::Keys(keys));
+                removed
+            }
+            Query::Filter(f) => {
+                let (mut guards, _) = self.lock_shards(0..self.shards.len());
+                let mut removed = Vec::new();
+                for s in guards.iter_mut() {
+                    self.remove_all_expired(s, Command::DeleteAll);
+                    s.map.retain(|k, slot| {
+                        let hit = f(k, &slot.value);
+                        if hit {
+                            removed.push(k.clone());
+                        }
+                        !hit
+                    });
+                    s.loads.values().for_each(|l| l.mark_stale());
+                }
+                let count = removed.len();
+                if count > 0 {
+                    let version = Self::shared_version(&mut guards);
+                    self.emit(&guards[0].listeners, EventType::Deleted, Command::DeleteAll, version, || {
+                        Target::Keys(removed)
+                    });
+                }
+                count
+            }
+        }
+    }
+
+    /// Removes every expired entry of a shard, each with an `Expired` event.
+    fn remove_all_expired(&self, s: &mut Shard<K, V>, command: Command) -> usize {
+        if !self.may_expire.load(Ordering::Relaxed) {
+            return 0;
+        }
+        let now = self.clock.now();
+        let mut expired = Vec::new();
+        s.map.retain(|k, slot| {
+            let dead = slot.is_expired(|| now);
+            if dead {
+                expired.push(k.clone());
+            }
+            !dead
+        });
+        let count = expired.len();
+        for k in expired {
+            s.mark_load_stale(&k);
+            let version = s.next_version();
+            self.emit(&s.listeners, EventType::Expired, command, version, || Target::Key(k));
+        }
+        count
+    }
+
+    fn sweep_expired(&self) -> usize {
+        self.shards.iter().map(|shard| self.remove_all_expired(&mut shard.0.lock(), Command::Sweep)).sum()
+    }
+
+    fn load<E>(&self, key: K, load: impl FnOnce() -> Result<V, E>) -> Result<V, Arc<E>>
+    where
+        E: Send + Sync + 'static,
+    {
+        let mut load = Some(load);
+        loop {
+            let mut guard = self.lock_for(&key);
+            let s = &mut *guard;
+            if let Some((i, _, slot)) = s.map.get_full_mut(&key) {
+                if !slot.is_expired(|| self.clock.now()) {
+                    let value = slot.value.clone();
+                    if s.bounded() {
+                        s.record_use(i);
+                    }
+                    return Ok(value);
+                }
+                self.remove_expired(s, i, Command::Load);
+            }
+            if let Some(running) = s.loads.get(&key).cloned() {
+                drop(guard);
+                match running.wait() {
+                    Outcome::Loaded(v) => return Ok(v),
+                    Outcome::Failed(e) => match e.downcast::<E>() {
+                        Ok(e) => return Err(e),
+                        Err(_) => continue,
+                    },
+                    Outcome::Abandoned => continue,
+                }
+            }
+            let Some(load) = load.take() else { continue };
+            let running = Arc::new(Load::new());
+            s.loads.insert(key.clone(), running.clone());
+            drop(guard);
+            let mut flight = Flight { inner: self, key: &key, load: &running, outcome: Outcome::Abandoned };
+            return match load() {
+                Ok(value) => {
+                    self.store_loaded(&key, &running, value.clone());
+                    flight.outcome = Outcome::Loaded(value.clone());
+                    Ok(value)
+                }
+                Err(e) => {
+                    let e = Arc::new(e);
+                    flight.outcome = Outcome::Failed(e.clone());
+                    Err(e)
+                }
+            };
+        }
+    }
+
+    /// Stores a loaded value unless a write or delete overtook the load.
+    fn store_loaded(&self, key: &K, running: &Arc<Load<V>>, value: V) {
+        let mut guard = self.lock_for(key);
+        let s = &mut *guard;
+        s.forget_load(key, running);
+        if running.is_stale() || s.map.contains_key(key) {
+            return;
+        }
+        let ttl = self.default_ttl;
+        self.note_ttl(ttl);
+        self.insert_new(s, key.clone(), Slot::new(value, ttl, || self.clock.now()), Command::Load);
+    }
+}
+
+/// Finishes a load for its waiters however the loader ends, panics included.
+struct Flight<'a, K, V>
+where
+    K: Eq + Hash + Clone + Send + Sync + 'static,
+    V: Clone + Send + Sync + 'static,
+{
+    inner: &'a Inner<K, V>,
+    key: &'a K,
+    load: &'a Arc<Load<V>>,
+    outcome: Outcome<V>,
+}
+
+impl<K, V> Drop for Flight<'_, K, V>
+where
+    K: Eq + Hash + Clone + Send + Sync + 'static,
+    V: Clone + Send + Sync + 'static,
+{
+    fn drop(&mut self) {
+        self.inner.lock_for(self.key).forget_load(self.key, self.load);
+        self.load.finish(std::mem::replace(&mut self.outcome, Outcome::Abandoned));
+    }
+}
+
+impl<K, V> Sweep for Inner<K, V>
+where
+    K: Eq + Hash + Clone + Send + Sync + 'static,
+    V: Clone + Send + Sync + 'static,
+{
+    fn sweep(&self) {
+        self.sweep_expired();
+    }
+}
+
+impl<K, V> Drop for Inner<K, V> {
+    fn drop(&mut self) {
+        // Extensions (such as a stream) may hold listeners of their own; drop
+        // them before the shards, outside of any lock.
+        drop(self.extensions.drain());
+    }
+}

@@ -1,0 +1,266 @@
+//! Cache entry events: what changed, where, and in which order.
+//!
+//! Every write to a [`Cache`](crate::Cache) produces exactly one
+//! [`CacheEntryEvent`] per effect (see the table in the crate docs). Events
+//! carry keys, never values: they say *what* changed, and a reader fetches the
+//! value if it wants it.
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::SystemTime;
+
+/// The name of a cache, shared cheaply by every event it emits.
+pub type CacheName = Arc<str>;
+
+/// The kind of change an event reports.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+#[cfg_attr(feature = "serde", serde(rename_all = "lowercase"))]
+pub enum EventType {
+    /// A key without a live entry got one.
+    Inserted,
+    /// A live entry got a new value or a new expiry.
+    Updated,
+    /// An entry was removed by a delete (or a delete was asked for).
+    Deleted,
+    /// An entry outlived its time to live and was removed.
+    Expired,
+    /// An entry was removed to keep the cache within `max_entries`.
+    Evicted,
+}
+
+impl EventType {
+    /// Every event type, in declaration order.
+    pub const ALL: [EventType; 5] =
+        [EventType::Inserted, EventType::Updated, EventType::Deleted, EventType::Expired, EventType::Evicted];
+
+    /// The lowercase name: `inserted`, `updated`, `deleted`, `expired`, `evicted`.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            EventType::Inserted => "inserted",
+            EventType::Updated => "updated",
+            EventType::Deleted => "deleted",
+            EventType::Expired => "expired",
+            EventType::Evicted => "evicted",
+        }
+    }
+
+    /// This type as a bit of an [`EventFilter`](crate::EventFilter) mask.
+    pub const fn bit(self) -> u8 {
+        1 << (self as u8)
+    }
+}
+
+impl fmt::Display for EventType {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for EventType {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        EventType::ALL.into_iter().find(|t| t.as_str().eq_ignore_ascii_case(s.trim())).ok_or_else(|| {
+            format!("unknown event type `{s}` (expected one of inserted, updated, deleted, expired, evicted)")
+        })
+    }
+}
+
+/// Which entries an event is about.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+pub enum Target<K> {
+    /// One key.
+    Key(K),
+    /// Several keys, written or removed by one call.
+    Keys(Vec<K>),
+    /// Every entry of the cache (`delete_all(Query::All)`).
+    All,
+}
+
+impl<K> Target<K> {
+    /// The keys named by this target: one, several, or none for [`Target::All`].
+    pub fn keys(&self) -> &[K] {
+        match self {
+            Target::Key(k) => std::slice::from_ref(k),
+            Target::Keys(ks) => ks,
+            Target::All => &[],
+        }
+    }
+}
+
+/// The cache call that caused an event.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+#[cfg_attr(feature = "serde", serde(rename_all = "snake_case"))]
+#[allow(missing_docs)]
+pub enum Command {
+    Put,
+    PutNew,
+    Replace,
+    PutAll,
+    PutNewAll,
+    Delete,
+    Take,
+    DeleteAll,
+    Update,
+    Incr,
+    Decr,
+    Expire,
+    Touch,
+    /// A read (`get`, `get_all`, `contains_key`, `ttl`) found the entry expired.
+    Get,
+    /// The periodic sweep found the entry expired.
+    Sweep,
+    /// The size bound removed the entry.
+    Evict,
+    /// `get_or_insert_with` / `try_get_or_insert_with` stored a loaded value.
+    Load,
+}
+
+impl Command {
+    /// Every command, in declaration order (its index is its wire code).
+    pub const ALL: [Command; 17] = [
+        Command::Put,
+        Command::PutNew,
+        Command::Replace,
+        Command::PutAll,
+        Command::PutNewAll,
+        Command::Delete,
+        Command::Take,
+        Command::DeleteAll,
+        Command::Update,
+        Command::Incr,
+        Command::Decr,
+        Command::Expire,
+        Command::Touch,
+        Command::Get,
+        Command::Sweep,
+        Command::Evict,
+        Command::Load,
+    ];
+
+    /// The snake_case name of the call, e.g. `put_new`.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Command::Put => "put",
+            Command::PutNew => "put_new",
+            Command::Replace => "replace",
+            Command::PutAll => "put_all",
+            Command::PutNewAll => "put_new_all",
+            Command::Delete => "delete",
+            Command::Take => "take",
+            Command::DeleteAll => "delete_all",
+            Command::Update => "update",
+            Command::Incr => "incr",
+            Command::Decr => "decr",
+            Command::Expire => "expire",
+            Command::Touch => "touch",
+            Command::Get => "get",
+            Command::Sweep => "sweep",
+            Command::Evict => "evict",
+            Command::Load => "load",
+        }
+    }
+}
+
+impl fmt::Display for Command {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The identity of one node of a cluster: one cache instance.
+///
+/// Every [`Cache`](crate::Cache) gets a random id when it is built (or the one
+/// given to [`CacheBuilder::node_id`](crate::CacheBuilder::node_id)); its
+/// events carry it, so a receiver can tell its own events from other nodes'.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+pub struct NodeId(pub u64);
+
+impl NodeId {
+    /// A fresh random id.
+    pub fn random() -> Self {
+        use std::hash::{BuildHasher, Hasher};
+        use std::sync::atomic::{AtomicU64, Ordering};
+        static COUNTER: AtomicU64 = AtomicU64::new(0);
+        let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+        h.write_u64(COUNTER.fetch_add(1, Ordering::Relaxed));
+        h.write_u32(std::process::id());
+        if let Ok(d) = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH) {
+            h.write_u128(d.as_nanos());
+        }
+        NodeId(h.finish())
+    }
+}
+
+impl fmt::Debug for NodeId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "NodeId({:016x})", self.0)
+    }
+}
+
+impl fmt::Display for NodeId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:016x}", self.0)
+    }
+}
+
+/// Where an event comes from and where it is going.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EventMetadata {
+    /// The node whose cache emitted the event.
+    pub node: NodeId,
+    /// The stream partition that carries the event (`None` until a stream routes it).
+    pub partition: Option<u32>,
+    /// The stream's partition count (`None` for an unpartitioned stream).
+    pub partitions: Option<u32>,
+    /// The stream topic (channel) that carried the event, once routed.
+    pub topic: Option<Arc<str>>,
+    /// The event's sequence number within its partition (0 until routed).
+    pub seq: u64,
+    /// When the write took effect, by the writer's wall clock.
+    pub timestamp: SystemTime,
+}
+
+/// One change of a cache, as the cache emitted it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CacheEntryEvent<K> {
+    /// The cache that changed.
+    pub cache: CacheName,
+    /// What kind of change.
+    pub kind: EventType,
+    /// Which entries changed.
+    pub target: Target<K>,
+    /// The call that changed them.
+    pub command: Command,
+    /// Strictly increases with every write of the same key.
+    pub version: u64,
+    /// Origin, routing and ordering information.
+    pub metadata: EventMetadata,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn event_type_displays_lowercase_and_parses_back() {
+        for t in EventType::ALL {
+            assert_eq!(t.to_string().parse::<EventType>(), Ok(t));
+        }
+        assert_eq!(EventType::Inserted.to_string(), "inserted");
+        assert!("nope".parse::<EventType>().is_err());
+    }
+
+    #[test]
+    fn event_type_bits_are_distinct() {
+        let all = EventType::ALL.iter().fold(0u8, |m, t| {
+            assert_eq!(m & t.bit(), 0);
+            m | t.bit()
+        });
+        assert_eq!(all, 0b1_1111);
+    }
+}

@@ -1,0 +1,11 @@
+//! The store behind a cache: shards of entries, their eviction, and the sweep
+//! of expired entries.
+//!
+//! A cache is split into a power-of-two number of shards, each a mutex around
+//! an insertion-ordered hash map (`indexmap`). Every write of a key happens
+//! under its shard's lock, and the events it causes are emitted before the
+//! lock is released: that is what makes per-key event order exact.
+
+pub(crate) mod load;
+pub(crate) mod shard;
+pub(crate) mod sweeper;

@@ -1,0 +1,196 @@
+//! One shard: entries, a version counter, and the sampled-LFU eviction.
+//!
+//! # Eviction
+//!
+//! When a bounded shard grows past its share of `max_entries`, it samples
+//! [`SAMPLES`] entries at random and evicts the one used least often (each
+//! entry keeps a small saturating use counter, incremented on every hit and
+//! every overwrite). All counters are halved every `AGING_FACTOR × capacity`
+//! uses, so entries that were popular long ago make room for what is popular
+//! now. This approximates LFU with aging, like Redis's `allkeys-lfu`, in O(1)
+//! per write, with no per-entry links or global lists.
+
+use std::borrow::Borrow;
+use std::hash::Hash;
+use std::sync::Arc;
+
+use indexmap::IndexMap;
+
+use crate::listener::Listeners;
+use crate::store::load::{Load, Loads};
+
+/// How many entries an eviction compares.
+pub(crate) const SAMPLES: usize = 8;
+/// Counters halve after this many uses per unit of capacity.
+const AGING_FACTOR: usize = 8;
+
+pub(crate) type MapHasher = foldhash::fast::FixedState;
+
+/// An entry's value and bookkeeping.
+pub(crate) struct Slot<V> {
+    pub(crate) value: V,
+    /// Clock nanoseconds at which the entry expires; 0 = never.
+    pub(crate) expires_at: u64,
+    /// The time to live the entry was written with, in nanoseconds; 0 = none.
+    pub(crate) ttl: u64,
+    /// Saturating use counter for eviction.
+    pub(crate) uses: u8,
+}
+
+impl<V> Slot<V> {
+    pub(crate) fn new(value: V, ttl: u64, now: impl FnOnce() -> u64) -> Self {
+        let mut slot = Slot { value, expires_at: 0, ttl: 0, uses: 0 };
+        slot.set_ttl(ttl, now);
+        slot
+    }
+
+    /// Whether the entry is expired at `now()`; the clock is read only for
+    /// entries that can expire.
+    #[inline]
+    pub(crate) fn is_expired(&self, now: impl FnOnce() -> u64) -> bool {
+        self.expires_at != 0 && now() >= self.expires_at
+    }
+
+    /// Sets the time to live (0 = none), counted from `now()`.
+    #[inline]
+    pub(crate) fn set_ttl(&mut self, ttl: u64, now: impl FnOnce() -> u64) {
+        self.ttl = ttl;
+        self.expires_at = if ttl == 0 { 0 } else { now().saturating_add(ttl) };
+    }
+
+    #[inline]
+    pub(crate) fn used(&mut self) {
+        self.uses = self.uses.saturating_add(1);
+    }
+}
+
+pub(crate) struct Shard<K, V> {
+    pub(crate) map: IndexMap<K, Slot<V>, MapHasher>,
+    /// This shard's share of `max_entries` (`usize::MAX` when unbounded).
+    pub(crate) cap: usize,
+    /// The last version given to a write in this shard.
+    pub(crate) version: u64,
+    /// The cache's listeners, copied into every shard so that a write reads
+    /// them under the lock it already holds.
+    pub(crate) listeners: Listeners<K>,
+    /// Loads in flight (`get_or_insert_with`), by key.
+    pub(crate) loads: Loads<K, V>,
+    rng: u64,
+    uses_since_aging: usize,
+}
+
+impl<K: Hash + Eq, V: Clone> Shard<K, V> {
+    pub(crate) fn new(cap: usize, listeners: Listeners<K>, seed: u64, hasher: MapHasher) -> Self {
+        Shard {
+            map: IndexMap::with_hasher(hasher),
+            cap,
+            version: 0,
+            listeners,
+            loads: Loads::default(),
+            rng: seed | 1,
+            uses_since_aging: 0,
+        }
+    }
+
+    #[inline]
+    pub(crate) fn bounded(&self) -> bool {
+        self.cap != usize::MAX
+    }
+
+    /// The next version for a write in this shard.
+    #[inline]
+    pub(crate) fn next_version(&mut self) -> u64 {
+        self.version += 1;
+        self.version
+    }
+
+    /// Counts a use of a bounded shard's entry, aging every counter now and then.
+    #[inline]
+    pub(crate) fn record_use(&mut self, index: usize) {
+        if !self.bounded() {
+            return;
+        }
+        if let Some((_, slot)) = self.map.get_index_mut(index) {
+            slot.used();
+        }
+        self.age();
+    }
+
+    /// Counts one use towards the next halving of every counter.
+    #[inline]
+    pub(crate) fn age(&mut self) {
+        if !self.bounded() {
+            return;
+        }
+        self.uses_since_aging += 1;
+        if self.uses_since_aging >= self.cap.saturating_mul(AGING_FACTOR).max(1024) {
+            self.uses_since_aging = 0;
+            for slot in self.map.values_mut() {
+                slot.uses >>= 1;
+            }
+        }
+    }
+
+    /// Tells a load in flight for `key` that a write or delete overtook it.
+    #[inline]
+    pub(crate) fn mark_load_stale<Q>(&self, key: &Q)
+    where
+        K: Borrow<Q>,
+        Q: Hash + Eq + ?Sized,
+    {
+        if !self.loads.is_empty() {
+            if let Some(load) = self.loads.get(key) {
+                load.mark_stale();
+            }
+        }
+    }
+
+    /// Forgets the load in flight for `key` if it is `load`.
+    pub(crate) fn forget_load(&mut self, key: &K, load: &Arc<Load<V>>) {
+        if self.loads.get(key).is_some_and(|l| Arc::ptr_eq(l, load)) {
+            self.loads.remove(key);
+        }
+    }
+
+    /// Whether the shard holds more entries than its bound.
+    #[inline]
+    pub(crate) fn over_capacity(&self) -> bool {
+        self.map.len() > self.cap
+    }
+
+    /// Removes the least used of a few sampled entries and returns its key.
+    pub(crate) fn evict_one(&mut self) -> Option<K> {
+        let len = self.map.len();
+        if len == 0 {
+            return None;
+        }
+        let mut victim = self.random_index(len);
+        let mut victim_uses = self.map.get_index(victim).map_or(u8::MAX, |(_, s)| s.uses);
+        for _ in 1..SAMPLES.min(len) {
+            let i = self.random_index(len);
+            let uses = self.map.get_index(i).map_or(u8::MAX, |(_, s)| s.uses);
+            if uses < victim_uses {
+                victim = i;
+                victim_uses = uses;
+            }
+        }
+        self.map.swap_remove_index(victim).map(|(k, _)| k)
+    }
+
+    /// A random index below `len` (xorshift64*, then a multiply-shift reduction).
+    #[inline]
+    fn random_index(&mut self, len: usize) -> usize {
+        let mut x = self.rng;
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        self.rng = x;
+        let r = x.wrapping_mul(0x2545_f491_4f6c_dd1d);
+        ((u128::from(r >> 32) * len as u128) >> 32) as usize
+    }
+}
+
+/// The listeners every shard starts with: none.
+pub(crate) fn no_listeners<K>() -> Listeners<K> {
+    Arc::from(Vec::new())
+}
