@@ -14,6 +14,12 @@
 //! batch was being sent goes in the next one, so a lone event waits for
 //! nothing (unless `batch_linger` asks to wait for company).
 //!
+//! An idle partition sends a heartbeat — an empty frame carrying its next
+//! sequence number — every `heartbeat` (1 s by default), and every
+//! partition does at once when the stream starts or hears a node it did not
+//! know: so the loss of a burst's last frame is still seen as a gap, within
+//! one heartbeat, and a new node learns everyone's numbering at once.
+//!
 //! # Inbound
 //!
 //! Each frame is decoded and checked (size, version, signature, cache,
@@ -27,7 +33,7 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock, Weak};
 use std::task::Poll;
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use nebulex::{CacheEntryEvent, NodeId};
 use parking_lot::Mutex;
@@ -36,11 +42,13 @@ use tokio::sync::watch;
 use crate::error::Error;
 use crate::pubsub::{Backoff, Hooks, Link, LinkConfig, LinkState, PubSub};
 use crate::streams::StreamShared;
-use crate::subscription::Ring;
+use crate::subscription::{EventScope, Ring};
 use crate::wire::{unix_micros, DecodeLimits, Frame, FrameHeader, RejectReason, DEFAULT_MAX_FRAME_BYTES};
 
 /// The default most events in one frame.
 pub const DEFAULT_BATCH_SIZE: usize = 512;
+/// The default period of heartbeats on idle partitions.
+pub const DEFAULT_HEARTBEAT: Duration = Duration::from_secs(1);
 /// The default outbound buffer per partition, in events.
 pub const DEFAULT_OUTBOUND_BUFFER: usize = 65_536;
 
@@ -59,6 +67,7 @@ pub(crate) struct ClusterOptions<K> {
     pub(crate) outbound_buffer: usize,
     pub(crate) max_frame_bytes: usize,
     pub(crate) backoff: Backoff,
+    pub(crate) heartbeat: Duration,
 }
 
 impl<K> ClusterOptions<K> {
@@ -78,6 +87,9 @@ impl<K> ClusterOptions<K> {
         }
         if self.backoff.initial.is_zero() || self.backoff.max < self.backoff.initial {
             return invalid("backoff needs 0 < initial <= max".into());
+        }
+        if self.heartbeat.is_zero() {
+            return invalid("heartbeat must be longer than zero".into());
         }
         if self.signing_key.as_ref().is_some_and(|k| k.is_empty()) {
             return invalid("signing_key must not be empty".into());
@@ -107,6 +119,12 @@ pub(crate) struct Cluster<K> {
     /// number expected from it.
     seen: Mutex<HashMap<(NodeId, u32), (u64, u64)>>,
     link_up: AtomicBool,
+    /// How often an idle partition sends a heartbeat.
+    heartbeat: Duration,
+    /// Wakes the sender to announce every partition to a new node.
+    hello: Arc<tokio::sync::Notify>,
+    /// Whether the link was ever up (its first `Up` is no recovery).
+    ever_up: AtomicBool,
     shutdown: watch::Sender<bool>,
     /// The options kept for `start_link`.
     pubsub: PubSub,
@@ -117,7 +135,8 @@ pub(crate) struct Cluster<K> {
 impl<K> Cluster<K> {
     pub(crate) fn new(options: ClusterOptions<K>, channels: Vec<String>) -> Self {
         let (ready_tx, ready) = watch::channel(None);
-        let outbound = channels.iter().map(|_| Ring::new(options.outbound_buffer, u8::MAX)).collect();
+        let outbound =
+            channels.iter().map(|_| Ring::new(options.outbound_buffer, u8::MAX, EventScope::Local)).collect();
         Cluster {
             describe: options.pubsub.describe(),
             encode: options.encode,
@@ -133,6 +152,9 @@ impl<K> Cluster<K> {
             ready_tx,
             seen: Mutex::new(HashMap::new()),
             link_up: AtomicBool::new(false),
+            heartbeat: options.heartbeat,
+            hello: Arc::default(),
+            ever_up: AtomicBool::new(false),
             shutdown: watch::channel(false).0,
             pubsub: options.pubsub,
             channels,
@@ -196,16 +218,35 @@ where
     Ok(())
 }
 
-/// Drains the outbound buffers into frames until the stream stops.
+/// Why the sender woke up.
+enum Wake<K> {
+    /// An outbound item of a partition.
+    Item(usize, Result<Arc<CacheEntryEvent<K>>, crate::Lagged>),
+    /// Time to check for idle partitions.
+    Tick,
+    /// A new node appeared: tell it where every partition stands.
+    Hello,
+}
+
+/// Drains the outbound buffers into frames until the stream stops, and
+/// keeps idle partitions' numbering known to the other nodes with
+/// heartbeats (empty frames).
 async fn send_loop<K>(shared: Weak<StreamShared<K>>, link: Arc<dyn Link>, mut stop: watch::Receiver<bool>)
 where
     K: Send + Sync + 'static,
 {
-    let Some(count) = shared.upgrade().and_then(|s| s.cluster.as_ref().map(|c| c.outbound.len())) else { return };
+    let Some((count, heartbeat, hello)) =
+        shared.upgrade().and_then(|s| s.cluster.as_ref().map(|c| (c.outbound.len(), c.heartbeat, c.hello.clone())))
+    else {
+        return;
+    };
     let mut stash: Vec<Option<Arc<CacheEntryEvent<K>>>> = vec![None; count];
+    // Announce every partition at once: nodes already running learn our numbering.
+    let mut last_sent: Vec<Option<Instant>> = vec![None; count];
+    let mut tick = tokio::time::interval((heartbeat / 4).max(Duration::from_millis(1)));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        // Wait until some partition has something to send.
-        let woke = {
+        let wake = {
             let Some(s) = shared.upgrade() else { return };
             let Some(cluster) = s.cluster.as_ref() else { return };
             let any = std::future::poll_fn(|cx| {
@@ -217,27 +258,43 @@ where
                 Poll::Pending
             });
             tokio::select! {
-                woke = any => Some(woke),
-                _ = stop.changed() => None,
+                biased;
+                _ = stop.changed() => return,
+                (p, item) = any => Wake::Item(p, item),
+                _ = hello.notified() => Wake::Hello,
+                _ = tick.tick() => Wake::Tick,
             }
         };
-        let Some((first_p, first)) = woke else { return };
         let Some(s) = shared.upgrade() else { return };
         let Some(cluster) = s.cluster.as_ref() else { return };
-        if !cluster.batch_linger.is_zero() {
-            tokio::time::sleep(cluster.batch_linger).await;
-        }
-        let mut pending: Vec<Vec<Arc<CacheEntryEvent<K>>>> = vec![Vec::new(); count];
         let mut frames = Vec::new();
-        s.accept(first_p, first, &mut pending[first_p], &mut frames);
-        for p in 0..count {
-            while frames.len() < 64 {
-                let Some(item) = cluster.outbound[p].try_next(&mut stash[p]) else { break };
-                s.accept(p, item, &mut pending[p], &mut frames);
+        let hello = matches!(wake, Wake::Hello);
+        if let Wake::Item(first_p, first) = wake {
+            if !cluster.batch_linger.is_zero() {
+                tokio::time::sleep(cluster.batch_linger).await;
+            }
+            let mut pending: Vec<Vec<Arc<CacheEntryEvent<K>>>> = vec![Vec::new(); count];
+            s.accept(first_p, first, &mut pending[first_p], &mut frames);
+            for p in 0..count {
+                while frames.len() < 64 {
+                    let Some(item) = cluster.outbound[p].try_next(&mut stash[p]) else { break };
+                    s.accept(p, item, &mut pending[p], &mut frames);
+                }
+            }
+            for (p, events) in pending.iter_mut().enumerate() {
+                frames.extend(s.seal(p, events));
             }
         }
-        for (p, events) in pending.iter_mut().enumerate() {
-            frames.extend(s.seal(p, events));
+        let now = Instant::now();
+        for p in 0..count {
+            if frames.iter().any(|(fp, _)| *fp == p) {
+                last_sent[p] = Some(now);
+            } else if hello || last_sent[p].is_none_or(|at| now.duration_since(at) >= heartbeat) {
+                if let Some(frame) = s.heartbeat(p, stash[p].is_some()) {
+                    frames.push(frame);
+                    last_sent[p] = Some(now);
+                }
+            }
         }
         drop(s);
         if !frames.is_empty() {
@@ -285,11 +342,11 @@ impl<K> StreamShared<K> {
             return;
         }
         for event in frame.into_events(&self.reporter.cache, &part.topic) {
-            if !subscribers.iter().any(|r| r.wants(event.kind)) {
+            if !subscribers.iter().any(|r| r.wants_remote(event.kind)) {
                 continue;
             }
             let event = Arc::new(event);
-            for ring in subscribers.iter().filter(|r| r.wants(event.kind)) {
+            for ring in subscribers.iter().filter(|r| r.wants_remote(event.kind)) {
                 if !ring.push(event.clone()) {
                     self.reporter.broadcast_error(
                         &part.topic,
@@ -301,9 +358,33 @@ impl<K> StreamShared<K> {
         }
     }
 
+    /// An empty frame carrying the next sequence number of an idle partition
+    /// (none if events are waiting to be sent: their frame will tell).
+    fn heartbeat(&self, p: usize, stashed: bool) -> Option<(usize, Arc<[u8]>)> {
+        let cluster = self.cluster.as_ref()?;
+        let part = self.parts.get(p)?;
+        let next = {
+            // Writers number and enqueue under this lock: with the buffer
+            // empty, every number up to `seq` was sent (or dropped).
+            let seq = part.seq.lock();
+            if stashed || !cluster.outbound.get(p)?.is_empty() {
+                return None;
+            }
+            *seq + 1
+        };
+        self.encode(p, next, &[])
+    }
+
     /// Encodes `events` of partition `p` (consecutive sequence numbers) as one frame.
     fn seal(&self, p: usize, events: &mut Vec<Arc<CacheEntryEvent<K>>>) -> Option<(usize, Arc<[u8]>)> {
         let first_seq = events.first()?.metadata.seq;
+        let frame = self.encode(p, first_seq, events);
+        events.clear();
+        frame
+    }
+
+    /// Encodes a frame of partition `p` starting at `first_seq`.
+    fn encode(&self, p: usize, first_seq: u64, events: &[Arc<CacheEntryEvent<K>>]) -> Option<(usize, Arc<[u8]>)> {
         let cluster = self.cluster.as_ref()?;
         let header = FrameHeader {
             origin: self.node,
@@ -314,9 +395,7 @@ impl<K> StreamShared<K> {
             first_seq,
             sent_at_us: unix_micros(SystemTime::now()),
         };
-        let encoded = (cluster.encode)(&header, events, cluster.signing_key.as_deref());
-        events.clear();
-        match encoded {
+        match (cluster.encode)(&header, events, cluster.signing_key.as_deref()) {
             Ok(bytes) => Some((p, Arc::from(bytes))),
             Err(e) => {
                 // A key that cannot be serialized: the frame is lost, and
@@ -363,9 +442,14 @@ impl<K> StreamShared<K> {
         let frame_len = frame.events.len() as u64;
         {
             let mut seen = cluster.seen.lock();
-            let entry = seen.entry((h.origin, partition)).or_insert((h.epoch, h.first_seq));
+            let entry = seen.entry((h.origin, partition)).or_insert_with(|| {
+                // A node we have not heard from: tell it where we stand.
+                cluster.hello.notify_one();
+                (h.epoch, h.first_seq)
+            });
             if entry.0 != h.epoch {
                 // The origin restarted its stream: a new numbering.
+                cluster.hello.notify_one();
                 *entry = (h.epoch, h.first_seq);
             }
             let next = entry.1;
@@ -389,8 +473,13 @@ impl<K> StreamShared<K> {
     /// (`0`: an unknown number).
     pub(crate) fn lose(&self, partition: u32, origin: Option<NodeId>, missed: u64) {
         self.reporter.gap(partition, origin, missed);
+        self.notify_loss(partition, missed);
+    }
+
+    /// Tells partition `p`'s subscribers of remote events about a loss.
+    fn notify_loss(&self, partition: u32, missed: u64) {
         if let Some(part) = self.parts.get(partition as usize) {
-            for ring in part.subscribers.load().iter() {
+            for ring in part.subscribers.load().iter().filter(|r| r.scope.remote()) {
                 ring.push_lost(missed);
             }
         }
@@ -401,7 +490,15 @@ impl<K> StreamShared<K> {
         let Some(cluster) = self.cluster.as_ref() else { return };
         match state {
             LinkState::Up => {
-                cluster.link_up.store(true, Ordering::Release);
+                let was_up = cluster.link_up.swap(true, Ordering::AcqRel);
+                if !was_up && cluster.ever_up.swap(true, Ordering::AcqRel) {
+                    // Back after a loss: whatever was published meanwhile is
+                    // gone. Say so again, for readers that acted at the loss
+                    // (an invalidator's flush) and have served since.
+                    for p in 0..self.count {
+                        self.notify_loss(p, 0);
+                    }
+                }
             }
             LinkState::Down(reason) => {
                 if cluster.link_up.swap(false, Ordering::AcqRel) {

@@ -44,6 +44,7 @@
 
 mod cluster;
 mod error;
+pub mod invalidator;
 pub mod pubsub;
 pub mod router;
 mod streams;
@@ -51,10 +52,11 @@ pub mod subscription;
 pub mod telemetry;
 pub mod wire;
 
-pub use cluster::{DEFAULT_BATCH_SIZE, DEFAULT_OUTBOUND_BUFFER};
+pub use cluster::{DEFAULT_BATCH_SIZE, DEFAULT_HEARTBEAT, DEFAULT_OUTBOUND_BUFFER};
 pub use error::Error;
+pub use invalidator::{DisconnectPolicy, Invalidator, InvalidatorBuilder};
 pub use pubsub::{Backoff, MemoryBus, PubSub};
 pub use router::{partition_of, stable_hash, Route, StableHasher};
 pub use streams::{Streams, StreamsBuilder, StreamsExt, StreamsInfo, DEFAULT_BUFFER, DEFAULT_PREFIX, MAX_PARTITIONS};
-pub use subscription::{Item, Lagged, SubscribeOptions, Subscription, TryRecvError};
+pub use subscription::{EventScope, Item, Lagged, SubscribeOptions, Subscription, TryRecvError};
 pub use telemetry::{BroadcastError, BroadcastStatus, InvalidatorEvent, Telemetry};

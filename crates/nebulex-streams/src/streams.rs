@@ -12,11 +12,11 @@ use parking_lot::Mutex;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
-use crate::cluster::{self, Cluster, ClusterOptions, DEFAULT_BATCH_SIZE, DEFAULT_OUTBOUND_BUFFER};
+use crate::cluster::{self, Cluster, ClusterOptions, DEFAULT_BATCH_SIZE, DEFAULT_HEARTBEAT, DEFAULT_OUTBOUND_BUFFER};
 use crate::error::Error;
 use crate::pubsub::{Backoff, PubSub};
 use crate::router::{partition_of, Route};
-use crate::subscription::{Ring, SubscribeOptions, Subscription};
+use crate::subscription::{EventScope, Ring, SubscribeOptions, Subscription};
 use crate::telemetry::{BroadcastError, ObserverFn, Reporter, Telemetry};
 use crate::wire::DEFAULT_MAX_FRAME_BYTES;
 
@@ -50,6 +50,7 @@ pub(crate) type RouterFn<K> = dyn Fn(&CacheEntryEvent<K>) -> Route + Send + Sync
 /// | [`outbound_buffer`](Self::outbound_buffer) | 65,536 events per partition | `0` |
 /// | [`max_frame_bytes`](Self::max_frame_bytes) | 4 MiB | under 64 |
 /// | [`backoff`](Self::backoff) | 50 ms doubling up to 5 s | zero, `max < initial` |
+/// | [`heartbeat`](Self::heartbeat) | 1 s | zero |
 pub struct StreamsBuilder<'a, K, V> {
     cache: &'a Cache<K, V>,
     partitions: Option<u32>,
@@ -189,6 +190,15 @@ where
         self
     }
 
+    /// How often an idle partition tells the other nodes its next sequence
+    /// number, so that a lost last frame is seen as a gap within this time.
+    pub fn heartbeat(mut self, every: Duration) -> Self {
+        if let Some(c) = self.cluster_mut() {
+            c.heartbeat = every;
+        }
+        self
+    }
+
     /// Reconnection delays: `initial`, doubling up to `max`.
     pub fn backoff(mut self, initial: Duration, max: Duration) -> Self {
         if let Some(c) = self.cluster_mut() {
@@ -303,6 +313,7 @@ where
             outbound_buffer: DEFAULT_OUTBOUND_BUFFER,
             max_frame_bytes: DEFAULT_MAX_FRAME_BYTES,
             backoff: Backoff::default(),
+            heartbeat: DEFAULT_HEARTBEAT,
         });
         self
     }
@@ -396,6 +407,10 @@ where
         self.shared.subscribe(options)
     }
 
+    pub(crate) fn shared(&self) -> &Arc<StreamShared<K>> {
+        &self.shared
+    }
+
     /// The stream's metadata.
     pub fn info(&self) -> StreamsInfo {
         StreamsInfo {
@@ -474,6 +489,10 @@ impl<K> Drop for StreamSlot<K> {
 pub(crate) trait LocalCache<K>: Send + Sync {
     /// Removes the stream's slot and listener from the cache.
     fn detach(&self, shared: &Arc<StreamShared<K>>);
+    /// Removes the target's entries without events; returns how many.
+    fn invalidate(&self, target: &Target<K>) -> usize;
+    /// Removes, without events, every entry whose key `pred` selects.
+    fn invalidate_where(&self, pred: &mut dyn FnMut(&K) -> bool) -> usize;
 }
 
 impl<K, V> LocalCache<K> for WeakCache<K, V>
@@ -493,12 +512,25 @@ where
             drop(ext.remove::<StreamSlot<K>>());
         }
     }
+
+    fn invalidate(&self, target: &Target<K>) -> usize {
+        let Some(cache) = self.upgrade() else { return 0 };
+        match target {
+            Target::Key(k) => usize::from(cache.invalidate(k)),
+            Target::Keys(ks) => ks.iter().filter(|k| cache.invalidate(*k)).count(),
+            Target::All => cache.invalidate_where(|_| true),
+        }
+    }
+
+    fn invalidate_where(&self, pred: &mut dyn FnMut(&K) -> bool) -> usize {
+        self.upgrade().map_or(0, |cache| cache.invalidate_where(pred))
+    }
 }
 
 pub(crate) struct Partition<K> {
     pub(crate) topic: Arc<str>,
     /// The last sequence number given out; its lock orders the hand-over.
-    seq: Mutex<u64>,
+    pub(crate) seq: Mutex<u64>,
     pub(crate) subscribers: ArcSwap<Vec<Arc<Ring<K>>>>,
 }
 
@@ -508,7 +540,7 @@ pub(crate) struct StreamShared<K> {
     pub(crate) node: NodeId,
     pub(crate) partitions: Option<u32>,
     pub(crate) count: u32,
-    router: Option<Box<RouterFn<K>>>,
+    pub(crate) router: Option<Box<RouterFn<K>>>,
     pub(crate) parts: Box<[Partition<K>]>,
     buffer: usize,
     broadcast_from: bool,
@@ -518,7 +550,7 @@ pub(crate) struct StreamShared<K> {
     next_partition: AtomicU32,
     registered: AtomicBool,
     stopped: AtomicBool,
-    cache: Box<dyn LocalCache<K>>,
+    pub(crate) cache: Box<dyn LocalCache<K>>,
     pub(crate) cluster: Option<Cluster<K>>,
 }
 
@@ -567,7 +599,7 @@ where
     fn deliver(&self, p: u32, event: &CacheEntryEvent<K>, target: impl FnOnce() -> Target<K>) {
         let Some(part) = self.parts.get(p as usize) else { return };
         let subscribers = part.subscribers.load();
-        let local = !self.broadcast_from && subscribers.iter().any(|r| r.wants(event.kind));
+        let local = !self.broadcast_from && subscribers.iter().any(|r| r.wants_local(event.kind));
         let outbound = self.cluster.as_ref().and_then(|c| c.outbound.get(p as usize));
         if !local && outbound.is_none() {
             return;
@@ -595,7 +627,7 @@ where
             });
             let outbound_full = outbound.is_some_and(|o| !o.push(routed.clone()));
             let subscribers_full = if local {
-                subscribers.iter().filter(|r| r.wants(event.kind)).filter(|r| !r.push(routed.clone())).count()
+                subscribers.iter().filter(|r| r.wants_local(event.kind)).filter(|r| !r.push(routed.clone())).count()
             } else {
                 0
             };
@@ -640,7 +672,17 @@ where
             (Some(p), Some(_)) => p,
             (None, _) => self.next_partition.fetch_add(1, Ordering::Relaxed) % self.count,
         };
-        let ring = Arc::new(Ring::new(self.buffer, mask));
+        self.subscribe_partition(partition, mask, options.scope.unwrap_or(EventScope::All))
+    }
+
+    /// Subscribes to partition `partition` (in range).
+    pub(crate) fn subscribe_partition(
+        self: &Arc<Self>,
+        partition: u32,
+        mask: u8,
+        scope: EventScope,
+    ) -> Result<Subscription<K>, Error> {
+        let ring = Arc::new(Ring::new(self.buffer, mask, scope));
         {
             let _serial = self.subscribers_lock.lock();
             if self.stopped.load(Ordering::Acquire) {
@@ -677,7 +719,9 @@ impl<K> StreamShared<K> {
         } else {
             self.parts
                 .iter()
-                .flat_map(|p| p.subscribers.load().iter().map(|r| r.mask).collect::<Vec<_>>())
+                .flat_map(|p| {
+                    p.subscribers.load().iter().filter(|r| r.scope.local()).map(|r| r.mask).collect::<Vec<_>>()
+                })
                 .fold(0, |m, r| m | r)
         };
         self.filter.set_mask(mask);

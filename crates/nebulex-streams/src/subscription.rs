@@ -49,6 +49,28 @@ pub enum TryRecvError {
 /// One item of a subscription: an event, or how many were missed.
 pub type Item<K> = Result<Arc<CacheEntryEvent<K>>, Lagged>;
 
+/// Whose events a subscription (or an invalidator) wants, by origin node.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub enum EventScope {
+    /// Only other nodes' events (those that came through the cluster transport).
+    #[default]
+    Remote,
+    /// Only this node's own events.
+    Local,
+    /// Every event.
+    All,
+}
+
+impl EventScope {
+    pub(crate) fn local(self) -> bool {
+        matches!(self, EventScope::Local | EventScope::All)
+    }
+
+    pub(crate) fn remote(self) -> bool {
+        matches!(self, EventScope::Remote | EventScope::All)
+    }
+}
+
 /// Which events a new subscription wants, and from which partition.
 ///
 /// ```
@@ -63,6 +85,7 @@ pub type Item<K> = Result<Arc<CacheEntryEvent<K>>, Lagged>;
 pub struct SubscribeOptions {
     pub(crate) events: Option<u8>,
     pub(crate) partition: Option<u32>,
+    pub(crate) scope: Option<EventScope>,
 }
 
 impl SubscribeOptions {
@@ -81,6 +104,13 @@ impl SubscribeOptions {
     /// From this partition of a partitioned stream (default: round-robin).
     pub fn partition(mut self, partition: u32) -> Self {
         self.partition = Some(partition);
+        self
+    }
+
+    /// Only events of this origin: this node's, other nodes', or both (the
+    /// default, [`EventScope::All`]).
+    pub fn scope(mut self, scope: EventScope) -> Self {
+        self.scope = Some(scope);
         self
     }
 }
@@ -106,6 +136,8 @@ pub(crate) struct Ring<K> {
     missed: AtomicU64,
     /// The event types this subscriber wants.
     pub(crate) mask: u8,
+    /// Whose events it wants.
+    pub(crate) scope: EventScope,
     waker: AtomicWaker,
     /// The subscriber is (about to be) parked waiting for an event.
     sleeping: AtomicBool,
@@ -113,24 +145,37 @@ pub(crate) struct Ring<K> {
 }
 
 impl<K> Ring<K> {
-    pub(crate) fn new(capacity: usize, mask: u8) -> Self {
+    pub(crate) fn new(capacity: usize, mask: u8, scope: EventScope) -> Self {
         Ring {
             queue: ArrayQueue::new(capacity),
             missed: AtomicU64::new(0),
             mask,
+            scope,
             waker: AtomicWaker::new(),
             sleeping: AtomicBool::new(false),
             closed: AtomicBool::new(false),
         }
     }
 
+    /// Whether it wants this node's own events of this type.
     #[inline]
-    pub(crate) fn wants(&self, kind: EventType) -> bool {
-        self.mask & kind.bit() != 0
+    pub(crate) fn wants_local(&self, kind: EventType) -> bool {
+        self.mask & kind.bit() != 0 && self.scope.local()
+    }
+
+    /// Whether it wants other nodes' events of this type.
+    #[inline]
+    pub(crate) fn wants_remote(&self, kind: EventType) -> bool {
+        self.mask & kind.bit() != 0 && self.scope.remote()
     }
 
     pub(crate) fn capacity(&self) -> usize {
         self.queue.capacity()
+    }
+
+    /// Whether nothing is waiting: no event, no loss to report.
+    pub(crate) fn is_empty(&self) -> bool {
+        self.queue.is_empty() && self.missed.load(Ordering::Acquire) == 0
     }
 
     /// Offers an event; returns `false` if the buffer was full (the event is

@@ -41,6 +41,8 @@ pub(crate) struct Config {
     pub(crate) keys: usize,
     /// Capacity of every cache in those figures: above `keys`, so none evicts.
     pub(crate) capacity: usize,
+    /// Lookups of each lookup-throughput pass, on caches holding all `keys`.
+    pub(crate) lookups: usize,
     /// Repetitions of each throughput measurement (the median is kept).
     pub(crate) reps: usize,
     /// Rounds of the listener-overhead measurement (each: one fill with a
@@ -63,6 +65,7 @@ impl Config {
             quick,
             keys: 1_000_000,
             capacity: 1_100_000,
+            lookups: if quick { 250_000 } else { 1_000_000 },
             reps: if quick { 3 } else { 5 },
             listener_rounds: if quick { 5 } else { 11 },
             e2e_reps: if quick { 1 } else { 3 },

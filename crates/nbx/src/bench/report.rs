@@ -75,6 +75,12 @@ fn ratio(a: f64, b: f64) -> f64 {
     }
 }
 
+/// A rate rounded to a whole number.
+fn whole(x: f64) -> u64 {
+    // `as` saturates: negative or NaN gives 0, which no rate here is.
+    x.round() as u64
+}
+
 /// `x` rounded to `digits` decimals.
 fn round(x: f64, digits: i32) -> f64 {
     let scale = 10f64.powi(digits);
@@ -109,19 +115,19 @@ impl Figures {
         let t = &self.throughput;
         json!({
             "local": {
-                "put_ops_per_sec": t.put.round(),
-                "moka_insert_ops_per_sec": t.moka_insert.round(),
-                "quick_cache_insert_ops_per_sec": t.quick_cache_insert.round(),
+                "put_ops_per_sec": whole(t.put),
+                "moka_insert_ops_per_sec": whole(t.moka_insert),
+                "quick_cache_insert_ops_per_sec": whole(t.quick_cache_insert),
                 "put_vs_moka": round(self.put_vs_moka(), 3),
                 "put_vs_quick_cache": round(self.put_vs_quick_cache(), 3),
-                "get_ops_per_sec": t.get.round(),
-                "moka_get_ops_per_sec": t.moka_get.round(),
+                "get_ops_per_sec": whole(t.get),
+                "moka_get_ops_per_sec": whole(t.moka_get),
                 "get_vs_moka": round(self.get_vs_moka(), 3),
                 "listener_overhead": round(self.listener.ratio(), 3),
-                "stream_e2e_events_per_sec": self.stream_1.events_per_sec.round(),
+                "stream_e2e_events_per_sec": whole(self.stream_1.events_per_sec),
                 "stream_e2e_lagged": self.stream_1.lagged,
                 "stream_vs_moka": round(self.stream_vs_moka(), 3),
-                "partitions4_e2e_events_per_sec": self.stream_4.events_per_sec.round(),
+                "partitions4_e2e_events_per_sec": whole(self.stream_4.events_per_sec),
                 "partitions4_e2e_lagged": self.stream_4.lagged,
                 "partitions4_vs_1": round(self.partitions4_vs_1(), 3),
                 "hit_ratio": round(self.hit_ratio.ours, 4),

@@ -36,11 +36,15 @@ pub struct MemoryBus {
     inner: Arc<BusInner>,
 }
 
+type FramePredicate = Box<dyn Fn(&str, &[u8]) -> bool + Send + Sync>;
+
 #[derive(Default)]
 struct BusInner {
     links: Mutex<Vec<Arc<MemoryLink>>>,
     /// Frames still to drop.
     to_drop: AtomicU64,
+    /// Frames still to drop among those a predicate selects.
+    to_drop_where: Mutex<Vec<(u64, FramePredicate)>>,
     /// Frames dropped so far.
     dropped: AtomicU64,
     /// Frames delivered so far (to any number of nodes).
@@ -64,6 +68,12 @@ impl MemoryBus {
     /// Loses the next `n` frames published on the bus (on any channel).
     pub fn drop_frames(&self, n: u64) {
         self.inner.to_drop.fetch_add(n, Ordering::SeqCst);
+    }
+
+    /// Loses the next `n` frames for which `pred(channel, frame)` holds — to
+    /// lose, say, one node's frames that carry events but not its heartbeats.
+    pub fn drop_frames_where(&self, n: u64, pred: impl Fn(&str, &[u8]) -> bool + Send + Sync + 'static) {
+        self.inner.to_drop_where.lock().push((n, Box::new(pred)));
     }
 
     /// How many frames the bus has lost on purpose.
@@ -120,9 +130,17 @@ impl MemoryBus {
         }
     }
 
-    /// Takes one frame's worth of the drops asked for, if any are left.
-    fn should_drop(&self) -> bool {
-        let taken = self.inner.to_drop.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1)).is_ok();
+    /// Takes one frame's worth of the drops asked for, if any apply.
+    fn should_drop(&self, channel: &str, bytes: &[u8]) -> bool {
+        let mut taken = {
+            let mut rules = self.inner.to_drop_where.lock();
+            let hit = rules.iter_mut().find(|(n, pred)| *n > 0 && pred(channel, bytes));
+            let taken = hit.map(|(n, _)| *n -= 1).is_some();
+            rules.retain(|(n, _)| *n > 0);
+            taken
+        };
+        taken =
+            taken || self.inner.to_drop.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1)).is_ok();
         if taken {
             self.inner.dropped.fetch_add(1, Ordering::SeqCst);
         }
@@ -152,7 +170,7 @@ impl Link for MemoryLink {
                 failed += 1;
                 continue;
             };
-            if !self.bus.should_drop() {
+            if !self.bus.should_drop(channel, &bytes) {
                 self.bus.deliver(channel, &bytes);
             }
         }

@@ -1,0 +1,259 @@
+//! The Invalidator: a change on one node removes the stale copy on every
+//! other node.
+//!
+//! An invalidator subscribes to every partition of a stream (one worker per
+//! partition) and deletes from the local cache the target of every event in
+//! its [scope](EventScope) — `Key`, `Keys` or `All` — **without emitting
+//! events**, so nothing echoes back across the cluster. The next read of an
+//! invalidated key goes to the system of record.
+//!
+//! # Fail safe
+//!
+//! A lost message must not leave a stale entry behind. When a worker learns
+//! of a loss — a `Lagged` notice: its buffer overflowed, a gap in a node's
+//! sequence numbers, or a lost connection — it deletes every local entry of
+//! its partition (exact with the default router, which gives each key one
+//! partition; with a custom router, the whole cache) and reports
+//! [`Resync`](InvalidatorEvent::Resync).
+//!
+//! A lost connection is told twice: when it is lost, and when it is back
+//! (what was published in between is gone, and entries read meanwhile may
+//! be stale). The [`DisconnectPolicy`] says what to do at the first:
+//! [`Flush`](DisconnectPolicy::Flush) at once (the default), or
+//! [`ServeStale`](DisconnectPolicy::ServeStale) for at most `max`, then
+//! flush — for near caches that prefer availability during a short outage.
+//!
+//! # The load race
+//!
+//! A `get_or_insert_with` load that started before an invalidation of its
+//! key does not store its result (the cache takes care of it): the value
+//! it read may be older than the change that was announced.
+//!
+//! ```no_run
+//! # async fn run() -> Result<(), nebulex_streams::Error> {
+//! use nebulex::Cache;
+//! use nebulex_streams::{EventScope, Invalidator, PubSub, Streams};
+//!
+//! let cache: Cache<String, String> = Cache::builder().name("users").build()?;
+//! let streams = Streams::builder(&cache).partitions(4).pubsub(PubSub::redis("redis://127.0.0.1:6379/")).start()?;
+//! streams.ready().await?;
+//! let invalidator = Invalidator::builder(&streams).scope(EventScope::Remote).start()?;
+//! // ... every write on another node now removes this node's copy.
+//! invalidator.stop();
+//! # Ok(()) }
+//! ```
+
+use std::fmt;
+use std::hash::Hash;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use nebulex::{CacheEntryEvent, EventType};
+use tokio::sync::watch;
+
+use crate::error::Error;
+use crate::router::partition_of;
+use crate::streams::{StreamShared, Streams};
+use crate::subscription::{EventScope, Lagged, Subscription};
+use crate::telemetry::InvalidatorEvent;
+
+/// What an invalidator does when its node loses the cluster connection.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub enum DisconnectPolicy {
+    /// Delete the partition's local entries at once (and again when the
+    /// connection is back): nothing stale is ever served.
+    #[default]
+    Flush,
+    /// Keep serving local entries for at most `max` after the loss, then
+    /// delete them (and again when the connection is back): a bounded
+    /// staleness window in exchange for availability.
+    ServeStale {
+        /// The longest a possibly stale entry is served.
+        max: Duration,
+    },
+}
+
+/// Options of an invalidator; made by [`Invalidator::builder`].
+///
+/// | option | default |
+/// |---|---|
+/// | [`scope`](Self::scope) | [`EventScope::Remote`]: other nodes' changes |
+/// | [`on_disconnect`](Self::on_disconnect) | [`DisconnectPolicy::Flush`] |
+pub struct InvalidatorBuilder<'a, K> {
+    streams: &'a Streams<K>,
+    scope: EventScope,
+    policy: DisconnectPolicy,
+}
+
+impl<K> fmt::Debug for InvalidatorBuilder<'_, K> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("InvalidatorBuilder").field("scope", &self.scope).field("policy", &self.policy).finish()
+    }
+}
+
+/// A started invalidator. A cheap handle: it lives until
+/// [`stop`](Self::stop) or until its stream stops; dropping handles does not
+/// stop it. See the [module docs](self).
+#[derive(Clone)]
+pub struct Invalidator {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    stop: watch::Sender<bool>,
+    stopped: AtomicBool,
+    /// Reports `Stopped` once.
+    on_stop: Box<dyn Fn() + Send + Sync>,
+}
+
+impl fmt::Debug for Invalidator {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Invalidator").field("stopped", &self.is_stopped()).finish()
+    }
+}
+
+impl Invalidator {
+    /// Starts building an invalidator over `streams`' events.
+    pub fn builder<K>(streams: &Streams<K>) -> InvalidatorBuilder<'_, K> {
+        InvalidatorBuilder { streams, scope: EventScope::Remote, policy: DisconnectPolicy::Flush }
+    }
+
+    /// Stops every worker: once it returns, no further event is applied (a
+    /// worker may still be finishing the one at hand). Stopping twice does
+    /// nothing.
+    pub fn stop(&self) {
+        if !self.inner.stopped.swap(true, Ordering::AcqRel) {
+            self.inner.stop.send_replace(true);
+            (self.inner.on_stop)();
+        }
+    }
+
+    /// Whether it was stopped (its stream stopping also ends its workers).
+    pub fn is_stopped(&self) -> bool {
+        self.inner.stopped.load(Ordering::Acquire)
+    }
+}
+
+impl<K> InvalidatorBuilder<'_, K>
+where
+    K: Eq + Hash + Clone + Send + Sync + 'static,
+{
+    /// Whose changes invalidate: other nodes' (the default), this node's own,
+    /// or all.
+    pub fn scope(mut self, scope: EventScope) -> Self {
+        self.scope = scope;
+        self
+    }
+
+    /// What to do when the cluster connection is lost.
+    pub fn on_disconnect(mut self, policy: DisconnectPolicy) -> Self {
+        self.policy = policy;
+        self
+    }
+
+    /// Starts one worker per partition, as tasks on the ambient tokio runtime
+    /// ([`Error::NoRuntime`] outside one; [`Error::StreamNotStarted`] if the
+    /// stream was stopped).
+    pub fn start(self) -> Result<Invalidator, Error> {
+        let rt = crate::pubsub::runtime()?;
+        let shared = self.streams.shared().clone();
+        let subscriptions = (0..shared.count)
+            .map(|p| shared.subscribe_partition(p, EventType::ALL.iter().fold(0, |m, t| m | t.bit()), self.scope))
+            .collect::<Result<Vec<_>, _>>()?;
+        let (stop, stopped) = watch::channel(false);
+        let reporter = shared.clone();
+        let inner = Arc::new(Inner {
+            stop,
+            stopped: AtomicBool::new(false),
+            on_stop: Box::new(move || reporter.reporter.invalidator(InvalidatorEvent::Stopped)),
+        });
+        for sub in subscriptions {
+            let worker = Worker { shared: shared.clone(), policy: self.policy, _inner: inner.clone() };
+            rt.spawn(worker.run(sub, stopped.clone()));
+        }
+        shared.reporter.invalidator(InvalidatorEvent::Started);
+        Ok(Invalidator { inner })
+    }
+}
+
+/// One partition's worker.
+struct Worker<K> {
+    shared: Arc<StreamShared<K>>,
+    policy: DisconnectPolicy,
+    /// Keeps the stop signal alive while the worker runs.
+    _inner: Arc<Inner>,
+}
+
+impl<K> Worker<K>
+where
+    K: Eq + Hash + Clone + Send + Sync + 'static,
+{
+    async fn run(self, mut sub: Subscription<K>, mut stop: watch::Receiver<bool>) {
+        let partition = sub.partition();
+        let mut flush_at: Option<tokio::time::Instant> = None;
+        loop {
+            let item = tokio::select! {
+                biased;
+                _ = stop.wait_for(|s| *s) => return,
+                item = sub.recv() => item,
+                _ = sleep_until(flush_at), if flush_at.is_some() => {
+                    flush_at = None;
+                    self.resync(partition);
+                    continue;
+                }
+            };
+            if *stop.borrow() {
+                return;
+            }
+            match item {
+                None => return,
+                Some(Ok(event)) => self.apply(partition, &event),
+                Some(Err(Lagged(0))) => match self.policy {
+                    DisconnectPolicy::Flush => self.resync(partition),
+                    DisconnectPolicy::ServeStale { max } => {
+                        flush_at.get_or_insert_with(|| tokio::time::Instant::now() + max);
+                    }
+                },
+                Some(Err(Lagged(_))) => self.resync(partition),
+            }
+        }
+    }
+
+    /// Deletes an event's target from the local cache.
+    fn apply(&self, partition: u32, event: &CacheEntryEvent<K>) {
+        let reporter = &self.shared.reporter;
+        match event.kind {
+            EventType::Inserted | EventType::Updated | EventType::Deleted => {
+                let count = self.shared.cache.invalidate(&event.target);
+                if let Ok(lag) = SystemTime::now().duration_since(event.metadata.timestamp) {
+                    reporter.propagation(lag.as_secs_f64());
+                }
+                reporter.invalidator(InvalidatorEvent::Invalidate { partition, count });
+            }
+            // Expiry and eviction elsewhere say nothing about the data.
+            kind @ (EventType::Expired | EventType::Evicted) => {
+                reporter.invalidator(InvalidatorEvent::Unhandled { partition, kind });
+            }
+        }
+    }
+
+    /// Deletes every local entry of the partition (all of them with a custom
+    /// router, or an unpartitioned stream).
+    fn resync(&self, partition: u32) {
+        let count = self.shared.count;
+        let removed = if self.shared.router.is_none() && count > 1 {
+            self.shared.cache.invalidate_where(&mut |k| partition_of(k, count) == partition)
+        } else {
+            self.shared.cache.invalidate_where(&mut |_| true)
+        };
+        self.shared.reporter.invalidator(InvalidatorEvent::Resync { partition, count: removed });
+    }
+}
+
+async fn sleep_until(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}

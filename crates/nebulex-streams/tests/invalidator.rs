@@ -1,0 +1,259 @@
+//! The Invalidator over the in-process bus: scopes, targets, no echo, the
+//! fail-safe flush on loss, the disconnect policies, and the load race.
+
+mod support;
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use nebulex::{Cache, NodeId, Query};
+use nebulex_streams::{
+    partition_of, DisconnectPolicy, EventScope, Invalidator, InvalidatorEvent, PubSub, Streams, StreamsExt,
+    SubscribeOptions, Telemetry,
+};
+use support::*;
+
+type Reports = Arc<Mutex<Vec<InvalidatorEvent>>>;
+
+/// A node whose invalidator reports land in the returned list.
+async fn node_with_invalidator(
+    id: u64,
+    bus: &PubSub,
+    partitions: u32,
+    scope: EventScope,
+    policy: DisconnectPolicy,
+) -> (Cache<String, u32>, Streams<String>, Invalidator, Reports) {
+    let cache = node("users", id);
+    let reports: Reports = Arc::default();
+    let seen = reports.clone();
+    let streams = Streams::builder(&cache)
+        .partitions(partitions)
+        .pubsub(bus.clone())
+        .observer(move |t| {
+            if let Telemetry::Invalidator { event, .. } = t {
+                seen.lock().unwrap().push(event.clone());
+            }
+        })
+        .start()
+        .unwrap();
+    streams.ready().await.unwrap();
+    let invalidator = Invalidator::builder(&streams).scope(scope).on_disconnect(policy).start().unwrap();
+    (cache, streams, invalidator, reports)
+}
+
+/// Waits until `cond` holds, failing the test after [`PATIENCE`].
+async fn eventually(what: &str, cond: impl Fn() -> bool) {
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    while !cond() {
+        assert!(tokio::time::Instant::now() < deadline, "timed out waiting for: {what}");
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+}
+
+/// Selects frames of `origin` that carry events (not its heartbeats).
+fn from_with_events(origin: NodeId) -> impl Fn(&str, &[u8]) -> bool + Send + Sync + 'static {
+    move |_, bytes| {
+        nebulex_streams::wire::decode::<String>(bytes, &Default::default())
+            .is_ok_and(|f| f.header.origin == origin && !f.events.is_empty())
+    }
+}
+
+fn invalidations(reports: &Reports) -> usize {
+    reports.lock().unwrap().iter().filter(|e| matches!(e, InvalidatorEvent::Invalidate { .. })).count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn remote_scope_ignores_own_writes_and_removes_other_nodes_changes() {
+    let bus = PubSub::memory();
+    let (a, _sa, _ia, ra) = node_with_invalidator(1, &bus, 2, EventScope::Remote, DisconnectPolicy::Flush).await;
+    let (b, _sb, _ib, rb) = node_with_invalidator(2, &bus, 2, EventScope::Remote, DisconnectPolicy::Flush).await;
+
+    a.put("user:1".into(), 1);
+    eventually("B saw A's insert", || invalidations(&rb) == 1).await;
+    assert_eq!(a.get("user:1"), Some(1), "A keeps its own write");
+    b.put("user:1".into(), 2);
+    eventually("A invalidated user:1", || !a.contains_key("user:1")).await;
+    assert_eq!(b.get("user:1"), Some(2), "B keeps its own write");
+    assert_eq!(invalidations(&ra), 1, "A acted on B's write only");
+    assert_eq!(invalidations(&rb), 1, "B acted on A's write only");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn local_scope_acts_only_on_own_writes_and_all_on_both() {
+    let bus = PubSub::memory();
+    let (a, _sa, _ia, ra) = node_with_invalidator(1, &bus, 1, EventScope::Local, DisconnectPolicy::Flush).await;
+    let (b, _sb, _ib, rb) = node_with_invalidator(2, &bus, 1, EventScope::All, DisconnectPolicy::Flush).await;
+
+    a.put("k".into(), 1); // Local scope: A removes its own write.
+    eventually("A removed its own write", || !a.contains_key("k")).await;
+    eventually("B (All) saw A's write", || invalidations(&rb) == 1).await;
+    b.put("mine".into(), 1); // All scope: B removes its own write too.
+    eventually("B removed its own write", || !b.contains_key("mine")).await;
+    eventually("B counted both", || invalidations(&rb) == 2).await;
+    // A ignores B's write (not in its Local scope): only its own write counted.
+    assert_eq!(invalidations(&ra), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keys_and_all_targets_are_removed_without_echo() {
+    let bus = PubSub::memory();
+    let (a, _sa, _ia, _) = node_with_invalidator(1, &bus, 4, EventScope::Remote, DisconnectPolicy::Flush).await;
+    let (b, _sb, _ib, rb) = node_with_invalidator(2, &bus, 4, EventScope::Remote, DisconnectPolicy::Flush).await;
+    let mut a_hears: Vec<_> =
+        (0..4).map(|p| a.subscribe(SubscribeOptions::new().scope(EventScope::Remote).partition(p)).unwrap()).collect();
+    let keys: Vec<String> = (0..20).map(|i| format!("k{i}")).collect();
+    let parts_of = |ks: &[String]| {
+        let mut ps: Vec<u32> = ks.iter().map(|k| partition_of(k, 4)).collect();
+        ps.sort();
+        ps.dedup();
+        ps.len()
+    };
+    // A's put_all reaches B as one event per partition.
+    a.put_all(keys.iter().map(|k| (k.clone(), 1)));
+    eventually("B applied A's put_all", || invalidations(&rb) == parts_of(&keys)).await;
+
+    b.delete_all(Query::Keys(keys[..10].to_vec()));
+    eventually("k0..k9 removed from A", || keys[..10].iter().all(|k| !a.contains_key(k))).await;
+    assert!(keys[10..].iter().all(|k| a.contains_key(k)), "only the named keys");
+    b.delete_all(Query::All);
+    eventually("everything removed from A", || a.is_empty()).await;
+
+    // No echo: A's invalidations emitted nothing, so A heard exactly B's two
+    // deletes: one event per partition the keys fall in, then one per partition.
+    let mut heard = 0;
+    for sub in &mut a_hears {
+        while let Ok(e) = sub.try_recv() {
+            assert_eq!((e.metadata.node, e.kind), (NodeId(2), nebulex::EventType::Deleted));
+            heard += 1;
+        }
+    }
+    assert_eq!(heard, parts_of(&keys[..10]) + 4);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_frame_flushes_exactly_its_partition() {
+    let bus = PubSub::memory();
+    let memory = bus.as_memory().unwrap().clone();
+    let (a, _sa, _ia, ra) = node_with_invalidator(1, &bus, 4, EventScope::Remote, DisconnectPolicy::Flush).await;
+    let (b, _sb, _ib, rb) = node_with_invalidator(2, &bus, 4, EventScope::Remote, DisconnectPolicy::Flush).await;
+    let keys: Vec<String> = (0..200).map(|i| format!("key:{i}")).collect();
+    for k in &keys {
+        b.put(k.clone(), 1);
+    }
+    // The bus is quiet once A has applied every one of B's writes.
+    eventually("A applied B's writes", || invalidations(&ra) == keys.len()).await;
+    let lost = "key:0".to_string();
+    let p = partition_of(&lost, 4);
+    let on_p = |i: usize| (0..).map(|j| format!("probe:{j}")).filter(|k| partition_of(k, 4) == p).nth(i).unwrap();
+    // B knows where A's partition stands once it applied a write of A there.
+    let before = invalidations(&rb);
+    a.put(on_p(0), 1);
+    eventually("B applied A's probe", || invalidations(&rb) == before + 1).await;
+    // A's write of key:0 is lost on the way; the next one on its partition reveals the gap.
+    memory.drop_frames_where(1, from_with_events(NodeId(1)));
+    a.put(lost.clone(), 2);
+    a.put(on_p(1), 3);
+    eventually("B resynced partition", || {
+        rb.lock().unwrap().iter().any(|e| matches!(e, InvalidatorEvent::Resync { partition, .. } if *partition == p))
+    })
+    .await;
+    for k in &keys {
+        assert_eq!(b.contains_key(k), partition_of(k, 4) != p, "{k}: only partition {p} is flushed");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_last_frame_is_revealed_by_the_next_heartbeat() {
+    let bus = PubSub::memory();
+    let memory = bus.as_memory().unwrap().clone();
+    let a = node("users", 1);
+    let sa =
+        Streams::builder(&a).partitions(1).pubsub(bus.clone()).heartbeat(Duration::from_millis(20)).start().unwrap();
+    sa.ready().await.unwrap();
+    let (b, _sb, _ib, rb) = node_with_invalidator(2, &bus, 1, EventScope::Remote, DisconnectPolicy::Flush).await;
+    let before = invalidations(&rb);
+    a.put("first".into(), 1);
+    eventually("B applied A's first write", || invalidations(&rb) == before + 1).await;
+    b.put("cached".into(), 1);
+    memory.drop_frames_where(1, from_with_events(NodeId(1)));
+    a.put("cached".into(), 2); // lost, and A writes nothing after it
+    eventually("B flushed after A's heartbeat", || !b.contains_key("cached")).await;
+    assert!(rb.lock().unwrap().iter().any(|e| matches!(e, InvalidatorEvent::Resync { .. })));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn flush_policy_flushes_at_the_cut_and_again_at_the_restore() {
+    let bus = PubSub::memory();
+    let memory = bus.as_memory().unwrap().clone();
+    let (b, _sb, _ib, rb) = node_with_invalidator(2, &bus, 2, EventScope::Remote, DisconnectPolicy::Flush).await;
+    let resyncs = || rb.lock().unwrap().iter().filter(|e| matches!(e, InvalidatorEvent::Resync { .. })).count();
+    b.put("a".into(), 1);
+    memory.cut(NodeId(2));
+    eventually("both partitions flushed", || resyncs() == 2).await;
+    assert!(b.is_empty());
+    b.put("read-during-outage".into(), 1);
+    memory.restore(NodeId(2));
+    eventually("flushed again on restore", || resyncs() == 4).await;
+    assert!(!b.contains_key("read-during-outage"), "what was read during the outage may be stale");
+}
+
+#[tokio::test(start_paused = true)]
+async fn serve_stale_keeps_entries_for_at_most_max_then_flushes() {
+    let bus = PubSub::memory();
+    let memory = bus.as_memory().unwrap().clone();
+    let max = Duration::from_secs(30);
+    let (b, _sb, _ib, rb) =
+        node_with_invalidator(2, &bus, 1, EventScope::Remote, DisconnectPolicy::ServeStale { max }).await;
+    b.put("a".into(), 1);
+    memory.cut(NodeId(2));
+    tokio::time::sleep(max - Duration::from_secs(1)).await;
+    assert_eq!(b.get("a"), Some(1), "served during the window");
+    assert!(rb.lock().unwrap().iter().all(|e| !matches!(e, InvalidatorEvent::Resync { .. })));
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    for _ in 0..100 {
+        tokio::task::yield_now().await;
+    }
+    assert!(!b.contains_key("a"), "flushed once max passed");
+    assert!(rb.lock().unwrap().iter().any(|e| matches!(e, InvalidatorEvent::Resync { .. })));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_load_overtaken_by_a_remote_change_is_returned_but_not_stored() {
+    let bus = PubSub::memory();
+    let (a, _sa, _ia, _) = node_with_invalidator(1, &bus, 1, EventScope::Remote, DisconnectPolicy::Flush).await;
+    let (b, _sb, _ib, rb) = node_with_invalidator(2, &bus, 1, EventScope::Remote, DisconnectPolicy::Flush).await;
+    let (started_tx, started_rx) = std::sync::mpsc::channel();
+    let (go_tx, go_rx) = std::sync::mpsc::channel::<()>();
+    let loader_cache = b.clone();
+    let load = std::thread::spawn(move || {
+        loader_cache.get_or_insert_with("user:1".to_string(), || {
+            started_tx.send(()).unwrap();
+            go_rx.recv().unwrap();
+            1 // read from the system of record before A's write
+        })
+    });
+    started_rx.recv().unwrap();
+    a.put("user:1".into(), 2); // A changes the record meanwhile
+    eventually("B's invalidator applied A's change", || invalidations(&rb) == 1).await;
+    go_tx.send(()).unwrap();
+    assert_eq!(load.join().unwrap(), 1, "the caller still gets what it loaded");
+    assert!(!b.contains_key("user:1"), "but the possibly stale value is not stored");
+}
+
+#[tokio::test]
+async fn stop_ends_the_workers_and_reports_it() {
+    let bus = PubSub::memory();
+    let (a, _sa, _ia, _) = node_with_invalidator(1, &bus, 1, EventScope::Remote, DisconnectPolicy::Flush).await;
+    let (b, _sb, ib, rb) = node_with_invalidator(2, &bus, 1, EventScope::Remote, DisconnectPolicy::Flush).await;
+    assert!(matches!(rb.lock().unwrap()[0], InvalidatorEvent::Started));
+    ib.stop();
+    ib.stop();
+    assert!(ib.is_stopped());
+    b.put("k".into(), 1);
+    a.put("k".into(), 2);
+    for _ in 0..100 {
+        tokio::task::yield_now().await;
+    }
+    assert_eq!(b.get("k"), Some(1), "a stopped invalidator removes nothing");
+    assert_eq!(rb.lock().unwrap().iter().filter(|e| matches!(e, InvalidatorEvent::Stopped)).count(), 1);
+}
