@@ -8,8 +8,10 @@
 
 use std::fmt::Debug;
 use std::sync::Arc;
+use std::time::{Duration, UNIX_EPOCH};
 
 use libfuzzer_sys::fuzz_target;
+use nebulex::{CacheEntryEvent, EventMetadata};
 use nebulex_streams::wire::{self, DecodeLimits, Frame};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -30,10 +32,28 @@ where
     // What was accepted encodes again, and that decodes to the same frame
     // (the bytes may differ: a foreign writer may use longer encodings).
     let header = frame.header.clone();
-    let cache: Arc<str> = Arc::from(header.cache.as_str());
-    let topic: Arc<str> = Arc::from("fuzz");
-    let events: Vec<Arc<nebulex::CacheEntryEvent<K>>> =
-        frame.clone().into_events(&cache, &topic).into_iter().map(Arc::new).collect();
+    let events: Vec<Arc<CacheEntryEvent<K>>> = frame
+        .events
+        .iter()
+        .map(|e| {
+            Arc::new(CacheEntryEvent {
+                // Not sent (the header names the cache); a fixed name, as it may be interned.
+                cache: "fuzz".into(),
+                kind: e.kind,
+                target: e.target.clone(),
+                command: e.command,
+                version: e.version,
+                metadata: EventMetadata {
+                    node: header.origin,
+                    partition: None,
+                    partitions: None,
+                    topic: None,
+                    seq: 0,
+                    timestamp: UNIX_EPOCH + Duration::from_micros(e.timestamp_us),
+                },
+            })
+        })
+        .collect();
     let again = wire::encode(&header, &events, limits.signing_key).expect("re-encode an accepted frame");
     let unlimited = DecodeLimits { max_frame_bytes: usize::MAX, signing_key: limits.signing_key };
     let back: Frame<K> = wire::decode(&again, &unlimited).expect("decode a re-encoded frame");

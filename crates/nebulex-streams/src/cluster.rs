@@ -107,8 +107,9 @@ pub(crate) struct Cluster<K> {
     max_frame_bytes: usize,
     batch_size: usize,
     batch_linger: Duration,
-    /// This stream's epoch: random at each start, so receivers tell a
-    /// restarted node's numbering from the old one's.
+    /// This stream's epoch: it grows with each start (see [`new_epoch`]), so
+    /// receivers tell a restarted node's numbering from the old one's, and
+    /// refuse replays of older frames.
     epoch: u64,
     /// Per partition: events waiting to be sent.
     pub(crate) outbound: Box<[Ring<K>]>,
@@ -145,7 +146,7 @@ impl<K> Cluster<K> {
             max_frame_bytes: options.max_frame_bytes,
             batch_size: options.batch_size,
             batch_linger: options.batch_linger,
-            epoch: NodeId::random().0,
+            epoch: new_epoch(),
             outbound,
             link: OnceLock::new(),
             ready,
@@ -183,6 +184,13 @@ impl<K> Cluster<K> {
             unset
         });
     }
+}
+
+/// An epoch for a stream starting now: milliseconds since the Unix epoch in
+/// the high 48 bits (so a node's epochs grow across restarts), random low bits.
+fn new_epoch() -> u64 {
+    let millis = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
+    (millis << 16) | (NodeId::random().0 & 0xffff)
 }
 
 /// Connects a started stream to its transport and starts its sender task.
@@ -337,24 +345,22 @@ impl<K> StreamShared<K> {
     /// Hands a remote node's events to this node's subscribers of the partition.
     fn deliver_remote(&self, frame: Frame<K>) {
         let Some(part) = self.parts.get(frame.header.partition as usize) else { return };
-        let subscribers = part.subscribers.load();
-        if subscribers.is_empty() {
-            return;
-        }
-        for event in frame.into_events(&self.reporter.cache, &part.topic) {
-            if !subscribers.iter().any(|r| r.wants_remote(event.kind)) {
-                continue;
-            }
-            let event = Arc::new(event);
-            for ring in subscribers.iter().filter(|r| r.wants_remote(event.kind)) {
-                if !ring.push(event.clone()) {
-                    self.reporter.broadcast_error(
-                        &part.topic,
-                        &event,
-                        crate::telemetry::BroadcastError::SubscriberFull { capacity: ring.capacity() },
-                    );
+        let events: Vec<Arc<CacheEntryEvent<K>>> =
+            frame.into_events(self.reporter.cache, part.topic).into_iter().map(Arc::new).collect();
+        let mut dropped = Vec::new();
+        {
+            let state = part.state.lock();
+            for event in &events {
+                for ring in state.subscribers.iter().filter(|r| r.wants_remote(event.kind)) {
+                    if !ring.push(event.clone()) {
+                        dropped.push(event.clone());
+                    }
                 }
             }
+        }
+        for event in dropped {
+            let reason = crate::telemetry::BroadcastError::SubscriberFull { capacity: self.buffer };
+            self.reporter.broadcast_error(part.topic, Some(&event), reason);
         }
     }
 
@@ -366,21 +372,42 @@ impl<K> StreamShared<K> {
         let next = {
             // Writers number and enqueue under this lock: with the buffer
             // empty, every number up to `seq` was sent (or dropped).
-            let seq = part.seq.lock();
+            let state = part.state.lock();
             if stashed || !cluster.outbound.get(p)?.is_empty() {
                 return None;
             }
-            *seq + 1
+            state.seq + 1
         };
         self.encode(p, next, &[])
     }
 
     /// Encodes `events` of partition `p` (consecutive sequence numbers) as one frame.
-    fn seal(&self, p: usize, events: &mut Vec<Arc<CacheEntryEvent<K>>>) -> Option<(usize, Arc<[u8]>)> {
-        let first_seq = events.first()?.metadata.seq;
-        let frame = self.encode(p, first_seq, events);
+    /// Frames larger than `max_frame_bytes` are split in halves, since
+    /// receivers (and NATS) refuse them; an event too large on its own is lost
+    /// (and reported), and receivers see the gap.
+    fn seal(&self, p: usize, events: &mut Vec<Arc<CacheEntryEvent<K>>>) -> Vec<(usize, Arc<[u8]>)> {
+        let mut frames = Vec::new();
+        self.seal_within_limit(p, events, &mut frames);
         events.clear();
-        frame
+        frames
+    }
+
+    fn seal_within_limit(&self, p: usize, events: &[Arc<CacheEntryEvent<K>>], frames: &mut Vec<(usize, Arc<[u8]>)>) {
+        let (Some(first), Some(cluster)) = (events.first(), self.cluster.as_ref()) else { return };
+        let Some(frame) = self.encode(p, first.metadata.seq, events) else { return };
+        if frame.1.len() <= cluster.max_frame_bytes {
+            frames.push(frame);
+        } else if events.len() > 1 {
+            let (head, tail) = events.split_at(events.len() / 2);
+            self.seal_within_limit(p, head, frames);
+            self.seal_within_limit(p, tail, frames);
+        } else {
+            self.reporter.encode_error(&format!(
+                "an event of {} bytes exceeds max_frame_bytes = {}",
+                frame.1.len(),
+                cluster.max_frame_bytes
+            ));
+        }
     }
 
     /// Encodes a frame of partition `p` starting at `first_seq`.
@@ -447,7 +474,16 @@ impl<K> StreamShared<K> {
                 cluster.hello.notify_one();
                 (h.epoch, h.first_seq)
             });
-            if entry.0 != h.epoch {
+            if h.epoch < entry.0 {
+                // Epochs grow with each start of a node's stream: this frame
+                // is from before its restart (a replay).
+                let expected_epoch = entry.0;
+                drop(seen);
+                return self
+                    .reporter
+                    .frame_rejected(&RejectReason::OldEpoch { epoch: h.epoch, current: expected_epoch });
+            }
+            if h.epoch > entry.0 {
                 // The origin restarted its stream: a new numbering.
                 cluster.hello.notify_one();
                 *entry = (h.epoch, h.first_seq);
@@ -455,10 +491,7 @@ impl<K> StreamShared<K> {
             let next = entry.1;
             if h.first_seq < next {
                 drop(seen);
-                return self.reporter.frame_rejected(&RejectReason::Malformed(format!(
-                    "replayed frame: sequence {} already seen (expected {next})",
-                    h.first_seq
-                )));
+                return self.reporter.frame_rejected(&RejectReason::Replayed { seq: h.first_seq, expected: next });
             }
             if h.first_seq > next {
                 let missed = h.first_seq - next;
@@ -479,7 +512,7 @@ impl<K> StreamShared<K> {
     /// Tells partition `p`'s subscribers of remote events about a loss.
     fn notify_loss(&self, partition: u32, missed: u64) {
         if let Some(part) = self.parts.get(partition as usize) {
-            for ring in part.subscribers.load().iter().filter(|r| r.scope.remote()) {
+            for ring in part.state.lock().subscribers.iter().filter(|r| r.scope.remote()) {
                 ring.push_lost(missed);
             }
         }

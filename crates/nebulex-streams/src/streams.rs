@@ -6,8 +6,7 @@ use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use arc_swap::ArcSwap;
-use nebulex::{Cache, CacheEntryEvent, CacheName, EventFilter, EventMetadata, NodeId, Target, WeakCache};
+use nebulex::{Cache, CacheEntryEvent, CacheName, EventFilter, EventMetadata, Name, NodeId, Target, WeakCache};
 use parking_lot::Mutex;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -48,7 +47,7 @@ pub(crate) type RouterFn<K> = dyn Fn(&CacheEntryEvent<K>) -> Route + Send + Sync
 /// | [`batch_size`](Self::batch_size) | 512 events per frame | `0` |
 /// | [`batch_linger`](Self::batch_linger) | zero: send what is there | — |
 /// | [`outbound_buffer`](Self::outbound_buffer) | 65,536 events per partition | `0` |
-/// | [`max_frame_bytes`](Self::max_frame_bytes) | 4 MiB | under 64 |
+/// | [`max_frame_bytes`](Self::max_frame_bytes) | 1 MiB (NATS's default payload limit) | under 64 |
 /// | [`backoff`](Self::backoff) | 50 ms doubling up to 5 s | zero, `max < initial` |
 /// | [`heartbeat`](Self::heartbeat) | 1 s | zero |
 pub struct StreamsBuilder<'a, K, V> {
@@ -182,7 +181,9 @@ where
         self
     }
 
-    /// The largest frame accepted from the network.
+    /// The largest frame sent (larger batches are split) and accepted from
+    /// the network. Every node should use the same value; NATS servers refuse
+    /// payloads over their `max_payload` (1 MiB by default).
     pub fn max_frame_bytes(mut self, bytes: usize) -> Self {
         if let Some(c) = self.cluster_mut() {
             c.max_frame_bytes = bytes;
@@ -241,9 +242,8 @@ where
         let parts = topics
             .iter()
             .map(|topic| Partition {
-                topic: Arc::from(topic.as_str()),
-                seq: Mutex::new(0),
-                subscribers: ArcSwap::from_pointee(Vec::new()),
+                topic: Name::new(topic),
+                state: Mutex::new(PartitionState { seq: 0, subscribers: Vec::new() }),
             })
             .collect();
         if self.cluster.is_some() {
@@ -528,10 +528,17 @@ where
 }
 
 pub(crate) struct Partition<K> {
-    pub(crate) topic: Arc<str>,
-    /// The last sequence number given out; its lock orders the hand-over.
-    pub(crate) seq: Mutex<u64>,
-    pub(crate) subscribers: ArcSwap<Vec<Arc<Ring<K>>>>,
+    pub(crate) topic: Name,
+    /// Numbering and subscribers. Writers number an event and hand it over
+    /// under this lock, so every buffer receives the partition's events in
+    /// sequence order.
+    pub(crate) state: Mutex<PartitionState<K>>,
+}
+
+pub(crate) struct PartitionState<K> {
+    /// The last sequence number given out.
+    pub(crate) seq: u64,
+    pub(crate) subscribers: Vec<Arc<Ring<K>>>,
 }
 
 /// The state a stream's handles, listener and subscriptions share.
@@ -542,7 +549,7 @@ pub(crate) struct StreamShared<K> {
     pub(crate) count: u32,
     pub(crate) router: Option<Box<RouterFn<K>>>,
     pub(crate) parts: Box<[Partition<K>]>,
-    buffer: usize,
+    pub(crate) buffer: usize,
     broadcast_from: bool,
     /// The cache listener's filter: the union of what subscribers want.
     filter: EventFilter,
@@ -598,64 +605,73 @@ where
     #[inline]
     fn deliver(&self, p: u32, event: &CacheEntryEvent<K>, target: impl FnOnce() -> Target<K>) {
         let Some(part) = self.parts.get(p as usize) else { return };
-        let subscribers = part.subscribers.load();
-        let local = !self.broadcast_from && subscribers.iter().any(|r| r.wants_local(event.kind));
+        let kind = event.kind;
         let outbound = self.cluster.as_ref().and_then(|c| c.outbound.get(p as usize));
-        if !local && outbound.is_none() {
-            return;
-        }
-        let target = target();
-        // Numbering and handing over happen under the partition's lock, so
-        // every buffer receives the partition's events in sequence order.
-        let (routed, outbound_full, subscribers_full) = {
-            let mut seq = part.seq.lock();
-            *seq += 1;
+        let keep = self.reporter.wants_events();
+        let (kept, local, outbound_full, subscribers_full) = {
+            let mut state = part.state.lock();
+            let wanting = if self.broadcast_from { 0 } else { state.subscribers.iter().filter(|r| r.wants_local(kind)).count() };
+            let receivers = wanting + usize::from(outbound.is_some());
+            if receivers == 0 {
+                return;
+            }
+            state.seq += 1;
             let routed = Arc::new(CacheEntryEvent {
-                cache: event.cache.clone(),
-                kind: event.kind,
-                target,
+                cache: event.cache,
+                kind,
+                target: target(),
                 command: event.command,
                 version: event.version,
                 metadata: EventMetadata {
                     node: event.metadata.node,
                     partition: self.partitions.map(|_| p),
                     partitions: self.partitions,
-                    topic: Some(part.topic.clone()),
-                    seq: *seq,
+                    topic: Some(part.topic),
+                    seq: state.seq,
                     timestamp: event.metadata.timestamp,
                 },
             });
-            let outbound_full = outbound.is_some_and(|o| !o.push(routed.clone()));
-            let subscribers_full = if local {
-                subscribers.iter().filter(|r| r.wants_local(event.kind)).filter(|r| !r.push(routed.clone())).count()
+            let kept = keep.then(|| routed.clone());
+            // The last receiver takes the event itself: once handed over, the
+            // writer touches it no more (its reader may already be freeing it).
+            let mut routed = Some(routed);
+            let mut hand = |ring: &Ring<K>, left: &mut usize| {
+                *left -= 1;
+                let event = if *left == 0 { routed.take() } else { routed.clone() };
+                event.is_some_and(|e| ring.push(e))
+            };
+            let mut left = receivers;
+            let outbound_full = outbound.is_some_and(|o| !hand(o, &mut left));
+            let subscribers_full = if wanting > 0 {
+                state.subscribers.iter().filter(|r| r.wants_local(kind)).filter(|r| !hand(r, &mut left)).count()
             } else {
                 0
             };
-            (routed, outbound_full, subscribers_full)
+            (kept, wanting > 0, outbound_full, subscribers_full)
         };
         if let Some(outbound) = outbound.filter(|_| outbound_full) {
             let reason =
                 BroadcastError::Transport(format!("outbound buffer of {} events is full", outbound.capacity()));
-            self.reporter.broadcast_error(&part.topic, &routed, reason);
+            self.reporter.broadcast_error(part.topic, kept.as_ref(), reason);
         }
         if !local {
             return;
         }
         for _ in 0..subscribers_full {
             let reason = BroadcastError::SubscriberFull { capacity: self.buffer };
-            self.reporter.broadcast_error(&part.topic, &routed, reason);
+            self.reporter.broadcast_error(part.topic, kept.as_ref(), reason);
         }
         if subscribers_full == 0 {
-            self.reporter.broadcast_ok(p, &part.topic, &routed);
+            self.reporter.broadcast_ok(p, part.topic, kind, kept.as_ref());
         }
     }
 
     /// A custom router answered a partition that does not exist.
     #[cold]
     fn misrouted(&self, partition: u32, event: &CacheEntryEvent<K>) {
-        let topic: Arc<str> = Arc::from(format!("{DEFAULT_PREFIX}:{}:{partition}", self.reporter.cache));
+        let topic = Name::new(&format!("{DEFAULT_PREFIX}:{}:{partition}", self.reporter.cache));
         let reason = BroadcastError::PartitionOutOfRange { partition, partitions: self.count };
-        self.reporter.broadcast_error(&topic, &Arc::new(event.clone()), reason);
+        self.reporter.broadcast_error(topic, Some(&Arc::new(event.clone())), reason);
     }
 
     fn subscribe(self: &Arc<Self>, options: SubscribeOptions) -> Result<Subscription<K>, Error> {
@@ -688,11 +704,7 @@ where
             if self.stopped.load(Ordering::Acquire) {
                 return Err(Error::StreamNotStarted);
             }
-            self.parts[partition as usize].subscribers.rcu(|subs| {
-                let mut subs = Vec::clone(subs);
-                subs.push(ring.clone());
-                subs
-            });
+            self.parts[partition as usize].state.lock().subscribers.push(ring.clone());
             self.refresh_filter();
         }
         Ok(Subscription::new(ring, partition, self.clone()))
@@ -703,7 +715,7 @@ impl<K> StreamShared<K> {
     pub(crate) fn unsubscribe(&self, partition: u32, ring: &Arc<Ring<K>>) {
         let _serial = self.subscribers_lock.lock();
         if let Some(part) = self.parts.get(partition as usize) {
-            part.subscribers.rcu(|subs| subs.iter().filter(|r| !Arc::ptr_eq(r, ring)).cloned().collect::<Vec<_>>());
+            part.state.lock().subscribers.retain(|r| !Arc::ptr_eq(r, ring));
         }
         self.refresh_filter();
     }
@@ -720,7 +732,7 @@ impl<K> StreamShared<K> {
             self.parts
                 .iter()
                 .flat_map(|p| {
-                    p.subscribers.load().iter().filter(|r| r.scope.local()).map(|r| r.mask).collect::<Vec<_>>()
+                    p.state.lock().subscribers.iter().filter(|r| r.scope.local()).map(|r| r.mask).collect::<Vec<_>>()
                 })
                 .fold(0, |m, r| m | r)
         };
@@ -738,7 +750,7 @@ impl<K> StreamShared<K> {
             cluster.close();
         }
         for part in self.parts.iter() {
-            for ring in part.subscribers.load().iter() {
+            for ring in part.state.lock().subscribers.iter() {
                 ring.close();
             }
         }

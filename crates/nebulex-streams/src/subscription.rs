@@ -46,6 +46,11 @@ pub enum TryRecvError {
     Closed,
 }
 
+/// How many times `recv_blocking` looks again for an event before it sleeps.
+const SPIN_ROUNDS: u32 = 16;
+/// How long it pauses between looks, in spin-loop hints (about a microsecond).
+const SPIN_PAUSES: u32 = 128;
+
 /// One item of a subscription: an event, or how many were missed.
 pub type Item<K> = Result<Arc<CacheEntryEvent<K>>, Lagged>;
 
@@ -328,7 +333,27 @@ impl<K> Subscription<K> {
 
     /// Like [`recv`](Self::recv), blocking the thread. For sync code; do not
     /// call it on an async runtime's thread.
+    ///
+    /// A reader that keeps up would otherwise sleep after nearly every event,
+    /// and waking it costs the writer a system call; and a reader that polls
+    /// its buffer constantly steals the writer's cache lines. So when the
+    /// buffer is empty it pauses a moment between looks (letting events
+    /// accumulate, then taking them in a row), a few times, yielding the CPU
+    /// in the later rounds, before it sleeps.
     pub fn recv_blocking(&mut self) -> Option<Item<K>> {
+        for round in 0..=SPIN_ROUNDS {
+            if let Some(item) = self.ring.try_next(&mut self.stash) {
+                return Some(self.report(item));
+            }
+            if self.ring.closed.load(Ordering::Acquire) || round == SPIN_ROUNDS {
+                break;
+            }
+            if round < SPIN_ROUNDS / 2 {
+                (0..SPIN_PAUSES).for_each(|_| std::hint::spin_loop());
+            } else {
+                std::thread::yield_now();
+            }
+        }
         futures::executor::block_on(self.recv())
     }
 

@@ -29,7 +29,7 @@
 use std::fmt;
 use std::sync::Arc;
 
-use nebulex::{CacheEntryEvent, CacheName, EventType, NodeId};
+use nebulex::{CacheEntryEvent, CacheName, EventType, Name, NodeId};
 
 use crate::wire::RejectReason;
 
@@ -54,7 +54,7 @@ pub enum Telemetry<K> {
         /// Why not, on error.
         reason: Option<BroadcastError>,
         /// The partition's topic.
-        topic: Arc<str>,
+        topic: Name,
         /// The event.
         event: Arc<CacheEntryEvent<K>>,
     },
@@ -240,45 +240,65 @@ impl<K> Reporter<K> {
 
     pub(crate) fn listener_registered(&self) {
         tracing::debug!(target: "nebulex_streams", cache = %self.cache, "listener registered");
-        self.observe(|| Telemetry::ListenerRegistered { cache: self.cache.clone() });
+        self.observe(|| Telemetry::ListenerRegistered { cache: self.cache });
     }
 
     pub(crate) fn listener_unregistered(&self) {
         tracing::debug!(target: "nebulex_streams", cache = %self.cache, "listener unregistered");
-        self.observe(|| Telemetry::ListenerUnregistered { cache: self.cache.clone() });
+        self.observe(|| Telemetry::ListenerUnregistered { cache: self.cache });
     }
 
-    /// An event delivered to partition `partition`.
+    /// Whether reports of single events need the event itself: an observer
+    /// is set, or `trace` logging is on. (If not, writers hand events over
+    /// without keeping a reference.)
     #[inline]
-    pub(crate) fn broadcast_ok(&self, partition: u32, topic: &Arc<str>, event: &Arc<CacheEntryEvent<K>>) {
+    pub(crate) fn wants_events(&self) -> bool {
+        self.observer.is_some() || tracing::enabled!(target: "nebulex_streams", tracing::Level::TRACE)
+    }
+
+    /// An event of type `kind` delivered to partition `partition` (`event`:
+    /// the event itself, if [`wants_events`](Self::wants_events)).
+    #[inline]
+    pub(crate) fn broadcast_ok(
+        &self,
+        partition: u32,
+        topic: Name,
+        kind: EventType,
+        event: Option<&Arc<CacheEntryEvent<K>>>,
+    ) {
         #[cfg(feature = "metrics")]
         if let Some(c) = self.metrics.events.get(partition as usize) {
-            c[event.kind as usize].increment(1);
+            c[kind as usize].increment(1);
         }
-        let _ = partition;
+        let (_, _) = (partition, kind);
+        let Some(event) = event else { return };
         tracing::trace!(target: "nebulex_streams", cache = %self.cache, topic = %topic,
             kind = %event.kind, command = %event.command, seq = event.metadata.seq, "broadcast");
         self.observe(|| Telemetry::Broadcast {
             status: BroadcastStatus::Ok,
             reason: None,
-            topic: topic.clone(),
+            topic,
             event: event.clone(),
         });
     }
 
     /// An event that could not be delivered.
-    pub(crate) fn broadcast_error(&self, topic: &Arc<str>, event: &Arc<CacheEntryEvent<K>>, reason: BroadcastError) {
+    /// An event that could not be delivered (`event`: the event itself, if
+    /// [`wants_events`](Self::wants_events)).
+    pub(crate) fn broadcast_error(&self, topic: Name, event: Option<&Arc<CacheEntryEvent<K>>>, reason: BroadcastError) {
         #[cfg(feature = "metrics")]
         match reason {
             BroadcastError::PartitionOutOfRange { .. } => self.metrics.bad_route.increment(1),
+            BroadcastError::Transport(_) => self.metrics.transport.increment(1),
             _ => self.metrics.subscriber_full.increment(1),
         }
+        let Some(event) = event else { return };
         tracing::trace!(target: "nebulex_streams", cache = %self.cache, topic = %topic,
             kind = %event.kind, %reason, "broadcast failed");
         self.observe(|| Telemetry::Broadcast {
             status: BroadcastStatus::Error,
             reason: Some(reason),
-            topic: topic.clone(),
+            topic,
             event: event.clone(),
         });
     }
@@ -289,7 +309,7 @@ impl<K> Reporter<K> {
             c.increment(missed);
         }
         tracing::warn!(target: "nebulex_streams", cache = %self.cache, partition, missed, "subscriber lagged");
-        self.observe(|| Telemetry::Lagged { cache: self.cache.clone(), partition, missed });
+        self.observe(|| Telemetry::Lagged { cache: self.cache, partition, missed });
     }
 
     pub(crate) fn gap(&self, partition: u32, origin: Option<NodeId>, missed: u64) {
@@ -298,7 +318,7 @@ impl<K> Reporter<K> {
             c.increment(1);
         }
         tracing::warn!(target: "nebulex_streams", cache = %self.cache, partition, origin = ?origin, missed, "gap");
-        self.observe(|| Telemetry::Gap { cache: self.cache.clone(), partition, origin, missed });
+        self.observe(|| Telemetry::Gap { cache: self.cache, partition, origin, missed });
     }
 
     pub(crate) fn frame_rejected(&self, reason: &RejectReason) {
@@ -307,7 +327,7 @@ impl<K> Reporter<K> {
             "cache" => self.cache.to_string(), "reason" => reason.label())
         .increment(1);
         tracing::warn!(target: "nebulex_streams", cache = %self.cache, %reason, "frame rejected");
-        self.observe(|| Telemetry::FrameRejected { cache: self.cache.clone(), reason: reason.clone() });
+        self.observe(|| Telemetry::FrameRejected { cache: self.cache, reason: reason.clone() });
     }
 
     /// `failed` of `sent` frames could not be handed to the transport.
@@ -315,14 +335,14 @@ impl<K> Reporter<K> {
         #[cfg(feature = "metrics")]
         self.metrics.transport.increment(failed as u64);
         tracing::warn!(target: "nebulex_streams", cache = %self.cache, failed, sent, "frames not published");
-        self.observe(|| Telemetry::PublishFailed { cache: self.cache.clone(), frames: failed });
+        self.observe(|| Telemetry::PublishFailed { cache: self.cache, frames: failed });
     }
 
     pub(crate) fn encode_error(&self, error: &str) {
         #[cfg(feature = "metrics")]
         self.metrics.transport.increment(1);
         tracing::error!(target: "nebulex_streams", cache = %self.cache, error, "cannot encode a frame");
-        self.observe(|| Telemetry::PublishFailed { cache: self.cache.clone(), frames: 1 });
+        self.observe(|| Telemetry::PublishFailed { cache: self.cache, frames: 1 });
     }
 
     #[allow(dead_code)]
@@ -332,7 +352,7 @@ impl<K> Reporter<K> {
             self.metrics.invalidations.increment(count as u64);
         }
         tracing::debug!(target: "nebulex_streams", cache = %self.cache, ?event, "invalidator");
-        self.observe(|| Telemetry::Invalidator { cache: self.cache.clone(), event });
+        self.observe(|| Telemetry::Invalidator { cache: self.cache, event });
     }
 
     #[allow(dead_code)]

@@ -22,7 +22,7 @@ use std::marker::PhantomData;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use hmac::{Hmac, Mac};
-use nebulex::{CacheEntryEvent, CacheName, Command, EventMetadata, EventType, NodeId, Target};
+use nebulex::{CacheEntryEvent, CacheName, Command, EventMetadata, EventType, Name, NodeId, Target};
 use serde::de::{self, DeserializeOwned, SeqAccess, Visitor};
 use serde::ser::SerializeTuple;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
@@ -35,7 +35,7 @@ pub const FLAG_SIGNED: u8 = 1;
 /// Length of the tag of a signed frame.
 pub const TAG_LEN: usize = 32;
 /// The default largest frame accepted, in bytes.
-pub const DEFAULT_MAX_FRAME_BYTES: usize = 4 << 20;
+pub const DEFAULT_MAX_FRAME_BYTES: usize = 1 << 20;
 
 /// Why a frame from the network was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -58,6 +58,9 @@ pub enum RejectReason {
     /// A version this crate does not read.
     #[error("unsupported wire version {0}")]
     Version(u8),
+    /// Flag bits this version does not define are set.
+    #[error("unknown flags {0:#04x}")]
+    Flags(u8),
     /// A signing key is set and the frame carries no tag.
     #[error("frame is not signed, and a signing key is set")]
     Unsigned,
@@ -74,6 +77,22 @@ pub enum RejectReason {
         got: String,
         /// This stream's cache.
         expected: String,
+    },
+    /// A frame whose sequence numbers were already received from its origin.
+    #[error("replayed frame: sequence {seq} was already received (expected {expected})")]
+    Replayed {
+        /// The frame's first sequence number.
+        seq: u64,
+        /// The next sequence number expected from its origin.
+        expected: u64,
+    },
+    /// A frame of an origin's earlier epoch (before it restarted): a replay.
+    #[error("frame of epoch {epoch:#x}, older than the origin's current epoch {current:#x}")]
+    OldEpoch {
+        /// The frame's epoch.
+        epoch: u64,
+        /// The origin's current epoch.
+        current: u64,
     },
     /// A frame of a stream with another partition count.
     #[error("frame says {got} partitions, this stream has {expected}")]
@@ -100,11 +119,14 @@ impl RejectReason {
             RejectReason::TooLarge { .. } => "too_large",
             RejectReason::Truncated { .. } => "truncated",
             RejectReason::Version(_) => "version",
+            RejectReason::Flags(_) => "flags",
             RejectReason::Unsigned => "unsigned",
             RejectReason::BadSignature => "bad_signature",
             RejectReason::Malformed(_) => "malformed",
             RejectReason::ForeignCache { .. } => "foreign_cache",
             RejectReason::PartitionCount { .. } => "partition_count",
+            RejectReason::Replayed { .. } => "replay",
+            RejectReason::OldEpoch { .. } => "old_epoch",
             RejectReason::WrongPartition { .. } => "wrong_partition",
         }
     }
@@ -155,14 +177,14 @@ pub struct WireEvent<K> {
 
 impl<K> Frame<K> {
     /// The events as the local stream hands them to subscribers.
-    pub fn into_events(self, cache: &CacheName, topic: &std::sync::Arc<str>) -> Vec<CacheEntryEvent<K>> {
+    pub fn into_events(self, cache: CacheName, topic: Name) -> Vec<CacheEntryEvent<K>> {
         let h = self.header;
         let partitioned = h.partitions > 0;
         self.events
             .into_iter()
             .enumerate()
             .map(|(i, e)| CacheEntryEvent {
-                cache: cache.clone(),
+                cache,
                 kind: e.kind,
                 target: e.target,
                 command: e.command,
@@ -171,7 +193,7 @@ impl<K> Frame<K> {
                     node: h.origin,
                     partition: partitioned.then_some(h.partition),
                     partitions: partitioned.then_some(h.partitions),
-                    topic: Some(topic.clone()),
+                    topic: Some(topic),
                     seq: h.first_seq.wrapping_add(i as u64),
                     timestamp: UNIX_EPOCH + Duration::from_micros(e.timestamp_us),
                 },
@@ -244,6 +266,9 @@ pub fn decode<K: DeserializeOwned>(bytes: &[u8], limits: &DecodeLimits<'_>) -> R
     };
     if version != WIRE_VERSION {
         return Err(RejectReason::Version(version));
+    }
+    if flags & !FLAG_SIGNED != 0 {
+        return Err(RejectReason::Flags(flags));
     }
     let signed = flags & FLAG_SIGNED != 0;
     let body_end = if signed {
@@ -362,7 +387,7 @@ mod tests {
 
     fn event(kind: EventType, target: Target<String>) -> Arc<CacheEntryEvent<String>> {
         Arc::new(CacheEntryEvent {
-            cache: Arc::from("users"),
+            cache: Name::new("users"),
             kind,
             target,
             command: Command::Put,

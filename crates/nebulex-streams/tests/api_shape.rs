@@ -11,10 +11,9 @@ use std::time::Duration;
 use futures::StreamExt;
 use nebulex::{Cache, CacheEntryEvent, Command, EventType, NodeId, Query, Target};
 use nebulex_streams::{
-    Error, Lagged, Route, Streams, StreamsExt, StreamsInfo, SubscribeOptions, Subscription, TryRecvError,
+    Error, EventScope, Invalidator, Lagged, PubSub, Route, Streams, StreamsExt, StreamsInfo, SubscribeOptions,
+    Subscription, TryRecvError,
 };
-// Cluster API: compiled once the cluster transport lands (see DESIGN.md, Cluster)
-// use nebulex_streams::{EventScope, Invalidator, PubSub};
 
 fn cache_api() -> Result<(), nebulex::Error> {
     let cache: Cache<String, u32> = Cache::builder()
@@ -103,17 +102,16 @@ async fn streams_api(cache: Cache<String, u32>) -> Result<(), Error> {
     Ok(())
 }
 
-// Cluster API: compiled once the cluster transport lands (see DESIGN.md, Cluster)
-// async fn cluster_api(a: Cache<String, u32>) -> Result<(), Error> {
-//     let bus = PubSub::memory();
-//     let redis = PubSub::redis("redis://127.0.0.1:6379/");
-//     let nats = PubSub::nats("nats://127.0.0.1:4222");
-//     let streams = Streams::builder(&a).partitions(4).pubsub(redis).start()?;
-//     streams.ready().await?;
-//     let inv: Invalidator = Invalidator::builder(&streams).scope(EventScope::Remote).start()?;
-//     inv.stop();
-//     Ok(())
-// }
+async fn cluster_api(a: Cache<String, u32>) -> Result<(), Error> {
+    let bus = PubSub::memory();
+    let redis = PubSub::redis("redis://127.0.0.1:6379/");
+    let nats = PubSub::nats("nats://127.0.0.1:4222");
+    let streams = Streams::builder(&a).partitions(4).pubsub(redis).start()?;
+    streams.ready().await?;
+    let inv: Invalidator = Invalidator::builder(&streams).scope(EventScope::Remote).start()?;
+    inv.stop();
+    Ok(())
+}
 
 fn errors(e: Error) {
     match e {

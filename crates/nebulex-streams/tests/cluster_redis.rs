@@ -116,7 +116,7 @@ async fn garbage_and_forged_frames_are_rejected_and_counted() {
         sent_at_us: 0,
     };
     let forged_event = Arc::new(nebulex::CacheEntryEvent {
-        cache: Arc::from("carts"),
+        cache: nebulex::Name::new("carts"),
         kind: EventType::Deleted,
         target: Target::All,
         command: nebulex::Command::DeleteAll,

@@ -5,6 +5,8 @@
 //! here. Needs `python3` with `msgpack` (`python3 -m pip install msgpack`):
 //! without them this test fails, it never passes silently.
 
+#![allow(clippy::unwrap_used, missing_docs)]
+
 use std::path::{Path, PathBuf};
 use std::process::Command as Process;
 use std::sync::Arc;
@@ -26,7 +28,7 @@ fn event<K>(
     target: Target<K>,
 ) -> Arc<CacheEntryEvent<K>> {
     Arc::new(CacheEntryEvent {
-        cache: Arc::from("ignored: the header names the cache"),
+        cache: "ignored: the header names the cache".into(),
         kind,
         target,
         command,
@@ -154,6 +156,34 @@ fn fixtures() -> Vec<(&'static str, Vec<u8>)> {
     ]
 }
 
+/// The default router's hash of some keys, for `decode_frame.py` to recompute
+/// (docs/wire-format.md §5): one line per key, `kind key-as-hex... hash`.
+fn stable_hashes() -> String {
+    use nebulex_streams::stable_hash;
+    let hex = |s: &str| if s.is_empty() { "-".to_string() } else { s.bytes().map(|b| format!("{b:02x}")).collect() };
+    let mut out = String::new();
+    // Strings of every length around the 8-byte chunks, and non-ASCII.
+    let strings =
+        ["", "a", "user:1", "user:12", "user:123", "user:1234", "0123456789abcdef", "0123456789abcdefg", "ключ"];
+    for s in strings {
+        out += &format!("str {} {}\n", hex(s), stable_hash(s));
+    }
+    for n in [0u64, 1, 255, 1 << 40, u64::MAX] {
+        out += &format!("u64 {n} {}\n", stable_hash(&n));
+    }
+    for n in [0i32, -1, i32::MIN] {
+        out += &format!("i32 {n} {}\n", stable_hash(&n));
+    }
+    for (n, s) in [(42u32, "alice"), (u32::MAX, "")] {
+        out += &format!("u32_str {n} {} {}\n", hex(s), stable_hash(&(n, s.to_string())));
+    }
+    // And the partition the default router picks, with 4 partitions.
+    for s in ["user:1", "user:2", "user:3", "k0", "k1"] {
+        out += &format!("partition4 {} {}\n", hex(s), nebulex_streams::partition_of(s, 4));
+    }
+    out
+}
+
 fn script() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/python/decode_frame.py")
 }
@@ -200,10 +230,12 @@ fn python_decodes_rust_frames_and_rust_decodes_python_frames() {
     for (name, bytes) in fixtures() {
         std::fs::write(dir.0.join(name), bytes).expect("write fixture");
     }
+    std::fs::write(dir.0.join("hashes.txt"), stable_hashes()).expect("write hashes");
     let out = Process::new("python3").arg(script()).arg(&dir.0).output().expect("run python3");
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "decode_frame.py failed ({}):\n{stdout}\n{stderr}", out.status);
+    assert!(stdout.contains("ok hashes.txt"), "the stable hashes were not checked:\n{stdout}");
     // Every fixture was checked, none skipped.
     for (name, _) in fixtures() {
         assert!(stdout.contains(&format!("ok {name}")), "{name} was not checked:\n{stdout}");

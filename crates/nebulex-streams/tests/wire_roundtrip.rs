@@ -6,6 +6,8 @@
 //! - with a signing key set, any single-byte change or truncation of a signed
 //!   frame is refused.
 
+#![allow(clippy::unwrap_used, missing_docs)]
+
 use std::fmt::Debug;
 use std::sync::Arc;
 use std::time::{Duration, UNIX_EPOCH};
@@ -79,7 +81,7 @@ fn tuple_key() -> impl Strategy<Value = (u32, String)> + Clone {
 /// The event `encode` takes for a wire event (the metadata it does not send is arbitrary).
 fn as_cache_event<K: Clone>(e: &WireEvent<K>) -> Arc<CacheEntryEvent<K>> {
     Arc::new(CacheEntryEvent {
-        cache: Arc::from("not sent"),
+        cache: "not sent".into(),
         kind: e.kind,
         target: e.target.clone(),
         command: e.command,
@@ -150,7 +152,11 @@ fn decode_every_way(bytes: &[u8]) {
 fn refused_as_tampered(r: &RejectReason) -> bool {
     matches!(
         r,
-        RejectReason::BadSignature | RejectReason::Unsigned | RejectReason::Version(_) | RejectReason::Truncated { .. }
+        RejectReason::BadSignature
+            | RejectReason::Unsigned
+            | RejectReason::Version(_)
+            | RejectReason::Flags(_)
+            | RejectReason::Truncated { .. }
     )
 }
 
@@ -296,7 +302,7 @@ fn every_change_of_every_byte_of_a_signed_frame_is_refused() {
     };
     assert_eq!(reason(0, 0x01), RejectReason::Version(0));
     assert_eq!(reason(1, 0x01), RejectReason::Unsigned);
-    assert_eq!(reason(1, 0x02), RejectReason::BadSignature);
+    assert_eq!(reason(1, 0x02), RejectReason::Flags(0x03));
     assert_eq!(reason(10, 0x80), RejectReason::BadSignature);
     assert_eq!(reason(bytes.len() - 1, 0x01), RejectReason::BadSignature);
 }

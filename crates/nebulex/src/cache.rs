@@ -189,7 +189,7 @@ where
             })
             .collect();
         let inner = Arc::new(Inner {
-            name: Arc::from(config.name),
+            name: CacheName::new(&config.name),
             node: config.node,
             shards,
             shard_mask: config.shards - 1,
@@ -208,7 +208,7 @@ where
 
     /// The cache's name.
     pub fn name(&self) -> CacheName {
-        self.inner.name.clone()
+        self.inner.name
     }
 
     /// The cache's node id (carried by its events).
@@ -646,7 +646,7 @@ where
             return;
         }
         let event = CacheEntryEvent {
-            cache: self.name.clone(),
+            cache: self.name,
             kind,
             target: target(),
             command,

@@ -5,12 +5,110 @@
 //! carry keys, never values: they say *what* changed, and a reader fetches the
 //! value if it wants it.
 
+use std::collections::HashSet;
 use std::fmt;
-use std::sync::Arc;
+use std::sync::OnceLock;
 use std::time::SystemTime;
 
-/// The name of a cache, shared cheaply by every event it emits.
-pub type CacheName = Arc<str>;
+use parking_lot::Mutex;
+
+/// An interned string: a cache's name, or a stream topic.
+///
+/// Names are interned once per distinct string for the life of the process
+/// (they are few: one per cache name and per stream partition), so that an
+/// event carries its cache's name and topic with a plain copy — no reference
+/// count that writer and reader threads would fight over on every event.
+///
+/// ```
+/// use nebulex::Name;
+/// let a = Name::new("users");
+/// let b = Name::new(&String::from("users"));
+/// assert_eq!(a, b);
+/// assert_eq!(&*a, "users");
+/// assert!(std::ptr::eq(a.as_str(), b.as_str())); // one copy
+/// ```
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Name(&'static str);
+
+impl Name {
+    /// The interned copy of `name`.
+    pub fn new(name: &str) -> Self {
+        static NAMES: OnceLock<Mutex<HashSet<&'static str>>> = OnceLock::new();
+        let mut names = NAMES.get_or_init(Default::default).lock();
+        match names.get(name) {
+            Some(interned) => Name(interned),
+            None => {
+                let interned: &'static str = Box::leak(name.to_owned().into_boxed_str());
+                names.insert(interned);
+                Name(interned)
+            }
+        }
+    }
+
+    /// The string.
+    pub fn as_str(&self) -> &'static str {
+        self.0
+    }
+}
+
+impl std::ops::Deref for Name {
+    type Target = str;
+
+    fn deref(&self) -> &str {
+        self.0
+    }
+}
+
+impl AsRef<str> for Name {
+    fn as_ref(&self) -> &str {
+        self.0
+    }
+}
+
+impl std::borrow::Borrow<str> for Name {
+    fn borrow(&self) -> &str {
+        self.0
+    }
+}
+
+impl From<&str> for Name {
+    fn from(name: &str) -> Self {
+        Name::new(name)
+    }
+}
+
+impl From<String> for Name {
+    fn from(name: String) -> Self {
+        Name::new(&name)
+    }
+}
+
+impl PartialEq<str> for Name {
+    fn eq(&self, other: &str) -> bool {
+        self.0 == other
+    }
+}
+
+impl PartialEq<&str> for Name {
+    fn eq(&self, other: &&str) -> bool {
+        self.0 == *other
+    }
+}
+
+impl fmt::Display for Name {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.0)
+    }
+}
+
+impl fmt::Debug for Name {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(self.0, f)
+    }
+}
+
+/// The name of a cache, carried by every event it emits.
+pub type CacheName = Name;
 
 /// The kind of change an event reports.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -218,7 +316,7 @@ pub struct EventMetadata {
     /// The stream's partition count (`None` for an unpartitioned stream).
     pub partitions: Option<u32>,
     /// The stream topic (channel) that carried the event, once routed.
-    pub topic: Option<Arc<str>>,
+    pub topic: Option<Name>,
     /// The event's sequence number within its partition (0 until routed).
     pub seq: u64,
     /// When the write took effect, by the writer's wall clock.

@@ -46,7 +46,7 @@ pub use builder::{CacheBuilder, DEFAULT_NAME, DEFAULT_SWEEP_INTERVAL};
 pub use cache::{Cache, WeakCache};
 pub use clock::ManualClock;
 pub use error::Error;
-pub use event::{CacheEntryEvent, CacheName, Command, EventMetadata, EventType, NodeId, Target};
+pub use event::{CacheEntryEvent, CacheName, Command, EventMetadata, EventType, Name, NodeId, Target};
 pub use extensions::Extensions;
 pub use listener::EventFilter;
 pub use query::Query;

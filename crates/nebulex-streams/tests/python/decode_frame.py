@@ -201,6 +201,67 @@ EXPECTED = {
 }
 
 
+# The default router's hash (src/router.rs StableHasher), docs/wire-format.md §5.
+M64 = 2**64 - 1
+
+
+def _mix(state, word):
+    x = ((state ^ word) * 0x9E3779B97F4A7C15) & M64
+    return ((x << 31) | (x >> 33)) & M64
+
+
+def _finish(h):
+    h ^= h >> 33
+    h = (h * 0xFF51AFD7ED558CCD) & M64
+    h ^= h >> 33
+    h = (h * 0xC4CEB9FE1A85EC53) & M64
+    return h ^ (h >> 33)
+
+
+def _hash_str(state, s):
+    data = s.encode("utf-8")
+    full = len(data) - len(data) % 8
+    for i in range(0, full, 8):
+        state = _mix(state, int.from_bytes(data[i:i + 8], "little"))
+    rest = data[full:]
+    if rest:
+        state = _mix(state, int.from_bytes(rest.ljust(8, b"\0"), "little") ^ (len(rest) << 59))
+    return _mix(state, 0xFF)  # Rust's str hash ends with write_u8(0xff)
+
+
+def stable_hash(*fields):
+    """stable_hash of a key: a str, an int (given as its unsigned word), or a tuple of those."""
+    state = 0x243F6A8885A308D3
+    for f in fields:
+        state = _hash_str(state, f) if isinstance(f, str) else _mix(state, f)
+    return _finish(state)
+
+
+def check_hashes(path):
+    def text(h):
+        return "" if h == "-" else bytes.fromhex(h).decode("utf-8")
+    n = 0
+    with open(path) as f:
+        for line in f:
+            kind, *args = line.split()
+            if kind == "str":
+                got, want = stable_hash(text(args[0])), int(args[1])
+            elif kind == "u64":
+                got, want = stable_hash(int(args[0])), int(args[1])
+            elif kind == "i32":
+                got, want = stable_hash(int(args[0]) & 0xFFFFFFFF), int(args[1])
+            elif kind == "u32_str":
+                got, want = stable_hash(int(args[0]), text(args[1])), int(args[2])
+            elif kind == "partition4":
+                got, want = stable_hash(text(args[0])) % 4, int(args[1])
+            else:
+                raise AssertionError(f"unknown line {line!r}")
+            check(got == want, f"stable hash {line.strip()!r}: Python says {got}")
+            n += 1
+    check(n > 0, "no hashes checked")
+    return n
+
+
 def same(a, b):
     """Equal, with the same Python types all the way down (str is not bytes, int is not bool)."""
     if type(a) is not type(b):
@@ -268,6 +329,9 @@ def main():
     if len(sys.argv) != 2:
         sys.exit(f"usage: {sys.argv[0]} DIR")
     d = sys.argv[1]
+    hashes = os.path.join(d, "hashes.txt")
+    if os.path.exists(hashes):
+        print(f"ok hashes.txt ({check_hashes(hashes)} keys)")
     names = sorted(n for n in os.listdir(d) if n.endswith(".frame") and not n.startswith("py-"))
     check(names == sorted(EXPECTED), f"fixtures {names}, expected {sorted(EXPECTED)}")
     for name in names:

@@ -1,0 +1,618 @@
+//! Cluster behaviour under faults, over the in-process bus (`PubSub::memory()`):
+//! writers never wait for the network, every loss is counted exactly,
+//! `broadcast_from`, three nodes, and frames refused for a foreign signing
+//! key or partition count. Every wait has a deadline; nothing sleeps and hopes.
+
+#![allow(clippy::unwrap_used, missing_docs)]
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use nebulex::{Cache, CacheEntryEvent, NodeId, Target};
+use nebulex_streams::wire::{self, DecodeLimits};
+use nebulex_streams::{
+    BroadcastError, Lagged, MemoryBus, PubSub, Streams, StreamsBuilder, StreamsExt, SubscribeOptions, Subscription,
+    Telemetry,
+};
+use tokio::time::{timeout, timeout_at, Instant};
+
+/// The longest a test waits for something that should happen.
+const PATIENCE: Duration = Duration::from_secs(20);
+/// Heartbeats often, so a lost last frame shows as a gap quickly.
+const HEARTBEAT: Duration = Duration::from_millis(25);
+
+type Event = Arc<CacheEntryEvent<String>>;
+
+fn node(name: &str, id: u64) -> Cache<String, u32> {
+    Cache::builder().name(name).node_id(NodeId(id)).build().expect("cache")
+}
+
+/// A stream on the bus, with a large subscriber buffer (subscribers here never
+/// lag locally: every loss they see is the network's).
+fn builder<'a>(cache: &'a Cache<String, u32>, bus: &PubSub) -> StreamsBuilder<'a, String, u32> {
+    Streams::builder(cache).pubsub(bus.clone()).buffer(1 << 15).heartbeat(HEARTBEAT)
+}
+
+async fn ready(streams: Streams<String>) -> Streams<String> {
+    timeout(PATIENCE, streams.ready()).await.expect("ready in time").expect("ready");
+    streams
+}
+
+/// Every telemetry report of a stream, by kind.
+type Gaps = Arc<Mutex<Vec<(Option<NodeId>, u64)>>>;
+
+#[derive(Clone, Default)]
+struct Reports {
+    rejected: Arc<Mutex<Vec<&'static str>>>,
+    gaps: Gaps,
+    outbound_full: Arc<AtomicU64>,
+}
+
+impl Reports {
+    fn observer(&self) -> impl Fn(&Telemetry<String>) + Send + Sync + 'static {
+        let me = self.clone();
+        move |t: &Telemetry<String>| match t {
+            Telemetry::FrameRejected { reason, .. } => me.rejected.lock().unwrap().push(reason.label()),
+            Telemetry::Gap { origin, missed, .. } => me.gaps.lock().unwrap().push((*origin, *missed)),
+            Telemetry::Broadcast { reason: Some(BroadcastError::Transport(_)), .. } => {
+                me.outbound_full.fetch_add(1, Ordering::SeqCst);
+            }
+            _ => {}
+        }
+    }
+
+    fn rejected(&self) -> Vec<&'static str> {
+        self.rejected.lock().unwrap().clone()
+    }
+}
+
+/// What a subscriber received: events, and the counts of its `Lagged` notices.
+#[derive(Debug, Default)]
+struct Tally {
+    events: Vec<Event>,
+    lagged: Vec<u64>,
+}
+
+impl Tally {
+    fn lost(&self) -> u64 {
+        self.lagged.iter().sum()
+    }
+
+    /// Events received plus events reported missed.
+    fn accounted(&self) -> u64 {
+        self.events.len() as u64 + self.lost()
+    }
+
+    fn keys(&self) -> Vec<String> {
+        self.events.iter().map(key_of).collect()
+    }
+}
+
+fn key_of(e: &Event) -> String {
+    match &e.target {
+        Target::Key(k) => k.clone(),
+        other => panic!("expected a one-key event, got {other:?}"),
+    }
+}
+
+/// Receives into `tally` until `done` holds; panics at the deadline.
+async fn read_until(sub: &mut Subscription<String>, tally: &mut Tally, mut done: impl FnMut(&Tally) -> bool) {
+    let deadline = Instant::now() + PATIENCE;
+    while !done(tally) {
+        match timeout_at(deadline, sub.recv()).await {
+            Err(_) => panic!(
+                "timed out: {} events received ({:?}…), lagged {:?}",
+                tally.events.len(),
+                tally.keys().into_iter().take(5).collect::<Vec<_>>(),
+                tally.lagged
+            ),
+            Ok(None) => panic!("the stream ended"),
+            Ok(Some(Ok(event))) => tally.events.push(event),
+            Ok(Some(Err(Lagged(n)))) => tally.lagged.push(n),
+        }
+    }
+}
+
+/// The next event of `sub`, within the deadline; panics on a `Lagged`.
+async fn next_event(sub: &mut Subscription<String>) -> Event {
+    let mut tally = Tally::default();
+    read_until(sub, &mut tally, |t| !t.events.is_empty() || !t.lagged.is_empty()).await;
+    assert!(tally.lagged.is_empty(), "expected an event, got Lagged({:?})", tally.lagged);
+    tally.events.remove(0)
+}
+
+/// Waits until `cond` holds, checking after each yield; panics at the deadline.
+async fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + PATIENCE;
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+}
+
+/// Selects, for `drop_frames_where`, `origin`'s frames that carry events (not
+/// its heartbeats), adding the events of each frame it selects to `lost`.
+fn event_frames_of(origin: NodeId, lost: Arc<AtomicU64>) -> impl Fn(&str, &[u8]) -> bool + Send + Sync + 'static {
+    move |_, bytes| match wire::decode::<String>(bytes, &DecodeLimits::default()) {
+        Ok(f) if f.header.origin == origin && !f.events.is_empty() => {
+            lost.fetch_add(f.events.len() as u64, Ordering::SeqCst);
+            true
+        }
+        _ => false,
+    }
+}
+
+// (a) Publishing never blocks a writer.
+
+/// With the writer's connection cut, 10,000 writes complete at once (on
+/// their own thread, under a deadline); once it is back, the receiver is
+/// told exactly how many it missed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_complete_with_the_writers_transport_cut_and_the_loss_is_counted() {
+    let bus = PubSub::memory();
+    let memory: MemoryBus = bus.as_memory().expect("memory bus").clone();
+    let (a, b) = (node("users", 1), node("users", 2));
+    let _sa = ready(builder(&a, &bus).outbound_buffer(8).start().expect("start a")).await;
+    let _sb = ready(builder(&b, &bus).start().expect("start b")).await;
+    let mut on_b = b.subscribe(SubscribeOptions::new()).expect("subscribe");
+
+    // B knows A's numbering once it has one of A's events.
+    a.put("warm-up".into(), 0);
+    assert_eq!(key_of(&next_event(&mut on_b).await), "warm-up");
+
+    memory.cut(NodeId(1));
+    const WRITES: u32 = 10_000;
+    let writer = a.clone();
+    let burst = tokio::task::spawn_blocking(move || {
+        let started = std::time::Instant::now();
+        for i in 0..WRITES {
+            writer.put(format!("k{i}"), i);
+        }
+        started.elapsed()
+    });
+    let took = timeout(PATIENCE, burst).await.expect("10,000 writes never wait for the transport").expect("writer");
+    eprintln!("10,000 writes with the transport cut took {took:?}");
+    assert_eq!(a.len(), WRITES as usize + 1);
+
+    memory.restore(NodeId(1));
+    // What the sender had not yet tried when the link came back may get
+    // through; everything else is lost, and all of it is counted exactly (a
+    // lost last frame shows when a heartbeat tells the next number).
+    let mut tally = Tally::default();
+    read_until(&mut on_b, &mut tally, |t| t.accounted() >= u64::from(WRITES)).await;
+    assert_eq!(tally.accounted(), u64::from(WRITES), "lagged {:?}", tally.lagged);
+    assert!(tally.lost() > 0, "the cut lost nothing?");
+    assert!(!tally.lagged.contains(&0), "a known loss is reported with its size: {:?}", tally.lagged);
+    eprintln!("of {WRITES}: {} got through, {} lost in the cut", tally.events.len(), tally.lost());
+    // The stream goes on.
+    a.put("after".into(), 1);
+    assert_eq!(key_of(&next_event(&mut on_b).await), "after");
+}
+
+/// On a single-threaded runtime the sender cannot run during a burst: an
+/// outbound buffer of 8 keeps 8 events and drops the other 9,992, and the
+/// bus loses the one frame that carries the 8. The receiver's `Lagged`
+/// counts add up, with what it received, to exactly what was published.
+#[tokio::test(flavor = "current_thread")]
+async fn a_full_outbound_buffer_and_lost_frames_are_counted_exactly() {
+    let bus = PubSub::memory();
+    let memory: MemoryBus = bus.as_memory().expect("memory bus").clone();
+    let (a, b) = (node("users", 1), node("users", 2));
+    let sent = Reports::default();
+    let _sa = ready(builder(&a, &bus).outbound_buffer(8).observer(sent.observer()).start().expect("start a")).await;
+    let got = Reports::default();
+    let _sb = ready(builder(&b, &bus).observer(got.observer()).start().expect("start b")).await;
+    let mut on_b = b.subscribe(SubscribeOptions::new()).expect("subscribe");
+
+    a.put("warm-up".into(), 0);
+    assert_eq!(key_of(&next_event(&mut on_b).await), "warm-up");
+
+    let lost_in_frames = Arc::new(AtomicU64::new(0));
+    memory.drop_frames_where(1, event_frames_of(NodeId(1), lost_in_frames.clone()));
+    const WRITES: u64 = 10_000;
+    let started = std::time::Instant::now();
+    for i in 0..WRITES {
+        a.put(format!("k{i}"), i as u32);
+    }
+    eprintln!("10,000 writes into a full outbound buffer took {:?}", started.elapsed());
+    // The writer did not wait: the sender never ran, so all but 8 were dropped.
+    assert_eq!(sent.outbound_full.load(Ordering::SeqCst), WRITES - 8);
+
+    // Let the sender take the 8 (their frame is lost) before writing again.
+    wait_for("the frame of the 8 to be lost", || memory.frames_dropped() == 1).await;
+    a.put("after".into(), 1);
+    let mut tally = Tally::default();
+    read_until(&mut on_b, &mut tally, |t| t.keys().contains(&"after".to_string())).await;
+    assert_eq!(lost_in_frames.load(Ordering::SeqCst), 8, "the one frame the bus lost held the 8 buffered events");
+    assert_eq!(memory.frames_dropped(), 1);
+    assert_eq!(tally.keys(), ["after"]);
+    assert_eq!(tally.lost(), WRITES, "lagged {:?}", tally.lagged);
+    assert_eq!(tally.accounted(), WRITES + 1);
+    assert_eq!(tally.lost(), sent.outbound_full.load(Ordering::SeqCst) + lost_in_frames.load(Ordering::SeqCst));
+    let gaps = got.gaps.lock().unwrap().clone();
+    assert_eq!(gaps.iter().map(|(_, n)| n).sum::<u64>(), WRITES, "gaps {gaps:?}");
+    assert!(gaps.iter().all(|(origin, _)| *origin == Some(NodeId(1))), "gaps {gaps:?}");
+}
+
+/// A writer thread and the sender racing: whatever the buffer and the bus
+/// lose, per partition the receiver's events plus its `Lagged` counts equal
+/// the events published, and the events it did get are in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_burst_with_lost_frames_is_accounted_exactly() {
+    const PARTITIONS: u32 = 2;
+    const WRITES: u32 = 10_000;
+    let bus = PubSub::memory();
+    let memory: MemoryBus = bus.as_memory().expect("memory bus").clone();
+    let (a, b) = (node("users", 1), node("users", 2));
+    let sent = Reports::default();
+    let _sa = ready(
+        builder(&a, &bus)
+            .partitions(PARTITIONS)
+            .outbound_buffer(8)
+            .batch_size(4)
+            .observer(sent.observer())
+            .start()
+            .expect("start a"),
+    )
+    .await;
+    let _sb = ready(builder(&b, &bus).partitions(PARTITIONS).start().expect("start b")).await;
+    let mut subs: Vec<_> =
+        (0..PARTITIONS).map(|p| b.subscribe(SubscribeOptions::new().partition(p)).expect("subscribe")).collect();
+
+    // Warm up every partition, so B knows A's numbering on each.
+    let warm_up: Vec<String> = (0..PARTITIONS)
+        .map(|p| (0..).map(|i| format!("warm-up-{i}")).find(|k| nebulex_streams::partition_of(k, PARTITIONS) == p))
+        .map(|k| k.expect("a key of each partition"))
+        .collect();
+    for (p, k) in warm_up.iter().enumerate() {
+        a.put(k.clone(), 0);
+        assert_eq!(&key_of(&next_event(&mut subs[p]).await), k);
+    }
+
+    let lost_in_frames = Arc::new(AtomicU64::new(0));
+    memory.drop_frames_where(5, event_frames_of(NodeId(1), lost_in_frames.clone()));
+    let writer = a.clone();
+    let burst = tokio::task::spawn_blocking(move || {
+        for i in 0..WRITES {
+            writer.put(format!("k{i}"), i);
+        }
+    });
+    timeout(PATIENCE, burst).await.expect("the burst never waits").expect("writer");
+
+    let mut published = vec![0u64; PARTITIONS as usize];
+    for i in 0..WRITES {
+        published[nebulex_streams::partition_of(&format!("k{i}"), PARTITIONS) as usize] += 1;
+    }
+    let mut lost = 0;
+    for (p, sub) in subs.iter_mut().enumerate() {
+        let mut tally = Tally::default();
+        // The last frames may be lost too: a heartbeat then tells the jump.
+        read_until(sub, &mut tally, |t| t.accounted() >= published[p]).await;
+        assert_eq!(tally.accounted(), published[p], "partition {p}: lagged {:?}", tally.lagged);
+        assert!(!tally.lagged.contains(&0), "partition {p}: {:?}", tally.lagged);
+        // Received events keep their order: increasing indexes, all of A.
+        let indexes: Vec<u32> = tally.keys().iter().map(|k| k[1..].parse().expect("k{i}")).collect();
+        assert!(indexes.windows(2).all(|w| w[0] < w[1]), "partition {p} out of order");
+        assert!(tally.events.iter().all(|e| e.metadata.node == NodeId(1)));
+        lost += tally.lost();
+    }
+    assert_eq!(memory.frames_dropped(), 5);
+    assert_eq!(lost, sent.outbound_full.load(Ordering::SeqCst) + lost_in_frames.load(Ordering::SeqCst));
+    eprintln!(
+        "of {WRITES}: {} dropped by the outbound buffer, {} in 5 lost frames",
+        sent.outbound_full.load(Ordering::SeqCst),
+        lost_in_frames.load(Ordering::SeqCst)
+    );
+}
+
+// (b) broadcast_from(true)
+
+/// Node A with `broadcast_from(true)` gets B's events but not its own; its
+/// own events still reach B.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broadcast_from_gets_the_other_nodes_events_but_not_its_own() {
+    let bus = PubSub::memory();
+    let (a, b) = (node("users", 1), node("users", 2));
+    let _sa = ready(builder(&a, &bus).broadcast_from(true).start().expect("start a")).await;
+    let _sb = ready(builder(&b, &bus).start().expect("start b")).await;
+    let mut on_a = a.subscribe(SubscribeOptions::new()).expect("subscribe a");
+    let mut on_b = b.subscribe(SubscribeOptions::new()).expect("subscribe b");
+
+    a.put("from-a".into(), 1);
+    // Local delivery happens on the writing thread: nothing for A.
+    assert!(matches!(on_a.try_recv(), Err(nebulex_streams::TryRecvError::Empty)));
+    // A's event did go out: B has it, from node 1.
+    let e = next_event(&mut on_b).await;
+    assert_eq!((key_of(&e), e.metadata.node), ("from-a".to_string(), NodeId(1)));
+
+    b.put("from-b".into(), 2);
+    let e = next_event(&mut on_a).await;
+    assert_eq!((key_of(&e), e.metadata.node), ("from-b".to_string(), NodeId(2)));
+    // B sees its own event locally too (it has no broadcast_from).
+    assert_eq!(key_of(&next_event(&mut on_b).await), "from-b");
+
+    // More of A's own writes, then a marker from B: the marker is the next
+    // thing A's subscriber sees (no echo of its own events came before it).
+    a.put("from-a-2".into(), 3);
+    a.delete("from-a");
+    assert_eq!(key_of(&next_event(&mut on_b).await), "from-a-2");
+    assert_eq!(key_of(&next_event(&mut on_b).await), "from-a");
+    b.put("marker".into(), 4);
+    let e = next_event(&mut on_a).await;
+    assert_eq!((key_of(&e), e.metadata.node), ("marker".to_string(), NodeId(2)));
+    assert!(matches!(on_a.try_recv(), Err(nebulex_streams::TryRecvError::Empty)));
+}
+
+// (c) Three nodes
+
+/// Three nodes on one bus, three partitions: each node's subscribers see
+/// every node's events (their own locally, the others' through the bus), in
+/// each origin's order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_nodes_see_each_others_events() {
+    const PARTITIONS: u32 = 3;
+    const PER_NODE: u32 = 60;
+    let bus = PubSub::memory();
+    let nodes: Vec<_> = (1..=3).map(|id| node("users", id)).collect();
+    let mut streams = Vec::new();
+    for n in &nodes {
+        streams.push(ready(builder(n, &bus).partitions(PARTITIONS).start().expect("start")).await);
+    }
+    let mut subs: Vec<Vec<_>> = nodes
+        .iter()
+        .map(|n| (0..PARTITIONS).map(|p| n.subscribe(SubscribeOptions::new().partition(p)).expect("sub")).collect())
+        .collect();
+
+    for i in 0..PER_NODE {
+        for (id, n) in nodes.iter().enumerate() {
+            n.put(format!("n{}-k{i}", id + 1), i);
+        }
+    }
+    for (at, node_subs) in subs.iter_mut().enumerate() {
+        let mut all = Vec::new();
+        for (p, sub) in node_subs.iter_mut().enumerate() {
+            let expected: u64 = (0..PER_NODE)
+                .flat_map(|i| (1..=3).map(move |id| format!("n{id}-k{i}")))
+                .filter(|k| nebulex_streams::partition_of(k, PARTITIONS) as usize == p)
+                .count() as u64;
+            let mut tally = Tally::default();
+            read_until(sub, &mut tally, |t| t.accounted() >= expected).await;
+            assert!(tally.lagged.is_empty(), "node {} partition {p}: lagged {:?}", at + 1, tally.lagged);
+            assert_eq!(tally.events.len() as u64, expected);
+            for e in &tally.events {
+                let origin = key_of(e)[1..2].parse::<u64>().expect("n{id}");
+                assert_eq!(e.metadata.node, NodeId(origin), "metadata names the writer");
+                assert_eq!(e.metadata.partition, Some(p as u32));
+            }
+            all.extend(tally.events);
+        }
+        for origin in 1..=3u64 {
+            let from: Vec<String> = all.iter().filter(|e| e.metadata.node == NodeId(origin)).map(key_of).collect();
+            assert_eq!(from.len(), PER_NODE as usize, "node {} got {} events of node {origin}", at + 1, from.len());
+        }
+        // Nothing more is waiting anywhere (no duplicates, no echoes).
+        for sub in node_subs.iter_mut() {
+            assert!(matches!(sub.try_recv(), Err(nebulex_streams::TryRecvError::Empty)));
+        }
+    }
+}
+
+// (d) Signing keys
+
+/// B signs with another key than A: each refuses the other's frames as
+/// `bad_signature` and delivers none of their events; a node with A's key
+/// gets them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_signing_key_mismatch_rejects_frames_and_delivers_nothing() {
+    let bus = PubSub::memory();
+    let (a, b, c) = (node("users", 1), node("users", 2), node("users", 3));
+    let on_a_reports = Reports::default();
+    let on_b_reports = Reports::default();
+    let _sa = ready(builder(&a, &bus).signing_key("alpha").observer(on_a_reports.observer()).start().expect("a")).await;
+    let _sb = ready(builder(&b, &bus).signing_key("beta").observer(on_b_reports.observer()).start().expect("b")).await;
+    let _sc = ready(builder(&c, &bus).signing_key("alpha").start().expect("c")).await;
+    let mut on_a = a.subscribe(SubscribeOptions::new()).expect("subscribe a");
+    let mut on_b = b.subscribe(SubscribeOptions::new()).expect("subscribe b");
+    let mut on_c = c.subscribe(SubscribeOptions::new()).expect("subscribe c");
+
+    // Two frames of A, one after the other: C gets both, so the first one's
+    // delivery to B is over by the time C has the second.
+    a.put("one".into(), 1);
+    assert_eq!(key_of(&next_event(&mut on_c).await), "one");
+    a.put("two".into(), 2);
+    assert_eq!(key_of(&next_event(&mut on_c).await), "two");
+    b.put("from-b".into(), 3);
+    // B's event reaches B locally, nobody else.
+    assert_eq!(key_of(&next_event(&mut on_b).await), "from-b");
+    c.put("from-c".into(), 4);
+    assert_eq!(key_of(&next_event(&mut on_c).await), "from-c");
+    // A sees its own two locally, then C's.
+    for k in ["one", "two", "from-c"] {
+        assert_eq!(key_of(&next_event(&mut on_a).await), k);
+    }
+
+    wait_for("B to refuse A's frames", || on_b_reports.rejected().len() >= 2).await;
+    wait_for("A to refuse B's frame", || !on_a_reports.rejected().is_empty()).await;
+    assert!(on_b_reports.rejected().iter().all(|l| *l == "bad_signature"), "{:?}", on_b_reports.rejected());
+    assert!(on_a_reports.rejected().iter().all(|l| *l == "bad_signature"), "{:?}", on_a_reports.rejected());
+    // None of A's or C's events reached B; none of B's reached A.
+    assert!(matches!(on_b.try_recv(), Err(nebulex_streams::TryRecvError::Empty)));
+    assert!(matches!(on_a.try_recv(), Err(nebulex_streams::TryRecvError::Empty)));
+    assert!(on_b_reports.gaps.lock().unwrap().is_empty());
+}
+
+/// A node with a key refuses unsigned frames as `unsigned`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_with_a_key_rejects_unsigned_frames() {
+    let bus = PubSub::memory();
+    let (a, b) = (node("users", 1), node("users", 2));
+    let reports = Reports::default();
+    let _sa = ready(builder(&a, &bus).start().expect("a")).await;
+    let _sb = ready(builder(&b, &bus).signing_key("beta").observer(reports.observer()).start().expect("b")).await;
+    let mut on_b = b.subscribe(SubscribeOptions::new()).expect("subscribe b");
+
+    a.put("one".into(), 1);
+    wait_for("B to refuse A's frames", || reports.rejected().contains(&"unsigned")).await;
+    assert!(reports.rejected().iter().all(|l| *l == "unsigned"), "{:?}", reports.rejected());
+    b.put("own".into(), 2);
+    assert_eq!(key_of(&next_event(&mut on_b).await), "own");
+    assert!(matches!(on_b.try_recv(), Err(nebulex_streams::TryRecvError::Empty)));
+}
+
+// (e) Partition counts
+
+/// A has 4 partitions and B 2: they share the channels of partitions 0 and
+/// 1, and B refuses A's frames there as `partition_count`; C, with 4, gets
+/// A's events.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_different_partition_count_rejects_frames() {
+    let bus = PubSub::memory();
+    let (a, b, c) = (node("users", 1), node("users", 2), node("users", 3));
+    let reports = Reports::default();
+    let _sa = ready(builder(&a, &bus).partitions(4).start().expect("a")).await;
+    let _sb = ready(builder(&b, &bus).partitions(2).observer(reports.observer()).start().expect("b")).await;
+    let _sc = ready(builder(&c, &bus).partitions(4).start().expect("c")).await;
+    let mut on_b: Vec<_> = (0..2).map(|p| b.subscribe(SubscribeOptions::new().partition(p)).expect("sub b")).collect();
+
+    // A key of A's partition 0: its frame goes on `nbx:users:0`, B's channel too.
+    let key = (0..).map(|i| format!("k{i}")).find(|k| nebulex_streams::partition_of(k, 4) == 0).expect("a key");
+    let mut on_c = c.subscribe(SubscribeOptions::new().partition(0)).expect("sub c");
+    a.put(key.clone(), 1);
+    assert_eq!(key_of(&next_event(&mut on_c).await), key);
+    a.put(key.clone(), 2);
+    assert_eq!(key_of(&next_event(&mut on_c).await), key);
+
+    wait_for("B to refuse A's frames", || reports.rejected().contains(&"partition_count")).await;
+    assert!(reports.rejected().iter().all(|l| *l == "partition_count"), "{:?}", reports.rejected());
+    for sub in &mut on_b {
+        assert!(matches!(sub.try_recv(), Err(nebulex_streams::TryRecvError::Empty)));
+    }
+}
+
+// (f) What a receiver checks, frame by frame.
+
+/// A frame of `origin` with one `Inserted` event per key.
+fn craft(
+    origin: u64,
+    epoch: u64,
+    cache: &str,
+    partition: u32,
+    partitions: u32,
+    first_seq: u64,
+    keys: &[&str],
+) -> Vec<u8> {
+    let header = wire::FrameHeader {
+        origin: NodeId(origin),
+        epoch,
+        cache: cache.into(),
+        partition,
+        partitions,
+        first_seq,
+        sent_at_us: 0,
+    };
+    let events: Vec<Event> = keys
+        .iter()
+        .map(|k| {
+            Arc::new(CacheEntryEvent {
+                cache: cache.into(),
+                kind: nebulex::EventType::Inserted,
+                target: Target::Key(k.to_string()),
+                command: nebulex::Command::Put,
+                version: 1,
+                metadata: nebulex::EventMetadata {
+                    node: NodeId(origin),
+                    partition: None,
+                    partitions: None,
+                    topic: None,
+                    seq: 0,
+                    timestamp: std::time::UNIX_EPOCH,
+                },
+            })
+        })
+        .collect();
+    wire::encode(&header, &events, None).expect("encode")
+}
+
+/// Frames injected on B's channels, as any client of the engine could: each
+/// bad one is refused with its reason; sequence numbers make gaps (exact
+/// `Lagged`), refuse a replay, and restart with a new epoch.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_receiver_refuses_bad_frames_with_their_reason_and_follows_sequence_numbers() {
+    let bus = PubSub::memory();
+    let memory: MemoryBus = bus.as_memory().expect("memory bus").clone();
+    let b = node("users", 2);
+    let reports = Reports::default();
+    let _sb = ready(
+        builder(&b, &bus).partitions(2).max_frame_bytes(256).observer(reports.observer()).start().expect("start b"),
+    )
+    .await;
+    let mut on_b = b.subscribe(SubscribeOptions::new().partition(0)).expect("subscribe");
+    let ch0 = "nbx:users:0";
+    let refused = |bytes: &[u8], label: &str| {
+        let before = reports.rejected().len();
+        memory.publish_raw(ch0, bytes);
+        // The memory bus delivers synchronously: the verdict is in.
+        assert_eq!(reports.rejected()[before..], [label], "frame {:02x?}", &bytes[..bytes.len().min(8)]);
+    };
+    refused(&[], "truncated");
+    refused(&[1], "truncated");
+    refused(&[2, 0, 0x90], "version");
+    refused(&[1, 0, 0xc1], "malformed");
+    refused(&[1, 1, 0x90], "truncated"); // flagged signed, too short for a tag
+    refused(&craft(9, 1, "users", 0, 2, 1, &[]).into_iter().chain([0]).collect::<Vec<_>>(), "malformed");
+    refused(&craft(9, 1, "users", 2, 2, 1, &[]), "malformed"); // partition 2 of 2
+    refused(&craft(9, 1, "sessions", 0, 2, 1, &["x"]), "foreign_cache");
+    refused(&craft(9, 1, "users", 0, 4, 1, &["x"]), "partition_count");
+    refused(&craft(9, 1, "users", 0, 0, 1, &["x"]), "partition_count");
+    refused(&craft(9, 1, "users", 1, 2, 1, &["x"]), "wrong_partition");
+    let long_key = "k".repeat(300);
+    refused(&craft(9, 1, "users", 0, 2, 1, &[&long_key]), "too_large");
+    assert!(matches!(on_b.try_recv(), Err(nebulex_streams::TryRecvError::Empty)));
+    assert!(reports.gaps.lock().unwrap().is_empty());
+
+    // Node 9, epoch 1: a first frame sets the numbering (5, 6; next 7).
+    memory.publish_raw(ch0, &craft(9, 1, "users", 0, 2, 5, &["a", "b"]));
+    // A jump of 3 (7, 8, 9 missed), then 10.
+    memory.publish_raw(ch0, &craft(9, 1, "users", 0, 2, 10, &["c"]));
+    // A replay (numbers already seen) is refused whole; so is an overlap.
+    refused(&craft(9, 1, "users", 0, 2, 5, &["a", "b"]), "replay");
+    refused(&craft(9, 1, "users", 0, 2, 10, &["c", "d"]), "replay");
+    // A heartbeat (no events) carrying the next number: nothing missed.
+    memory.publish_raw(ch0, &craft(9, 1, "users", 0, 2, 11, &[]));
+    // A new epoch: numbering restarts, no gap.
+    memory.publish_raw(ch0, &craft(9, 2, "users", 0, 2, 1, &["e"]));
+    let mut tally = Tally::default();
+    read_until(&mut on_b, &mut tally, |t| t.events.len() == 4).await;
+    assert_eq!(tally.keys(), ["a", "b", "c", "e"]);
+    assert_eq!(tally.lagged, [3]);
+    let seqs: Vec<u64> = tally.events.iter().map(|e| e.metadata.seq).collect();
+    assert_eq!(seqs, [5, 6, 10, 1]);
+    assert!(tally.events.iter().all(|e| e.metadata.node == NodeId(9) && e.metadata.partition == Some(0)));
+    assert_eq!(*reports.gaps.lock().unwrap(), [(Some(NodeId(9)), 3)]);
+    assert!(matches!(on_b.try_recv(), Err(nebulex_streams::TryRecvError::Empty)));
+}
+
+/// A frame of an origin's *earlier* epoch, once a later one was seen, is
+/// refused: epochs grow with each start of a node's stream, so it can only be
+/// a replay (or a very late duplicate).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frame_of_an_earlier_epoch_is_refused() {
+    let bus = PubSub::memory();
+    let memory: MemoryBus = bus.as_memory().expect("memory bus").clone();
+    let b = node("users", 2);
+    let reports = Reports::default();
+    let _sb = ready(builder(&b, &bus).observer(reports.observer()).start().expect("start b")).await;
+    let mut on_b = b.subscribe(SubscribeOptions::new()).expect("subscribe");
+    let old = craft(9, 1, "users", 0, 0, 1, &["old"]);
+    memory.publish_raw("nbx:users", &old);
+    // Node 9 restarts: epoch 2.
+    memory.publish_raw("nbx:users", &craft(9, 2, "users", 0, 0, 1, &["new"]));
+    // Someone replays the first frame.
+    memory.publish_raw("nbx:users", &old);
+    memory.publish_raw("nbx:users", &craft(9, 2, "users", 0, 0, 2, &["marker"]));
+    let mut tally = Tally::default();
+    read_until(&mut on_b, &mut tally, |t| t.keys().contains(&"marker".to_string())).await;
+    assert_eq!(tally.keys(), ["old", "new", "marker"], "the replayed frame was not delivered again");
+    assert!(reports.rejected.lock().unwrap().contains(&"old_epoch"), "{:?}", reports.rejected.lock().unwrap());
+}
