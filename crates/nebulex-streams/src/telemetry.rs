@@ -223,6 +223,7 @@ impl Metrics {
 
 impl<K> Reporter<K> {
     pub(crate) fn new(cache: CacheName, partitions: u32, observer: Option<Box<ObserverFn<K>>>) -> Self {
+        let _ = partitions; // for the metrics' labels
         Reporter {
             #[cfg(feature = "metrics")]
             metrics: Metrics::new(&cache, partitions),

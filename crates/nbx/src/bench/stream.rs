@@ -12,11 +12,12 @@ use nebulex::Target;
 use nebulex_streams::{Lagged, Streams, StreamsExt, SubscribeOptions, Subscription, TryRecvError};
 
 use super::workload::{median, Keys};
+use super::progress::note;
 use super::{new_cache, BenchResult, Config};
 
 /// How long the subscribers may take to account for every event after the
 /// last put, before the run is declared broken.
-const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+pub(crate) const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// A subscriber adds its count to the shared tally at least this often (and
 /// whenever its queue runs empty), so the shared counter is not a hot spot.
@@ -42,13 +43,13 @@ pub(crate) fn e2e(config: &Config, keys: &Keys, partitions: u32) -> BenchResult<
     let mut lagged = 0;
     for _ in 0..config.e2e_reps {
         let run = e2e_once(config, keys, partitions)?;
-        eprintln!(
-            "nbx bench:   {} events: puts done after {:.0} ms, last event in after {:.0} ms, {} lagged",
+        note(format!(
+            "{} events: puts done after {:.0} ms, last event in after {:.0} ms, {} lagged",
             keys.len(),
             run.puts.as_secs_f64() * 1e3,
             run.elapsed.as_secs_f64() * 1e3,
             run.lagged,
-        );
+        ));
         rates.push(keys.len() as f64 / run.elapsed.as_secs_f64().max(f64::MIN_POSITIVE));
         lagged = lagged.max(run.lagged);
     }
@@ -195,9 +196,19 @@ pub(crate) struct Latency {
     pub(crate) p99_us: f64,
 }
 
+impl Latency {
+    /// The percentiles of a histogram of nanoseconds.
+    pub(crate) fn of(histogram: &Histogram<u64>) -> Self {
+        Latency {
+            p50_us: histogram.value_at_quantile(0.50) as f64 / 1_000.0,
+            p99_us: histogram.value_at_quantile(0.99) as f64 / 1_000.0,
+        }
+    }
+}
+
 /// Events per second of the latency figure: paced, far below saturation, so
 /// the figure is the path of one event and not queueing.
-const LATENCY_RATE: u32 = 10_000;
+pub(crate) const LATENCY_RATE: u32 = 10_000;
 
 /// Puts keys `0..n` at [`LATENCY_RATE`] per second while an async subscriber
 /// task (tokio) receives them with `recv().await`; the latency of each event
@@ -264,21 +275,18 @@ pub(crate) fn latency(config: &Config) -> BenchResult<Latency> {
     if lagged > 0 {
         return Err(format!("{lagged} of {events} events lagged at {LATENCY_RATE} events/s").into());
     }
-    Ok(Latency {
-        p50_us: histogram.value_at_quantile(0.50) as f64 / 1_000.0,
-        p99_us: histogram.value_at_quantile(0.99) as f64 / 1_000.0,
-    })
+    Ok(Latency::of(&histogram))
 }
 
 /// Nanoseconds from `base` to now.
-fn nanos_since(base: Instant) -> u64 {
+pub(crate) fn nanos_since(base: Instant) -> u64 {
     u64::try_from(base.elapsed().as_nanos()).unwrap_or(u64::MAX)
 }
 
 /// Waits until `slot`: sleeps while it is far, then yields until it comes
 /// (sleep alone overshoots by tens of microseconds; yielding rather than
 /// spinning leaves the core to the subscriber on a small machine).
-fn pace_until(slot: Instant) {
+pub(crate) fn pace_until(slot: Instant) {
     const NEAR: Duration = Duration::from_micros(200);
     loop {
         let now = Instant::now();

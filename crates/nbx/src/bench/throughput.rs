@@ -5,6 +5,7 @@ use std::hint::black_box;
 use std::time::Duration;
 
 use super::workload::{median, rate, time, Keys};
+use super::progress::note;
 use super::{new_cache, BenchResult, Config};
 
 /// Operations per second, each the median over the repetitions.
@@ -42,14 +43,14 @@ pub(crate) fn measure(config: &Config, keys: &Keys) -> BenchResult<Throughput> {
 
         let quick_cache_time = quick_cache_run(config, keys)?;
         quick_cache_insert.push(rate(keys.len(), quick_cache_time));
-        eprintln!(
-            "nbx bench:   run {rep}: put/get ms: nebulex {:.0}/{:.0}, moka {:.0}/{:.0}, quick_cache {:.0}/-",
+        note(format!(
+            "run {rep}: put/get ms: nebulex {:.0}/{:.0}, moka {:.0}/{:.0}, quick_cache {:.0}/-",
             ms(put_time),
             ms(get_time),
             ms(moka_put_time),
             ms(moka_get_time),
             ms(quick_cache_time),
-        );
+        ));
     }
     Ok(Throughput {
         put: median(&put),

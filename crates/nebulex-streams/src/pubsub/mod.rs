@@ -125,6 +125,7 @@ impl fmt::Debug for PubSub {
 }
 
 /// `scheme://user:pass@host` without the credentials.
+#[cfg_attr(not(any(feature = "redis", feature = "nats")), allow(dead_code))]
 fn redact(url: &str) -> String {
     match (url.find("://"), url.rfind('@')) {
         (Some(scheme_end), Some(at)) if at > scheme_end => format!("{}://{}", &url[..scheme_end], &url[at + 1..]),
@@ -180,6 +181,8 @@ pub(crate) struct LinkConfig {
     pub(crate) node: NodeId,
     /// The channel of each partition, by index.
     pub(crate) channels: Vec<String>,
+    /// Reconnection delays (the network transports').
+    #[cfg_attr(not(any(feature = "redis", feature = "nats")), allow(dead_code))]
     pub(crate) backoff: Backoff,
     pub(crate) hooks: Arc<Hooks>,
     /// Set to `Some(Ok)` once subscribed, `Some(Err)` on a failure that

@@ -1,0 +1,259 @@
+//! The peers of the cluster figures: the engine's own Rust client doing the
+//! least it can — publish 64-byte messages to one subscriber — on the same
+//! throwaway server and the same runtime as ours.
+//!
+//! * Redis (`redis` crate): `PUBLISH` in pipelines of 64 over a multiplexed
+//!   connection, read by an async Pub/Sub connection.
+//! * NATS (`async-nats`): `publish` on one client (the client batches
+//!   writes by itself), read by a subscription on another.
+
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use hdrhistogram::Histogram;
+use nebulex_streams::PubSub;
+use tokio::runtime::Runtime;
+
+use super::stream::{nanos_since, pace_until, Latency, DRAIN_TIMEOUT, LATENCY_RATE};
+use super::{BenchResult, Config};
+
+/// Size of every raw message.
+const MESSAGE_BYTES: usize = 64;
+/// Commands per Redis pipeline.
+const PIPELINE: usize = 64;
+/// The channel (Redis) or subject (NATS) of the raw figures.
+const CHANNEL: &str = "nbx-bench-raw";
+/// How long the warm-up round trip may take.
+const WARM_UP_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// A cluster engine on a throwaway server.
+pub(crate) enum Engine {
+    /// Redis at this URL.
+    Redis(String),
+    /// NATS at this URL.
+    Nats(String),
+}
+
+impl Engine {
+    /// `redis` or `nats`.
+    pub(crate) fn name(&self) -> &'static str {
+        match self {
+            Engine::Redis(_) => "redis",
+            Engine::Nats(_) => "nats",
+        }
+    }
+
+    /// The transport of a stream over this engine.
+    pub(crate) fn pubsub(&self) -> PubSub {
+        match self {
+            Engine::Redis(url) => PubSub::redis(url),
+            Engine::Nats(url) => PubSub::nats(url),
+        }
+    }
+}
+
+/// Messages per second: `n` raw messages published as fast as the client
+/// goes, from the first publish until the subscriber has the last one.
+pub(crate) fn publish(rt: &Runtime, engine: &Engine, n: usize) -> BenchResult<f64> {
+    let (start, done) = rt.block_on(async {
+        match engine {
+            Engine::Redis(url) => redis_publish(url, n).await,
+            Engine::Nats(url) => nats_publish(url, n).await,
+        }
+    })?;
+    Ok(n as f64 / done.duration_since(start).as_secs_f64().max(f64::MIN_POSITIVE))
+}
+
+/// Raw publish-to-receive latency at [`LATENCY_RATE`] messages per second:
+/// each message carries the instant just before its publish.
+pub(crate) fn latency(config: &Config, rt: &Runtime, engine: &Engine) -> BenchResult<Latency> {
+    let events = (f64::from(LATENCY_RATE) * config.latency_duration.as_secs_f64()) as usize;
+    let base = Instant::now();
+    let (mut publisher, messages) = rt.block_on(connect(engine))?;
+    let receiver = rt.spawn(async move {
+        let mut histogram = Histogram::<u64>::new_with_bounds(1, 60_000_000_000, 3)?;
+        let mut messages = messages;
+        let mut got = 0;
+        while got < events {
+            let Some(sent) = messages.next().await else { break };
+            let now = nanos_since(base);
+            histogram.saturating_record(now.saturating_sub(sent).max(1));
+            got += 1;
+        }
+        Ok::<_, hdrhistogram::CreationError>((histogram, got))
+    });
+
+    let interval = Duration::from_secs(1) / LATENCY_RATE;
+    let start = Instant::now();
+    let mut payload = [b'x'; MESSAGE_BYTES];
+    for i in 0..events {
+        pace_until(start + interval * i as u32);
+        payload[..8].copy_from_slice(&nanos_since(base).to_le_bytes());
+        rt.block_on(publisher.publish_one(&payload))?;
+    }
+    let (histogram, got) = join(rt, receiver, "the raw subscriber")??;
+    if got != events {
+        return Err(format!("raw subscriber received {got} of {events} messages").into());
+    }
+    Ok(Latency::of(&histogram))
+}
+
+/// Waits for a task for at most [`DRAIN_TIMEOUT`].
+fn join<T>(rt: &Runtime, task: tokio::task::JoinHandle<T>, what: &str) -> BenchResult<T> {
+    let abort = task.abort_handle();
+    match rt.block_on(tokio::time::timeout(DRAIN_TIMEOUT, task)) {
+        Ok(joined) => Ok(joined?),
+        Err(_) => {
+            abort.abort();
+            Err(format!("{what} did not finish within {DRAIN_TIMEOUT:?}").into())
+        }
+    }
+}
+
+/// A raw publisher connection.
+enum Publisher {
+    Redis(redis::aio::MultiplexedConnection),
+    Nats(async_nats::Client),
+}
+
+impl Publisher {
+    /// Publishes one message (Redis: waits for the reply; NATS: hands it to
+    /// the client, which writes it at once).
+    async fn publish_one(&mut self, payload: &[u8]) -> BenchResult<()> {
+        match self {
+            Publisher::Redis(conn) => {
+                redis::cmd("PUBLISH").arg(CHANNEL).arg(payload).query_async::<i64>(conn).await?;
+            }
+            Publisher::Nats(client) => client.publish(CHANNEL, bytes::Bytes::copy_from_slice(payload)).await?,
+        }
+        Ok(())
+    }
+}
+
+/// What the subscriber receives: the instant each message carries in its
+/// first 8 bytes (nanoseconds since the run's base; 0 when it carries none).
+type Messages = futures::stream::BoxStream<'static, u64>;
+
+fn stamp_of(payload: &[u8]) -> u64 {
+    payload.get(..8).and_then(|b| b.try_into().ok()).map_or(0, u64::from_le_bytes)
+}
+
+/// A publisher and a subscriber of [`CHANNEL`], on separate connections,
+/// after one message made the round trip.
+async fn connect(engine: &Engine) -> BenchResult<(Publisher, Messages)> {
+    match engine {
+        Engine::Redis(url) => redis_connect(url).await.map(|(conn, m)| (Publisher::Redis(conn), m)),
+        Engine::Nats(url) => nats_connect(url, 65_536).await.map(|(client, m)| (Publisher::Nats(client), m)),
+    }
+}
+
+async fn redis_connect(url: &str) -> BenchResult<(redis::aio::MultiplexedConnection, Messages)> {
+    let client = redis::Client::open(url)?;
+    let mut pubsub = client.get_async_pubsub().await?;
+    pubsub.subscribe(CHANNEL).await?;
+    let mut messages = pubsub.into_on_message().map(|m| stamp_of(m.get_payload_bytes())).boxed();
+    let mut conn = client.get_multiplexed_async_connection().await?;
+    redis::cmd("PUBLISH").arg(CHANNEL).arg(&[0u8; MESSAGE_BYTES][..]).query_async::<i64>(&mut conn).await?;
+    warmed_up(&mut messages).await?;
+    Ok((conn, messages))
+}
+
+/// The subscription holds `capacity` messages: past it the client drops
+/// them as a slow consumer.
+async fn nats_connect(url: &str, capacity: usize) -> BenchResult<(async_nats::Client, Messages)> {
+    let reader = async_nats::ConnectOptions::new().subscription_capacity(capacity).connect(url).await?;
+    let subscription = reader.subscribe(CHANNEL).await?;
+    reader.flush().await?;
+    // The stream keeps its client alive.
+    let mut messages = subscription
+        .map(move |m| {
+            let _reader = &reader;
+            stamp_of(&m.payload)
+        })
+        .boxed();
+    let client = async_nats::connect(url).await?;
+    client.publish(CHANNEL, bytes::Bytes::from_static(&[0; MESSAGE_BYTES])).await?;
+    client.flush().await?;
+    warmed_up(&mut messages).await?;
+    Ok((client, messages))
+}
+
+/// Waits for the warm-up message.
+async fn warmed_up(messages: &mut Messages) -> BenchResult<()> {
+    match tokio::time::timeout(WARM_UP_TIMEOUT, messages.next()).await {
+        Ok(Some(_)) => Ok(()),
+        _ => Err(format!("no raw message came back within {WARM_UP_TIMEOUT:?}").into()),
+    }
+}
+
+/// Redis: pipelines of [`PIPELINE`] `PUBLISH`es, one after the other, by a
+/// task; another task counts what the subscriber receives. Returns (first
+/// publish, last receive).
+async fn redis_publish(url: &str, n: usize) -> BenchResult<(Instant, Instant)> {
+    let (mut conn, messages) = redis_connect(url).await?;
+    let receiver = tokio::spawn(count(messages, n));
+    let start = Instant::now();
+    let sender = tokio::spawn(async move {
+        let payload = [b'x'; MESSAGE_BYTES];
+        let mut left = n;
+        while left > 0 {
+            let batch = left.min(PIPELINE);
+            let mut pipe = redis::pipe();
+            for _ in 0..batch {
+                pipe.publish(CHANNEL, &payload[..]).ignore();
+            }
+            pipe.query_async::<()>(&mut conn).await?;
+            left -= batch;
+        }
+        Ok::<_, redis::RedisError>(())
+    });
+    sender.await??;
+    let done = received_all(receiver, n).await?;
+    Ok((start, done))
+}
+
+/// NATS: `n` publishes and a flush, by a task; another task counts what the
+/// subscriber receives. Returns (first publish, last receive).
+async fn nats_publish(url: &str, n: usize) -> BenchResult<(Instant, Instant)> {
+    let (client, messages) = nats_connect(url, n + 1_024).await?;
+    let receiver = tokio::spawn(count(messages, n));
+    let start = Instant::now();
+    let sender = tokio::spawn(async move {
+        let payload = bytes::Bytes::from_static(&[b'x'; MESSAGE_BYTES]);
+        for _ in 0..n {
+            client.publish(CHANNEL, payload.clone()).await?;
+        }
+        client.flush().await?;
+        Ok::<_, Box<dyn std::error::Error + Send + Sync>>(())
+    });
+    sender.await?.map_err(|e| e.to_string())?;
+    let done = received_all(receiver, n).await?;
+    Ok((start, done))
+}
+
+/// Counts `n` messages; (how many came, when the last did).
+async fn count(mut messages: Messages, n: usize) -> (usize, Instant) {
+    let mut got = 0;
+    while got < n {
+        if messages.next().await.is_none() {
+            break;
+        }
+        got += 1;
+    }
+    (got, Instant::now())
+}
+
+/// The instant the counting task had all `n` messages.
+async fn received_all(receiver: tokio::task::JoinHandle<(usize, Instant)>, n: usize) -> BenchResult<Instant> {
+    let abort = receiver.abort_handle();
+    match tokio::time::timeout(DRAIN_TIMEOUT, receiver).await {
+        Ok(joined) => match joined? {
+            (got, done) if got == n => Ok(done),
+            (got, _) => Err(format!("raw subscriber received {got} of {n} messages").into()),
+        },
+        Err(_) => {
+            abort.abort();
+            Err(format!("raw subscriber did not receive {n} messages within {DRAIN_TIMEOUT:?}").into())
+        }
+    }
+}

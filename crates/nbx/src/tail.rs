@@ -1,0 +1,1250 @@
+//! `nbx tail`: a live view of a cluster's cache entry events.
+//!
+//! The tail joins the cluster's channels directly, with its own Redis or NATS
+//! connection: it is no node (no `Cache`, no `Streams`), it never publishes,
+//! and the nodes do not know it is there. Every frame is decoded
+//! generically (MessagePack into `rmpv::Value`, following
+//! `docs/wire-format.md`), so it shows the keys of any cache, whatever the
+//! key type: strings, numbers, tuples and structs (arrays), maps, binary.
+//!
+//! Like a node, it checks each frame (version, signature when a key is
+//! given, shape, cache name, partition count, channel) and tracks the
+//! sequence numbers of every (origin, epoch, partition): a jump is printed as
+//! a gap, a refused frame as `REJECTED`. Heartbeats (empty frames) are not
+//! printed but keep the numbering current, so a lost last frame still shows
+//! as a gap within one heartbeat.
+
+use std::collections::HashMap;
+use std::fmt::{self, Write as _};
+use std::io::{self, Write};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use futures::StreamExt;
+use hmac::{Hmac, Mac};
+use nebulex::{Command, EventType};
+use rmpv::Value;
+use serde_json::json;
+use sha2::Sha256;
+
+/// The largest partition count of a stream (`nebulex_streams::MAX_PARTITIONS`).
+const MAX_PARTITIONS: u32 = 4096;
+/// The wire version this tail reads.
+const WIRE_VERSION: u8 = 1;
+/// Flag bit of a signed frame.
+const FLAG_SIGNED: u8 = 1;
+/// Length of a signed frame's tag.
+const TAG_LEN: usize = 32;
+/// MessagePack nesting the decoder accepts (as the nodes' decoder).
+const MAX_DEPTH: usize = 1024;
+/// How long connecting (and subscribing) may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Longest pause between reconnection attempts after a lost connection.
+const MAX_BACKOFF: Duration = Duration::from_secs(5);
+
+/// Options of `nbx tail`.
+#[derive(Debug, clap::Args)]
+#[command(group(clap::ArgGroup::new("server").required(true).args(["redis", "nats"])))]
+#[command(after_help = "\
+Output (one line per item, flushed at once, so it can be piped to jq):
+  TIME  ORIGIN  pPARTITION  seq SEQ  KIND  COMMAND  vVERSION  KEYS
+  TIME  GAP n events missed from ORIGIN on partition P
+  TIME  REJECTED reason: detail (N bytes) on CHANNEL
+TIME is the event's time on its origin (UTC); ORIGIN is the sending node's id
+in hex; partition `-` is an unpartitioned stream. Keys are decoded generically:
+strings quoted, tuples and structs as (1, \"a\"), maps as {k: v}, binary as 0x..,
+`*` for every entry (delete_all). Status messages go to stderr.
+
+With --json, each line is one object with a \"type\" of \"event\", \"gap\" or
+\"rejected\"; events have time, origin, epoch, cache, channel, partition (null
+when unpartitioned), partitions, seq, kind, command, version, target (\"key\",
+\"keys\" or \"all\") and keys (JSON values: binary as {\"bin\": hex}, maps with
+non-string keys as [[k, v], ...]).
+
+Ctrl-C stops it (exit code 0).")]
+pub(crate) struct TailArgs {
+    /// Join the cluster through this Redis server, e.g. redis://127.0.0.1:6379/
+    /// (exactly one of --redis and --nats is required).
+    #[arg(long, value_name = "URL")]
+    redis: Option<String>,
+    /// Join the cluster through this NATS server, e.g. nats://127.0.0.1:4222
+    /// (several servers: comma-separated).
+    #[arg(long, value_name = "URL")]
+    nats: Option<String>,
+    /// The cache's name, as the nodes build it (`Cache::builder().name(..)`).
+    #[arg(long, value_name = "NAME")]
+    cache: String,
+    /// The stream's partition count: subscribe channels PREFIX:NAME:0 ..
+    /// PREFIX:NAME:N-1 and refuse frames of another count. [default: any: with
+    /// Redis, pattern PREFIX:NAME:* plus the unpartitioned channel PREFIX:NAME;
+    /// with NATS (no wildcard can match inside a subject token), PREFIX:NAME and
+    /// PREFIX:NAME:0 .. PREFIX:NAME:4095]
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=i64::from(MAX_PARTITIONS)))]
+    partitions: Option<u32>,
+    /// The channel prefix the nodes use (`StreamsBuilder::prefix`).
+    #[arg(long, value_name = "P", default_value = "nbx")]
+    prefix: String,
+    /// Only these event kinds, comma-separated: inserted, updated, deleted,
+    /// expired, evicted. [default: all]
+    #[arg(long, value_name = "KINDS", value_delimiter = ',', value_parser = parse_kind)]
+    events: Vec<EventType>,
+    /// Only this partition (subscribes its channel PREFIX:NAME:N alone).
+    /// [default: every partition]
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(0..i64::from(MAX_PARTITIONS)))]
+    partition: Option<u32>,
+    /// Only events with a string key starting with P (a multi-key event is
+    /// shown whole if any of its keys matches; delete_all of every entry is
+    /// shown too, as it removes those keys as well). [default: every key]
+    #[arg(long, value_name = "P")]
+    key_prefix: Option<String>,
+    /// Print one JSON object per line instead of text.
+    #[arg(long)]
+    json: bool,
+    /// The nodes' signing key (`StreamsBuilder::signing_key`): frames that are
+    /// unsigned or badly signed are then shown as rejected. [default: none:
+    /// every frame is accepted, signed or not, and tags are not checked]
+    #[arg(long, value_name = "K")]
+    signing_key: Option<String>,
+    /// Frames larger than this many bytes are rejected (the nodes' default
+    /// `max_frame_bytes`).
+    #[arg(long, value_name = "BYTES", default_value_t = 4 << 20)]
+    max_frame_bytes: usize,
+}
+
+fn parse_kind(s: &str) -> Result<EventType, String> {
+    s.parse()
+}
+
+/// Runs `nbx tail` until Ctrl-C (or a broken stdout pipe).
+pub(crate) fn run(args: &TailArgs) -> Result<(), Box<dyn std::error::Error>> {
+    let plan = Plan::new(args)?;
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let mut tail = Tail::new(args, plan.base.clone());
+    let outcome = rt.block_on(async {
+        match (&args.redis, &args.nats) {
+            (Some(url), _) => redis_loop(url, &plan, &mut tail).await,
+            (None, Some(url)) => nats_loop(url, &plan, &mut tail).await,
+            (None, None) => Err("one of --redis and --nats is required".into()),
+        }
+    });
+    // Do not wait for the NATS client's background tasks.
+    rt.shutdown_background();
+    match outcome {
+        Err(TailError::Output(e)) if e.kind() == io::ErrorKind::BrokenPipe => Ok(()),
+        Err(e) => Err(e.to_string().into()),
+        Ok(()) => Ok(()),
+    }
+}
+
+/// Why the tail stopped.
+#[derive(Debug)]
+enum TailError {
+    /// Writing to stdout failed.
+    Output(io::Error),
+    /// Connecting or subscribing failed.
+    Setup(String),
+}
+
+impl fmt::Display for TailError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            TailError::Output(e) => write!(f, "cannot write to stdout: {e}"),
+            TailError::Setup(msg) => f.write_str(msg),
+        }
+    }
+}
+
+impl From<io::Error> for TailError {
+    fn from(e: io::Error) -> Self {
+        TailError::Output(e)
+    }
+}
+
+impl From<String> for TailError {
+    fn from(msg: String) -> Self {
+        TailError::Setup(msg)
+    }
+}
+
+impl From<&str> for TailError {
+    fn from(msg: &str) -> Self {
+        TailError::Setup(msg.to_string())
+    }
+}
+
+/// The channels to subscribe.
+#[derive(Debug)]
+struct Plan {
+    /// `{prefix}:{cache}`.
+    base: String,
+    /// Channels (Redis channels, NATS subjects) subscribed by name.
+    channels: Vec<String>,
+    /// A Redis pattern for the partition channels, when their count is unknown.
+    redis_pattern: Option<String>,
+    /// For NATS, when the count is unknown: every possible partition subject.
+    nats_all_partitions: bool,
+}
+
+impl Plan {
+    fn new(args: &TailArgs) -> Result<Plan, String> {
+        if args.prefix.is_empty() || args.prefix.contains(char::is_whitespace) {
+            return Err(format!("--prefix must be non-empty without spaces, got `{}`", args.prefix));
+        }
+        if args.cache.is_empty() || args.cache.contains(char::is_whitespace) {
+            return Err(format!("--cache must be non-empty without spaces, got `{}`", args.cache));
+        }
+        if args.max_frame_bytes < 64 {
+            return Err(format!("--max-frame-bytes must be at least 64, got {}", args.max_frame_bytes));
+        }
+        if let (Some(p), Some(n)) = (args.partition, args.partitions) {
+            if p >= n {
+                return Err(format!("--partition {p} is out of range: the stream has {n} partitions (0..{})", n - 1));
+            }
+        }
+        let base = format!("{}:{}", args.prefix, args.cache);
+        let mut plan = Plan { channels: Vec::new(), redis_pattern: None, nats_all_partitions: false, base };
+        match (args.partition, args.partitions) {
+            (Some(p), _) => plan.channels.push(format!("{}:{p}", plan.base)),
+            (None, Some(n)) => plan.channels.extend((0..n).map(|p| format!("{}:{p}", plan.base))),
+            (None, None) => {
+                plan.channels.push(plan.base.clone());
+                if args.redis.is_some() {
+                    plan.redis_pattern = Some(format!("{}:*", glob_escape(&plan.base)));
+                } else {
+                    plan.nats_all_partitions = true;
+                }
+            }
+        }
+        Ok(plan)
+    }
+
+    /// What the tail listens to, for the "subscribed" message.
+    fn describe(&self) -> String {
+        let mut parts: Vec<String> = Vec::new();
+        if self.channels.len() > 3 {
+            parts.push(format!("{} .. {} ({} channels)", self.channels[0], self.channels[self.channels.len() - 1], self.channels.len()));
+        } else {
+            parts.extend(self.channels.iter().cloned());
+        }
+        if let Some(pattern) = &self.redis_pattern {
+            parts.push(format!("pattern {pattern}"));
+        }
+        if self.nats_all_partitions {
+            parts.push(format!("{0}:0 .. {0}:{1}", self.base, MAX_PARTITIONS - 1));
+        }
+        parts.join(", ")
+    }
+}
+
+/// Escapes Redis glob metacharacters, so a cache name is matched literally.
+fn glob_escape(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        if matches!(c, '*' | '?' | '[' | ']' | '\\') {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out
+}
+
+/// A URL without its password, for messages.
+fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme_end), Some(at)) if at > scheme_end => format!("{}://{}", &url[..scheme_end], &url[at + 1..]),
+        _ => url.to_string(),
+    }
+}
+
+/// The next pause before reconnecting.
+fn backoff(attempt: u32) -> Duration {
+    Duration::from_millis(100u64.saturating_mul(1 << attempt.min(10))).min(MAX_BACKOFF)
+}
+
+async fn redis_subscribe(client: &redis::Client, plan: &Plan) -> Result<redis::aio::PubSubStream, String> {
+    let mut pubsub = client.get_async_pubsub().await.map_err(|e| e.to_string())?;
+    if !plan.channels.is_empty() {
+        pubsub.subscribe(&plan.channels).await.map_err(|e| format!("SUBSCRIBE failed: {e}"))?;
+    }
+    if let Some(pattern) = &plan.redis_pattern {
+        pubsub.psubscribe(pattern).await.map_err(|e| format!("PSUBSCRIBE failed: {e}"))?;
+    }
+    Ok(pubsub.into_on_message())
+}
+
+async fn redis_loop(url: &str, plan: &Plan, tail: &mut Tail) -> Result<(), TailError> {
+    let client =
+        redis::Client::open(url).map_err(|e| format!("invalid Redis URL `{}`: {e}", redact(url)))?;
+    let addr = client.get_connection_info().addr().to_string();
+    let connect = async {
+        match tokio::time::timeout(CONNECT_TIMEOUT, redis_subscribe(&client, plan)).await {
+            Ok(r) => r,
+            Err(_) => Err(format!("no answer within {CONNECT_TIMEOUT:?}")),
+        }
+    };
+    let mut stream = tokio::select! {
+        r = connect => r.map_err(|e| format!("cannot connect to Redis at {addr}: {e}"))?,
+        _ = tokio::signal::ctrl_c() => return Ok(()),
+    };
+    eprintln!("nbx tail: subscribed to {} on Redis at {addr} (Ctrl-C to stop)", plan.describe());
+    loop {
+        tokio::select! {
+            msg = stream.next() => match msg {
+                Some(msg) => tail.on_message(msg.get_channel_name(), msg.get_payload_bytes())?,
+                None => {
+                    eprintln!("nbx tail: connection to Redis at {addr} lost; reconnecting");
+                    tail.connection_lost("connection to Redis lost")?;
+                    let mut attempt = 0u32;
+                    stream = loop {
+                        tokio::select! {
+                            _ = tokio::time::sleep(backoff(attempt)) => {}
+                            _ = tokio::signal::ctrl_c() => return Ok(()),
+                        }
+                        let again = tokio::select! {
+                            r = tokio::time::timeout(CONNECT_TIMEOUT, redis_subscribe(&client, plan)) => r,
+                            _ = tokio::signal::ctrl_c() => return Ok(()),
+                        };
+                        match again {
+                            Ok(Ok(stream)) => break stream,
+                            Ok(Err(e)) => eprintln!("nbx tail: cannot reconnect to Redis at {addr}: {e}"),
+                            Err(_) => eprintln!("nbx tail: cannot reconnect to Redis at {addr}: no answer"),
+                        }
+                        attempt = attempt.saturating_add(1);
+                    };
+                    eprintln!("nbx tail: subscribed again to {} on Redis at {addr}", plan.describe());
+                }
+            },
+            _ = tokio::signal::ctrl_c() => return Ok(()),
+        }
+    }
+}
+
+async fn nats_loop(url: &str, plan: &Plan, tail: &mut Tail) -> Result<(), TailError> {
+    let addrs: Vec<async_nats::ServerAddr> = url
+        .split(',')
+        .map(|u| u.trim().parse())
+        .collect::<Result<_, _>>()
+        .map_err(|e| format!("invalid NATS URL `{}`: {e}", redact(url)))?;
+    let shown = addrs.iter().map(|a| format!("{}:{}", a.host(), a.port())).collect::<Vec<_>>().join(", ");
+    let (events_tx, mut events) = tokio::sync::mpsc::unbounded_channel();
+    let options = async_nats::ConnectOptions::new()
+        .name("nbx tail")
+        .connection_timeout(CONNECT_TIMEOUT)
+        .event_callback(move |event| {
+            let tx = events_tx.clone();
+            async move {
+                let _ = tx.send(event);
+            }
+        });
+    let client = tokio::select! {
+        c = options.connect(addrs.as_slice()) => c.map_err(|e| format!("cannot connect to NATS at {shown}: {e}"))?,
+        _ = tokio::signal::ctrl_c() => return Ok(()),
+    };
+    let mut subjects = plan.channels.clone();
+    if plan.nats_all_partitions {
+        subjects.extend((0..MAX_PARTITIONS).map(|p| format!("{}:{p}", plan.base)));
+    }
+    let mut subscribers = Vec::with_capacity(subjects.len());
+    for subject in subjects {
+        let sub = client
+            .subscribe(subject.clone())
+            .await
+            .map_err(|e| format!("cannot subscribe to `{subject}` on NATS at {shown}: {e}"))?;
+        subscribers.push(sub);
+    }
+    // The subscriptions hold once the server has seen them.
+    tokio::time::timeout(CONNECT_TIMEOUT, client.flush())
+        .await
+        .map_err(|_| format!("NATS at {shown} did not answer within {CONNECT_TIMEOUT:?}"))?
+        .map_err(|e| format!("cannot subscribe on NATS at {shown}: {e}"))?;
+    eprintln!("nbx tail: subscribed to {} on NATS at {shown} (Ctrl-C to stop)", plan.describe());
+    let mut merged = futures::stream::select_all(subscribers);
+    let mut connected = true;
+    loop {
+        tokio::select! {
+            msg = merged.next() => match msg {
+                Some(msg) => tail.on_message(msg.subject.as_str(), &msg.payload)?,
+                None => return Err(format!("the NATS connection to {shown} was closed").into()),
+            },
+            Some(event) = events.recv() => match event {
+                async_nats::Event::Disconnected if connected => {
+                    connected = false;
+                    eprintln!("nbx tail: connection to NATS at {shown} lost; reconnecting");
+                    tail.connection_lost("connection to NATS lost")?;
+                }
+                async_nats::Event::Connected if !connected => {
+                    connected = true;
+                    eprintln!("nbx tail: reconnected to NATS at {shown}");
+                }
+                async_nats::Event::SlowConsumer(_) => {
+                    // The client dropped messages for a subscription: the gap
+                    // shows in the sequence numbers.
+                    eprintln!("nbx tail: falling behind: the NATS client dropped messages");
+                }
+                _ => {}
+            },
+            _ = tokio::signal::ctrl_c() => return Ok(()),
+        }
+    }
+}
+
+/// Which channel a message came on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ChannelKind {
+    /// `{prefix}:{cache}`: an unpartitioned stream.
+    Plain,
+    /// `{prefix}:{cache}:{partition}`.
+    Partition(u32),
+}
+
+/// Why a frame was refused; the labels are the nodes' (`RejectReason::label`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Reject {
+    TooLarge(usize),
+    Truncated,
+    Version(u8),
+    Unsigned,
+    BadSignature,
+    Malformed(String),
+    ForeignCache(String),
+    PartitionCount(String),
+    WrongPartition(String),
+    Replayed { first_seq: u64, next: u64 },
+    StaleEpoch(u64),
+}
+
+impl Reject {
+    fn label(&self) -> &'static str {
+        match self {
+            Reject::TooLarge(_) => "too_large",
+            Reject::Truncated => "truncated",
+            Reject::Version(_) => "version",
+            Reject::Unsigned => "unsigned",
+            Reject::BadSignature => "bad_signature",
+            Reject::Malformed(_) | Reject::Replayed { .. } | Reject::StaleEpoch(_) => "malformed",
+            Reject::ForeignCache(_) => "foreign_cache",
+            Reject::PartitionCount(_) => "partition_count",
+            Reject::WrongPartition(_) => "wrong_partition",
+        }
+    }
+}
+
+impl fmt::Display for Reject {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Reject::TooLarge(limit) => write!(f, "larger than the limit of {limit} bytes"),
+            Reject::Truncated => f.write_str("too short to hold a frame"),
+            Reject::Version(v) => write!(f, "unsupported wire version {v}"),
+            Reject::Unsigned => f.write_str("not signed, and a signing key is set"),
+            Reject::BadSignature => f.write_str("signature does not match"),
+            Reject::Malformed(msg) => f.write_str(msg),
+            Reject::ForeignCache(got) => write!(f, "frame of cache `{got}`"),
+            Reject::PartitionCount(msg) | Reject::WrongPartition(msg) => f.write_str(msg),
+            Reject::Replayed { first_seq, next } => {
+                write!(f, "replayed frame: sequence {first_seq} already seen (expected {next})")
+            }
+            Reject::StaleEpoch(epoch) => write!(f, "frame of an earlier epoch {epoch:016x} of its origin"),
+        }
+    }
+}
+
+/// A frame, decoded generically.
+#[derive(Debug, Clone, PartialEq)]
+struct RawFrame {
+    origin: u64,
+    epoch: u64,
+    cache: String,
+    partition: u32,
+    partitions: u32,
+    first_seq: u64,
+    events: Vec<RawEvent>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+struct RawEvent {
+    kind: EventType,
+    command: Command,
+    version: u64,
+    timestamp_us: u64,
+    target: RawTarget,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+enum RawTarget {
+    Key(Value),
+    Keys(Vec<Value>),
+    All,
+}
+
+impl RawTarget {
+    fn keys(&self) -> &[Value] {
+        match self {
+            RawTarget::Key(k) => std::slice::from_ref(k),
+            RawTarget::Keys(ks) => ks,
+            RawTarget::All => &[],
+        }
+    }
+}
+
+fn malformed(msg: impl Into<String>) -> Reject {
+    Reject::Malformed(msg.into())
+}
+
+fn uint(v: &Value, what: &str) -> Result<u64, Reject> {
+    v.as_u64().ok_or_else(|| malformed(format!("{what} is not an unsigned integer: {}", Key(v))))
+}
+
+fn uint32(v: &Value, what: &str) -> Result<u32, Reject> {
+    u32::try_from(uint(v, what)?).map_err(|_| malformed(format!("{what} does not fit 32 bits")))
+}
+
+fn array<'v>(v: &'v Value, len: Option<usize>, what: &str) -> Result<&'v [Value], Reject> {
+    match v {
+        Value::Array(items) if len.is_none_or(|n| n == items.len()) => Ok(items),
+        Value::Array(items) => {
+            Err(malformed(format!("{what} has {} elements, expected {}", items.len(), len.unwrap_or_default())))
+        }
+        other => Err(malformed(format!("{what} is not an array: {}", Key(other)))),
+    }
+}
+
+/// Decodes and checks a frame as `wire::decode` does (checks 1–7 of
+/// `docs/wire-format.md` §8), without knowing the key type.
+fn decode(bytes: &[u8], signing_key: Option<&[u8]>, max_frame_bytes: usize) -> Result<RawFrame, Reject> {
+    if bytes.len() > max_frame_bytes {
+        return Err(Reject::TooLarge(max_frame_bytes));
+    }
+    let [version, flags, ..] = *bytes else { return Err(Reject::Truncated) };
+    if version != WIRE_VERSION {
+        return Err(Reject::Version(version));
+    }
+    let signed = flags & FLAG_SIGNED != 0;
+    let body_end = if signed {
+        bytes.len().checked_sub(TAG_LEN).filter(|&end| end > 2).ok_or(Reject::Truncated)?
+    } else {
+        bytes.len()
+    };
+    if let Some(key) = signing_key {
+        if !signed {
+            return Err(Reject::Unsigned);
+        }
+        let mut mac = Hmac::<Sha256>::new_from_slice(key).map_err(|_| Reject::BadSignature)?;
+        mac.update(&bytes[..body_end]);
+        mac.verify_slice(&bytes[body_end..]).map_err(|_| Reject::BadSignature)?;
+    }
+    let body = &bytes[2..body_end];
+    let mut cursor = io::Cursor::new(body);
+    let value = rmpv::decode::read_value_with_max_depth(&mut cursor, MAX_DEPTH)
+        .map_err(|e| malformed(format!("not MessagePack: {e}")))?;
+    let read = usize::try_from(cursor.position()).unwrap_or(usize::MAX);
+    if read != body.len() {
+        return Err(malformed(format!("{} trailing bytes", body.len().saturating_sub(read))));
+    }
+    let fields = array(&value, Some(8), "body")?;
+    let cache = match &fields[2] {
+        Value::String(s) => s.as_str().ok_or_else(|| malformed("cache name is not UTF-8"))?.to_string(),
+        Value::Binary(b) => String::from_utf8(b.clone()).map_err(|_| malformed("cache name is not UTF-8"))?,
+        other => return Err(malformed(format!("cache name is not a string: {}", Key(other)))),
+    };
+    let frame = RawFrame {
+        origin: uint(&fields[0], "origin")?,
+        epoch: uint(&fields[1], "epoch")?,
+        cache,
+        partition: uint32(&fields[3], "partition")?,
+        partitions: uint32(&fields[4], "partitions")?,
+        first_seq: uint(&fields[5], "first_seq")?,
+        events: array(&fields[7], None, "events")?.iter().map(decode_event).collect::<Result<_, _>>()?,
+    };
+    uint(&fields[6], "sent_at_us")?;
+    if frame.partitions > 0 && frame.partition >= frame.partitions {
+        return Err(malformed(format!("partition {} of {}", frame.partition, frame.partitions)));
+    }
+    Ok(frame)
+}
+
+fn decode_event(v: &Value) -> Result<RawEvent, Reject> {
+    let fields = array(v, Some(5), "event")?;
+    let kind = uint(&fields[0], "event kind")?;
+    let kind = usize::try_from(kind)
+        .ok()
+        .and_then(|k| EventType::ALL.get(k).copied())
+        .ok_or_else(|| malformed(format!("unknown event kind {kind}")))?;
+    let command = uint(&fields[1], "command")?;
+    let command = usize::try_from(command)
+        .ok()
+        .and_then(|c| Command::ALL.get(c).copied())
+        .ok_or_else(|| malformed(format!("unknown command {command}")))?;
+    let target = array(&fields[4], None, "target")?;
+    let tag = target.first().ok_or_else(|| malformed("empty target"))?;
+    let target = match (uint(tag, "target tag")?, target.len()) {
+        (0, 2) => RawTarget::Key(target[1].clone()),
+        (1, 2) => RawTarget::Keys(array(&target[1], None, "target keys")?.to_vec()),
+        (2, 1) => RawTarget::All,
+        (tag @ 0..=2, len) => return Err(malformed(format!("target of tag {tag} has {len} elements"))),
+        (tag, _) => return Err(malformed(format!("unknown target tag {tag}"))),
+    };
+    Ok(RawEvent {
+        kind,
+        command,
+        version: uint(&fields[2], "version")?,
+        timestamp_us: uint(&fields[3], "timestamp")?,
+        target,
+    })
+}
+
+/// A key, shown generically: strings quoted, arrays as tuples, maps as
+/// `{k: v}`, binary as hex.
+struct Key<'a>(&'a Value);
+
+impl fmt::Display for Key<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.0 {
+            Value::Nil => f.write_str("nil"),
+            Value::Boolean(b) => write!(f, "{b}"),
+            Value::Integer(i) => write!(f, "{i}"),
+            Value::F32(x) => write!(f, "{x:?}"),
+            Value::F64(x) => write!(f, "{x:?}"),
+            Value::String(s) => match s.as_str() {
+                Some(s) => write!(f, "{s:?}"),
+                None => write!(f, "str(0x{})", hex(s.as_bytes())),
+            },
+            Value::Binary(b) => write!(f, "0x{}", hex(b)),
+            Value::Array(items) => {
+                f.write_str("(")?;
+                for (i, item) in items.iter().enumerate() {
+                    if i > 0 {
+                        f.write_str(", ")?;
+                    }
+                    write!(f, "{}", Key(item))?;
+                }
+                f.write_str(")")
+            }
+            Value::Map(entries) => {
+                f.write_str("{")?;
+                for (i, (k, v)) in entries.iter().enumerate() {
+                    if i > 0 {
+                        f.write_str(", ")?;
+                    }
+                    write!(f, "{}: {}", Key(k), Key(v))?;
+                }
+                f.write_str("}")
+            }
+            Value::Ext(ty, data) => write!(f, "ext({ty}, 0x{})", hex(data)),
+        }
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    let mut s = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        let _ = write!(s, "{b:02x}");
+    }
+    s
+}
+
+/// A key as a JSON value.
+fn key_json(v: &Value) -> serde_json::Value {
+    match v {
+        Value::Nil => serde_json::Value::Null,
+        Value::Boolean(b) => json!(b),
+        Value::Integer(i) => match (i.as_u64(), i.as_i64()) {
+            (Some(u), _) => json!(u),
+            (None, Some(s)) => json!(s),
+            _ => serde_json::Value::Null,
+        },
+        Value::F32(x) => serde_json::Number::from_f64(f64::from(*x)).map_or(serde_json::Value::Null, Into::into),
+        Value::F64(x) => serde_json::Number::from_f64(*x).map_or(serde_json::Value::Null, Into::into),
+        Value::String(s) => match s.as_str() {
+            Some(s) => json!(s),
+            None => json!({ "bin": hex(s.as_bytes()) }),
+        },
+        Value::Binary(b) => json!({ "bin": hex(b) }),
+        Value::Array(items) => serde_json::Value::Array(items.iter().map(key_json).collect()),
+        Value::Map(entries) => {
+            if entries.iter().all(|(k, _)| k.as_str().is_some()) {
+                let mut map = serde_json::Map::new();
+                for (k, v) in entries {
+                    map.insert(k.as_str().unwrap_or_default().to_string(), key_json(v));
+                }
+                serde_json::Value::Object(map)
+            } else {
+                serde_json::Value::Array(entries.iter().map(|(k, v)| json!([key_json(k), key_json(v)])).collect())
+            }
+        }
+        Value::Ext(ty, data) => json!({ "ext": ty, "data": hex(data) }),
+    }
+}
+
+/// `YYYY-MM-DDTHH:MM:SS.ffffffZ` for `us` microseconds since the Unix epoch.
+fn rfc3339(us: u64) -> String {
+    let secs = us / 1_000_000;
+    let (y, m, d) = civil_from_days(i64::try_from(secs / 86_400).unwrap_or(i64::MAX));
+    let s = secs % 86_400;
+    format!("{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{:06}Z", s / 3600, s / 60 % 60, s % 60, us % 1_000_000)
+}
+
+/// `HH:MM:SS.fff` (UTC) for the text output.
+fn clock(us: u64) -> String {
+    let secs = us / 1_000_000;
+    let s = secs % 86_400;
+    format!("{:02}:{:02}:{:02}.{:03}", s / 3600, s / 60 % 60, s % 60, us % 1_000_000 / 1000)
+}
+
+/// Howard Hinnant's days-to-civil: (year, month, day) of a day since 1970-01-01.
+fn civil_from_days(z: i64) -> (i64, u32, u32) {
+    let z = z + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    (y, m, d)
+}
+
+fn now_us() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX))
+}
+
+/// What the tail remembers of one (origin, stream, partition).
+#[derive(Debug, Default)]
+struct Numbering {
+    /// The current epoch and the next sequence number expected (none after
+    /// a lost connection: numbering restarts at the next frame).
+    current: Option<(u64, u64)>,
+    /// Epochs this origin has left behind: their frames are replays.
+    retired: Vec<u64>,
+}
+
+/// How many retired epochs are remembered per (origin, partition).
+const RETIRED_EPOCHS: usize = 16;
+
+/// The decoding, checking, numbering and printing of frames, apart from the
+/// transport.
+struct Tail {
+    /// `{prefix}:{cache}`.
+    base: String,
+    cache: String,
+    partitions: Option<u32>,
+    kinds: u8,
+    key_prefix: Option<String>,
+    json: bool,
+    signing_key: Option<Vec<u8>>,
+    max_frame_bytes: usize,
+    /// Per (origin, partitions, partition).
+    numbering: HashMap<(u64, u32, u32), Numbering>,
+    out: Box<dyn Write>,
+}
+
+impl Tail {
+    fn new(args: &TailArgs, base: String) -> Self {
+        let kinds = if args.events.is_empty() { 0xff } else { args.events.iter().fold(0, |m, k| m | k.bit()) };
+        Tail {
+            base,
+            cache: args.cache.clone(),
+            partitions: args.partitions,
+            kinds,
+            key_prefix: args.key_prefix.clone(),
+            json: args.json,
+            signing_key: args.signing_key.as_ref().map(|k| k.as_bytes().to_vec()),
+            max_frame_bytes: args.max_frame_bytes,
+            numbering: HashMap::new(),
+            out: Box::new(io::stdout()),
+        }
+    }
+
+    /// The channel's kind, or none for channels of other streams that a
+    /// pattern also matches (`nbx:users:x:0` of a cache named `users:x`).
+    fn channel_kind(&self, channel: &str) -> Option<ChannelKind> {
+        if channel == self.base {
+            return Some(ChannelKind::Plain);
+        }
+        let digits = channel.strip_prefix(self.base.as_str())?.strip_prefix(':')?;
+        let canonical = !digits.is_empty()
+            && digits.bytes().all(|b| b.is_ascii_digit())
+            && (digits == "0" || !digits.starts_with('0'));
+        if !canonical {
+            return None;
+        }
+        digits.parse().ok().map(ChannelKind::Partition)
+    }
+
+    /// Handles one message of the transport.
+    fn on_message(&mut self, channel: &str, payload: &[u8]) -> io::Result<()> {
+        let Some(kind) = self.channel_kind(channel) else { return Ok(()) };
+        match self.accept(kind, payload) {
+            Ok((frame, gap)) => {
+                if let Some(missed) = gap {
+                    self.print_gap(Some(frame.origin), kind, Some(missed), channel, None)?;
+                }
+                self.print_events(&frame, channel)
+            }
+            Err(reject) => self.print_rejected(channel, &reject, payload.len()),
+        }
+    }
+
+    /// Decodes and checks a frame, and updates the numbering: the frame and
+    /// the number of events missed before it, if any.
+    fn accept(&mut self, channel: ChannelKind, payload: &[u8]) -> Result<(RawFrame, Option<u64>), Reject> {
+        let frame = decode(payload, self.signing_key.as_deref(), self.max_frame_bytes)?;
+        if frame.cache != self.cache {
+            return Err(Reject::ForeignCache(frame.cache));
+        }
+        match channel {
+            ChannelKind::Plain => {
+                if frame.partitions != 0 {
+                    return Err(Reject::PartitionCount(format!(
+                        "frame of a stream of {} partitions on the unpartitioned channel",
+                        frame.partitions
+                    )));
+                }
+                if frame.partition != 0 {
+                    return Err(Reject::WrongPartition(format!(
+                        "frame of partition {} on the unpartitioned channel",
+                        frame.partition
+                    )));
+                }
+            }
+            ChannelKind::Partition(p) => {
+                match self.partitions {
+                    Some(n) if frame.partitions != n => {
+                        return Err(Reject::PartitionCount(format!(
+                            "frame says {} partitions, the stream has {n}",
+                            frame.partitions
+                        )));
+                    }
+                    _ if frame.partitions == 0 => {
+                        return Err(Reject::PartitionCount(format!(
+                            "frame of an unpartitioned stream on the channel of partition {p}"
+                        )));
+                    }
+                    _ => {}
+                }
+                if frame.partition != p {
+                    return Err(Reject::WrongPartition(format!(
+                        "frame of partition {} on the channel of partition {p}",
+                        frame.partition
+                    )));
+                }
+            }
+        }
+        let n = frame.events.len() as u64;
+        let entry = self.numbering.entry((frame.origin, frame.partitions, frame.partition)).or_default();
+        let gap = match entry.current {
+            None => None,
+            Some((epoch, _)) if epoch != frame.epoch => {
+                if entry.retired.contains(&frame.epoch) {
+                    return Err(Reject::StaleEpoch(frame.epoch));
+                }
+                // The origin restarted its stream: a new numbering.
+                if entry.retired.len() == RETIRED_EPOCHS {
+                    entry.retired.remove(0);
+                }
+                entry.retired.push(epoch);
+                None
+            }
+            Some((_, next)) if frame.first_seq < next => {
+                return Err(Reject::Replayed { first_seq: frame.first_seq, next });
+            }
+            Some((_, next)) => (frame.first_seq > next).then(|| frame.first_seq - next),
+        };
+        entry.current = Some((frame.epoch, frame.first_seq.wrapping_add(n)));
+        Ok((frame, gap))
+    }
+
+    /// Whether an event passes the `--events` and `--key-prefix` filters.
+    fn wanted(&self, event: &RawEvent) -> bool {
+        if self.kinds & event.kind.bit() == 0 {
+            return false;
+        }
+        match (&self.key_prefix, &event.target) {
+            (None, _) | (Some(_), RawTarget::All) => true,
+            (Some(prefix), target) => {
+                target.keys().iter().any(|k| k.as_str().is_some_and(|s| s.starts_with(prefix.as_str())))
+            }
+        }
+    }
+
+    fn print_events(&mut self, frame: &RawFrame, channel: &str) -> io::Result<()> {
+        let partition = (frame.partitions > 0).then_some(frame.partition);
+        for (i, event) in frame.events.iter().enumerate() {
+            if !self.wanted(event) {
+                continue;
+            }
+            let seq = frame.first_seq.wrapping_add(i as u64);
+            let line = if self.json {
+                let (target, keys) = match &event.target {
+                    RawTarget::Key(k) => ("key", vec![key_json(k)]),
+                    RawTarget::Keys(ks) => ("keys", ks.iter().map(key_json).collect()),
+                    RawTarget::All => ("all", Vec::new()),
+                };
+                json!({
+                    "type": "event",
+                    "time": rfc3339(event.timestamp_us),
+                    "timestamp_us": event.timestamp_us,
+                    "origin": format!("{:016x}", frame.origin),
+                    "epoch": format!("{:016x}", frame.epoch),
+                    "cache": frame.cache,
+                    "channel": channel,
+                    "partition": partition,
+                    "partitions": frame.partitions,
+                    "seq": seq,
+                    "kind": event.kind.as_str(),
+                    "command": event.command.as_str(),
+                    "version": event.version,
+                    "target": target,
+                    "keys": keys,
+                })
+                .to_string()
+            } else {
+                let keys = match &event.target {
+                    RawTarget::Key(k) => Key(k).to_string(),
+                    RawTarget::Keys(ks) => {
+                        let shown: Vec<String> = ks.iter().map(|k| Key(k).to_string()).collect();
+                        format!("[{}]", shown.join(", "))
+                    }
+                    RawTarget::All => "* (every entry)".to_string(),
+                };
+                let part = partition.map_or_else(|| "-".to_string(), |p| p.to_string());
+                format!(
+                    "{}  {:016x}  p{part:<3} seq {seq:<7} {:<8} {:<11} v{:<5} {keys}",
+                    clock(event.timestamp_us),
+                    frame.origin,
+                    event.kind.as_str(),
+                    event.command.as_str(),
+                    event.version,
+                )
+            };
+            self.line(&line)?;
+        }
+        Ok(())
+    }
+
+    fn print_gap(
+        &mut self,
+        origin: Option<u64>,
+        channel: ChannelKind,
+        missed: Option<u64>,
+        channel_name: &str,
+        reason: Option<&str>,
+    ) -> io::Result<()> {
+        let partition = match channel {
+            ChannelKind::Plain => None,
+            ChannelKind::Partition(p) => Some(p),
+        };
+        let now = now_us();
+        let line = if self.json {
+            json!({
+                "type": "gap",
+                "time": rfc3339(now),
+                "origin": origin.map(|o| format!("{o:016x}")),
+                "channel": channel_name,
+                "partition": partition,
+                "missed": missed,
+                "reason": reason.unwrap_or("sequence jump"),
+            })
+            .to_string()
+        } else {
+            let part = partition.map_or_else(|| "-".to_string(), |p| p.to_string());
+            match (missed, origin) {
+                (Some(n), Some(o)) => format!("{}  GAP {n} events missed from {o:016x} on partition {part}", clock(now)),
+                _ => format!(
+                    "{}  GAP unknown number of events missed on every partition ({})",
+                    clock(now),
+                    reason.unwrap_or("connection lost")
+                ),
+            }
+        };
+        self.line(&line)
+    }
+
+    fn print_rejected(&mut self, channel: &str, reject: &Reject, size: usize) -> io::Result<()> {
+        let now = now_us();
+        let line = if self.json {
+            json!({
+                "type": "rejected",
+                "time": rfc3339(now),
+                "channel": channel,
+                "reason": reject.label(),
+                "detail": reject.to_string(),
+                "bytes": size,
+            })
+            .to_string()
+        } else {
+            format!("{}  REJECTED {}: {reject} ({size} bytes) on {channel}", clock(now), reject.label())
+        };
+        self.line(&line)
+    }
+
+    /// The connection was lost: whatever was published meanwhile is gone,
+    /// and numbering restarts with the next frames.
+    fn connection_lost(&mut self, reason: &str) -> io::Result<()> {
+        for numbering in self.numbering.values_mut() {
+            numbering.current = None;
+        }
+        let base = self.base.clone();
+        self.print_gap(None, ChannelKind::Plain, None, &base, Some(reason))
+    }
+
+    fn line(&mut self, line: &str) -> io::Result<()> {
+        self.out.write_all(line.as_bytes())?;
+        self.out.write_all(b"\n")?;
+        self.out.flush()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Arc, Mutex};
+
+    use clap::Parser;
+    use nebulex::{CacheEntryEvent, EventMetadata, Name, NodeId, Target};
+    use nebulex_streams::wire::{self, FrameHeader};
+
+    use super::*;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        tail: TailArgs,
+    }
+
+    #[derive(Clone, Default)]
+    struct Captured(Arc<Mutex<Vec<u8>>>);
+
+    impl Write for Captured {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            self.0.lock().expect("lock").extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    impl Captured {
+        fn take(&self) -> Vec<String> {
+            let bytes = std::mem::take(&mut *self.0.lock().expect("lock"));
+            String::from_utf8(bytes).expect("utf-8").lines().map(str::to_string).collect()
+        }
+    }
+
+    fn tail(args: &[&str]) -> (Tail, Captured) {
+        let cli = Cli::try_parse_from(std::iter::once("tail").chain(args.iter().copied())).expect("arguments");
+        let plan = Plan::new(&cli.tail).expect("plan");
+        let mut tail = Tail::new(&cli.tail, plan.base);
+        let captured = Captured::default();
+        tail.out = Box::new(captured.clone());
+        (tail, captured)
+    }
+
+    fn header(partition: u32, partitions: u32, first_seq: u64) -> FrameHeader {
+        FrameHeader {
+            origin: NodeId(0xabc),
+            epoch: 7,
+            cache: "users".into(),
+            partition,
+            partitions,
+            first_seq,
+            sent_at_us: 1,
+        }
+    }
+
+    fn event<K>(kind: EventType, target: Target<K>) -> Arc<CacheEntryEvent<K>> {
+        Arc::new(CacheEntryEvent {
+            cache: Name::new("users"),
+            kind,
+            target,
+            command: Command::Put,
+            version: 3,
+            metadata: EventMetadata {
+                node: NodeId(0xabc),
+                partition: None,
+                partitions: None,
+                topic: None,
+                seq: 0,
+                timestamp: UNIX_EPOCH + Duration::from_micros(1_700_000_000_123_456),
+            },
+        })
+    }
+
+    macro_rules! frame {
+        ($h:expr, $events:expr, $key:expr) => {
+            wire::encode(&$h, &$events, $key).expect("encode")
+        };
+    }
+
+    #[test]
+    fn keys_of_any_type_are_shown_generically() {
+        let (mut t, out) = tail(&["--redis", "redis://x/", "--cache", "users"]);
+        let tuple = vec![event(EventType::Inserted, Target::Key((42u32, "alice".to_string())))];
+        t.on_message("nbx:users:1", &frame(&header(1, 4, 1), &tuple, None)).unwrap();
+        let map = vec![event(
+            EventType::Deleted,
+            Target::Keys(vec![std::collections::BTreeMap::from([("a".to_string(), vec![1u8, 2])])]),
+        )];
+        t.on_message("nbx:users:1", &frame(&header(1, 4, 2), &map, None)).unwrap();
+        let all = vec![event::<u64>(EventType::Deleted, Target::All)];
+        t.on_message("nbx:users:1", &frame(&header(1, 4, 3), &all, None)).unwrap();
+        let lines = out.take();
+        assert_eq!(lines.len(), 3, "{lines:?}");
+        assert!(lines[0].starts_with("22:13:20.123  0000000000000abc  p1"), "{}", lines[0]);
+        assert!(lines[0].ends_with("inserted put         v3     (42, \"alice\")"), "{}", lines[0]);
+        assert!(lines[1].ends_with("[{\"a\": (1, 2)}]"), "{}", lines[1]);
+        assert!(lines[2].ends_with("* (every entry)"), "{}", lines[2]);
+    }
+
+    #[test]
+    fn json_lines_carry_every_field() {
+        let (mut t, out) = tail(&["--redis", "redis://x/", "--cache", "users", "--json"]);
+        let events = vec![
+            event(EventType::Inserted, Target::Key("user:1".to_string())),
+            event(EventType::Updated, Target::Keys(vec!["a".to_string(), "b".to_string()])),
+        ];
+        t.on_message("nbx:users", &frame(&header(0, 0, 10), &events, None)).unwrap();
+        let lines: Vec<serde_json::Value> =
+            out.take().iter().map(|l| serde_json::from_str(l).expect("json")).collect();
+        assert_eq!(lines.len(), 2);
+        assert_eq!(lines[0]["type"], "event");
+        assert_eq!(lines[0]["time"], "2023-11-14T22:13:20.123456Z");
+        assert_eq!(lines[0]["origin"], "0000000000000abc");
+        assert_eq!(lines[0]["partition"], serde_json::Value::Null);
+        assert_eq!(lines[0]["seq"], 10);
+        assert_eq!(lines[0]["kind"], "inserted");
+        assert_eq!(lines[0]["command"], "put");
+        assert_eq!(lines[0]["version"], 3);
+        assert_eq!(lines[0]["keys"], json!(["user:1"]));
+        assert_eq!(lines[1]["seq"], 11);
+        assert_eq!(lines[1]["target"], "keys");
+        assert_eq!(lines[1]["keys"], json!(["a", "b"]));
+    }
+
+    #[test]
+    fn gaps_replays_and_heartbeats_are_tracked_per_origin_epoch_and_partition() {
+        let (mut t, out) = tail(&["--redis", "redis://x/", "--cache", "users"]);
+        let one = vec![event(EventType::Inserted, Target::Key("k".to_string()))];
+        let none: Vec<Arc<CacheEntryEvent<String>>> = Vec::new();
+        t.on_message("nbx:users:2", &frame(&header(2, 4, 5), &one, None)).unwrap(); // first: no gap
+        t.on_message("nbx:users:2", &frame(&header(2, 4, 6), &none, None)).unwrap(); // heartbeat
+        t.on_message("nbx:users:2", &frame(&header(2, 4, 9), &none, None)).unwrap(); // heartbeat after loss
+        t.on_message("nbx:users:2", &frame(&header(2, 4, 9), &one, None)).unwrap();
+        t.on_message("nbx:users:2", &frame(&header(2, 4, 9), &one, None)).unwrap(); // replay
+        t.on_message("nbx:users:3", &frame(&header(3, 4, 100), &one, None)).unwrap(); // other partition
+        let mut restarted = header(2, 4, 1);
+        restarted.epoch = 8;
+        t.on_message("nbx:users:2", &frame(&restarted, &one, None)).unwrap(); // new epoch: no gap
+        t.on_message("nbx:users:2", &frame(&header(2, 4, 10), &one, None)).unwrap(); // old epoch
+        let lines = out.take();
+        assert_eq!(lines.len(), 7, "{lines:?}");
+        assert!(lines[0].contains("seq 5 "), "{}", lines[0]);
+        assert!(lines[1].ends_with("GAP 3 events missed from 0000000000000abc on partition 2"), "{}", lines[1]);
+        assert!(lines[2].contains("seq 9 "), "{}", lines[2]);
+        assert!(lines[3].contains("REJECTED malformed: replayed frame: sequence 9 already seen (expected 10)"));
+        assert!(lines[4].contains("p3   seq 100"), "{}", lines[4]);
+        assert!(lines[5].contains("p2   seq 1 "), "{}", lines[5]);
+        assert!(lines[6].contains("REJECTED malformed: frame of an earlier epoch"), "{}", lines[6]);
+        t.connection_lost("connection to Redis lost").unwrap();
+        t.on_message("nbx:users:2", &frame(&header(2, 4, 50), &one, None)).unwrap(); // numbering restarts
+        let lines = out.take();
+        assert_eq!(lines.len(), 2, "{lines:?}");
+        assert!(lines[0].contains("GAP unknown number of events missed"), "{}", lines[0]);
+        assert!(lines[1].contains("seq 50 "), "{}", lines[1]);
+    }
+
+    #[test]
+    fn hostile_frames_are_rejected_with_a_reason() {
+        let (mut t, out) = tail(&["--redis", "redis://x/", "--cache", "users", "--signing-key", "secret"]);
+        let one = vec![event(EventType::Inserted, Target::Key("k".to_string()))];
+        let signed = frame(&header(1, 4, 1), &one, Some(b"secret"));
+        t.on_message("nbx:users:1", &signed).unwrap();
+        t.on_message("nbx:users", b"garbage").unwrap();
+        t.on_message("nbx:users:1", &[1]).unwrap();
+        t.on_message("nbx:users:1", &frame(&header(1, 4, 2), &one, None)).unwrap();
+        t.on_message("nbx:users:1", &frame(&header(1, 4, 2), &one, Some(b"other"))).unwrap();
+        let mut cut = signed.clone();
+        cut.truncate(20);
+        t.on_message("nbx:users:1", &cut).unwrap();
+        t.on_message("nbx:users:2", &frame(&header(1, 4, 2), &one, Some(b"secret"))).unwrap();
+        t.on_message("nbx:users:1", &frame(&header(1, 8, 2), &one, Some(b"secret"))).unwrap();
+        let mut foreign = header(1, 4, 2);
+        foreign.cache = "orders".into();
+        t.on_message("nbx:users:1", &frame(&foreign, &one, Some(b"secret"))).unwrap();
+        t.on_message("nbx:users:x:1", b"not ours").unwrap(); // another cache's channel: ignored
+        let lines = out.take();
+        let expected = [
+            "inserted",
+            "REJECTED version: unsupported wire version 103 (7 bytes) on nbx:users",
+            "REJECTED truncated: too short to hold a frame (1 bytes)",
+            "REJECTED unsigned:",
+            "REJECTED bad_signature:",
+            "REJECTED bad_signature:",
+            "REJECTED wrong_partition: frame of partition 1 on the channel of partition 2",
+            "REJECTED partition_count: frame says 8 partitions, the stream has 4",
+            "REJECTED foreign_cache: frame of cache `orders`",
+        ];
+        assert_eq!(lines.len(), expected.len(), "{lines:?}");
+        for (line, want) in lines.iter().zip(expected) {
+            assert!(line.contains(want), "{line:?} lacks {want:?}");
+        }
+        // Without a key, the truncated signed frame is malformed.
+        let (mut t, out) = tail(&["--redis", "redis://x/", "--cache", "users"]);
+        let mut cut = frame(&header(1, 4, 1), &one, None);
+        cut.truncate(20);
+        t.on_message("nbx:users:1", &cut).unwrap();
+        let mut trailing = frame(&header(1, 4, 1), &one, None);
+        trailing.push(0xc0);
+        t.on_message("nbx:users:1", &trailing).unwrap();
+        let lines = out.take();
+        assert!(lines[0].contains("REJECTED malformed: not MessagePack"), "{}", lines[0]);
+        assert!(lines[1].contains("REJECTED malformed: 1 trailing bytes"), "{}", lines[1]);
+    }
+
+    #[test]
+    fn filters_keep_the_asked_kinds_and_keys() {
+        let (mut t, out) =
+            tail(&["--redis", "redis://x/", "--cache", "users", "--events", "inserted,deleted", "--key-prefix", "user:"]);
+        let events = vec![
+            event(EventType::Inserted, Target::Key("user:1".to_string())),
+            event(EventType::Updated, Target::Key("user:1".to_string())),
+            event(EventType::Inserted, Target::Key("order:1".to_string())),
+            event(EventType::Deleted, Target::Keys(vec!["order:2".to_string(), "user:2".to_string()])),
+            event(EventType::Deleted, Target::All),
+        ];
+        t.on_message("nbx:users:0", &frame(&header(0, 1, 1), &events, None)).unwrap();
+        let lines = out.take();
+        assert_eq!(lines.len(), 3, "{lines:?}");
+        assert!(lines[0].ends_with("\"user:1\""));
+        assert!(lines[1].ends_with("[\"order:2\", \"user:2\"]"));
+        assert!(lines[2].ends_with("* (every entry)"));
+    }
+
+    #[test]
+    fn channels_follow_the_options() {
+        let parse = |args: &[&str]| {
+            let cli = Cli::try_parse_from(std::iter::once("tail").chain(args.iter().copied())).expect("arguments");
+            Plan::new(&cli.tail)
+        };
+        let p = parse(&["--redis", "redis://x/", "--cache", "users"]).unwrap();
+        assert_eq!(p.channels, ["nbx:users"]);
+        assert_eq!(p.redis_pattern.as_deref(), Some("nbx:users:*"));
+        let p = parse(&["--redis", "redis://x/", "--cache", "a*b", "--prefix", "p"]).unwrap();
+        assert_eq!(p.redis_pattern.as_deref(), Some("p:a\\*b:*"));
+        let p = parse(&["--nats", "nats://x", "--cache", "users", "--partitions", "3"]).unwrap();
+        assert_eq!(p.channels, ["nbx:users:0", "nbx:users:1", "nbx:users:2"]);
+        let p = parse(&["--nats", "nats://x", "--cache", "users"]).unwrap();
+        assert!(p.nats_all_partitions);
+        let p = parse(&["--nats", "nats://x", "--cache", "users", "--partition", "2"]).unwrap();
+        assert_eq!(p.channels, ["nbx:users:2"]);
+        assert!(parse(&["--nats", "nats://x", "--cache", "users", "--partition", "4", "--partitions", "4"]).is_err());
+        assert!(Cli::try_parse_from(["tail", "--cache", "users"]).is_err());
+        assert!(Cli::try_parse_from(["tail", "--cache", "u", "--redis", "r", "--nats", "n"]).is_err());
+    }
+
+    #[test]
+    fn dates_are_civil() {
+        assert_eq!(rfc3339(0), "1970-01-01T00:00:00.000000Z");
+        assert_eq!(rfc3339(951_782_400_000_001), "2000-02-29T00:00:00.000001Z");
+        assert_eq!(clock(1_700_000_000_123_456), "22:13:20.123");
+    }
+}
