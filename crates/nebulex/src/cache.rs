@@ -372,7 +372,7 @@ where
             self.inner.remove_expired(s, i, Command::Take);
             return None;
         }
-        let (k, slot) = s.map.swap_remove_index(i)?;
+        let (k, slot) = s.map.remove_index(i)?;
         s.mark_load_stale::<K>(&k);
         let version = s.next_version();
         self.inner.emit(&s.listeners, EventType::Deleted, Command::Take, version, || Target::Key(k));
@@ -396,7 +396,7 @@ where
             if slot.is_expired(|| self.inner.clock.now()) {
                 self.inner.remove_expired(s, i, Command::Delete);
             } else {
-                s.map.swap_remove_index(i);
+                s.map.remove_index(i);
                 removed = true;
             }
         }
@@ -485,7 +485,7 @@ where
     {
         let mut s = self.inner.lock_for(key);
         s.mark_load_stale(key);
-        s.map.swap_remove(key).is_some()
+        s.map.remove(key).is_some()
     }
 
     /// Removes, without events, every entry whose key `pred` selects; returns
@@ -675,7 +675,7 @@ where
 
     /// Removes the expired entry at `index`, with its `Expired` event.
     fn remove_expired(&self, s: &mut Shard<K, V>, index: usize, command: Command) {
-        if let Some((k, _)) = s.map.swap_remove_index(index) {
+        if let Some((k, _)) = s.map.remove_index(index) {
             s.mark_load_stale(&k);
             let version = s.next_version();
             self.emit(&s.listeners, EventType::Expired, command, version, || Target::Key(k));
@@ -738,7 +738,7 @@ where
     /// then keeps the shard within its bound.
     #[inline]
     fn insert_new(&self, s: &mut Shard<K, V>, key: K, slot: Slot<V>, command: Command) {
-        let (i, _) = s.map.insert_full(key, slot);
+        let i = s.map.insert_new(key, slot);
         let version = s.next_version();
         self.emit_at(s, i, EventType::Inserted, command, version);
         self.trim(s);
@@ -780,7 +780,7 @@ where
                     if let Some((i, _, _)) = found {
                         self.remove_expired(s, i, command);
                     }
-                    s.map.insert(key.clone(), Slot::new(value, ttl, now));
+                    s.map.insert_new(key.clone(), Slot::new(value, ttl, now));
                     inserted.push(key);
                 }
             }
@@ -890,7 +890,7 @@ where
         let now = self.clock.now();
         let live = |slot: &Slot<V>| !slot.is_expired(|| now);
         match query {
-            Query::All => self.shards.iter().map(|s| s.0.lock().map.values().filter(|v| live(v)).count()).sum(),
+            Query::All => self.shards.iter().map(|s| s.0.lock().map.iter().filter(|(_, v)| live(v)).count()).sum(),
             Query::Keys(keys) => {
                 let mut seen = std::collections::HashSet::with_capacity_and_hasher(keys.len(), self.selector.clone());
                 keys.into_iter()
@@ -937,7 +937,7 @@ where
                         if slot.is_expired(|| self.clock.now()) {
                             self.remove_expired(s, i, Command::DeleteAll);
                         } else {
-                            s.map.swap_remove_index(i);
+                            s.map.remove_index(i);
                             removed += 1;
                         }
                     }

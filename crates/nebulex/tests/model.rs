@@ -285,7 +285,16 @@ impl Model {
                         n += 1;
                     }
                 }
-                ev.push((Deleted, Target::Keys(ks.clone()), C::DeleteAll));
+                if !ks.is_empty() {
+                    // The event names each key once, in first-seen order.
+                    let mut named = Vec::new();
+                    for &k in ks {
+                        if !named.contains(&k) {
+                            named.push(k);
+                        }
+                    }
+                    ev.push((Deleted, Target::Keys(named), C::DeleteAll));
+                }
                 Answer::Count(n)
             }
             Op::DeleteWhere(m, r) => {

@@ -7,5 +7,6 @@
 //! lock is released: that is what makes per-key event order exact.
 
 pub(crate) mod load;
+pub(crate) mod map;
 pub(crate) mod shard;
 pub(crate) mod sweeper;

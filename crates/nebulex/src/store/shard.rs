@@ -3,7 +3,7 @@
 //! # Eviction
 //!
 //! When a bounded shard grows past its share of `max_entries`, it samples
-//! [`SAMPLES`] entries at random and evicts the one used least often (each
+//! [`SAMPLES`] entries at random (random buckets of its table) and evicts the one used least often (each
 //! entry keeps a small saturating use counter, incremented on every hit and
 //! every overwrite). All counters are halved every `AGING_FACTOR × capacity`
 //! uses, so entries that were popular long ago make room for what is popular
@@ -14,10 +14,9 @@ use std::borrow::Borrow;
 use std::hash::Hash;
 use std::sync::Arc;
 
-use indexmap::IndexMap;
-
 use crate::listener::Listeners;
 use crate::store::load::{Load, Loads};
+use crate::store::map::EntryMap;
 
 /// How many entries an eviction compares.
 pub(crate) const SAMPLES: usize = 8;
@@ -65,7 +64,7 @@ impl<V> Slot<V> {
 }
 
 pub(crate) struct Shard<K, V> {
-    pub(crate) map: IndexMap<K, Slot<V>, MapHasher>,
+    pub(crate) map: EntryMap<K, V>,
     /// This shard's share of `max_entries` (`usize::MAX` when unbounded).
     pub(crate) cap: usize,
     /// The last version given to a write in this shard.
@@ -82,7 +81,7 @@ pub(crate) struct Shard<K, V> {
 impl<K: Hash + Eq, V: Clone> Shard<K, V> {
     pub(crate) fn new(cap: usize, listeners: Listeners<K>, seed: u64, hasher: MapHasher) -> Self {
         Shard {
-            map: IndexMap::with_hasher(hasher),
+            map: EntryMap::with_hasher(hasher),
             cap,
             version: 0,
             listeners,
@@ -125,7 +124,7 @@ impl<K: Hash + Eq, V: Clone> Shard<K, V> {
         self.uses_since_aging += 1;
         if self.uses_since_aging >= self.cap.saturating_mul(AGING_FACTOR).max(1024) {
             self.uses_since_aging = 0;
-            for slot in self.map.values_mut() {
+            for slot in self.map.slots_mut() {
                 slot.uses >>= 1;
             }
         }
@@ -160,33 +159,29 @@ impl<K: Hash + Eq, V: Clone> Shard<K, V> {
 
     /// Removes the least used of a few sampled entries and returns its key.
     pub(crate) fn evict_one(&mut self) -> Option<K> {
-        let len = self.map.len();
-        if len == 0 {
-            return None;
-        }
-        let mut victim = self.random_index(len);
-        let mut victim_uses = self.map.get_index(victim).map_or(u8::MAX, |(_, s)| s.uses);
-        for _ in 1..SAMPLES.min(len) {
-            let i = self.random_index(len);
+        let buckets = self.map.buckets();
+        let mut victim: Option<(usize, u8)> = None;
+        for _ in 0..SAMPLES.min(self.map.len()) {
+            let start = self.random_below(buckets);
+            let Some(i) = self.map.occupied_from(start) else { break };
             let uses = self.map.get_index(i).map_or(u8::MAX, |(_, s)| s.uses);
-            if uses < victim_uses {
-                victim = i;
-                victim_uses = uses;
+            if victim.is_none_or(|(_, least)| uses < least) {
+                victim = Some((i, uses));
             }
         }
-        self.map.swap_remove_index(victim).map(|(k, _)| k)
+        self.map.remove_index(victim?.0).map(|(k, _)| k)
     }
 
-    /// A random index below `len` (xorshift64*, then a multiply-shift reduction).
+    /// A random number below `n` (xorshift64*, then a multiply-shift reduction).
     #[inline]
-    fn random_index(&mut self, len: usize) -> usize {
+    fn random_below(&mut self, n: usize) -> usize {
         let mut x = self.rng;
         x ^= x >> 12;
         x ^= x << 25;
         x ^= x >> 27;
         self.rng = x;
         let r = x.wrapping_mul(0x2545_f491_4f6c_dd1d);
-        ((u128::from(r >> 32) * len as u128) >> 32) as usize
+        ((u128::from(r >> 32) * n as u128) >> 32) as usize
     }
 }
 
