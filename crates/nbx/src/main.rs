@@ -1,14 +1,18 @@
 //! `nbx`: the nebulex command line.
 //!
 //! Subcommands:
+//! - `demo`: the embedded default in action, no server: writers, a
+//!   partitioned stream and a live view of its events.
+//! - `tail`: a live view of a cluster's events, read straight from its Redis
+//!   or NATS channels (it never writes to the cache).
 //! - `bench`: measures the cache and its event streams against their peers
 //!   (moka, quick_cache) in one run, and prints the figures as a table or as
 //!   one JSON object.
-//!
-//! `tail` (live event tail of a cluster) and `demo` are planned.
 
 mod alloc;
 mod bench;
+mod demo;
+mod tail;
 
 use std::process::ExitCode;
 
@@ -20,7 +24,7 @@ static GLOBAL: alloc::CountingAllocator = alloc::CountingAllocator;
 
 /// The nebulex command line: demo, live event tail and benchmark report.
 #[derive(Debug, Parser)]
-#[command(name = "nbx", version, about)]
+#[command(name = "nbx", version, about, propagate_version = true)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -28,14 +32,21 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Watch a cache's events live, in one process, no server needed: writer
+    /// threads, a partitioned stream, one subscriber per partition.
+    Demo(demo::DemoArgs),
+    /// Print a cluster's cache entry events as they cross Redis or NATS:
+    /// gaps in sequence numbers and refused frames included. Read-only.
+    Tail(tail::TailArgs),
     /// Benchmark nebulex against moka and quick_cache, measured in one run.
     Bench(bench::BenchArgs),
-    // Later: `Tail` (live event tail of a cluster) and `Demo`.
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
+        Command::Demo(args) => demo::run(&args),
+        Command::Tail(args) => tail::run(&args),
         Command::Bench(args) => bench::run(&args),
     };
     match result {

@@ -74,7 +74,7 @@ pub(crate) struct TailArgs {
     #[arg(long, value_name = "NAME")]
     cache: String,
     /// The stream's partition count: subscribe channels PREFIX:NAME:0 ..
-    /// PREFIX:NAME:N-1 and refuse frames of another count. [default: any: with
+    /// PREFIX:NAME:N-1 and refuse frames of another count [default: any: with
     /// Redis, pattern PREFIX:NAME:* plus the unpartitioned channel PREFIX:NAME;
     /// with NATS (no wildcard can match inside a subject token), PREFIX:NAME and
     /// PREFIX:NAME:0 .. PREFIX:NAME:4095]
@@ -84,29 +84,29 @@ pub(crate) struct TailArgs {
     #[arg(long, value_name = "P", default_value = "nbx")]
     prefix: String,
     /// Only these event kinds, comma-separated: inserted, updated, deleted,
-    /// expired, evicted. [default: all]
+    /// expired, evicted [default: all]
     #[arg(long, value_name = "KINDS", value_delimiter = ',', value_parser = parse_kind)]
     events: Vec<EventType>,
-    /// Only this partition (subscribes its channel PREFIX:NAME:N alone).
+    /// Only this partition (subscribes its channel PREFIX:NAME:N alone)
     /// [default: every partition]
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(0..i64::from(MAX_PARTITIONS)))]
     partition: Option<u32>,
     /// Only events with a string key starting with P (a multi-key event is
     /// shown whole if any of its keys matches; delete_all of every entry is
-    /// shown too, as it removes those keys as well). [default: every key]
+    /// shown too, as it removes those keys as well) [default: every key]
     #[arg(long, value_name = "P")]
     key_prefix: Option<String>,
     /// Print one JSON object per line instead of text.
     #[arg(long)]
     json: bool,
     /// The nodes' signing key (`StreamsBuilder::signing_key`): frames that are
-    /// unsigned or badly signed are then shown as rejected. [default: none:
+    /// unsigned or badly signed are then shown as rejected [default: none:
     /// every frame is accepted, signed or not, and tags are not checked]
     #[arg(long, value_name = "K")]
     signing_key: Option<String>,
-    /// Frames larger than this many bytes are rejected (the nodes' default
-    /// `max_frame_bytes`).
-    #[arg(long, value_name = "BYTES", default_value_t = 4 << 20)]
+    /// Frames larger than this many bytes are rejected (as the nodes'
+    /// `max_frame_bytes`, whose default this is).
+    #[arg(long, value_name = "BYTES", default_value_t = nebulex_streams::wire::DEFAULT_MAX_FRAME_BYTES)]
     max_frame_bytes: usize,
 }
 
@@ -221,7 +221,12 @@ impl Plan {
     fn describe(&self) -> String {
         let mut parts: Vec<String> = Vec::new();
         if self.channels.len() > 3 {
-            parts.push(format!("{} .. {} ({} channels)", self.channels[0], self.channels[self.channels.len() - 1], self.channels.len()));
+            parts.push(format!(
+                "{} .. {} ({} channels)",
+                self.channels[0],
+                self.channels[self.channels.len() - 1],
+                self.channels.len()
+            ));
         } else {
             parts.extend(self.channels.iter().cloned());
         }
@@ -272,8 +277,7 @@ async fn redis_subscribe(client: &redis::Client, plan: &Plan) -> Result<redis::a
 }
 
 async fn redis_loop(url: &str, plan: &Plan, tail: &mut Tail) -> Result<(), TailError> {
-    let client =
-        redis::Client::open(url).map_err(|e| format!("invalid Redis URL `{}`: {e}", redact(url)))?;
+    let client = redis::Client::open(url).map_err(|e| format!("invalid Redis URL `{}`: {e}", redact(url)))?;
     let addr = client.get_connection_info().addr().to_string();
     let connect = async {
         match tokio::time::timeout(CONNECT_TIMEOUT, redis_subscribe(&client, plan)).await {
@@ -402,6 +406,7 @@ enum Reject {
     TooLarge(usize),
     Truncated,
     Version(u8),
+    Flags(u8),
     Unsigned,
     BadSignature,
     Malformed(String),
@@ -409,7 +414,7 @@ enum Reject {
     PartitionCount(String),
     WrongPartition(String),
     Replayed { first_seq: u64, next: u64 },
-    StaleEpoch(u64),
+    OldEpoch { epoch: u64, current: u64 },
 }
 
 impl Reject {
@@ -420,7 +425,10 @@ impl Reject {
             Reject::Version(_) => "version",
             Reject::Unsigned => "unsigned",
             Reject::BadSignature => "bad_signature",
-            Reject::Malformed(_) | Reject::Replayed { .. } | Reject::StaleEpoch(_) => "malformed",
+            Reject::Flags(_) => "flags",
+            Reject::Malformed(_) => "malformed",
+            Reject::Replayed { .. } => "replay",
+            Reject::OldEpoch { .. } => "old_epoch",
             Reject::ForeignCache(_) => "foreign_cache",
             Reject::PartitionCount(_) => "partition_count",
             Reject::WrongPartition(_) => "wrong_partition",
@@ -434,6 +442,7 @@ impl fmt::Display for Reject {
             Reject::TooLarge(limit) => write!(f, "larger than the limit of {limit} bytes"),
             Reject::Truncated => f.write_str("too short to hold a frame"),
             Reject::Version(v) => write!(f, "unsupported wire version {v}"),
+            Reject::Flags(flags) => write!(f, "unknown flags {flags:#04x}"),
             Reject::Unsigned => f.write_str("not signed, and a signing key is set"),
             Reject::BadSignature => f.write_str("signature does not match"),
             Reject::Malformed(msg) => f.write_str(msg),
@@ -442,7 +451,9 @@ impl fmt::Display for Reject {
             Reject::Replayed { first_seq, next } => {
                 write!(f, "replayed frame: sequence {first_seq} already seen (expected {next})")
             }
-            Reject::StaleEpoch(epoch) => write!(f, "frame of an earlier epoch {epoch:016x} of its origin"),
+            Reject::OldEpoch { epoch, current } => {
+                write!(f, "frame of epoch {epoch:016x}, older than the origin's current epoch {current:016x}")
+            }
         }
     }
 }
@@ -516,6 +527,9 @@ fn decode(bytes: &[u8], signing_key: Option<&[u8]>, max_frame_bytes: usize) -> R
     let [version, flags, ..] = *bytes else { return Err(Reject::Truncated) };
     if version != WIRE_VERSION {
         return Err(Reject::Version(version));
+    }
+    if flags & !FLAG_SIGNED != 0 {
+        return Err(Reject::Flags(flags));
     }
     let signed = flags & FLAG_SIGNED != 0;
     let body_end = if signed {
@@ -710,15 +724,12 @@ fn now_us() -> u64 {
 /// What the tail remembers of one (origin, stream, partition).
 #[derive(Debug, Default)]
 struct Numbering {
-    /// The current epoch and the next sequence number expected (none after
-    /// a lost connection: numbering restarts at the next frame).
-    current: Option<(u64, u64)>,
-    /// Epochs this origin has left behind: their frames are replays.
-    retired: Vec<u64>,
+    /// The origin's current epoch (epochs grow across its restarts).
+    epoch: u64,
+    /// The next sequence number expected (none at first and after a lost
+    /// connection: numbering restarts at the next frame).
+    next: Option<u64>,
 }
-
-/// How many retired epochs are remembered per (origin, partition).
-const RETIRED_EPOCHS: usize = 16;
 
 /// The decoding, checking, numbering and printing of frames, apart from the
 /// transport.
@@ -831,25 +842,21 @@ impl Tail {
         }
         let n = frame.events.len() as u64;
         let entry = self.numbering.entry((frame.origin, frame.partitions, frame.partition)).or_default();
-        let gap = match entry.current {
+        if frame.epoch < entry.epoch {
+            // From before the origin restarted: a replay.
+            return Err(Reject::OldEpoch { epoch: frame.epoch, current: entry.epoch });
+        }
+        let gap = match entry.next {
+            // First frame, or the origin restarted its stream: a new numbering.
+            _ if frame.epoch > entry.epoch => None,
             None => None,
-            Some((epoch, _)) if epoch != frame.epoch => {
-                if entry.retired.contains(&frame.epoch) {
-                    return Err(Reject::StaleEpoch(frame.epoch));
-                }
-                // The origin restarted its stream: a new numbering.
-                if entry.retired.len() == RETIRED_EPOCHS {
-                    entry.retired.remove(0);
-                }
-                entry.retired.push(epoch);
-                None
-            }
-            Some((_, next)) if frame.first_seq < next => {
+            Some(next) if frame.first_seq < next => {
                 return Err(Reject::Replayed { first_seq: frame.first_seq, next });
             }
-            Some((_, next)) => (frame.first_seq > next).then(|| frame.first_seq - next),
+            Some(next) => (frame.first_seq > next).then(|| frame.first_seq - next),
         };
-        entry.current = Some((frame.epoch, frame.first_seq.wrapping_add(n)));
+        entry.epoch = frame.epoch;
+        entry.next = Some(frame.first_seq.wrapping_add(n));
         Ok((frame, gap))
     }
 
@@ -948,7 +955,9 @@ impl Tail {
         } else {
             let part = partition.map_or_else(|| "-".to_string(), |p| p.to_string());
             match (missed, origin) {
-                (Some(n), Some(o)) => format!("{}  GAP {n} events missed from {o:016x} on partition {part}", clock(now)),
+                (Some(n), Some(o)) => {
+                    format!("{}  GAP {n} events missed from {o:016x} on partition {part}", clock(now))
+                }
                 _ => format!(
                     "{}  GAP unknown number of events missed on every partition ({})",
                     clock(now),
@@ -981,7 +990,7 @@ impl Tail {
     /// and numbering restarts with the next frames.
     fn connection_lost(&mut self, reason: &str) -> io::Result<()> {
         for numbering in self.numbering.values_mut() {
-            numbering.current = None;
+            numbering.next = None;
         }
         let base = self.base.clone();
         self.print_gap(None, ChannelKind::Plain, None, &base, Some(reason))
@@ -995,6 +1004,7 @@ impl Tail {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use std::sync::{Arc, Mutex};
 
@@ -1071,7 +1081,7 @@ mod tests {
 
     macro_rules! frame {
         ($h:expr, $events:expr, $key:expr) => {
-            wire::encode(&$h, &$events, $key).expect("encode")
+            wire::encode($h, $events, $key).expect("encode")
         };
     }
 
@@ -1079,14 +1089,14 @@ mod tests {
     fn keys_of_any_type_are_shown_generically() {
         let (mut t, out) = tail(&["--redis", "redis://x/", "--cache", "users"]);
         let tuple = vec![event(EventType::Inserted, Target::Key((42u32, "alice".to_string())))];
-        t.on_message("nbx:users:1", &frame(&header(1, 4, 1), &tuple, None)).unwrap();
+        t.on_message("nbx:users:1", &frame!(&header(1, 4, 1), &tuple, None)).unwrap();
         let map = vec![event(
             EventType::Deleted,
             Target::Keys(vec![std::collections::BTreeMap::from([("a".to_string(), vec![1u8, 2])])]),
         )];
-        t.on_message("nbx:users:1", &frame(&header(1, 4, 2), &map, None)).unwrap();
+        t.on_message("nbx:users:1", &frame!(&header(1, 4, 2), &map, None)).unwrap();
         let all = vec![event::<u64>(EventType::Deleted, Target::All)];
-        t.on_message("nbx:users:1", &frame(&header(1, 4, 3), &all, None)).unwrap();
+        t.on_message("nbx:users:1", &frame!(&header(1, 4, 3), &all, None)).unwrap();
         let lines = out.take();
         assert_eq!(lines.len(), 3, "{lines:?}");
         assert!(lines[0].starts_with("22:13:20.123  0000000000000abc  p1"), "{}", lines[0]);
@@ -1102,9 +1112,8 @@ mod tests {
             event(EventType::Inserted, Target::Key("user:1".to_string())),
             event(EventType::Updated, Target::Keys(vec!["a".to_string(), "b".to_string()])),
         ];
-        t.on_message("nbx:users", &frame(&header(0, 0, 10), &events, None)).unwrap();
-        let lines: Vec<serde_json::Value> =
-            out.take().iter().map(|l| serde_json::from_str(l).expect("json")).collect();
+        t.on_message("nbx:users", &frame!(&header(0, 0, 10), &events, None)).unwrap();
+        let lines: Vec<serde_json::Value> = out.take().iter().map(|l| serde_json::from_str(l).expect("json")).collect();
         assert_eq!(lines.len(), 2);
         assert_eq!(lines[0]["type"], "event");
         assert_eq!(lines[0]["time"], "2023-11-14T22:13:20.123456Z");
@@ -1125,27 +1134,28 @@ mod tests {
         let (mut t, out) = tail(&["--redis", "redis://x/", "--cache", "users"]);
         let one = vec![event(EventType::Inserted, Target::Key("k".to_string()))];
         let none: Vec<Arc<CacheEntryEvent<String>>> = Vec::new();
-        t.on_message("nbx:users:2", &frame(&header(2, 4, 5), &one, None)).unwrap(); // first: no gap
-        t.on_message("nbx:users:2", &frame(&header(2, 4, 6), &none, None)).unwrap(); // heartbeat
-        t.on_message("nbx:users:2", &frame(&header(2, 4, 9), &none, None)).unwrap(); // heartbeat after loss
-        t.on_message("nbx:users:2", &frame(&header(2, 4, 9), &one, None)).unwrap();
-        t.on_message("nbx:users:2", &frame(&header(2, 4, 9), &one, None)).unwrap(); // replay
-        t.on_message("nbx:users:3", &frame(&header(3, 4, 100), &one, None)).unwrap(); // other partition
+        t.on_message("nbx:users:2", &frame!(&header(2, 4, 5), &one, None)).unwrap(); // first: no gap
+        t.on_message("nbx:users:2", &frame!(&header(2, 4, 6), &none, None)).unwrap(); // heartbeat
+        t.on_message("nbx:users:2", &frame!(&header(2, 4, 9), &none, None)).unwrap(); // heartbeat after loss
+        t.on_message("nbx:users:2", &frame!(&header(2, 4, 9), &one, None)).unwrap();
+        t.on_message("nbx:users:2", &frame!(&header(2, 4, 9), &one, None)).unwrap(); // replay
+        t.on_message("nbx:users:3", &frame!(&header(3, 4, 100), &one, None)).unwrap(); // other partition
         let mut restarted = header(2, 4, 1);
         restarted.epoch = 8;
-        t.on_message("nbx:users:2", &frame(&restarted, &one, None)).unwrap(); // new epoch: no gap
-        t.on_message("nbx:users:2", &frame(&header(2, 4, 10), &one, None)).unwrap(); // old epoch
+        t.on_message("nbx:users:2", &frame!(&restarted, &one, None)).unwrap(); // new epoch: no gap
+        t.on_message("nbx:users:2", &frame!(&header(2, 4, 10), &one, None)).unwrap(); // old epoch
         let lines = out.take();
         assert_eq!(lines.len(), 7, "{lines:?}");
         assert!(lines[0].contains("seq 5 "), "{}", lines[0]);
         assert!(lines[1].ends_with("GAP 3 events missed from 0000000000000abc on partition 2"), "{}", lines[1]);
         assert!(lines[2].contains("seq 9 "), "{}", lines[2]);
-        assert!(lines[3].contains("REJECTED malformed: replayed frame: sequence 9 already seen (expected 10)"));
+        assert!(lines[3].contains("REJECTED replay: replayed frame: sequence 9 already seen (expected 10)"));
         assert!(lines[4].contains("p3   seq 100"), "{}", lines[4]);
         assert!(lines[5].contains("p2   seq 1 "), "{}", lines[5]);
-        assert!(lines[6].contains("REJECTED malformed: frame of an earlier epoch"), "{}", lines[6]);
+        assert!(lines[6].contains("REJECTED old_epoch: frame of epoch 0000000000000007, older"), "{}", lines[6]);
         t.connection_lost("connection to Redis lost").unwrap();
-        t.on_message("nbx:users:2", &frame(&header(2, 4, 50), &one, None)).unwrap(); // numbering restarts
+        restarted.first_seq = 50;
+        t.on_message("nbx:users:2", &frame!(&restarted, &one, None)).unwrap(); // numbering restarts, no gap
         let lines = out.take();
         assert_eq!(lines.len(), 2, "{lines:?}");
         assert!(lines[0].contains("GAP unknown number of events missed"), "{}", lines[0]);
@@ -1154,22 +1164,26 @@ mod tests {
 
     #[test]
     fn hostile_frames_are_rejected_with_a_reason() {
-        let (mut t, out) = tail(&["--redis", "redis://x/", "--cache", "users", "--signing-key", "secret"]);
+        let (mut t, out) =
+            tail(&["--redis", "redis://x/", "--cache", "users", "--partitions", "4", "--signing-key", "secret"]);
         let one = vec![event(EventType::Inserted, Target::Key("k".to_string()))];
-        let signed = frame(&header(1, 4, 1), &one, Some(b"secret"));
+        let signed = frame!(&header(1, 4, 1), &one, Some(b"secret"));
         t.on_message("nbx:users:1", &signed).unwrap();
         t.on_message("nbx:users", b"garbage").unwrap();
         t.on_message("nbx:users:1", &[1]).unwrap();
-        t.on_message("nbx:users:1", &frame(&header(1, 4, 2), &one, None)).unwrap();
-        t.on_message("nbx:users:1", &frame(&header(1, 4, 2), &one, Some(b"other"))).unwrap();
+        t.on_message("nbx:users:1", &frame!(&header(1, 4, 2), &one, None)).unwrap();
+        t.on_message("nbx:users:1", &frame!(&header(1, 4, 2), &one, Some(b"other"))).unwrap();
         let mut cut = signed.clone();
         cut.truncate(20);
         t.on_message("nbx:users:1", &cut).unwrap();
-        t.on_message("nbx:users:2", &frame(&header(1, 4, 2), &one, Some(b"secret"))).unwrap();
-        t.on_message("nbx:users:1", &frame(&header(1, 8, 2), &one, Some(b"secret"))).unwrap();
+        t.on_message("nbx:users:2", &frame!(&header(1, 4, 2), &one, Some(b"secret"))).unwrap();
+        t.on_message("nbx:users:1", &frame!(&header(1, 8, 2), &one, Some(b"secret"))).unwrap();
         let mut foreign = header(1, 4, 2);
         foreign.cache = "orders".into();
-        t.on_message("nbx:users:1", &frame(&foreign, &one, Some(b"secret"))).unwrap();
+        t.on_message("nbx:users:1", &frame!(&foreign, &one, Some(b"secret"))).unwrap();
+        let mut flagged = frame!(&header(1, 4, 2), &one, None);
+        flagged[1] = 0x02;
+        t.on_message("nbx:users:1", &flagged).unwrap();
         t.on_message("nbx:users:x:1", b"not ours").unwrap(); // another cache's channel: ignored
         let lines = out.take();
         let expected = [
@@ -1178,10 +1192,11 @@ mod tests {
             "REJECTED truncated: too short to hold a frame (1 bytes)",
             "REJECTED unsigned:",
             "REJECTED bad_signature:",
-            "REJECTED bad_signature:",
+            "REJECTED truncated: too short to hold a frame (20 bytes)",
             "REJECTED wrong_partition: frame of partition 1 on the channel of partition 2",
             "REJECTED partition_count: frame says 8 partitions, the stream has 4",
             "REJECTED foreign_cache: frame of cache `orders`",
+            "REJECTED flags: unknown flags 0x02",
         ];
         assert_eq!(lines.len(), expected.len(), "{lines:?}");
         for (line, want) in lines.iter().zip(expected) {
@@ -1189,10 +1204,10 @@ mod tests {
         }
         // Without a key, the truncated signed frame is malformed.
         let (mut t, out) = tail(&["--redis", "redis://x/", "--cache", "users"]);
-        let mut cut = frame(&header(1, 4, 1), &one, None);
+        let mut cut = frame!(&header(1, 4, 1), &one, None);
         cut.truncate(20);
         t.on_message("nbx:users:1", &cut).unwrap();
-        let mut trailing = frame(&header(1, 4, 1), &one, None);
+        let mut trailing = frame!(&header(1, 4, 1), &one, None);
         trailing.push(0xc0);
         t.on_message("nbx:users:1", &trailing).unwrap();
         let lines = out.take();
@@ -1202,8 +1217,16 @@ mod tests {
 
     #[test]
     fn filters_keep_the_asked_kinds_and_keys() {
-        let (mut t, out) =
-            tail(&["--redis", "redis://x/", "--cache", "users", "--events", "inserted,deleted", "--key-prefix", "user:"]);
+        let (mut t, out) = tail(&[
+            "--redis",
+            "redis://x/",
+            "--cache",
+            "users",
+            "--events",
+            "inserted,deleted",
+            "--key-prefix",
+            "user:",
+        ]);
         let events = vec![
             event(EventType::Inserted, Target::Key("user:1".to_string())),
             event(EventType::Updated, Target::Key("user:1".to_string())),
@@ -1211,7 +1234,7 @@ mod tests {
             event(EventType::Deleted, Target::Keys(vec!["order:2".to_string(), "user:2".to_string()])),
             event(EventType::Deleted, Target::All),
         ];
-        t.on_message("nbx:users:0", &frame(&header(0, 1, 1), &events, None)).unwrap();
+        t.on_message("nbx:users:0", &frame!(&header(0, 1, 1), &events, None)).unwrap();
         let lines = out.take();
         assert_eq!(lines.len(), 3, "{lines:?}");
         assert!(lines[0].ends_with("\"user:1\""));

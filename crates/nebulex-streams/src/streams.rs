@@ -610,7 +610,8 @@ where
         let keep = self.reporter.wants_events();
         let (kept, local, outbound_full, subscribers_full) = {
             let mut state = part.state.lock();
-            let wanting = if self.broadcast_from { 0 } else { state.subscribers.iter().filter(|r| r.wants_local(kind)).count() };
+            let wanting =
+                if self.broadcast_from { 0 } else { state.subscribers.iter().filter(|r| r.wants_local(kind)).count() };
             let receivers = wanting + usize::from(outbound.is_some());
             if receivers == 0 {
                 return;

@@ -102,10 +102,11 @@ pub(crate) fn measure(config: &Config) -> BenchResult<ClusterFigures> {
                 let raw_p99 = redis.raw_latency.p99_us;
                 figures.redis = Some(redis);
                 let rate = step("invalidations/s (redis)", || invalidation::throughput(config, &rt, &url))?;
-                let latency = step("invalidation latency (redis)", || invalidation::latency(config, &rt, &url))?;
+                let (latency, resyncs) =
+                    step("invalidation latency (redis)", || invalidation::latency(config, &rt, &url))?;
                 figures.invalidation = Some(Invalidation {
                     per_sec: rate.per_sec,
-                    resyncs: rate.resyncs,
+                    resyncs: rate.resyncs + resyncs,
                     latency,
                     raw_publish_per_sec: raw_publish,
                     raw_latency_p99_us: raw_p99,
@@ -174,6 +175,8 @@ pub(crate) fn start_streams(
 /// Two nodes of cache `name` over one engine: A writes, B listens.
 struct Pair {
     a: Cache<u64, u64>,
+    /// Kept alive: a stream ends with its cache.
+    _b: Cache<u64, u64>,
     a_streams: Streams<u64>,
     b_streams: Streams<u64>,
 }
@@ -187,7 +190,7 @@ impl Pair {
         let b_streams = start_streams(config, rt, &b, pubsub, None)?;
         let mut sub = b.subscribe(SubscribeOptions::new().scope(EventScope::Remote))?;
         warm_up(rt, &a, &mut sub)?;
-        Ok((Pair { a, a_streams, b_streams }, sub))
+        Ok((Pair { a, _b: b, a_streams, b_streams }, sub))
     }
 
     fn stop(&self) {

@@ -2,19 +2,26 @@
 //! one machine, ours and the peer's side by side (the machines are shared and
 //! noisy, so only ratios from the same run are compared).
 
+mod chart;
+mod cluster;
 mod hit_ratio;
+mod invalidation;
 mod listener;
 mod memory;
+mod progress;
+mod raw;
 mod report;
 mod stream;
 mod throughput;
 mod workload;
 mod zipf;
 
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use nebulex::Cache;
 
+use self::progress::{quiet_step, step};
 use self::report::Figures;
 use self::workload::Keys;
 
@@ -28,6 +35,10 @@ pub(crate) struct BenchArgs {
     /// stderr either way).
     #[arg(long)]
     json: bool,
+    /// Also write a bar chart (SVG) of the rates, ours beside the peers', to
+    /// this file.
+    #[arg(long, value_name = "FILE")]
+    svg: Option<PathBuf>,
 }
 
 /// What a benchmark step returns.
@@ -57,6 +68,9 @@ pub(crate) struct Config {
     /// Per-subscriber buffer of the stream figures: larger than `keys`, so
     /// a subscriber never lags.
     pub(crate) stream_buffer: usize,
+    /// Events (and raw messages, and invalidated keys) of each cluster
+    /// throughput figure.
+    pub(crate) cluster_events: usize,
 }
 
 impl Config {
@@ -72,6 +86,7 @@ impl Config {
             zipf_accesses: if quick { 1_000_000 } else { 2_000_000 },
             latency_duration: if quick { Duration::from_millis(1_500) } else { Duration::from_secs(5) },
             stream_buffer: 1 << 20,
+            cluster_events: if quick { 200_000 } else { 1_000_000 },
         }
     }
 }
@@ -88,7 +103,7 @@ pub(crate) fn run(args: &BenchArgs) -> BenchResult<()> {
     let started = Instant::now();
     let keys = step("keys", || Ok(Keys::new(config.keys)))?;
     // First, while no other thread of ours is alive to allocate.
-    let memory = step("memory", || memory::measure(&config, &keys))?;
+    let memory = quiet_step("memory", || memory::measure(&config, &keys))?;
     let throughput = step("put/get throughput", || throughput::measure(&config, &keys))?;
     let listener = step("listener overhead", || listener::measure(&config, &keys))?;
     let stream_1 = step("stream e2e, 1 partition", || stream::e2e(&config, &keys, 1))?;
@@ -96,26 +111,20 @@ pub(crate) fn run(args: &BenchArgs) -> BenchResult<()> {
     drop(keys);
     let hit_ratio = step("hit ratio", || hit_ratio::measure(&config))?;
     let latency = step("stream latency", || stream::latency(&config))?;
+    // After the local figures: servers and network threads would disturb them.
+    let cluster = cluster::measure(&config)?;
     eprintln!("nbx bench: done in {:.1} s", started.elapsed().as_secs_f64());
 
-    let figures = Figures { quick: config.quick, throughput, listener, stream_1, stream_4, hit_ratio, memory, latency };
+    let figures =
+        Figures { quick: config.quick, throughput, listener, stream_1, stream_4, hit_ratio, memory, latency, cluster };
+    if let Some(path) = &args.svg {
+        std::fs::write(path, chart::svg(&figures)?).map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+        eprintln!("nbx bench: chart written to {}", path.display());
+    }
     if args.json {
         println!("{}", figures.to_json());
     } else {
         print!("{}", figures.to_table());
     }
     Ok(())
-}
-
-/// Runs one step, reporting its name and duration on stderr (steps may add
-/// detail lines of their own in between).
-fn step<T>(name: &str, f: impl FnOnce() -> BenchResult<T>) -> BenchResult<T> {
-    eprintln!("nbx bench: {name} ...");
-    let start = Instant::now();
-    let result = f();
-    match &result {
-        Ok(_) => eprintln!("nbx bench: {name}: {:.1} s", start.elapsed().as_secs_f64()),
-        Err(_) => eprintln!("nbx bench: {name}: failed"),
-    }
-    result.map_err(|err| format!("{name}: {err}").into())
 }

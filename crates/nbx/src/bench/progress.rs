@@ -36,13 +36,27 @@ pub(crate) fn note(line: impl AsRef<str>) {
 /// Runs one step, reporting its name and duration on stderr: a spinner with
 /// the elapsed time on a terminal, a line before and after otherwise.
 pub(crate) fn step<T>(name: &str, f: impl FnOnce() -> BenchResult<T>) -> BenchResult<T> {
+    run_step(name, true, f)
+}
+
+/// [`step`] without the spinner's ticking thread, for a step that counts
+/// every allocation of the process.
+pub(crate) fn quiet_step<T>(name: &str, f: impl FnOnce() -> BenchResult<T>) -> BenchResult<T> {
+    run_step(name, false, f)
+}
+
+fn run_step<T>(name: &str, ticking: bool, f: impl FnOnce() -> BenchResult<T>) -> BenchResult<T> {
     let start = Instant::now();
     if interactive() {
         let bar = ProgressBar::new_spinner().with_message(format!("nbx bench: {name}"));
         if let Ok(style) = ProgressStyle::with_template("{spinner} {msg} [{elapsed}]") {
             bar.set_style(style);
         }
-        bar.enable_steady_tick(Duration::from_millis(100));
+        if ticking {
+            bar.enable_steady_tick(Duration::from_millis(100));
+        } else {
+            bar.tick();
+        }
         *current() = Some(bar);
     } else {
         eprintln!("nbx bench: {name} ...");

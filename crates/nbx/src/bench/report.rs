@@ -4,8 +4,9 @@
 use std::fmt::Write as _;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use serde_json::{json, Value};
+use serde_json::{json, Map, Value};
 
+use super::cluster::{ClusterFigures, TransportFigures};
 use super::hit_ratio::HitRatio;
 use super::listener::ListenerOverhead;
 use super::memory::Memory;
@@ -30,6 +31,9 @@ pub(crate) struct Figures {
     pub(crate) memory: Memory,
     /// Put-to-subscriber latency.
     pub(crate) latency: Latency,
+    /// Node to node over Redis and NATS, and the invalidator, against the
+    /// engines' raw clients.
+    pub(crate) cluster: ClusterFigures,
 }
 
 /// A goal for one figure.
@@ -57,7 +61,7 @@ impl Target {
 
 /// One line of the table.
 struct Row {
-    figure: &'static str,
+    figure: String,
     ours: String,
     peer: String,
     /// Ours ÷ the peer's, when there is a peer.
@@ -67,7 +71,7 @@ struct Row {
 }
 
 /// `a / b`, 0 when `b` is 0.
-fn ratio(a: f64, b: f64) -> f64 {
+pub(crate) fn ratio(a: f64, b: f64) -> f64 {
     if b == 0.0 {
         0.0
     } else {
@@ -110,7 +114,8 @@ impl Figures {
         ratio(self.memory.ours, self.memory.moka)
     }
 
-    /// `{"local": {...}, "meta": {"date", "cores", "quick"}}`.
+    /// `{"local": {...}, "cluster": {...}, "meta": {"date", "cores", "quick"}}`;
+    /// `"cluster": {"skipped": reason}` when no server is installed.
     pub(crate) fn to_json(&self) -> Value {
         let t = &self.throughput;
         json!({
@@ -139,6 +144,7 @@ impl Figures {
                 "stream_latency_p50_us": round(self.latency.p50_us, 1),
                 "stream_latency_p99_us": round(self.latency.p99_us, 1),
             },
+            "cluster": self.cluster_json(),
             "meta": {
                 "date": utc_now(),
                 "cores": std::thread::available_parallelism().map_or(1, usize::from),
@@ -147,16 +153,117 @@ impl Figures {
         })
     }
 
+    /// The cluster figures: every measured one, and `skipped` with the
+    /// reasons for any that were not.
+    fn cluster_json(&self) -> Value {
+        let c = &self.cluster;
+        let mut out = Map::new();
+        let skipped = c.skipped.join("; ");
+        if c.redis.is_none() && c.nats.is_none() && c.invalidation.is_none() {
+            out.insert("skipped".into(), json!(skipped));
+            return Value::Object(out);
+        }
+        out.insert("events".into(), json!(c.events));
+        for (name, transport) in [("redis", &c.redis), ("nats", &c.nats)] {
+            let Some(t) = transport else { continue };
+            let mut put = |key: &str, value: Value| out.insert(format!("{name}_{key}"), value);
+            put("events_per_sec", json!(whole(t.events.per_sec)));
+            put("lagged", json!(t.events.lagged));
+            put("raw_publish_per_sec", json!(whole(t.raw_publish_per_sec)));
+            put("vs_raw_publish", json!(round(vs_raw_publish(t), 3)));
+            put("latency_p50_us", json!(round(t.latency.p50_us, 1)));
+            put("latency_p99_us", json!(round(t.latency.p99_us, 1)));
+            put("raw_latency_p50_us", json!(round(t.raw_latency.p50_us, 1)));
+            put("raw_latency_p99_us", json!(round(t.raw_latency.p99_us, 1)));
+            put("latency_vs_raw_p99", json!(round(latency_vs_raw_p99(t), 3)));
+        }
+        if let Some(i) = &c.invalidation {
+            out.insert("invalidations_per_sec".into(), json!(whole(i.per_sec)));
+            out.insert("invalidations_vs_raw_publish".into(), json!(round(ratio(i.per_sec, i.raw_publish_per_sec), 3)));
+            out.insert("invalidation_p50_us".into(), json!(round(i.latency.p50_us, 1)));
+            out.insert("invalidation_p99_us".into(), json!(round(i.latency.p99_us, 1)));
+            out.insert(
+                "invalidation_vs_raw_p99".into(),
+                json!(round(ratio(i.latency.p99_us, i.raw_latency_p99_us), 3)),
+            );
+            out.insert("invalidation_resyncs".into(), json!(i.resyncs));
+        }
+        if !c.skipped.is_empty() {
+            out.insert("skipped".into(), json!(skipped));
+        }
+        Value::Object(out)
+    }
+
+    /// Table rows of the cluster figures (none when skipped).
+    fn cluster_rows(&self) -> Vec<Row> {
+        let c = &self.cluster;
+        let us = |x: f64| format!("{x:.1}");
+        let mut rows = Vec::new();
+        for (name, peer, transport) in [("redis", "PUBLISH", &c.redis), ("nats", "publish", &c.nats)] {
+            let Some(t) = transport else { continue };
+            // The figures the brief sets targets for: Redis throughput,
+            // and both engines' latency tails.
+            let throughput_target = (name == "redis").then_some(Target::AtLeast(1.0));
+            rows.push(Row {
+                figure: format!("{name} events/s vs raw {peer}"),
+                ours: ops(t.events.per_sec),
+                peer: ops(t.raw_publish_per_sec),
+                ratio: Some(vs_raw_publish(t)),
+                target: throughput_target.map(|goal| (goal, vs_raw_publish(t))),
+            });
+            rows.push(Row {
+                figure: format!("{name} latency p50 (us) vs raw"),
+                ours: us(t.latency.p50_us),
+                peer: us(t.raw_latency.p50_us),
+                ratio: Some(ratio(t.latency.p50_us, t.raw_latency.p50_us)),
+                target: None,
+            });
+            rows.push(Row {
+                figure: format!("{name} latency p99 (us) vs raw"),
+                ours: us(t.latency.p99_us),
+                peer: us(t.raw_latency.p99_us),
+                ratio: Some(latency_vs_raw_p99(t)),
+                target: Some((Target::AtMost(2.0), latency_vs_raw_p99(t))),
+            });
+        }
+        if let (Some(i), Some(redis)) = (&c.invalidation, &c.redis) {
+            let rate = ratio(i.per_sec, i.raw_publish_per_sec);
+            rows.push(Row {
+                figure: "invalidations/s vs raw PUBLISH".into(),
+                ours: ops(i.per_sec),
+                peer: ops(i.raw_publish_per_sec),
+                ratio: Some(rate),
+                target: Some((Target::AtLeast(1.0), rate)),
+            });
+            rows.push(Row {
+                figure: "invalidation p50 (us) vs raw".into(),
+                ours: us(i.latency.p50_us),
+                peer: us(redis.raw_latency.p50_us),
+                ratio: Some(ratio(i.latency.p50_us, redis.raw_latency.p50_us)),
+                target: None,
+            });
+            let p99 = ratio(i.latency.p99_us, i.raw_latency_p99_us);
+            rows.push(Row {
+                figure: "invalidation p99 (us) vs raw".into(),
+                ours: us(i.latency.p99_us),
+                peer: us(i.raw_latency_p99_us),
+                ratio: Some(p99),
+                target: Some((Target::AtMost(2.0), p99)),
+            });
+        }
+        rows
+    }
+
     fn rows(&self) -> Vec<Row> {
         let t = &self.throughput;
-        let vs = |figure, ours: f64, peer: f64, value: f64, target| Row {
-            figure,
+        let vs = |figure: &str, ours: f64, peer: f64, value: f64, target| Row {
+            figure: figure.into(),
             ours: ops(ours),
             peer: ops(peer),
             ratio: Some(value),
             target: Some((target, value)),
         };
-        vec![
+        let mut rows = vec![
             vs("put ops/s vs moka", t.put, t.moka_insert, self.put_vs_moka(), Target::AtLeast(5.0)),
             vs(
                 "put ops/s vs quick_cache",
@@ -167,7 +274,7 @@ impl Figures {
             ),
             vs("get ops/s vs moka", t.get, t.moka_get, self.get_vs_moka(), Target::AtLeast(2.0)),
             Row {
-                figure: "put ms, idle stream vs none",
+                figure: "put ms, idle stream vs none".into(),
                 ours: format!("{:.1}", self.listener.streamed.as_secs_f64() * 1e3),
                 peer: format!("{:.1}", self.listener.plain.as_secs_f64() * 1e3),
                 ratio: Some(self.listener.ratio()),
@@ -188,34 +295,36 @@ impl Figures {
                 Target::AtLeast(0.9),
             ),
             Row {
-                figure: "hit ratio, Zipf 0.99 (vs moka)",
+                figure: "hit ratio, Zipf 0.99 (vs moka)".into(),
                 ours: format!("{:.4}", self.hit_ratio.ours),
                 peer: format!("{:.4}", self.hit_ratio.moka),
                 ratio: Some(self.hit_ratio_vs_moka()),
                 target: Some((Target::AtLeast(0.95), self.hit_ratio_vs_moka())),
             },
             Row {
-                figure: "heap bytes/entry vs moka",
+                figure: "heap bytes/entry vs moka".into(),
                 ours: format!("{:.1}", self.memory.ours),
                 peer: format!("{:.1}", self.memory.moka),
                 ratio: Some(self.memory_vs_moka()),
                 target: Some((Target::AtMost(1.0), self.memory_vs_moka())),
             },
             Row {
-                figure: "stream latency p50 (us)",
+                figure: "stream latency p50 (us)".into(),
                 ours: format!("{:.1}", self.latency.p50_us),
                 peer: "-".into(),
                 ratio: None,
                 target: None,
             },
             Row {
-                figure: "stream latency p99 (us)",
+                figure: "stream latency p99 (us)".into(),
                 ours: format!("{:.1}", self.latency.p99_us),
                 peer: "-".into(),
                 ratio: None,
                 target: Some((Target::AtMost(50.0), self.latency.p99_us)),
             },
-        ]
+        ];
+        rows.extend(self.cluster_rows());
+        rows
     }
 
     /// A readable table: figure, ours, peer, ratio, target, and whether the
@@ -231,6 +340,19 @@ impl Figures {
             self.stream_1.lagged,
             self.stream_4.lagged,
         );
+        let c = &self.cluster;
+        let lagged = |t: &Option<TransportFigures>| t.as_ref().map_or("-".to_string(), |t| t.events.lagged.to_string());
+        let _ = writeln!(
+            out,
+            "cluster: {} events per throughput figure; lagged: redis {}, nats {}; invalidator resyncs: {}",
+            c.events,
+            lagged(&c.redis),
+            lagged(&c.nats),
+            c.invalidation.as_ref().map_or("-".to_string(), |i| i.resyncs.to_string()),
+        );
+        if !c.skipped.is_empty() {
+            let _ = writeln!(out, "cluster: skipped: {}", c.skipped.join("; "));
+        }
         table_line(&mut out, ["figure", "ours", "peer", "ratio", "target", "met"]);
         for row in self.rows() {
             let ratio = row.ratio.map_or_else(|| "-".to_string(), |r| format!("{r:.3}"));
@@ -238,10 +360,20 @@ impl Figures {
                 Some((target, value)) => (target.label(), if target.met(value) { "yes" } else { "NO" }),
                 None => ("-".to_string(), ""),
             };
-            table_line(&mut out, [row.figure, &row.ours, &row.peer, &ratio, &target, met]);
+            table_line(&mut out, [&row.figure, &row.ours, &row.peer, &ratio, &target, met]);
         }
         out
     }
+}
+
+/// Ours ÷ the raw client's messages per second.
+fn vs_raw_publish(t: &TransportFigures) -> f64 {
+    ratio(t.events.per_sec, t.raw_publish_per_sec)
+}
+
+/// Ours ÷ the raw client's p99 latency.
+fn latency_vs_raw_p99(t: &TransportFigures) -> f64 {
+    ratio(t.latency.p99_us, t.raw_latency.p99_us)
 }
 
 /// One line of the table: figure, ours, peer, ratio, target, met.
@@ -251,7 +383,7 @@ fn table_line(out: &mut String, [figure, ours, peer, ratio, target, met]: [&str;
 }
 
 /// Operations per second with thousands separators.
-fn ops(rate: f64) -> String {
+pub(crate) fn ops(rate: f64) -> String {
     let digits = format!("{:.0}", rate.max(0.0));
     let mut out = String::with_capacity(digits.len() + digits.len() / 3);
     for (i, c) in digits.chars().enumerate() {

@@ -11,8 +11,8 @@ use hdrhistogram::Histogram;
 use nebulex::Target;
 use nebulex_streams::{Lagged, Streams, StreamsExt, SubscribeOptions, Subscription, TryRecvError};
 
-use super::workload::{median, Keys};
 use super::progress::note;
+use super::workload::{median, Keys};
 use super::{new_cache, BenchResult, Config};
 
 /// How long the subscribers may take to account for every event after the

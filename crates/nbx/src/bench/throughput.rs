@@ -4,8 +4,8 @@
 use std::hint::black_box;
 use std::time::Duration;
 
-use super::workload::{median, rate, time, Keys};
 use super::progress::note;
+use super::workload::{median, rate, time, Keys};
 use super::{new_cache, BenchResult, Config};
 
 /// Operations per second, each the median over the repetitions.
