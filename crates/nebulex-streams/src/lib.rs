@@ -42,6 +42,9 @@
 //!    event for that subscriber and counts it; the subscriber then receives
 //!    [`Lagged`] with the exact count.
 
+#![forbid(unsafe_code)]
+#![cfg_attr(not(test), warn(clippy::unwrap_used, clippy::expect_used, clippy::panic))]
+
 mod cluster;
 mod error;
 pub mod invalidator;

@@ -414,7 +414,7 @@ where
     /// The stream's metadata.
     pub fn info(&self) -> StreamsInfo {
         StreamsInfo {
-            cache: self.shared.reporter.cache.clone(),
+            cache: self.shared.reporter.cache,
             partitions: self.shared.partitions,
             pubsub: cluster::describe(&self.shared.cluster),
             node: self.shared.node,

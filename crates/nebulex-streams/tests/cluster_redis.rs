@@ -130,7 +130,7 @@ async fn garbage_and_forged_frames_are_rejected_and_counted() {
             timestamp: std::time::SystemTime::now(),
         },
     });
-    let unsigned = encode::<String>(&header, &[forged_event.clone()], None).unwrap();
+    let unsigned = encode::<String>(&header, std::slice::from_ref(&forged_event), None).unwrap();
     let wrong_key = encode::<String>(&header, &[forged_event], Some(b"guess")).unwrap();
     let garbage: Vec<u8> = (0..200u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
     for payload in [&garbage[..], &[1u8][..], &unsigned[..], &wrong_key[..], &[9u8, 0, 0][..]] {

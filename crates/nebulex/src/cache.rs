@@ -96,10 +96,12 @@ pub struct WeakCache<K, V> {
 #[repr(align(128))]
 struct Padded<T>(T);
 
+type LockedShard<K, V> = Padded<Mutex<Shard<K, V>>>;
+
 struct Inner<K, V> {
     name: CacheName,
     node: NodeId,
-    shards: Box<[Padded<Mutex<Shard<K, V>>>]>,
+    shards: Box<[LockedShard<K, V>]>,
     shard_mask: usize,
     selector: MapHasher,
     max_entries: Option<usize>,
@@ -185,7 +187,7 @@ where
                     .max_entries
                     .map_or(usize::MAX, |max| max / config.shards + usize::from(i < max % config.shards));
                 let shard_seed = seed.wrapping_add(i as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15);
-                Padded(Mutex::new(Shard::new(cap, no_listeners(), shard_seed, map_hasher.clone())))
+                Padded(Mutex::new(Shard::new(cap, no_listeners(), shard_seed, map_hasher)))
             })
             .collect();
         let inner = Arc::new(Inner {
@@ -750,7 +752,7 @@ where
         let now = || self.clock.now();
         let command = if only_new { Command::PutNewAll } else { Command::PutAll };
         // Repeated keys: the last value wins, the first position stays.
-        let mut batch: IndexMap<K, V, MapHasher> = IndexMap::with_hasher(self.selector.clone());
+        let mut batch: IndexMap<K, V, MapHasher> = IndexMap::with_hasher(self.selector);
         batch.extend(entries);
         if batch.is_empty() {
             return true;
@@ -892,7 +894,7 @@ where
         match query {
             Query::All => self.shards.iter().map(|s| s.0.lock().map.iter().filter(|(_, v)| live(v)).count()).sum(),
             Query::Keys(keys) => {
-                let mut seen = std::collections::HashSet::with_capacity_and_hasher(keys.len(), self.selector.clone());
+                let mut seen = std::collections::HashSet::with_capacity_and_hasher(keys.len(), self.selector);
                 keys.into_iter()
                     .filter(|k| seen.insert(k.clone()))
                     .filter(|k| self.lock_for(k).map.get(k).is_some_and(live))
@@ -926,7 +928,7 @@ where
                     return 0;
                 }
                 // The event names each key once, in first-seen order.
-                let mut seen = std::collections::HashSet::with_capacity_and_hasher(keys.len(), self.selector.clone());
+                let mut seen = std::collections::HashSet::with_capacity_and_hasher(keys.len(), self.selector);
                 let keys: Vec<K> = keys.into_iter().filter(|k| seen.insert(k.clone())).collect();
                 let (mut guards, slots) = self.lock_shards(keys.iter().map(|k| self.shard_index(k)));
                 let mut removed = 0;

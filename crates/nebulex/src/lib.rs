@@ -32,6 +32,9 @@
 //!
 //! See [`Cache`] for every call and the event it emits.
 
+#![forbid(unsafe_code)]
+#![cfg_attr(not(test), warn(clippy::unwrap_used, clippy::expect_used, clippy::panic))]
+
 mod builder;
 mod cache;
 mod clock;
@@ -49,4 +52,4 @@ pub use error::Error;
 pub use event::{CacheEntryEvent, CacheName, Command, EventMetadata, EventType, Name, NodeId, Target};
 pub use extensions::Extensions;
 pub use listener::EventFilter;
-pub use query::Query;
+pub use query::{Predicate, Query};

@@ -2,6 +2,9 @@
 
 use std::fmt;
 
+/// The predicate of [`Query::Filter`].
+pub type Predicate<K, V> = dyn Fn(&K, &V) -> bool + Send + Sync;
+
 /// Which entries `count_all` / `delete_all` act on.
 ///
 /// ```
@@ -21,7 +24,7 @@ pub enum Query<K, V> {
     Keys(Vec<K>),
     /// The entries for which the predicate holds. It runs with a shard locked:
     /// it must not call the cache.
-    Filter(Box<dyn Fn(&K, &V) -> bool + Send + Sync>),
+    Filter(Box<Predicate<K, V>>),
 }
 
 impl<K, V> Query<K, V> {

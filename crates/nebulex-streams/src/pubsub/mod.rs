@@ -167,10 +167,13 @@ pub(crate) enum LinkState {
     Down(String),
 }
 
+/// Called with a frame's channel index and bytes.
+pub(crate) type FrameHook = dyn Fn(usize, &[u8]) + Send + Sync;
+
 /// What a transport calls: the stream's inbound side.
 pub(crate) struct Hooks {
     /// A frame arrived on channel `index`.
-    pub(crate) on_frame: Box<dyn Fn(usize, &[u8]) + Send + Sync>,
+    pub(crate) on_frame: Box<FrameHook>,
     /// The connection changed.
     pub(crate) on_state: Box<dyn Fn(LinkState) + Send + Sync>,
 }
