@@ -1265,6 +1265,26 @@ mod tests {
     }
 
     #[test]
+    fn generic_values_print_and_convert_to_json() {
+        let v = Value::Array(vec![
+            Value::Nil,
+            Value::Boolean(true),
+            Value::from(-3),
+            Value::F64(1.5),
+            Value::Binary(vec![0xde, 0xad]),
+            Value::Map(vec![(Value::from("a"), Value::from(1)), (Value::from(2), Value::from("b"))]),
+            Value::Ext(5, vec![1]),
+        ]);
+        assert_eq!(Key(&v).to_string(), r#"(nil, true, -3, 1.5, 0xdead, {"a": 1, 2: "b"}, ext(5, 0x01))"#);
+        assert_eq!(
+            key_json(&v),
+            json!([null, true, -3, 1.5, {"bin": "dead"}, [["a", 1], [2, "b"]], {"ext": 5, "data": "01"}])
+        );
+        let object = Value::Map(vec![(Value::from("id"), Value::from(u64::MAX))]);
+        assert_eq!(key_json(&object), json!({"id": u64::MAX}));
+    }
+
+    #[test]
     fn dates_are_civil() {
         assert_eq!(rfc3339(0), "1970-01-01T00:00:00.000000Z");
         assert_eq!(rfc3339(951_782_400_000_001), "2000-02-29T00:00:00.000001Z");

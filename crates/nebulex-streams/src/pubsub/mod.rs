@@ -1,15 +1,15 @@
 //! Cluster transports: how frames reach the other nodes.
 //!
 //! A [`PubSub`] names an engine — the in-process [`memory`] bus, [Redis
-//! Pub/Sub](redis) or [NATS](nats) — and opens one [`Link`] per started
+//! Pub/Sub](redis) or [NATS](nats) — and opens one `Link` per started
 //! stream. Every transport has the same shape:
 //!
 //! * `open(…, LinkConfig) -> Result<Arc<dyn Link>, Error>`, called from
 //!   `Streams::start()` on the ambient tokio runtime, never blocking: it
 //!   spawns the tasks that connect, subscribe one channel per partition,
 //!   reconnect with exponential backoff and resubscribe;
-//! * inbound frames and connection changes go to the stream's [`Hooks`];
-//! * [`Link::publish`] sends a batch of frames; a frame that cannot be sent is
+//! * inbound frames and connection changes go to the stream's `Hooks`;
+//! * `Link::publish` sends a batch of frames; a frame that cannot be sent is
 //!   lost, and the receivers see the jump in its sequence numbers as a gap.
 //!
 //! Channel names are `{prefix}:{cache}:{partition}` (`{prefix}:{cache}` when
