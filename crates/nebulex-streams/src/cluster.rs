@@ -116,9 +116,8 @@ pub(crate) struct Cluster<K> {
     link: OnceLock<Arc<dyn Link>>,
     ready: watch::Receiver<Option<Result<(), Error>>>,
     ready_tx: watch::Sender<Option<Result<(), Error>>>,
-    /// Per (origin, partition): the origin's epoch and the next sequence
-    /// number expected from it.
-    seen: Mutex<HashMap<(NodeId, u32), (u64, u64)>>,
+    /// Per (origin, partition): where its numbering stands.
+    seen: Mutex<HashMap<(NodeId, u32), Seen>>,
     link_up: AtomicBool,
     /// How often an idle partition sends a heartbeat.
     heartbeat: Duration,
@@ -191,6 +190,17 @@ impl<K> Cluster<K> {
 fn new_epoch() -> u64 {
     let millis = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
     (millis << 16) | (NodeId::random().0 & 0xffff)
+}
+
+/// Where an origin's numbering on a partition stands, for a receiver.
+#[derive(Clone, Copy)]
+struct Seen {
+    epoch: u64,
+    /// The next sequence number expected.
+    next: u64,
+    /// After a lost connection, the next frame may jump (what was missed is
+    /// already reported); older numbers are still replays.
+    rebase: bool,
 }
 
 /// Connects a started stream to its transport and starts its sender task.
@@ -472,32 +482,31 @@ impl<K> StreamShared<K> {
             let entry = seen.entry((h.origin, partition)).or_insert_with(|| {
                 // A node we have not heard from: tell it where we stand.
                 cluster.hello.notify_one();
-                (h.epoch, h.first_seq)
+                Seen { epoch: h.epoch, next: h.first_seq, rebase: false }
             });
-            if h.epoch < entry.0 {
+            if h.epoch < entry.epoch {
                 // Epochs grow with each start of a node's stream: this frame
                 // is from before its restart (a replay).
-                let expected_epoch = entry.0;
+                let current = entry.epoch;
                 drop(seen);
-                return self
-                    .reporter
-                    .frame_rejected(&RejectReason::OldEpoch { epoch: h.epoch, current: expected_epoch });
+                return self.reporter.frame_rejected(&RejectReason::OldEpoch { epoch: h.epoch, current });
             }
-            if h.epoch > entry.0 {
+            if h.epoch > entry.epoch {
                 // The origin restarted its stream: a new numbering.
                 cluster.hello.notify_one();
-                *entry = (h.epoch, h.first_seq);
+                *entry = Seen { epoch: h.epoch, next: h.first_seq, rebase: false };
             }
-            let next = entry.1;
+            let next = entry.next;
             if h.first_seq < next {
                 drop(seen);
                 return self.reporter.frame_rejected(&RejectReason::Replayed { seq: h.first_seq, expected: next });
             }
-            if h.first_seq > next {
+            if h.first_seq > next && !entry.rebase {
                 let missed = h.first_seq - next;
                 self.lose(partition, Some(h.origin), missed);
             }
-            entry.1 = h.first_seq.wrapping_add(frame_len);
+            entry.next = h.first_seq.wrapping_add(frame_len);
+            entry.rebase = false;
         }
         self.deliver_remote(frame);
     }
@@ -537,8 +546,10 @@ impl<K> StreamShared<K> {
                 if cluster.link_up.swap(false, Ordering::AcqRel) {
                     tracing::warn!(target: "nebulex_streams", cache = %self.reporter.cache, %reason,
                         "cluster connection lost: every partition has a gap");
-                    // What was published meanwhile is gone: numbering restarts.
-                    cluster.seen.lock().clear();
+                    // What was published meanwhile is gone (and reported as an
+                    // unknown loss): each origin's next frame may jump. Older
+                    // numbers and epochs stay refused.
+                    cluster.seen.lock().values_mut().for_each(|s| s.rebase = true);
                     for p in 0..self.count {
                         self.lose(p, None, 0);
                     }

@@ -2,6 +2,22 @@
 
 /// What can go wrong when starting a stream, subscribing, or reaching the
 /// cluster.
+///
+/// ```
+/// use nebulex::Cache;
+/// use nebulex_streams::{Error, Streams, StreamsExt, SubscribeOptions};
+///
+/// let cache: Cache<String, u32> = Cache::builder().build()?; // a `nebulex::Error` converts
+/// assert_eq!(cache.subscribe(SubscribeOptions::new()).unwrap_err(), Error::StreamNotStarted);
+/// let _streams = Streams::builder(&cache).partitions(2).start()?;
+///
+/// let err = cache.subscribe(SubscribeOptions::new().partition(2)).unwrap_err();
+/// assert_eq!(err, Error::PartitionOutOfRange { partition: 2, partitions: 2 });
+/// assert_eq!(err.to_string(), "partition 2 is out of range: the stream has 2 partitions");
+/// let err = cache.subscribe(SubscribeOptions::new().events([])).unwrap_err();
+/// assert_eq!(err, Error::EmptyEventFilter);
+/// # Ok::<(), nebulex_streams::Error>(())
+/// ```
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {

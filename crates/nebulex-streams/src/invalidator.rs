@@ -59,6 +59,32 @@ use crate::subscription::{EventScope, Lagged, Subscription};
 use crate::telemetry::InvalidatorEvent;
 
 /// What an invalidator does when its node loses the cluster connection.
+///
+/// With [`ServeStale`](Self::ServeStale), entries outlive a lost connection
+/// for at most `max`:
+///
+/// ```
+/// use std::time::Duration;
+/// use nebulex::Cache;
+/// use nebulex_streams::{DisconnectPolicy, Invalidator, MemoryBus, Streams};
+///
+/// # tokio::runtime::Builder::new_current_thread().enable_all().build()?.block_on(async {
+/// let cache: Cache<String, u32> = Cache::builder().name("users").build()?;
+/// let bus = MemoryBus::new();
+/// let streams = Streams::builder(&cache).pubsub(bus.clone().into()).start()?;
+/// let policy = DisconnectPolicy::ServeStale { max: Duration::from_millis(500) };
+/// let _invalidator = Invalidator::builder(&streams).on_disconnect(policy).start()?;
+/// cache.put("user:1".to_string(), 1);
+///
+/// bus.cut(cache.node_id());
+/// tokio::time::sleep(Duration::from_millis(20)).await;
+/// assert!(cache.contains_key("user:1")); // still served...
+/// tokio::time::sleep(Duration::from_millis(600)).await;
+/// assert!(!cache.contains_key("user:1")); // ...until `max` has passed
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// # })?;
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
 pub enum DisconnectPolicy {
     /// Delete the partition's local entries at once (and again when the
@@ -80,6 +106,26 @@ pub enum DisconnectPolicy {
 /// |---|---|
 /// | [`scope`](Self::scope) | [`EventScope::Remote`]: other nodes' changes |
 /// | [`on_disconnect`](Self::on_disconnect) | [`DisconnectPolicy::Flush`] |
+///
+/// ```
+/// use std::time::Duration;
+/// use nebulex::Cache;
+/// use nebulex_streams::{DisconnectPolicy, Error, EventScope, Invalidator, Streams};
+///
+/// let cache: Cache<String, u32> = Cache::builder().build()?;
+/// let streams = Streams::builder(&cache).partitions(4).start()?;
+/// // Workers are tokio tasks: outside a runtime, `start` refuses.
+/// assert_eq!(Invalidator::builder(&streams).start().unwrap_err(), Error::NoRuntime);
+///
+/// let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+/// let _in_runtime = rt.enter();
+/// let invalidator = Invalidator::builder(&streams)
+///     .scope(EventScope::Remote)
+///     .on_disconnect(DisconnectPolicy::ServeStale { max: Duration::from_secs(5) })
+///     .start()?;
+/// assert!(!invalidator.is_stopped());
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
 pub struct InvalidatorBuilder<'a, K> {
     streams: &'a Streams<K>,
     scope: EventScope,
@@ -95,6 +141,37 @@ impl<K> fmt::Debug for InvalidatorBuilder<'_, K> {
 /// A started invalidator. A cheap handle: it lives until
 /// [`stop`](Self::stop) or until its stream stops; dropping handles does not
 /// stop it. See the [module docs](self).
+///
+/// Two nodes of one cluster, on an in-process bus: a change on one removes
+/// the other's copy.
+///
+/// ```
+/// use std::time::Duration;
+/// use nebulex::Cache;
+/// use nebulex_streams::{Invalidator, PubSub, Streams};
+///
+/// # tokio::runtime::Builder::new_current_thread().enable_all().build()?.block_on(async {
+/// let bus = PubSub::memory();
+/// let (a, b): (Cache<String, u32>, Cache<String, u32>) =
+///     (Cache::builder().name("users").build()?, Cache::builder().name("users").build()?);
+/// let _a_streams = Streams::builder(&a).pubsub(bus.clone()).start()?;
+/// let b_streams = Streams::builder(&b).pubsub(bus.clone()).start()?;
+/// let invalidator = Invalidator::builder(&b_streams).start()?;
+///
+/// b.put("user:1".to_string(), 30); // b's copy
+/// a.put("user:1".to_string(), 31); // a change on node a...
+/// tokio::time::timeout(Duration::from_secs(5), async {
+///     while b.contains_key("user:1") {
+///         tokio::time::sleep(Duration::from_millis(1)).await; // ...removes it on b
+///     }
+/// })
+/// .await?;
+/// invalidator.stop();
+/// assert!(invalidator.is_stopped());
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// # })?;
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
 #[derive(Clone)]
 pub struct Invalidator {
     inner: Arc<Inner>,

@@ -13,6 +13,28 @@
 use std::hash::{Hash, Hasher};
 
 /// Where a custom router sends an event.
+///
+/// ```
+/// use nebulex::{Cache, CacheEntryEvent, EventType};
+/// use nebulex_streams::{Route, Streams, StreamsExt, SubscribeOptions};
+///
+/// let cache: Cache<String, u32> = Cache::builder().build()?;
+/// let _streams = Streams::builder(&cache)
+///     .partitions(2)
+///     .hash(|e: &CacheEntryEvent<String>| match e.kind {
+///         EventType::Deleted => Route::Partition(1),
+///         EventType::Evicted => Route::Discard,
+///         _ => Route::Partition(0),
+///     })
+///     .start()?;
+/// let mut deletes = cache.subscribe(SubscribeOptions::new().partition(1))?;
+/// cache.put("user:1".to_string(), 1);
+/// cache.delete("user:1");
+/// let event = deletes.try_recv().expect("the delete");
+/// assert_eq!((event.kind, event.metadata.partition), (EventType::Deleted, Some(1)));
+/// assert!(deletes.try_recv().is_err()); // the insert went to partition 0
+/// # Ok::<(), nebulex_streams::Error>(())
+/// ```
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Route {
     /// To this partition (an out-of-range partition drops the event with a
@@ -130,6 +152,15 @@ impl Hasher for StableHasher {
 }
 
 /// The [`StableHasher`] hash of a value.
+///
+/// ```
+/// use nebulex_streams::stable_hash;
+///
+/// // The same on every node: `str` and `String` hash alike, `u64` and `usize` too.
+/// assert_eq!(stable_hash("user:123"), stable_hash(&"user:123".to_string()));
+/// assert_eq!(stable_hash(&42u64), stable_hash(&42usize));
+/// assert_ne!(stable_hash("user:123"), stable_hash("user:124"));
+/// ```
 pub fn stable_hash<T: Hash + ?Sized>(value: &T) -> u64 {
     let mut h = StableHasher::default();
     value.hash(&mut h);
@@ -137,6 +168,21 @@ pub fn stable_hash<T: Hash + ?Sized>(value: &T) -> u64 {
 }
 
 /// The partition the default router gives `key`.
+///
+/// ```
+/// use nebulex::Cache;
+/// use nebulex_streams::{partition_of, stable_hash, Streams, StreamsExt, SubscribeOptions};
+///
+/// let p = partition_of("user:123", 4);
+/// assert_eq!(u64::from(p), stable_hash("user:123") % 4);
+///
+/// let cache: Cache<String, u32> = Cache::builder().build()?;
+/// let _streams = Streams::builder(&cache).partitions(4).start()?;
+/// let mut sub = cache.subscribe(SubscribeOptions::new().partition(p))?;
+/// cache.put("user:123".to_string(), 1);
+/// assert_eq!(sub.try_recv().expect("routed here").metadata.partition, Some(p));
+/// # Ok::<(), nebulex_streams::Error>(())
+/// ```
 #[inline]
 pub fn partition_of<T: Hash + ?Sized>(key: &T, partitions: u32) -> u32 {
     (stable_hash(key) % u64::from(partitions.max(1))) as u32

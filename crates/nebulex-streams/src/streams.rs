@@ -50,6 +50,20 @@ pub(crate) type RouterFn<K> = dyn Fn(&CacheEntryEvent<K>) -> Route + Send + Sync
 /// | [`max_frame_bytes`](Self::max_frame_bytes) | 1 MiB (NATS's default payload limit) | under 64 |
 /// | [`backoff`](Self::backoff) | 50 ms doubling up to 5 s | zero, `max < initial` |
 /// | [`heartbeat`](Self::heartbeat) | 1 s | zero |
+///
+/// ```
+/// use nebulex::Cache;
+/// use nebulex_streams::{Error, Streams};
+///
+/// let cache: Cache<String, u32> = Cache::builder().name("users").build()?;
+/// let err = Streams::builder(&cache).buffer(0).start().unwrap_err();
+/// assert!(matches!(err, Error::InvalidOption(_)));
+///
+/// let streams = Streams::builder(&cache).partitions(8).buffer(1_024).start()?;
+/// assert_eq!(streams.info().partitions, Some(8));
+/// assert_eq!(Streams::builder(&cache).start().unwrap_err(), Error::AlreadyStarted);
+/// # Ok::<(), nebulex_streams::Error>(())
+/// ```
 pub struct StreamsBuilder<'a, K, V> {
     cache: &'a Cache<K, V>,
     partitions: Option<u32>,
@@ -361,6 +375,19 @@ impl<K> fmt::Debug for Streams<K> {
 }
 
 /// What a stream is: [`Streams::info`].
+///
+/// ```
+/// use nebulex::Cache;
+/// use nebulex_streams::Streams;
+///
+/// let cache: Cache<String, u32> = Cache::builder().name("users").build()?;
+/// let info = Streams::builder(&cache).partitions(4).start()?.info();
+/// assert_eq!(info.cache, "users");
+/// assert_eq!(info.partitions, Some(4));
+/// assert_eq!(info.pubsub, None); // no cluster transport
+/// assert_eq!(info.node, cache.node_id());
+/// # Ok::<(), nebulex_streams::Error>(())
+/// ```
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct StreamsInfo {
@@ -449,6 +476,22 @@ where
 
 /// Adds [`subscribe`](StreamsExt::subscribe) to [`Cache`], like
 /// `use Nebulex.Streams` does to a Nebulex cache.
+///
+/// ```
+/// use nebulex::Cache;
+/// use nebulex_streams::{Error, Streams, StreamsExt, SubscribeOptions};
+///
+/// let cache: Cache<String, u32> = Cache::builder().build()?;
+/// assert!(cache.streams().is_none());
+/// assert_eq!(cache.subscribe(SubscribeOptions::new()).unwrap_err(), Error::StreamNotStarted);
+///
+/// Streams::builder(&cache).start()?;
+/// let mut sub = cache.subscribe(SubscribeOptions::new())?;
+/// cache.put("user:1".to_string(), 1);
+/// assert!(sub.try_recv().is_ok());
+/// assert!(cache.streams().is_some_and(|s| !s.is_stopped()));
+/// # Ok::<(), nebulex_streams::Error>(())
+/// ```
 pub trait StreamsExt<K> {
     /// Subscribes to the stream started on this cache.
     ///

@@ -28,11 +28,45 @@ use nebulex::{CacheEntryEvent, EventType};
 use crate::streams::StreamShared;
 
 /// A subscriber missed this many events (`0`: an unknown number).
+///
+/// ```
+/// use nebulex::Cache;
+/// use nebulex_streams::{Lagged, Streams, StreamsExt, SubscribeOptions};
+///
+/// let cache: Cache<u32, u32> = Cache::builder().build()?;
+/// let _streams = Streams::builder(&cache).buffer(1).start()?;
+/// let mut sub = cache.subscribe(SubscribeOptions::new())?;
+/// for i in 0..3 {
+///     cache.put(i, i); // the buffer holds the first; the other two are dropped
+/// }
+/// assert!(sub.recv_blocking().is_some_and(|item| item.is_ok()));
+/// assert_eq!(sub.recv_blocking().and_then(|item| item.err()), Some(Lagged(2)));
+/// assert_eq!(Lagged(2).to_string(), "the subscriber lagged behind and missed 2 events");
+/// # Ok::<(), nebulex_streams::Error>(())
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, thiserror::Error)]
 #[error("the subscriber lagged behind and missed {0} events")]
 pub struct Lagged(pub u64);
 
 /// What [`Subscription::try_recv`] can say instead of an event.
+///
+/// ```
+/// use nebulex::Cache;
+/// use nebulex_streams::{Streams, StreamsExt, SubscribeOptions, TryRecvError};
+///
+/// let cache: Cache<&str, u32> = Cache::builder().build()?;
+/// let streams = Streams::builder(&cache).buffer(1).start()?;
+/// let mut sub = cache.subscribe(SubscribeOptions::new())?;
+/// assert_eq!(sub.try_recv().unwrap_err(), TryRecvError::Empty);
+/// cache.put("a", 1);
+/// cache.put("b", 2); // the buffer is full: dropped
+/// assert!(sub.try_recv().is_ok());
+/// assert_eq!(sub.try_recv().unwrap_err(), TryRecvError::Lagged(1));
+/// assert_eq!(sub.try_recv().unwrap_err(), TryRecvError::Empty);
+/// streams.stop();
+/// assert_eq!(sub.try_recv().unwrap_err(), TryRecvError::Closed);
+/// # Ok::<(), nebulex_streams::Error>(())
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, thiserror::Error)]
 pub enum TryRecvError {
     /// No event is waiting.
@@ -52,9 +86,53 @@ const SPIN_ROUNDS: u32 = 16;
 const SPIN_PAUSES: u32 = 128;
 
 /// One item of a subscription: an event, or how many were missed.
+///
+/// Per subscriber, events received plus the sum of `Lagged` counts equals the
+/// events published to it:
+///
+/// ```
+/// use nebulex::Cache;
+/// use nebulex_streams::{Item, Lagged, Streams, StreamsExt, SubscribeOptions};
+///
+/// let cache: Cache<u32, u32> = Cache::builder().build()?;
+/// let streams = Streams::builder(&cache).buffer(4).start()?;
+/// let mut sub = cache.subscribe(SubscribeOptions::new())?;
+/// (0..10).for_each(|i| cache.put(i, i));
+/// streams.stop();
+///
+/// let (mut received, mut missed) = (0, 0);
+/// while let Some(item) = sub.recv_blocking() {
+///     let item: Item<u32> = item;
+///     match item {
+///         Ok(_event) => received += 1,
+///         Err(Lagged(n)) => missed += n,
+///     }
+/// }
+/// assert_eq!((received, missed), (4, 6));
+/// # Ok::<(), nebulex_streams::Error>(())
+/// ```
 pub type Item<K> = Result<Arc<CacheEntryEvent<K>>, Lagged>;
 
 /// Whose events a subscription (or an invalidator) wants, by origin node.
+///
+/// Remote events are those that arrive through a cluster transport
+/// ([`StreamsBuilder::pubsub`](crate::StreamsBuilder::pubsub)); a stream
+/// without one has local events only.
+///
+/// ```
+/// use nebulex::Cache;
+/// use nebulex_streams::{EventScope, Streams, StreamsExt, SubscribeOptions, TryRecvError};
+///
+/// let cache: Cache<String, u32> = Cache::builder().build()?;
+/// let _streams = Streams::builder(&cache).start()?;
+/// let mut mine = cache.subscribe(SubscribeOptions::new().scope(EventScope::Local))?;
+/// let mut theirs = cache.subscribe(SubscribeOptions::new().scope(EventScope::Remote))?;
+/// cache.put("user:1".to_string(), 1);
+/// assert!(mine.try_recv().is_ok());
+/// assert_eq!(theirs.try_recv().unwrap_err(), TryRecvError::Empty);
+/// assert_eq!(EventScope::default(), EventScope::Remote); // the invalidator's default
+/// # Ok::<(), nebulex_streams::Error>(())
+/// ```
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
 pub enum EventScope {
     /// Only other nodes' events (those that came through the cluster transport).

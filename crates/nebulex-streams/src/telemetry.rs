@@ -34,6 +34,34 @@ use nebulex::{CacheEntryEvent, CacheName, EventType, Name, NodeId};
 use crate::wire::RejectReason;
 
 /// One telemetry report of a stream.
+///
+/// An observer that counts delivered events and logs the failures:
+///
+/// ```
+/// use std::sync::atomic::{AtomicUsize, Ordering};
+/// use std::sync::Arc;
+/// use nebulex::Cache;
+/// use nebulex_streams::{BroadcastStatus, Streams, StreamsExt, SubscribeOptions, Telemetry};
+///
+/// let cache: Cache<String, u32> = Cache::builder().name("users").build()?;
+/// let delivered = Arc::new(AtomicUsize::new(0));
+/// let count = delivered.clone();
+/// let _streams = Streams::builder(&cache)
+///     .buffer(1)
+///     .observer(move |t: &Telemetry<String>| match t {
+///         Telemetry::Broadcast { status: BroadcastStatus::Ok, .. } => {
+///             count.fetch_add(1, Ordering::Relaxed);
+///         }
+///         Telemetry::Broadcast { reason: Some(reason), topic, .. } => eprintln!("{topic}: {reason}"),
+///         _ => {}
+///     })
+///     .start()?;
+/// let _sub = cache.subscribe(SubscribeOptions::new())?;
+/// cache.put("user:1".to_string(), 1);
+/// cache.put("user:2".to_string(), 2); // the subscriber's buffer of 1 is full: logged
+/// assert_eq!(delivered.load(Ordering::Relaxed), 1);
+/// # Ok::<(), nebulex_streams::Error>(())
+/// ```
 #[derive(Debug, Clone)]
 #[non_exhaustive]
 pub enum Telemetry<K> {
@@ -104,6 +132,29 @@ pub enum Telemetry<K> {
 }
 
 /// Whether a broadcast reached every interested subscriber.
+///
+/// ```
+/// use std::sync::{Arc, Mutex};
+/// use nebulex::Cache;
+/// use nebulex_streams::{BroadcastStatus, Streams, StreamsExt, SubscribeOptions, Telemetry};
+///
+/// let cache: Cache<u32, u32> = Cache::builder().build()?;
+/// let statuses = Arc::new(Mutex::new(Vec::new()));
+/// let log = statuses.clone();
+/// let _streams = Streams::builder(&cache)
+///     .buffer(1)
+///     .observer(move |t: &Telemetry<u32>| {
+///         if let Telemetry::Broadcast { status, .. } = t {
+///             log.lock().unwrap().push(*status);
+///         }
+///     })
+///     .start()?;
+/// let _sub = cache.subscribe(SubscribeOptions::new())?;
+/// cache.put(1, 1);
+/// cache.put(2, 2); // the subscriber's buffer of 1 is full
+/// assert_eq!(*statuses.lock().unwrap(), [BroadcastStatus::Ok, BroadcastStatus::Error]);
+/// # Ok::<(), nebulex_streams::Error>(())
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum BroadcastStatus {
     /// Delivered.
@@ -113,6 +164,31 @@ pub enum BroadcastStatus {
 }
 
 /// Why a broadcast failed.
+///
+/// ```
+/// use std::sync::{Arc, Mutex};
+/// use nebulex::{Cache, CacheEntryEvent};
+/// use nebulex_streams::{BroadcastError, Route, Streams, StreamsExt, SubscribeOptions, Telemetry};
+///
+/// let cache: Cache<u32, u32> = Cache::builder().build()?;
+/// let errors = Arc::new(Mutex::new(Vec::new()));
+/// let log = errors.clone();
+/// let _streams = Streams::builder(&cache)
+///     .partitions(2)
+///     .hash(|_: &CacheEntryEvent<u32>| Route::Partition(5)) // a buggy router
+///     .observer(move |t: &Telemetry<u32>| {
+///         if let Telemetry::Broadcast { reason: Some(reason), .. } = t {
+///             log.lock().unwrap().push(reason.clone());
+///         }
+///     })
+///     .start()?;
+/// let _sub = cache.subscribe(SubscribeOptions::new())?; // without one, no event is even built
+/// cache.put(1, 1);
+/// let errors = errors.lock().unwrap();
+/// assert_eq!(errors[..], [BroadcastError::PartitionOutOfRange { partition: 5, partitions: 2 }]);
+/// assert_eq!(errors[0].to_string(), "the router returned partition 5, but the stream has 2");
+/// # Ok::<(), nebulex_streams::Error>(())
+/// ```
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
 pub enum BroadcastError {
@@ -136,6 +212,44 @@ pub enum BroadcastError {
 }
 
 /// What an invalidator reports.
+///
+/// ```
+/// use std::sync::{Arc, Mutex};
+/// use std::time::Duration;
+/// use nebulex::Cache;
+/// use nebulex_streams::{InvalidatorEvent, Invalidator, MemoryBus, Streams, Telemetry};
+///
+/// # tokio::runtime::Builder::new_current_thread().enable_all().build()?.block_on(async {
+/// let cache: Cache<String, u32> = Cache::builder().name("users").build()?;
+/// let (bus, seen) = (MemoryBus::new(), Arc::new(Mutex::new(Vec::new())));
+/// let log = seen.clone();
+/// let streams = Streams::builder(&cache)
+///     .pubsub(bus.clone().into())
+///     .observer(move |t: &Telemetry<String>| {
+///         if let Telemetry::Invalidator { event, .. } = t {
+///             log.lock().unwrap().push(event.clone());
+///         }
+///     })
+///     .start()?;
+/// let invalidator = Invalidator::builder(&streams).start()?;
+/// cache.put("user:1".to_string(), 1);
+/// bus.cut(cache.node_id()); // a lost connection: the worker flushes its partition
+/// tokio::time::timeout(Duration::from_secs(5), async {
+///     while cache.contains_key("user:1") {
+///         tokio::time::sleep(Duration::from_millis(1)).await;
+///     }
+/// })
+/// .await?;
+/// invalidator.stop();
+/// assert_eq!(*seen.lock().unwrap(), [
+///     InvalidatorEvent::Started,
+///     InvalidatorEvent::Resync { partition: 0, count: 1 },
+///     InvalidatorEvent::Stopped,
+/// ]);
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// # })?;
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum InvalidatorEvent {

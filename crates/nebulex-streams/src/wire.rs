@@ -38,6 +38,18 @@ pub const TAG_LEN: usize = 32;
 pub const DEFAULT_MAX_FRAME_BYTES: usize = 1 << 20;
 
 /// Why a frame from the network was refused.
+///
+/// ```
+/// use nebulex_streams::wire::{decode, DecodeLimits, RejectReason};
+///
+/// let limits = DecodeLimits::default();
+/// let err = decode::<String>(&[1], &limits).unwrap_err();
+/// assert_eq!(err, RejectReason::Truncated { size: 1 });
+/// assert_eq!((err.label(), err.to_string().as_str()), ("truncated", "frame is truncated (1 bytes)"));
+/// assert_eq!(decode::<String>(&[9, 0], &limits).unwrap_err(), RejectReason::Version(9));
+/// assert_eq!(decode::<String>(&[1, 0x80], &limits).unwrap_err(), RejectReason::Flags(0x80));
+/// assert!(matches!(decode::<String>(b"\x01\x00garbage", &limits), Err(RejectReason::Malformed(_))));
+/// ```
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
 pub enum RejectReason {
@@ -133,6 +145,29 @@ impl RejectReason {
 }
 
 /// The header of a frame: who sent it, for which partition, from which sequence number.
+///
+/// A frame without events is a heartbeat: it tells the next sequence number.
+///
+/// ```
+/// use std::sync::Arc;
+/// use nebulex::{CacheEntryEvent, NodeId};
+/// use nebulex_streams::wire::{decode, encode, DecodeLimits, FrameHeader};
+///
+/// let header = FrameHeader {
+///     origin: NodeId(7),
+///     epoch: 1,
+///     cache: "users".into(),
+///     partition: 0,
+///     partitions: 0, // unpartitioned
+///     first_seq: 42,
+///     sent_at_us: 0,
+/// };
+/// let no_events: Vec<Arc<CacheEntryEvent<String>>> = Vec::new();
+/// let frame = decode::<String>(&encode(&header, &no_events, None)?, &DecodeLimits::default())?;
+/// assert_eq!(frame.header, header);
+/// assert!(frame.events.is_empty());
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FrameHeader {
     /// The sending node.
@@ -152,6 +187,30 @@ pub struct FrameHeader {
 }
 
 /// A decoded frame.
+///
+/// ```
+/// use nebulex::{Name, NodeId};
+/// use nebulex_streams::wire::{decode, encode, DecodeLimits, Frame, FrameHeader};
+///
+/// # let event = |seq, key: &str| std::sync::Arc::new(nebulex::CacheEntryEvent {
+/// #     cache: nebulex::Name::new("users"), kind: nebulex::EventType::Inserted,
+/// #     target: nebulex::Target::Key(key.to_string()), command: nebulex::Command::Put, version: 1,
+/// #     metadata: nebulex::EventMetadata { node: nebulex::NodeId(7), partition: Some(1), partitions: Some(4),
+/// #         topic: None, seq, timestamp: std::time::UNIX_EPOCH + std::time::Duration::from_secs(1_700_000_000) },
+/// # });
+/// # let header = FrameHeader {
+/// #     origin: nebulex::NodeId(7), epoch: 1, cache: "users".into(),
+/// #     partition: 1, partitions: 4, first_seq: 100, sent_at_us: 0,
+/// # };
+/// let bytes = encode(&header, &[event(100, "a"), event(101, "b")], None)?; // header.first_seq: 100
+/// let frame: Frame<String> = decode(&bytes, &DecodeLimits::default())?;
+/// let events = frame.into_events(Name::new("users"), Name::new("nbx:users:1"));
+/// assert_eq!(events[1].metadata.seq, 101); // first_seq + index
+/// assert_eq!(events[1].metadata.node, NodeId(7)); // the header's origin
+/// assert_eq!((events[1].metadata.partition, events[1].metadata.partitions), (Some(1), Some(4)));
+/// assert_eq!(events[1].metadata.topic, Some(Name::new("nbx:users:1")));
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Frame<K> {
     /// The header.
@@ -161,6 +220,29 @@ pub struct Frame<K> {
 }
 
 /// One event as it travels.
+///
+/// ```
+/// use nebulex::{Command, EventType};
+/// use nebulex_streams::wire::{decode, encode, unix_micros, DecodeLimits, FrameHeader, WireEvent};
+///
+/// # let event = |seq, key: &str| std::sync::Arc::new(nebulex::CacheEntryEvent {
+/// #     cache: nebulex::Name::new("users"), kind: nebulex::EventType::Inserted,
+/// #     target: nebulex::Target::Key(key.to_string()), command: nebulex::Command::Put, version: 1,
+/// #     metadata: nebulex::EventMetadata { node: nebulex::NodeId(7), partition: Some(1), partitions: Some(4),
+/// #         topic: None, seq, timestamp: std::time::UNIX_EPOCH + std::time::Duration::from_secs(1_700_000_000) },
+/// # });
+/// # let header = FrameHeader {
+/// #     origin: nebulex::NodeId(7), epoch: 1, cache: "users".into(),
+/// #     partition: 1, partitions: 4, first_seq: 100, sent_at_us: 0,
+/// # };
+/// let sent = event(100, "user:1");
+/// let frame = decode::<String>(&encode(&header, &[sent.clone()], None)?, &DecodeLimits::default())?;
+/// let wire: &WireEvent<String> = &frame.events[0];
+/// assert_eq!((wire.kind, wire.command, wire.version), (EventType::Inserted, Command::Put, 1));
+/// assert_eq!(wire.timestamp_us, unix_micros(sent.metadata.timestamp));
+/// assert_eq!(wire.target, sent.target);
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct WireEvent<K> {
     /// What changed.
@@ -203,6 +285,14 @@ impl<K> Frame<K> {
 }
 
 /// Microseconds since the Unix epoch (0 before it).
+///
+/// ```
+/// use std::time::{Duration, UNIX_EPOCH};
+/// use nebulex_streams::wire::unix_micros;
+///
+/// assert_eq!(unix_micros(UNIX_EPOCH + Duration::from_nanos(1_500_999)), 1_500);
+/// assert_eq!(unix_micros(UNIX_EPOCH - Duration::from_secs(1)), 0);
+/// ```
 pub fn unix_micros(t: SystemTime) -> u64 {
     t.duration_since(UNIX_EPOCH).map_or(0, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX))
 }
@@ -210,6 +300,34 @@ pub fn unix_micros(t: SystemTime) -> u64 {
 type HmacSha256 = Hmac<Sha256>;
 
 /// Encodes a frame of `events` (all of `header.partition`).
+///
+/// ```
+/// use std::sync::Arc;
+/// use std::time::SystemTime;
+/// use nebulex::{CacheEntryEvent, Command, EventMetadata, EventType, Name, NodeId, Target};
+/// use nebulex_streams::wire::{decode, encode, unix_micros, DecodeLimits, FrameHeader, WIRE_VERSION};
+///
+/// let metadata = EventMetadata {
+///     node: NodeId(7), partition: Some(1), partitions: Some(4), topic: None, seq: 100, timestamp: SystemTime::now(),
+/// };
+/// let event = Arc::new(CacheEntryEvent {
+///     cache: Name::new("users"),
+///     kind: EventType::Deleted,
+///     target: Target::Keys(vec!["a".to_string(), "b".to_string()]),
+///     command: Command::DeleteAll,
+///     version: 3,
+///     metadata,
+/// });
+/// let header = FrameHeader {
+///     origin: NodeId(7), epoch: 1, cache: "users".into(), partition: 1, partitions: 4, first_seq: 100,
+///     sent_at_us: unix_micros(SystemTime::now()),
+/// };
+/// let bytes = encode(&header, &[event.clone()], None)?;
+/// assert_eq!(bytes[0], WIRE_VERSION);
+/// let frame = decode::<String>(&bytes, &DecodeLimits::default())?;
+/// assert_eq!((frame.header, frame.events[0].target.clone()), (header, event.target.clone()));
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
 pub fn encode<K: Serialize>(
     header: &FrameHeader,
     events: &[impl AsRef<CacheEntryEvent<K>>],
@@ -247,6 +365,31 @@ fn tag_of(key: &[u8], bytes: &[u8]) -> [u8; TAG_LEN] {
 }
 
 /// What a decoder checks beyond the format.
+///
+/// ```
+/// use nebulex_streams::wire::{decode, encode, DecodeLimits, FrameHeader, RejectReason};
+///
+/// # let event = |seq, key: &str| std::sync::Arc::new(nebulex::CacheEntryEvent {
+/// #     cache: nebulex::Name::new("users"), kind: nebulex::EventType::Inserted,
+/// #     target: nebulex::Target::Key(key.to_string()), command: nebulex::Command::Put, version: 1,
+/// #     metadata: nebulex::EventMetadata { node: nebulex::NodeId(7), partition: Some(1), partitions: Some(4),
+/// #         topic: None, seq, timestamp: std::time::UNIX_EPOCH + std::time::Duration::from_secs(1_700_000_000) },
+/// # });
+/// # let header = FrameHeader {
+/// #     origin: nebulex::NodeId(7), epoch: 1, cache: "users".into(),
+/// #     partition: 1, partitions: 4, first_seq: 100, sent_at_us: 0,
+/// # };
+/// let key = Some(&b"cluster secret"[..]);
+/// let signed = encode(&header, &[event(100, "a")], key)?;
+/// let limits = DecodeLimits { signing_key: key, ..Default::default() };
+/// assert!(decode::<String>(&signed, &limits).is_ok());
+///
+/// let unsigned = encode(&header, &[event(100, "a")], None)?;
+/// assert_eq!(decode::<String>(&unsigned, &limits).unwrap_err(), RejectReason::Unsigned);
+/// let small = DecodeLimits { max_frame_bytes: 16, ..Default::default() };
+/// assert!(matches!(decode::<String>(&unsigned, &small), Err(RejectReason::TooLarge { limit: 16, .. })));
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
 #[derive(Debug, Clone, Default)]
 pub struct DecodeLimits<'a> {
     /// The largest frame accepted (0: [`DEFAULT_MAX_FRAME_BYTES`]).
@@ -256,6 +399,32 @@ pub struct DecodeLimits<'a> {
 }
 
 /// Decodes a frame, checking its size, version, signature and shape.
+///
+/// ```
+/// use nebulex::Target;
+/// use nebulex_streams::wire::{decode, encode, DecodeLimits, FrameHeader, RejectReason};
+///
+/// # let event = |seq, key: &str| std::sync::Arc::new(nebulex::CacheEntryEvent {
+/// #     cache: nebulex::Name::new("users"), kind: nebulex::EventType::Inserted,
+/// #     target: nebulex::Target::Key(key.to_string()), command: nebulex::Command::Put, version: 1,
+/// #     metadata: nebulex::EventMetadata { node: nebulex::NodeId(7), partition: Some(1), partitions: Some(4),
+/// #         topic: None, seq, timestamp: std::time::UNIX_EPOCH + std::time::Duration::from_secs(1_700_000_000) },
+/// # });
+/// # let header = FrameHeader {
+/// #     origin: nebulex::NodeId(7), epoch: 1, cache: "users".into(),
+/// #     partition: 1, partitions: 4, first_seq: 100, sent_at_us: 0,
+/// # };
+/// let key = Some(&b"cluster secret"[..]);
+/// let mut bytes = encode(&header, &[event(100, "user:1")], key)?;
+/// let limits = DecodeLimits { signing_key: key, ..Default::default() };
+/// let frame = decode::<String>(&bytes, &limits)?;
+/// assert_eq!(frame.events[0].target, Target::Key("user:1".to_string()));
+/// // Keys must decode as the stream's key type.
+/// assert!(matches!(decode::<u64>(&bytes, &limits), Err(RejectReason::Malformed(_))));
+/// bytes[10] ^= 1; // tampered with on the way
+/// assert_eq!(decode::<String>(&bytes, &limits).unwrap_err(), RejectReason::BadSignature);
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
 pub fn decode<K: DeserializeOwned>(bytes: &[u8], limits: &DecodeLimits<'_>) -> Result<Frame<K>, RejectReason> {
     let limit = if limits.max_frame_bytes == 0 { DEFAULT_MAX_FRAME_BYTES } else { limits.max_frame_bytes };
     if bytes.len() > limit {

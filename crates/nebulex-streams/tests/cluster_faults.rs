@@ -616,3 +616,34 @@ async fn a_frame_of_an_earlier_epoch_is_refused() {
     assert_eq!(tally.keys(), ["old", "new", "marker"], "the replayed frame was not delivered again");
     assert!(reports.rejected.lock().unwrap().contains(&"old_epoch"), "{:?}", reports.rejected.lock().unwrap());
 }
+
+/// A lost connection forgets nothing that guards against replays: after it,
+/// an origin's next frame may jump (the loss was reported as unknown), but
+/// frames it already sent, or frames of its older epochs, stay refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replays_stay_refused_after_a_lost_connection() {
+    let bus = PubSub::memory();
+    let memory: MemoryBus = bus.as_memory().expect("memory bus").clone();
+    let b = node("users", 2);
+    let reports = Reports::default();
+    let _sb = ready(builder(&b, &bus).observer(reports.observer()).start().expect("start b")).await;
+    let mut on_b = b.subscribe(SubscribeOptions::new()).expect("subscribe");
+    let old_epoch = craft(9, 1, "users", 0, 0, 1, &["old"]);
+    let seen = craft(9, 2, "users", 0, 0, 1, &["seen"]);
+    memory.publish_raw("nbx:users", &old_epoch);
+    memory.publish_raw("nbx:users", &seen);
+    memory.cut(NodeId(2));
+    memory.restore(NodeId(2));
+    memory.publish_raw("nbx:users", &old_epoch);
+    memory.publish_raw("nbx:users", &seen);
+    // After the loss, a jump is no new gap: it was reported as unknown.
+    memory.publish_raw("nbx:users", &craft(9, 2, "users", 0, 0, 7, &["after"]));
+    let mut tally = Tally::default();
+    read_until(&mut on_b, &mut tally, |t| t.keys().contains(&"after".to_string())).await;
+    assert_eq!(tally.keys(), ["old", "seen", "after"]);
+    // Told when lost and again when back; with no event between, one notice.
+    assert_eq!(tally.lagged, [0]);
+    let rejected = reports.rejected.lock().unwrap().clone();
+    assert_eq!(rejected, ["old_epoch", "replay"]);
+    assert!(reports.gaps.lock().unwrap().iter().all(|(origin, _)| origin.is_none()));
+}

@@ -134,6 +134,23 @@ fn redact(url: &str) -> String {
 }
 
 /// Reconnection delays: `initial`, doubling up to `max`, with jitter.
+///
+/// Set a stream's with
+/// [`StreamsBuilder::backoff`](crate::StreamsBuilder::backoff).
+///
+/// ```
+/// use std::time::Duration;
+/// use nebulex_streams::Backoff;
+///
+/// let backoff = Backoff::default();
+/// assert_eq!(backoff, Backoff { initial: Duration::from_millis(50), max: Duration::from_secs(5) });
+/// // Each delay is the doubled base, less a random part of up to a quarter.
+/// let first = backoff.delay(0);
+/// assert!(first > Duration::from_micros(37_500) && first <= Duration::from_millis(50));
+/// let third = backoff.delay(2);
+/// assert!(third > Duration::from_millis(150) && third <= Duration::from_millis(200));
+/// assert!(backoff.delay(30) <= backoff.max);
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Backoff {
     /// The first delay.
