@@ -100,8 +100,10 @@ pub(crate) struct TailArgs {
     #[arg(long)]
     json: bool,
     /// The nodes' signing key (`StreamsBuilder::signing_key`): frames that are
-    /// unsigned or badly signed are then shown as rejected [default: none:
-    /// every frame is accepted, signed or not, and tags are not checked]
+    /// unsigned or badly signed are then shown as rejected. The environment
+    /// variable NBX_SIGNING_KEY is read when this is absent (keeping the key
+    /// out of the process list) [default: none: every frame is accepted,
+    /// signed or not, and tags are not checked]
     #[arg(long, value_name = "K")]
     signing_key: Option<String>,
     /// Frames larger than this many bytes are rejected (as the nodes'
@@ -191,6 +193,9 @@ impl Plan {
         }
         if args.cache.is_empty() || args.cache.contains(char::is_whitespace) {
             return Err(format!("--cache must be non-empty without spaces, got `{}`", args.cache));
+        }
+        if args.signing_key.as_deref() == Some("") {
+            return Err("--signing-key must not be empty".into());
         }
         if args.max_frame_bytes < 64 {
             return Err(format!("--max-frame-bytes must be at least 64, got {}", args.max_frame_bytes));
@@ -729,6 +734,9 @@ struct Numbering {
     /// The next sequence number expected (none at first and after a lost
     /// connection: numbering restarts at the next frame).
     next: Option<u64>,
+    /// After a lost connection: the number expected before the loss. A frame
+    /// of this epoch below it was seen already (a replay), whatever was lost.
+    floor: u64,
 }
 
 /// The decoding, checking, numbering and printing of frames, apart from the
@@ -758,7 +766,12 @@ impl Tail {
             kinds,
             key_prefix: args.key_prefix.clone(),
             json: args.json,
-            signing_key: args.signing_key.as_ref().map(|k| k.as_bytes().to_vec()),
+            signing_key: args
+                .signing_key
+                .clone()
+                .or_else(|| std::env::var("NBX_SIGNING_KEY").ok())
+                .filter(|k| !k.is_empty())
+                .map(String::into_bytes),
             max_frame_bytes: args.max_frame_bytes,
             numbering: HashMap::new(),
             out: Box::new(io::stdout()),
@@ -849,12 +862,18 @@ impl Tail {
         let gap = match entry.next {
             // First frame, or the origin restarted its stream: a new numbering.
             _ if frame.epoch > entry.epoch => None,
+            None if frame.first_seq < entry.floor => {
+                return Err(Reject::Replayed { first_seq: frame.first_seq, next: entry.floor });
+            }
             None => None,
             Some(next) if frame.first_seq < next => {
                 return Err(Reject::Replayed { first_seq: frame.first_seq, next });
             }
             Some(next) => (frame.first_seq > next).then(|| frame.first_seq - next),
         };
+        if frame.epoch > entry.epoch {
+            entry.floor = 0;
+        }
         entry.epoch = frame.epoch;
         entry.next = Some(frame.first_seq.wrapping_add(n));
         Ok((frame, gap))
@@ -990,7 +1009,7 @@ impl Tail {
     /// and numbering restarts with the next frames.
     fn connection_lost(&mut self, reason: &str) -> io::Result<()> {
         for numbering in self.numbering.values_mut() {
-            numbering.next = None;
+            numbering.floor = numbering.next.take().unwrap_or(numbering.floor);
         }
         let base = self.base.clone();
         self.print_gap(None, ChannelKind::Plain, None, &base, Some(reason))
@@ -1154,12 +1173,18 @@ mod tests {
         assert!(lines[5].contains("p2   seq 1 "), "{}", lines[5]);
         assert!(lines[6].contains("REJECTED old_epoch: frame of epoch 0000000000000007, older"), "{}", lines[6]);
         t.connection_lost("connection to Redis lost").unwrap();
+        t.on_message("nbx:users:2", &frame!(&restarted, &one, None)).unwrap(); // seen before the loss
         restarted.first_seq = 50;
         t.on_message("nbx:users:2", &frame!(&restarted, &one, None)).unwrap(); // numbering restarts, no gap
         let lines = out.take();
-        assert_eq!(lines.len(), 2, "{lines:?}");
+        assert_eq!(lines.len(), 3, "{lines:?}");
         assert!(lines[0].contains("GAP unknown number of events missed"), "{}", lines[0]);
-        assert!(lines[1].contains("seq 50 "), "{}", lines[1]);
+        assert!(
+            lines[1].contains("REJECTED replay: replayed frame: sequence 1 already seen (expected 2)"),
+            "{}",
+            lines[1]
+        );
+        assert!(lines[2].contains("seq 50 "), "{}", lines[2]);
     }
 
     #[test]

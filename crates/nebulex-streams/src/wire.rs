@@ -307,16 +307,11 @@ type HmacSha256 = Hmac<Sha256>;
 /// use nebulex::{CacheEntryEvent, Command, EventMetadata, EventType, Name, NodeId, Target};
 /// use nebulex_streams::wire::{decode, encode, unix_micros, DecodeLimits, FrameHeader, WIRE_VERSION};
 ///
-/// let metadata = EventMetadata {
-///     node: NodeId(7), partition: Some(1), partitions: Some(4), topic: None, seq: 100, timestamp: SystemTime::now(),
-/// };
 /// let event = Arc::new(CacheEntryEvent {
-///     cache: Name::new("users"),
-///     kind: EventType::Deleted,
+///     cache: Name::new("users"), kind: EventType::Deleted, command: Command::DeleteAll, version: 3,
 ///     target: Target::Keys(vec!["a".to_string(), "b".to_string()]),
-///     command: Command::DeleteAll,
-///     version: 3,
-///     metadata,
+///     metadata: EventMetadata { node: NodeId(7), partition: Some(1), partitions: Some(4), topic: None, seq: 100,
+///         timestamp: SystemTime::now() },
 /// });
 /// let header = FrameHeader {
 ///     origin: NodeId(7), epoch: 1, cache: "users".into(), partition: 1, partitions: 4, first_seq: 100,
@@ -325,7 +320,8 @@ type HmacSha256 = Hmac<Sha256>;
 /// let bytes = encode(&header, &[event.clone()], None)?;
 /// assert_eq!(bytes[0], WIRE_VERSION);
 /// let frame = decode::<String>(&bytes, &DecodeLimits::default())?;
-/// assert_eq!((frame.header, frame.events[0].target.clone()), (header, event.target.clone()));
+/// assert_eq!(frame.header, header);
+/// assert_eq!(frame.events[0].target, event.target);
 /// # Ok::<(), Box<dyn std::error::Error>>(())
 /// ```
 pub fn encode<K: Serialize>(

@@ -88,6 +88,18 @@ pub struct Cache<K, V> {
 }
 
 /// A handle that does not keep the cache alive; see [`Cache::downgrade`].
+///
+/// ```
+/// use nebulex::Cache;
+///
+/// let cache: Cache<&str, u32> = Cache::builder().build()?;
+/// let weak = cache.downgrade();
+/// cache.put("a", 1);
+/// assert_eq!(weak.upgrade().and_then(|c| c.get("a")), Some(1));
+/// drop(cache);
+/// assert!(weak.upgrade().is_none());
+/// # Ok::<(), nebulex::Error>(())
+/// ```
 pub struct WeakCache<K, V> {
     inner: Weak<Inner<K, V>>,
 }

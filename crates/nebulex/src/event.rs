@@ -108,9 +108,31 @@ impl fmt::Debug for Name {
 }
 
 /// The name of a cache, carried by every event it emits.
+///
+/// ```
+/// use nebulex::{Cache, CacheName};
+///
+/// let cache: Cache<String, u32> = Cache::builder().name("users").build()?;
+/// let name: CacheName = cache.name();
+/// assert_eq!(name, "users");
+/// assert_eq!(name, CacheName::new("users"));
+/// # Ok::<(), nebulex::Error>(())
+/// ```
 pub type CacheName = Name;
 
 /// The kind of change an event reports.
+///
+/// ```
+/// use nebulex::{EventFilter, EventType};
+///
+/// assert_eq!("Expired".parse::<EventType>(), Ok(EventType::Expired));
+/// assert!("renamed".parse::<EventType>().is_err());
+/// assert_eq!(EventType::Evicted.to_string(), "evicted");
+///
+/// let mask = EventType::Inserted.bit() | EventType::Deleted.bit();
+/// let filter = EventFilter::from_mask(mask);
+/// assert!(filter.contains(EventType::Deleted) && !filter.contains(EventType::Updated));
+/// ```
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 #[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 #[cfg_attr(feature = "serde", serde(rename_all = "lowercase"))]
@@ -166,6 +188,25 @@ impl std::str::FromStr for EventType {
 }
 
 /// Which entries an event is about.
+///
+/// ```
+/// use std::sync::{Arc, Mutex};
+/// use nebulex::{Cache, EventFilter, Query, Target};
+///
+/// let cache: Cache<&str, u32> = Cache::builder().build()?;
+/// let seen = Arc::new(Mutex::new(Vec::new()));
+/// let log = seen.clone();
+/// cache.register_event_listener("log", EventFilter::all(), move |e| log.lock().unwrap().push(e.target.clone()))?;
+/// cache.put("a", 1);
+/// cache.put_all([("b", 2), ("c", 3)]);
+/// cache.delete_all(Query::All);
+///
+/// let targets = seen.lock().unwrap();
+/// assert_eq!(*targets, [Target::Key("a"), Target::Keys(vec!["b", "c"]), Target::All]);
+/// assert_eq!(targets[1].keys(), ["b", "c"]);
+/// assert!(targets[2].keys().is_empty());
+/// # Ok::<(), nebulex::Error>(())
+/// ```
 #[derive(Clone, Debug, PartialEq, Eq)]
 #[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub enum Target<K> {
@@ -189,6 +230,24 @@ impl<K> Target<K> {
 }
 
 /// The cache call that caused an event.
+///
+/// ```
+/// use std::sync::{Arc, Mutex};
+/// use nebulex::{Cache, Command, EventFilter};
+///
+/// let cache: Cache<&str, i64> = Cache::builder().build()?;
+/// let seen = Arc::new(Mutex::new(Vec::new()));
+/// let log = seen.clone();
+/// cache.register_event_listener("log", EventFilter::all(), move |e| log.lock().unwrap().push(e.command))?;
+/// cache.put("hits", 1);
+/// cache.incr("hits", 2);
+/// cache.take("hits");
+///
+/// assert_eq!(*seen.lock().unwrap(), [Command::Put, Command::Incr, Command::Take]);
+/// assert_eq!(Command::PutNew.to_string(), "put_new");
+/// assert_eq!(Command::ALL[Command::Take as usize], Command::Take); // index = wire code
+/// # Ok::<(), nebulex::Error>(())
+/// ```
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 #[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 #[cfg_attr(feature = "serde", serde(rename_all = "snake_case"))]
@@ -274,6 +333,17 @@ impl fmt::Display for Command {
 /// Every [`Cache`](crate::Cache) gets a random id when it is built (or the one
 /// given to [`CacheBuilder::node_id`](crate::CacheBuilder::node_id)); its
 /// events carry it, so a receiver can tell its own events from other nodes'.
+///
+/// ```
+/// use nebulex::{Cache, NodeId};
+///
+/// let cache: Cache<String, u32> = Cache::builder().node_id(NodeId(42)).build()?;
+/// assert_eq!(cache.node_id(), NodeId(42));
+/// assert_eq!(cache.node_id().to_string(), "000000000000002a");
+/// assert_eq!(format!("{:?}", NodeId(42)), "NodeId(000000000000002a)");
+/// assert_ne!(NodeId::random(), NodeId::random());
+/// # Ok::<(), nebulex::Error>(())
+/// ```
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 #[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub struct NodeId(pub u64);
@@ -307,6 +377,27 @@ impl fmt::Display for NodeId {
 }
 
 /// Where an event comes from and where it is going.
+///
+/// A cache fills in `node` and `timestamp`; a stream (`nebulex-streams`)
+/// fills in the routing fields when it hands the event on.
+///
+/// ```
+/// use std::sync::{Arc, Mutex};
+/// use std::time::SystemTime;
+/// use nebulex::{Cache, EventFilter};
+///
+/// let cache: Cache<String, u32> = Cache::builder().build()?;
+/// let seen = Arc::new(Mutex::new(Vec::new()));
+/// let log = seen.clone();
+/// cache.register_event_listener("log", EventFilter::all(), move |e| log.lock().unwrap().push(e.metadata.clone()))?;
+/// cache.put("user:1".to_string(), 30);
+///
+/// let meta = seen.lock().unwrap().pop().unwrap();
+/// assert_eq!(meta.node, cache.node_id());
+/// assert_eq!((meta.partition, meta.partitions, meta.topic, meta.seq), (None, None, None, 0));
+/// assert!(meta.timestamp <= SystemTime::now());
+/// # Ok::<(), nebulex::Error>(())
+/// ```
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct EventMetadata {
     /// The node whose cache emitted the event.
@@ -324,6 +415,28 @@ pub struct EventMetadata {
 }
 
 /// One change of a cache, as the cache emitted it.
+///
+/// ```
+/// use std::sync::{Arc, Mutex};
+/// use nebulex::{Cache, CacheEntryEvent, Command, EventFilter, EventType, Target};
+///
+/// let cache: Cache<String, u32> = Cache::builder().name("users").build()?;
+/// let seen: Arc<Mutex<Vec<CacheEntryEvent<String>>>> = Arc::default();
+/// let log = seen.clone();
+/// cache.register_event_listener("log", EventFilter::all(), move |e| log.lock().unwrap().push(e.clone()))?;
+/// cache.put("user:1".to_string(), 30);
+/// cache.put("user:1".to_string(), 31);
+///
+/// let seen = seen.lock().unwrap();
+/// let (first, second) = (&seen[0], &seen[1]);
+/// assert_eq!(first.cache, "users");
+/// assert_eq!((first.kind, first.command), (EventType::Inserted, Command::Put));
+/// assert_eq!(first.target, Target::Key("user:1".to_string()));
+/// assert_eq!(second.kind, EventType::Updated);
+/// assert!(second.version > first.version);
+/// assert_eq!(first.metadata.node, cache.node_id());
+/// # Ok::<(), nebulex::Error>(())
+/// ```
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct CacheEntryEvent<K> {
     /// The cache that changed.

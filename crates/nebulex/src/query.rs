@@ -3,6 +3,16 @@
 use std::fmt;
 
 /// The predicate of [`Query::Filter`].
+///
+/// ```
+/// use nebulex::{Cache, Predicate, Query};
+///
+/// let adults: Box<Predicate<String, u32>> = Box::new(|_name, age| *age >= 18);
+/// let cache: Cache<String, u32> = Cache::builder().build()?;
+/// cache.put_all([("ann".to_string(), 31), ("bob".to_string(), 12)]);
+/// assert_eq!(cache.count_all(Query::Filter(adults)), 1);
+/// # Ok::<(), nebulex::Error>(())
+/// ```
 pub type Predicate<K, V> = dyn Fn(&K, &V) -> bool + Send + Sync;
 
 /// Which entries `count_all` / `delete_all` act on.

@@ -27,7 +27,7 @@ use tokio::runtime::Runtime;
 use super::invalidation::{self, Invalidation};
 use super::progress::{note, step};
 use super::raw::{self, Engine};
-use super::stream::{nanos_since, pace_until, Latency, DRAIN_TIMEOUT, LATENCY_RATE};
+use super::stream::{nanos_since, pace_gently, Latency, DRAIN_TIMEOUT, LATENCY_RATE};
 use super::{BenchResult, Config};
 
 /// How long a node may take to connect and subscribe.
@@ -328,7 +328,7 @@ fn latency(config: &Config, rt: &Runtime, engine: &Engine) -> BenchResult<Latenc
     let interval = Duration::from_secs(1) / LATENCY_RATE;
     let start = Instant::now();
     for (i, stamp) in stamps.iter().enumerate() {
-        pace_until(start + interval * i as u32);
+        pace_gently(start + interval * i as u32);
         stamp.store(nanos_since(base), Ordering::Release);
         pair.a.put(i as u64, i as u64);
     }

@@ -14,7 +14,7 @@ use hdrhistogram::Histogram;
 use nebulex_streams::PubSub;
 use tokio::runtime::Runtime;
 
-use super::stream::{nanos_since, pace_until, Latency, DRAIN_TIMEOUT, LATENCY_RATE};
+use super::stream::{nanos_since, pace_gently, Latency, DRAIN_TIMEOUT, LATENCY_RATE};
 use super::{BenchResult, Config};
 
 /// Size of every raw message.
@@ -87,7 +87,7 @@ pub(crate) fn latency(config: &Config, rt: &Runtime, engine: &Engine) -> BenchRe
     let start = Instant::now();
     let mut payload = [b'x'; MESSAGE_BYTES];
     for i in 0..events {
-        pace_until(start + interval * i as u32);
+        pace_gently(start + interval * i as u32);
         payload[..8].copy_from_slice(&nanos_since(base).to_le_bytes());
         rt.block_on(publisher.publish_one(&payload))?;
     }
