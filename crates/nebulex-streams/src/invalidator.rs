@@ -72,14 +72,14 @@ use crate::telemetry::InvalidatorEvent;
 /// let cache: Cache<String, u32> = Cache::builder().name("users").build()?;
 /// let bus = MemoryBus::new();
 /// let streams = Streams::builder(&cache).pubsub(bus.clone().into()).start()?;
-/// let policy = DisconnectPolicy::ServeStale { max: Duration::from_millis(500) };
+/// let policy = DisconnectPolicy::ServeStale { max: Duration::from_millis(200) };
 /// let _invalidator = Invalidator::builder(&streams).on_disconnect(policy).start()?;
 /// cache.put("user:1".to_string(), 1);
 ///
 /// bus.cut(cache.node_id());
 /// tokio::time::sleep(Duration::from_millis(20)).await;
 /// assert!(cache.contains_key("user:1")); // still served...
-/// tokio::time::sleep(Duration::from_millis(600)).await;
+/// tokio::time::sleep(Duration::from_millis(700)).await;
 /// assert!(!cache.contains_key("user:1")); // ...until `max` has passed
 /// # Ok::<(), Box<dyn std::error::Error>>(())
 /// # })?;
@@ -184,6 +184,16 @@ struct Inner {
     on_stop: Box<dyn Fn() + Send + Sync>,
 }
 
+impl Inner {
+    /// Stops the workers (if they still run) and reports it, once.
+    fn finish(&self) {
+        if !self.stopped.swap(true, Ordering::AcqRel) {
+            self.stop.send_replace(true);
+            (self.on_stop)();
+        }
+    }
+}
+
 impl fmt::Debug for Invalidator {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Invalidator").field("stopped", &self.is_stopped()).finish()
@@ -200,13 +210,11 @@ impl Invalidator {
     /// worker may still be finishing the one at hand). Stopping twice does
     /// nothing.
     pub fn stop(&self) {
-        if !self.inner.stopped.swap(true, Ordering::AcqRel) {
-            self.inner.stop.send_replace(true);
-            (self.inner.on_stop)();
-        }
+        self.inner.finish();
     }
 
-    /// Whether it was stopped (its stream stopping also ends its workers).
+    /// Whether it was stopped, by [`stop`](Self::stop) or by its stream
+    /// stopping (which ends its workers, and reports `Stopped` too).
     pub fn is_stopped(&self) -> bool {
         self.inner.stopped.load(Ordering::Acquire)
     }
@@ -246,7 +254,7 @@ where
             on_stop: Box::new(move || reporter.reporter.invalidator(InvalidatorEvent::Stopped)),
         });
         for sub in subscriptions {
-            let worker = Worker { shared: shared.clone(), policy: self.policy, _inner: inner.clone() };
+            let worker = Worker { shared: shared.clone(), policy: self.policy, inner: inner.clone() };
             rt.spawn(worker.run(sub, stopped.clone()));
         }
         shared.reporter.invalidator(InvalidatorEvent::Started);
@@ -258,8 +266,8 @@ where
 struct Worker<K> {
     shared: Arc<StreamShared<K>>,
     policy: DisconnectPolicy,
-    /// Keeps the stop signal alive while the worker runs.
-    _inner: Arc<Inner>,
+    /// The invalidator: its stop signal, and where to say the stream ended.
+    inner: Arc<Inner>,
 }
 
 impl<K> Worker<K>
@@ -284,7 +292,8 @@ where
                 return;
             }
             match item {
-                None => return,
+                // The stream stopped: so did the invalidator.
+                None => return self.inner.finish(),
                 Some(Ok(event)) => self.apply(partition, &event),
                 Some(Err(Lagged(0))) => match self.policy {
                     DisconnectPolicy::Flush => self.resync(partition),

@@ -263,6 +263,7 @@ where
         if self.cluster.is_some() {
             crate::pubsub::runtime()?;
         }
+        let prefix = prefix.to_string();
         let cluster = self.cluster.map(|options| Cluster::new(options, topics));
         let shared = Arc::new(StreamShared {
             reporter: Reporter::new(cache_name, count, self.observer),
@@ -280,6 +281,7 @@ where
             stopped: AtomicBool::new(false),
             cache: Box::new(self.cache.downgrade()),
             cluster,
+            prefix: Name::new(&prefix),
         });
         if self.cache.extensions().try_insert(Arc::new(StreamSlot(shared.clone()))).is_err() {
             return Err(Error::AlreadyStarted);
@@ -602,6 +604,8 @@ pub(crate) struct StreamShared<K> {
     stopped: AtomicBool,
     pub(crate) cache: Box<dyn LocalCache<K>>,
     pub(crate) cluster: Option<Cluster<K>>,
+    /// The prefix of topic names.
+    prefix: Name,
 }
 
 impl<K> StreamShared<K>
@@ -713,7 +717,7 @@ where
     /// A custom router answered a partition that does not exist.
     #[cold]
     fn misrouted(&self, partition: u32, event: &CacheEntryEvent<K>) {
-        let topic = Name::new(&format!("{DEFAULT_PREFIX}:{}:{partition}", self.reporter.cache));
+        let topic = Name::new(&format!("{}:{}:{partition}", self.prefix, self.reporter.cache));
         let reason = BroadcastError::PartitionOutOfRange { partition, partitions: self.count };
         self.reporter.broadcast_error(topic, Some(&Arc::new(event.clone())), reason);
     }

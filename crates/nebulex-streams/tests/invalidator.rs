@@ -257,3 +257,15 @@ async fn stop_ends_the_workers_and_reports_it() {
     assert_eq!(b.get("k"), Some(1), "a stopped invalidator removes nothing");
     assert_eq!(rb.lock().unwrap().iter().filter(|e| matches!(e, InvalidatorEvent::Stopped)).count(), 1);
 }
+
+#[tokio::test]
+async fn stopping_the_stream_stops_the_invalidator() {
+    let bus = PubSub::memory();
+    let (_b, sb, ib, rb) = node_with_invalidator(2, &bus, 2, EventScope::Remote, DisconnectPolicy::Flush).await;
+    sb.stop();
+    eventually("the invalidator saw its stream end", || ib.is_stopped()).await;
+    let stopped = rb.lock().unwrap().iter().filter(|e| matches!(e, InvalidatorEvent::Stopped)).count();
+    assert_eq!(stopped, 1, "Stopped is reported once");
+    ib.stop(); // and stopping it again does nothing
+    assert_eq!(rb.lock().unwrap().iter().filter(|e| matches!(e, InvalidatorEvent::Stopped)).count(), 1);
+}
