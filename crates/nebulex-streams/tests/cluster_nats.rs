@@ -39,6 +39,38 @@ async fn two_nodes_exchange_events_in_per_key_order() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_nodes_each_see_the_two_others_events_in_order() {
+    let nats = NatsServer::start().expect("nats-server");
+    let pubsub = PubSub::nats(nats.url());
+    let nodes: Vec<_> = (1..=3).map(|i| node("users", i)).collect();
+    let mut streams = Vec::new();
+    for n in &nodes {
+        streams.push(start(n, &pubsub, 1).await);
+    }
+    let mut subs: Vec<_> = nodes
+        .iter()
+        .map(|n| n.subscribe(SubscribeOptions::new().scope(nebulex_streams::EventScope::Remote)).unwrap())
+        .collect();
+    for (i, n) in nodes.iter().enumerate() {
+        for v in 0..20 {
+            n.put(format!("node{i}"), v);
+        }
+    }
+    for (receiver, sub) in subs.iter_mut().enumerate() {
+        let mut last: std::collections::HashMap<NodeId, u64> = std::collections::HashMap::new();
+        for _ in 0..40 {
+            let e = next(sub).await.unwrap();
+            assert_ne!(e.metadata.node, NodeId(receiver as u64 + 1), "remote events only");
+            let Target::Key(k) = &e.target else { panic!("single-key events") };
+            assert_eq!(k, &format!("node{}", e.metadata.node.0 - 1), "keys intact");
+            let prev = last.insert(e.metadata.node, e.version).unwrap_or(0);
+            assert!(e.version > prev, "per-key order from each origin");
+        }
+    }
+    drop(streams);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_server_restart_is_a_gap_then_events_flow() {
     let mut nats = NatsServer::start().expect("nats-server");
     let pubsub = PubSub::nats(nats.url());

@@ -297,6 +297,50 @@ mod with_metrics {
         )];
         assert_eq!(inserted, 1);
     }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn metrics_count_invalidations_and_record_propagation() {
+        use nebulex::NodeId;
+        use nebulex_streams::{Invalidator, PubSub};
+        let recorder = DebuggingRecorder::new();
+        let snapshotter = recorder.snapshotter();
+        let bus = PubSub::memory();
+        let a: Cache<String, u32> = Cache::builder().name("near").node_id(NodeId(1)).build().unwrap();
+        let b: Cache<String, u32> = Cache::builder().name("near").node_id(NodeId(2)).build().unwrap();
+        let sa = Streams::builder(&a).pubsub(bus.clone()).start().unwrap();
+        let sb = metrics::with_local_recorder(&recorder, || Streams::builder(&b).pubsub(bus.clone()).start().unwrap());
+        sa.ready().await.unwrap();
+        sb.ready().await.unwrap();
+        let _inv = Invalidator::builder(&sb).start().unwrap();
+        for i in 0..5 {
+            b.put(format!("k{i}"), 1);
+        }
+        for i in 0..5 {
+            a.put(format!("k{i}"), 2);
+        }
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        let (removed, samples) = loop {
+            let snapshot = snapshotter.snapshot().into_vec();
+            let removed = snapshot.iter().find_map(|(key, _, _, value)| match value {
+                DebugValue::Counter(n) if key.key().name() == "nebulex_streams_invalidations_total" => Some(*n),
+                _ => None,
+            });
+            let samples = snapshot.iter().find_map(|(key, _, _, value)| match value {
+                DebugValue::Histogram(v) if key.key().name() == "nebulex_streams_propagation_seconds" => {
+                    Some(v.iter().map(|s| s.into_inner()).collect::<Vec<f64>>())
+                }
+                _ => None,
+            });
+            if removed == Some(5) && samples.as_ref().is_some_and(|s| s.len() == 5) {
+                break (removed, samples.unwrap_or_default());
+            }
+            assert!(std::time::Instant::now() < deadline, "removed {removed:?}, samples {samples:?}");
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        };
+        assert_eq!(removed, Some(5), "each of A's writes removed B's copy");
+        assert!(samples.iter().all(|s| (0.0..10.0).contains(s)), "origin → applied, in seconds: {samples:?}");
+        assert!(b.is_empty());
+    }
 }
 
 // ----- tracing ---------------------------------------------------------------
