@@ -11,8 +11,10 @@
 //!   (scope `Remote`) accounts for every event; from the first put until
 //!   the last event is in.
 //! * latency: A puts at [`LATENCY_RATE`] per second; from just before each
-//!   put until B's subscriber task has the event.
-//! * the invalidator figures are in [`invalidation`](super::invalidation).
+//!   put until B's subscriber task has the event. Measured in windows
+//!   interleaved with the raw client's, each percentile the median window
+//!   (a stall of the shared machine spoils one window, not the figure).
+//! * the invalidator figures are in [`invalidation`].
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -28,6 +30,7 @@ use super::invalidation::{self, Invalidation};
 use super::progress::{note, step};
 use super::raw::{self, Engine};
 use super::stream::{nanos_since, pace_gently, Latency, DRAIN_TIMEOUT, LATENCY_RATE};
+use super::workload::median;
 use super::{BenchResult, Config};
 
 /// How long a node may take to connect and subscribe.
@@ -135,8 +138,8 @@ fn transport(config: &Config, rt: &Runtime, engine: Engine) -> BenchResult<Trans
     let n = config.cluster_events;
     let events = step(&format!("{name} events/s, node to node"), || events(config, rt, &engine))?;
     let raw_publish_per_sec = step(&format!("{name} raw publish/s"), || raw::publish(rt, &engine, n))?;
-    let latency = step(&format!("{name} latency, node to node"), || latency(config, rt, &engine))?;
-    let raw_latency = step(&format!("{name} raw latency"), || raw::latency(config, rt, &engine))?;
+    let (latency, raw_latency) =
+        step(&format!("{name} latency, node to node and raw"), || latencies(config, rt, &engine))?;
     Ok(TransportFigures { events, raw_publish_per_sec, latency, raw_latency })
 }
 
@@ -147,6 +150,9 @@ pub(crate) fn node(config: &Config, name: &str, id: u64) -> BenchResult<Cache<u6
     Ok(Cache::builder().name(name).node_id(NodeId(id)).max_entries(capacity).build()?)
 }
 
+/// A telemetry observer of a bench node's stream.
+pub(crate) type Observer = Box<dyn Fn(&Telemetry<u64>) + Send + Sync>;
+
 /// Starts `cache`'s stream over `pubsub` and waits until it is subscribed.
 ///
 /// Buffers (B's subscribers, A's outbound queue) hold a whole run, so a
@@ -156,7 +162,7 @@ pub(crate) fn start_streams(
     rt: &Runtime,
     cache: &Cache<u64, u64>,
     pubsub: &PubSub,
-    observer: Option<Box<dyn Fn(&Telemetry<u64>) + Send + Sync>>,
+    observer: Option<Observer>,
 ) -> BenchResult<Streams<u64>> {
     let buffer = config.cluster_events + 1_000;
     // `pubsub` first: the cluster options after it apply to it.
@@ -293,17 +299,63 @@ fn finish<T: Send + 'static>(rt: &Runtime, pair: &Pair, mut task: tokio::task::J
     }
 }
 
-/// A puts keys `0..events` at [`LATENCY_RATE`] per second; B's subscriber
-/// task records, for each, the time from just before the put until it has
-/// the event.
-fn latency(config: &Config, rt: &Runtime, engine: &Engine) -> BenchResult<Latency> {
-    let events = (f64::from(LATENCY_RATE) * config.latency_duration.as_secs_f64()) as u64;
-    let (pair, mut sub) = Pair::start(config, rt, "nbx-bench-latency", &engine.pubsub())?;
-    let base = Instant::now();
-    let stamps: Arc<Vec<AtomicU64>> = Arc::new((0..events).map(|_| AtomicU64::new(0)).collect());
-    let mut histogram = Histogram::<u64>::new_with_bounds(1, 60_000_000_000, 3)?;
-    let task_stamps = Arc::clone(&stamps);
-    let task = rt.spawn(async move {
+/// Ours and the raw client's latency, in interleaved windows (ours, raw,
+/// ours, ...) so that a noisy moment of the machine hits both alike; each
+/// percentile is the median over the windows.
+///
+/// Ours: A puts keys `0..per_window` at [`LATENCY_RATE`] per second; B's
+/// subscriber task records, for each, the time from just before the put
+/// until it has the event. Raw: the same for a message, publish to receive.
+fn latencies(config: &Config, rt: &Runtime, engine: &Engine) -> BenchResult<(Latency, Latency)> {
+    let per_window = latency_window_events(config);
+    let (pair, sub) = Pair::start(config, rt, "nbx-bench-latency", &engine.pubsub())?;
+    let measured = (|| {
+        let mut raw = raw::Prober::connect(rt, engine)?;
+        let base = Instant::now();
+        let stamps: Arc<Vec<AtomicU64>> = Arc::new((0..per_window).map(|_| AtomicU64::new(0)).collect());
+        let mut sub = Some(sub);
+        let (mut ours, mut theirs) = (Vec::new(), Vec::new());
+        for _ in 0..config.latency_windows {
+            let (histogram, back) = ours_window(rt, &pair, sub.take(), &stamps, base)?;
+            sub = Some(back);
+            ours.push(Latency::of(&histogram));
+            theirs.push(Latency::of(&raw.window(rt, per_window)?));
+        }
+        Ok::<_, Box<dyn std::error::Error>>((ours, theirs))
+    })();
+    pair.stop();
+    let (ours, theirs) = measured?;
+    let p99s = |l: &[Latency]| l.iter().map(|l| format!("{:.0}", l.p99_us)).collect::<Vec<_>>().join(" ");
+    note(format!(
+        "{} windows of {per_window} events, p99 (us) per window: ours {}, raw {}",
+        config.latency_windows,
+        p99s(&ours),
+        p99s(&theirs)
+    ));
+    Ok((Latency::median(&ours), Latency::median(&theirs)))
+}
+
+/// Events of one latency window.
+pub(crate) fn latency_window_events(config: &Config) -> usize {
+    let events = f64::from(LATENCY_RATE) * config.latency_duration.as_secs_f64();
+    (events as usize / config.latency_windows.max(1)).max(1)
+}
+
+/// One window of our latency: A puts one key per stamp, paced; B's
+/// subscriber task (handed back after) records each key's time from its
+/// stamp until the event is in.
+fn ours_window(
+    rt: &Runtime,
+    pair: &Pair,
+    sub: Option<Subscription<u64>>,
+    stamps: &Arc<Vec<AtomicU64>>,
+    base: Instant,
+) -> BenchResult<(Histogram<u64>, Subscription<u64>)> {
+    let mut sub = sub.ok_or("the subscription was lost in an earlier window")?;
+    let events = stamps.len() as u64;
+    let task_stamps = Arc::clone(stamps);
+    let mut task = rt.spawn(async move {
+        let mut histogram = Histogram::<u64>::new_with_bounds(1, 60_000_000_000, 3)?;
         let mut count = Count::default();
         while count.received + count.lagged < events {
             match sub.recv().await {
@@ -322,7 +374,7 @@ fn latency(config: &Config, rt: &Runtime, engine: &Engine) -> BenchResult<Latenc
                 Some(Err(Lagged(missed))) => count.lagged += missed,
             }
         }
-        (histogram, count)
+        Ok::<_, hdrhistogram::CreationError>((histogram, count, sub))
     });
 
     let interval = Duration::from_secs(1) / LATENCY_RATE;
@@ -332,7 +384,13 @@ fn latency(config: &Config, rt: &Runtime, engine: &Engine) -> BenchResult<Latenc
         stamp.store(nanos_since(base), Ordering::Release);
         pair.a.put(i as u64, i as u64);
     }
-    let (histogram, count) = finish(rt, &pair, task)?;
+    let (histogram, count, sub) = match rt.block_on(tokio::time::timeout(DRAIN_TIMEOUT, &mut task)) {
+        Ok(joined) => joined??,
+        Err(_) => {
+            task.abort();
+            return Err(format!("not every event crossed within {DRAIN_TIMEOUT:?} of the last put").into());
+        }
+    };
     if count.received != events {
         return Err(format!(
             "{} of {events} events received at {LATENCY_RATE} events/s ({} lagged, {} notices of an unknown loss)",
@@ -340,5 +398,14 @@ fn latency(config: &Config, rt: &Runtime, engine: &Engine) -> BenchResult<Latenc
         )
         .into());
     }
-    Ok(Latency::of(&histogram))
+    Ok((histogram, sub))
+}
+
+impl Latency {
+    /// The median of each percentile over `windows`.
+    pub(crate) fn median(windows: &[Latency]) -> Latency {
+        let p50: Vec<f64> = windows.iter().map(|l| l.p50_us).collect();
+        let p99: Vec<f64> = windows.iter().map(|l| l.p99_us).collect();
+        Latency { p50_us: median(&p50), p99_us: median(&p99) }
+    }
 }

@@ -63,8 +63,12 @@ pub(crate) struct Config {
     pub(crate) e2e_reps: usize,
     /// Accesses of the hit-ratio trace.
     pub(crate) zipf_accesses: usize,
-    /// How long the paced latency measurement runs.
+    /// How long the paced latency measurement runs (for the cluster ones:
+    /// each side, ours and the raw client's).
     pub(crate) latency_duration: Duration,
+    /// Windows the cluster latency figures are split into, ours and the raw
+    /// client's interleaved; the median window is kept.
+    pub(crate) latency_windows: usize,
     /// Per-subscriber buffer of the stream figures: larger than `keys`, so
     /// a subscriber never lags.
     pub(crate) stream_buffer: usize,
@@ -85,6 +89,7 @@ impl Config {
             e2e_reps: if quick { 1 } else { 3 },
             zipf_accesses: if quick { 1_000_000 } else { 2_000_000 },
             latency_duration: if quick { Duration::from_millis(1_500) } else { Duration::from_secs(5) },
+            latency_windows: 5,
             stream_buffer: 1 << 20,
             cluster_events: if quick { 200_000 } else { 1_000_000 },
         }
@@ -101,16 +106,6 @@ pub(crate) fn new_cache(capacity: usize) -> Result<Cache<u64, u64>, nebulex::Err
 pub(crate) fn run(args: &BenchArgs) -> BenchResult<()> {
     let config = Config::new(args.quick);
     let started = Instant::now();
-    if std::env::var_os("NBX_TMP_CLUSTER_ONLY").is_some() {
-        let cluster = cluster::measure(&config)?;
-        let t = cluster.redis.as_ref().unwrap();
-        let i = cluster.invalidation.as_ref().unwrap();
-        let n = cluster.nats.as_ref().unwrap();
-        println!("redis ev {:.0} raw {:.0} | lat {:.1}/{:.1} raw {:.1}/{:.1} | inv {:.0} lat {:.1}/{:.1} | nats ev {:.0} raw {:.0} lat {:.1}/{:.1} raw {:.1}/{:.1}",
-            t.events.per_sec, t.raw_publish_per_sec, t.latency.p50_us, t.latency.p99_us, t.raw_latency.p50_us, t.raw_latency.p99_us,
-            i.per_sec, i.latency.p50_us, i.latency.p99_us, n.events.per_sec, n.raw_publish_per_sec, n.latency.p50_us, n.latency.p99_us, n.raw_latency.p50_us, n.raw_latency.p99_us);
-        return Ok(());
-    }
     let keys = step("keys", || Ok(Keys::new(config.keys)))?;
     // First, while no other thread of ours is alive to allocate.
     let memory = quiet_step("memory", || memory::measure(&config, &keys))?;

@@ -14,8 +14,8 @@ use hdrhistogram::Histogram;
 use nebulex_streams::PubSub;
 use tokio::runtime::Runtime;
 
-use super::stream::{nanos_since, pace_gently, Latency, DRAIN_TIMEOUT, LATENCY_RATE};
-use super::{BenchResult, Config};
+use super::stream::{nanos_since, pace_gently, DRAIN_TIMEOUT, LATENCY_RATE};
+use super::BenchResult;
 
 /// Size of every raw message.
 const MESSAGE_BYTES: usize = 64;
@@ -64,38 +64,56 @@ pub(crate) fn publish(rt: &Runtime, engine: &Engine, n: usize) -> BenchResult<f6
     Ok(n as f64 / done.duration_since(start).as_secs_f64().max(f64::MIN_POSITIVE))
 }
 
-/// Raw publish-to-receive latency at [`LATENCY_RATE`] messages per second:
-/// each message carries the instant just before its publish.
-pub(crate) fn latency(config: &Config, rt: &Runtime, engine: &Engine) -> BenchResult<Latency> {
-    let events = (f64::from(LATENCY_RATE) * config.latency_duration.as_secs_f64()) as usize;
-    let base = Instant::now();
-    let (mut publisher, messages) = rt.block_on(connect(engine))?;
-    let receiver = rt.spawn(async move {
-        let mut histogram = Histogram::<u64>::new_with_bounds(1, 60_000_000_000, 3)?;
-        let mut messages = messages;
-        let mut got = 0;
-        while got < events {
-            let Some(sent) = messages.next().await else { break };
-            let now = nanos_since(base);
-            histogram.saturating_record(now.saturating_sub(sent).max(1));
-            got += 1;
-        }
-        Ok::<_, hdrhistogram::CreationError>((histogram, got))
-    });
+/// Raw publish-to-receive latency: a publisher and a subscriber kept
+/// connected across measurement windows (interleaved with ours).
+pub(crate) struct Prober {
+    publisher: Publisher,
+    /// The subscriber's messages, between windows.
+    messages: Option<Messages>,
+    /// The instant message stamps count from.
+    base: Instant,
+}
 
-    let interval = Duration::from_secs(1) / LATENCY_RATE;
-    let start = Instant::now();
-    let mut payload = [b'x'; MESSAGE_BYTES];
-    for i in 0..events {
-        pace_gently(start + interval * i as u32);
-        payload[..8].copy_from_slice(&nanos_since(base).to_le_bytes());
-        rt.block_on(publisher.publish_one(&payload))?;
+impl Prober {
+    /// Connects both sides and waits for one round trip.
+    pub(crate) fn connect(rt: &Runtime, engine: &Engine) -> BenchResult<Self> {
+        let (publisher, messages) = rt.block_on(connect(engine))?;
+        Ok(Prober { publisher, messages: Some(messages), base: Instant::now() })
     }
-    let (histogram, got) = join(rt, receiver, "the raw subscriber")??;
-    if got != events {
-        return Err(format!("raw subscriber received {got} of {events} messages").into());
+
+    /// Publishes `events` messages at [`LATENCY_RATE`] per second, each
+    /// carrying the instant just before its publish; the histogram of their
+    /// publish-to-receive times, in nanoseconds.
+    pub(crate) fn window(&mut self, rt: &Runtime, events: usize) -> BenchResult<Histogram<u64>> {
+        let base = self.base;
+        let mut messages = self.messages.take().ok_or("the raw subscriber was lost in an earlier window")?;
+        let receiver = rt.spawn(async move {
+            let mut histogram = Histogram::<u64>::new_with_bounds(1, 60_000_000_000, 3)?;
+            let mut got = 0;
+            while got < events {
+                let Some(sent) = messages.next().await else { break };
+                let now = nanos_since(base);
+                histogram.saturating_record(now.saturating_sub(sent).max(1));
+                got += 1;
+            }
+            Ok::<_, hdrhistogram::CreationError>((histogram, got, messages))
+        });
+
+        let interval = Duration::from_secs(1) / LATENCY_RATE;
+        let start = Instant::now();
+        let mut payload = [b'x'; MESSAGE_BYTES];
+        for i in 0..events {
+            pace_gently(start + interval * i as u32);
+            payload[..8].copy_from_slice(&nanos_since(base).to_le_bytes());
+            rt.block_on(self.publisher.publish_one(&payload))?;
+        }
+        let (histogram, got, messages) = join(rt, receiver, "the raw subscriber")??;
+        if got != events {
+            return Err(format!("raw subscriber received {got} of {events} messages").into());
+        }
+        self.messages = Some(messages);
+        Ok(histogram)
     }
-    Ok(Latency::of(&histogram))
 }
 
 /// Waits for a task for at most [`DRAIN_TIMEOUT`].

@@ -144,54 +144,13 @@ impl Figures {
                 "stream_latency_p50_us": round(self.latency.p50_us, 1),
                 "stream_latency_p99_us": round(self.latency.p99_us, 1),
             },
-            "cluster": self.cluster_json(),
+            "cluster": self.cluster.to_json(),
             "meta": {
                 "date": utc_now(),
                 "cores": std::thread::available_parallelism().map_or(1, usize::from),
                 "quick": self.quick,
             },
         })
-    }
-
-    /// The cluster figures: every measured one, and `skipped` with the
-    /// reasons for any that were not.
-    fn cluster_json(&self) -> Value {
-        let c = &self.cluster;
-        let mut out = Map::new();
-        let skipped = c.skipped.join("; ");
-        if c.redis.is_none() && c.nats.is_none() && c.invalidation.is_none() {
-            out.insert("skipped".into(), json!(skipped));
-            return Value::Object(out);
-        }
-        out.insert("events".into(), json!(c.events));
-        for (name, transport) in [("redis", &c.redis), ("nats", &c.nats)] {
-            let Some(t) = transport else { continue };
-            let mut put = |key: &str, value: Value| out.insert(format!("{name}_{key}"), value);
-            put("events_per_sec", json!(whole(t.events.per_sec)));
-            put("lagged", json!(t.events.lagged));
-            put("raw_publish_per_sec", json!(whole(t.raw_publish_per_sec)));
-            put("vs_raw_publish", json!(round(vs_raw_publish(t), 3)));
-            put("latency_p50_us", json!(round(t.latency.p50_us, 1)));
-            put("latency_p99_us", json!(round(t.latency.p99_us, 1)));
-            put("raw_latency_p50_us", json!(round(t.raw_latency.p50_us, 1)));
-            put("raw_latency_p99_us", json!(round(t.raw_latency.p99_us, 1)));
-            put("latency_vs_raw_p99", json!(round(latency_vs_raw_p99(t), 3)));
-        }
-        if let Some(i) = &c.invalidation {
-            out.insert("invalidations_per_sec".into(), json!(whole(i.per_sec)));
-            out.insert("invalidations_vs_raw_publish".into(), json!(round(ratio(i.per_sec, i.raw_publish_per_sec), 3)));
-            out.insert("invalidation_p50_us".into(), json!(round(i.latency.p50_us, 1)));
-            out.insert("invalidation_p99_us".into(), json!(round(i.latency.p99_us, 1)));
-            out.insert(
-                "invalidation_vs_raw_p99".into(),
-                json!(round(ratio(i.latency.p99_us, i.raw_latency_p99_us), 3)),
-            );
-            out.insert("invalidation_resyncs".into(), json!(i.resyncs));
-        }
-        if !c.skipped.is_empty() {
-            out.insert("skipped".into(), json!(skipped));
-        }
-        Value::Object(out)
     }
 
     /// Table rows of the cluster figures (none when skipped).
@@ -366,6 +325,49 @@ impl Figures {
     }
 }
 
+impl ClusterFigures {
+    /// The cluster figures: every measured one, and `skipped` with the
+    /// reasons for any that were not.
+    pub(crate) fn to_json(&self) -> Value {
+        let c = self;
+        let mut out = Map::new();
+        let skipped = c.skipped.join("; ");
+        if c.redis.is_none() && c.nats.is_none() && c.invalidation.is_none() {
+            out.insert("skipped".into(), json!(skipped));
+            return Value::Object(out);
+        }
+        out.insert("events".into(), json!(c.events));
+        for (name, transport) in [("redis", &c.redis), ("nats", &c.nats)] {
+            let Some(t) = transport else { continue };
+            let mut put = |key: &str, value: Value| out.insert(format!("{name}_{key}"), value);
+            put("events_per_sec", json!(whole(t.events.per_sec)));
+            put("lagged", json!(t.events.lagged));
+            put("raw_publish_per_sec", json!(whole(t.raw_publish_per_sec)));
+            put("vs_raw_publish", json!(round(vs_raw_publish(t), 3)));
+            put("latency_p50_us", json!(round(t.latency.p50_us, 1)));
+            put("latency_p99_us", json!(round(t.latency.p99_us, 1)));
+            put("raw_latency_p50_us", json!(round(t.raw_latency.p50_us, 1)));
+            put("raw_latency_p99_us", json!(round(t.raw_latency.p99_us, 1)));
+            put("latency_vs_raw_p99", json!(round(latency_vs_raw_p99(t), 3)));
+        }
+        if let Some(i) = &c.invalidation {
+            out.insert("invalidations_per_sec".into(), json!(whole(i.per_sec)));
+            out.insert("invalidations_vs_raw_publish".into(), json!(round(ratio(i.per_sec, i.raw_publish_per_sec), 3)));
+            out.insert("invalidation_p50_us".into(), json!(round(i.latency.p50_us, 1)));
+            out.insert("invalidation_p99_us".into(), json!(round(i.latency.p99_us, 1)));
+            out.insert(
+                "invalidation_vs_raw_p99".into(),
+                json!(round(ratio(i.latency.p99_us, i.raw_latency_p99_us), 3)),
+            );
+            out.insert("invalidation_resyncs".into(), json!(i.resyncs));
+        }
+        if !c.skipped.is_empty() {
+            out.insert("skipped".into(), json!(skipped));
+        }
+        Value::Object(out)
+    }
+}
+
 /// Ours ÷ the raw client's messages per second.
 fn vs_raw_publish(t: &TransportFigures) -> f64 {
     ratio(t.events.per_sec, t.raw_publish_per_sec)
@@ -436,6 +438,46 @@ mod tests {
         assert_eq!(ops(999.0), "999");
         assert_eq!(ops(1_000.0), "1,000");
         assert_eq!(ops(12_345_678.4), "12,345,678");
+    }
+
+    #[test]
+    fn cluster_without_servers_is_skipped_with_the_reason() {
+        let cluster = ClusterFigures {
+            events: 10,
+            redis: None,
+            nats: None,
+            invalidation: None,
+            skipped: vec!["redis-server is not installed".into(), "nats-server is not installed".into()],
+        };
+        assert_eq!(
+            cluster.to_json(),
+            json!({"skipped": "redis-server is not installed; nats-server is not installed"})
+        );
+    }
+
+    #[test]
+    fn cluster_figures_and_their_ratios() {
+        use super::super::cluster::Events;
+        let transport = || TransportFigures {
+            events: Events { per_sec: 400_000.0, lagged: 0 },
+            raw_publish_per_sec: 200_000.0,
+            latency: Latency { p50_us: 60.0, p99_us: 150.0 },
+            raw_latency: Latency { p50_us: 40.0, p99_us: 100.0 },
+        };
+        let cluster = ClusterFigures {
+            events: 10,
+            redis: Some(transport()),
+            nats: None,
+            invalidation: None,
+            skipped: vec!["nats-server is not installed".into()],
+        };
+        let json = cluster.to_json();
+        assert_eq!(json["redis_events_per_sec"], json!(400_000));
+        assert_eq!(json["redis_vs_raw_publish"], json!(2.0));
+        assert_eq!(json["redis_latency_vs_raw_p99"], json!(1.5));
+        assert_eq!(json["redis_lagged"], json!(0));
+        assert_eq!(json["skipped"], json!("nats-server is not installed"));
+        assert!(json.get("nats_events_per_sec").is_none());
     }
 
     #[test]

@@ -1,0 +1,222 @@
+//! Invalidator figures over Redis: node B holds keys and runs an
+//! `Invalidator` (scope `Remote`); node A writes the same keys; how fast,
+//! and how soon, B's copies are gone.
+//!
+//! * invalidations/s: B holds N keys, A rewrites all of them as fast as it
+//!   can; from the first put until B's cache is empty (polled every ~1 ms).
+//! * invalidation latency: A puts key k (which B holds) at
+//!   [`LATENCY_RATE`] per second; from just before the put until polling
+//!   B's `contains_key(k)` sees it gone (median of windows, as the other
+//!   cluster latencies).
+//!
+//! Both are compared with the raw Redis figures (`PUBLISH` to one
+//! subscriber) of the same run.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use hdrhistogram::Histogram;
+use nebulex::Cache;
+use nebulex_streams::{EventScope, Invalidator, InvalidatorEvent, PubSub, Streams, Telemetry};
+use tokio::runtime::Runtime;
+
+use super::cluster::{latency_window_events, node, start_streams, WARM_KEYS};
+use super::progress::note;
+use super::stream::{nanos_since, pace_gently, Latency, DRAIN_TIMEOUT, LATENCY_RATE};
+use super::{BenchResult, Config};
+
+/// Every invalidator figure, with the raw Redis figures they are compared to.
+pub(crate) struct Invalidation {
+    /// Distinct keys removed from B per second.
+    pub(crate) per_sec: f64,
+    /// Partition flushes B's invalidator made after a loss (in either
+    /// figure): 0 when every key was removed by its own event.
+    pub(crate) resyncs: u64,
+    /// Put on A to key gone from B, paced.
+    pub(crate) latency: Latency,
+    /// Raw `PUBLISH` messages per second of the same run.
+    pub(crate) raw_publish_per_sec: f64,
+    /// Raw `PUBLISH`-to-receive p99 of the same run, in microseconds.
+    pub(crate) raw_latency_p99_us: f64,
+}
+
+/// What the throughput figure measured.
+pub(crate) struct Rate {
+    /// Distinct keys removed from B per second.
+    pub(crate) per_sec: f64,
+    /// Flushes after a loss.
+    pub(crate) resyncs: u64,
+}
+
+/// Node A (writer) and node B (holder, with an invalidator) over Redis.
+struct Nodes {
+    a: Cache<u64, u64>,
+    b: Cache<u64, u64>,
+    a_streams: Streams<u64>,
+    b_streams: Streams<u64>,
+    invalidator: Invalidator,
+    /// Resync reports of B's invalidator.
+    resyncs: Arc<AtomicU64>,
+}
+
+impl Nodes {
+    /// Both nodes of cache `name`, B holding keys `0..keys`, B's invalidator
+    /// started and one invalidation seen to work end to end.
+    fn start(config: &Config, rt: &Runtime, url: &str, name: &str, keys: u64) -> BenchResult<Self> {
+        let pubsub = PubSub::redis(url);
+        let a = node(config, name, 1)?;
+        let b = node(config, name, 2)?;
+        // Before B's stream starts, so the fill does not cross the network.
+        for k in 0..keys {
+            b.put(k, k);
+        }
+        let resyncs = Arc::new(AtomicU64::new(0));
+        let seen = Arc::clone(&resyncs);
+        let observer = move |t: &Telemetry<u64>| {
+            if let Telemetry::Invalidator { event: InvalidatorEvent::Resync { .. }, .. } = t {
+                seen.fetch_add(1, Ordering::Relaxed);
+            }
+        };
+        let a_streams = start_streams(config, rt, &a, &pubsub, None)?;
+        let b_streams = start_streams(config, rt, &b, &pubsub, Some(Box::new(observer)))?;
+        let invalidator = Invalidator::builder(&b_streams).scope(EventScope::Remote).start()?;
+        let nodes = Nodes { a, b, a_streams, b_streams, invalidator, resyncs };
+        nodes.warm_up()?;
+        if nodes.b.len() != keys as usize {
+            nodes.stop();
+            return Err(format!("node B holds {} keys after the warm-up, not {keys}", nodes.b.len()).into());
+        }
+        Ok(nodes)
+    }
+
+    /// B takes a warm-up key, A writes it, until B loses one within 50 ms.
+    fn warm_up(&self) -> BenchResult<()> {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        for i in 0.. {
+            let key = WARM_KEYS + i;
+            self.b.put(key, 0);
+            self.a.put(key, 0);
+            let gone = Instant::now() + Duration::from_millis(50);
+            while Instant::now() < gone {
+                if !self.b.contains_key(&key) {
+                    return Ok(());
+                }
+                thread::sleep(Duration::from_micros(100));
+            }
+            if Instant::now() > deadline {
+                break;
+            }
+        }
+        self.stop();
+        Err("no invalidation crossed from node A to node B within 15 s".into())
+    }
+
+    fn stop(&self) {
+        self.invalidator.stop();
+        self.a_streams.stop();
+        self.b_streams.stop();
+    }
+}
+
+/// B holds `config.cluster_events` keys; A rewrites them all as fast as it
+/// can; keys removed from B per second, until B is empty.
+pub(crate) fn throughput(config: &Config, rt: &Runtime, url: &str) -> BenchResult<Rate> {
+    let n = config.cluster_events as u64;
+    let nodes = Nodes::start(config, rt, url, "nbx-bench-invalidate", n)?;
+    let start = Instant::now();
+    for k in 0..n {
+        nodes.a.put(k, k);
+    }
+    let puts = start.elapsed();
+    let deadline = Instant::now() + DRAIN_TIMEOUT;
+    while !nodes.b.is_empty() {
+        if Instant::now() > deadline {
+            let left = nodes.b.len();
+            nodes.stop();
+            return Err(format!("node B still holds {left} of {n} keys {DRAIN_TIMEOUT:?} after the last put").into());
+        }
+        thread::sleep(Duration::from_millis(1));
+    }
+    let elapsed = start.elapsed();
+    nodes.stop();
+    let resyncs = nodes.resyncs.load(Ordering::Relaxed);
+    note(format!(
+        "{n} keys: puts on A done after {:.0} ms, B empty after {:.0} ms, {resyncs} resyncs",
+        puts.as_secs_f64() * 1e3,
+        elapsed.as_secs_f64() * 1e3,
+    ));
+    if resyncs > 0 {
+        note("B's invalidator lost events and flushed (resync): some keys went without their own event");
+    }
+    Ok(Rate { per_sec: n as f64 / elapsed.as_secs_f64().max(f64::MIN_POSITIVE), resyncs })
+}
+
+/// A puts keys which B holds at [`LATENCY_RATE`] per second; between puts,
+/// the same thread polls B's `contains_key` for the oldest key still there,
+/// and records the time from just before its put until it is gone. (One
+/// busy thread, as in the raw figure it is compared with: a second one
+/// would take a core from the runtime and the server.)
+///
+/// In windows of distinct keys, as the other cluster latencies; each
+/// percentile is the median over the windows. Also returns the resyncs.
+pub(crate) fn latency(config: &Config, rt: &Runtime, url: &str) -> BenchResult<(Latency, u64)> {
+    let per_window = latency_window_events(config);
+    let windows = config.latency_windows;
+    let keys = (per_window * windows) as u64;
+    let nodes = Nodes::start(config, rt, url, "nbx-bench-invalidation-latency", keys)?;
+    let mut measured = Vec::new();
+    for w in 0..windows {
+        match poll_invalidations(&nodes, (w * per_window) as u64, per_window) {
+            Ok(histogram) => measured.push(Latency::of(&histogram)),
+            Err(err) => {
+                nodes.stop();
+                return Err(err);
+            }
+        }
+    }
+    nodes.stop();
+    let p99s: Vec<String> = measured.iter().map(|l| format!("{:.0}", l.p99_us)).collect();
+    note(format!("{windows} windows of {per_window} keys, p99 (us) per window: {}", p99s.join(" ")));
+    Ok((Latency::median(&measured), nodes.resyncs.load(Ordering::Relaxed)))
+}
+
+/// One window of [`latency`]: keys `first..first + events`.
+fn poll_invalidations(nodes: &Nodes, first: u64, events: usize) -> BenchResult<Histogram<u64>> {
+    let mut histogram = Histogram::<u64>::new_with_bounds(1, 60_000_000_000, 3)?;
+    let base = Instant::now();
+    // When each key was put, nanoseconds since `base`.
+    let mut stamps = vec![0u64; events];
+    let interval = Duration::from_secs(1) / LATENCY_RATE;
+    let (mut put, mut gone) = (0usize, 0usize);
+    let start = Instant::now();
+    let mut next_put = start;
+    let deadline = start + interval * events as u32 + DRAIN_TIMEOUT;
+    while gone < events {
+        let now = Instant::now();
+        if put < events && now >= next_put {
+            stamps[put] = nanos_since(base);
+            let key = first + put as u64;
+            nodes.a.put(key, key);
+            put += 1;
+            next_put = start + interval * put as u32;
+        } else if gone < put {
+            // B applies A's events in order: the oldest key goes first.
+            if !nodes.b.contains_key(&(first + gone as u64)) {
+                histogram.saturating_record(nanos_since(base).saturating_sub(stamps[gone]).max(1));
+                gone += 1;
+            } else if now > deadline {
+                let key = first + gone as u64;
+                return Err(format!("key {key} is still on node B {DRAIN_TIMEOUT:?} after its put on A").into());
+            } else {
+                // Yield, not spin: the runtime and the server need the cores too.
+                thread::yield_now();
+            }
+        } else {
+            // Every key put so far is gone: nothing to poll until the next put.
+            pace_gently(next_put);
+        }
+    }
+    Ok(histogram)
+}
