@@ -55,11 +55,16 @@ pub const DEFAULT_OUTBOUND_BUFFER: usize = 65_536;
 pub(crate) type EncodeFn<K> = fn(&FrameHeader, &[Arc<CacheEntryEvent<K>>], Option<&[u8]>) -> Result<Vec<u8>, String>;
 pub(crate) type DecodeFn<K> = fn(&[u8], &DecodeLimits<'_>) -> Result<Frame<K>, RejectReason>;
 
-/// The cluster options of a stream, as the builder collects them.
-pub(crate) struct ClusterOptions<K> {
+/// A stream's cluster transport and the key type's frame codec.
+pub(crate) struct Transport<K> {
     pub(crate) pubsub: PubSub,
     pub(crate) encode: EncodeFn<K>,
     pub(crate) decode: DecodeFn<K>,
+}
+
+/// The cluster options of a stream, as the builder collects them (whether
+/// they come before or after the transport).
+pub(crate) struct ClusterOptions {
     pub(crate) prefix: String,
     pub(crate) signing_key: Option<Arc<[u8]>>,
     pub(crate) batch_size: usize,
@@ -70,7 +75,22 @@ pub(crate) struct ClusterOptions<K> {
     pub(crate) heartbeat: Duration,
 }
 
-impl<K> ClusterOptions<K> {
+impl Default for ClusterOptions {
+    fn default() -> Self {
+        ClusterOptions {
+            prefix: crate::streams::DEFAULT_PREFIX.to_string(),
+            signing_key: None,
+            batch_size: DEFAULT_BATCH_SIZE,
+            batch_linger: Duration::ZERO,
+            outbound_buffer: DEFAULT_OUTBOUND_BUFFER,
+            max_frame_bytes: DEFAULT_MAX_FRAME_BYTES,
+            backoff: Backoff::default(),
+            heartbeat: DEFAULT_HEARTBEAT,
+        }
+    }
+}
+
+impl ClusterOptions {
     pub(crate) fn validate(&self) -> Result<(), Error> {
         let invalid = |m: String| Err(Error::InvalidOption(m));
         if self.batch_size == 0 {
@@ -133,14 +153,14 @@ pub(crate) struct Cluster<K> {
 }
 
 impl<K> Cluster<K> {
-    pub(crate) fn new(options: ClusterOptions<K>, channels: Vec<String>) -> Self {
+    pub(crate) fn new(transport: Transport<K>, options: ClusterOptions, channels: Vec<String>) -> Self {
         let (ready_tx, ready) = watch::channel(None);
         let outbound =
             channels.iter().map(|_| Ring::new(options.outbound_buffer, u8::MAX, EventScope::Local)).collect();
         Cluster {
-            describe: options.pubsub.describe(),
-            encode: options.encode,
-            decode: options.decode,
+            describe: transport.pubsub.describe(),
+            encode: transport.encode,
+            decode: transport.decode,
             signing_key: options.signing_key,
             max_frame_bytes: options.max_frame_bytes,
             batch_size: options.batch_size,
@@ -156,7 +176,7 @@ impl<K> Cluster<K> {
             hello: Arc::default(),
             ever_up: AtomicBool::new(false),
             shutdown: watch::channel(false).0,
-            pubsub: options.pubsub,
+            pubsub: transport.pubsub,
             channels,
             backoff: options.backoff,
         }
@@ -446,6 +466,10 @@ impl<K> StreamShared<K> {
     /// A frame arrived on the channel of partition `index`.
     pub(crate) fn on_frame(&self, index: usize, bytes: &[u8]) {
         let Some(cluster) = self.cluster.as_ref() else { return };
+        if crate::wire::peek_origin(bytes) == Some(self.node) {
+            // Our own frame, echoed back: local subscribers already have it.
+            return;
+        }
         let limits = DecodeLimits {
             max_frame_bytes: if cluster.max_frame_bytes == 0 {
                 DEFAULT_MAX_FRAME_BYTES

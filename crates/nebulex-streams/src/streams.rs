@@ -11,13 +11,12 @@ use parking_lot::Mutex;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
-use crate::cluster::{self, Cluster, ClusterOptions, DEFAULT_BATCH_SIZE, DEFAULT_HEARTBEAT, DEFAULT_OUTBOUND_BUFFER};
+use crate::cluster::{self, Cluster, ClusterOptions, Transport};
 use crate::error::Error;
 use crate::pubsub::{Backoff, PubSub};
 use crate::router::{partition_of, Route};
 use crate::subscription::{EventScope, Ring, SubscribeOptions, Subscription};
 use crate::telemetry::{BroadcastError, ObserverFn, Reporter, Telemetry};
-use crate::wire::DEFAULT_MAX_FRAME_BYTES;
 
 /// The default per-subscriber buffer, in events.
 pub const DEFAULT_BUFFER: usize = 16_384;
@@ -71,7 +70,8 @@ pub struct StreamsBuilder<'a, K, V> {
     buffer: usize,
     broadcast_from: bool,
     observer: Option<Box<ObserverFn<K>>>,
-    cluster: Option<ClusterOptions<K>>,
+    transport: Option<Transport<K>>,
+    cluster: ClusterOptions,
 }
 
 impl<K, V> fmt::Debug for StreamsBuilder<'_, K, V> {
@@ -81,7 +81,7 @@ impl<K, V> fmt::Debug for StreamsBuilder<'_, K, V> {
             .field("custom_router", &self.router.is_some())
             .field("buffer", &self.buffer)
             .field("broadcast_from", &self.broadcast_from)
-            .field("pubsub", &self.cluster.as_ref().map(|c| c.pubsub.describe()))
+            .field("pubsub", &self.transport.as_ref().map(|t| t.pubsub.describe()))
             .finish_non_exhaustive()
     }
 }
@@ -144,33 +144,22 @@ where
         self
     }
 
-    /// Options that only matter with a cluster transport; ignored without one.
-    fn cluster_mut(&mut self) -> Option<&mut ClusterOptions<K>> {
-        self.cluster.as_mut()
-    }
-
     /// The prefix of channel names: `{prefix}:{cache}:{partition}`.
     pub fn prefix(mut self, prefix: impl Into<String>) -> Self {
-        if let Some(c) = self.cluster_mut() {
-            c.prefix = prefix.into();
-        }
+        self.cluster.prefix = prefix.into();
         self
     }
 
     /// Signs every frame with HMAC-SHA256 under `key`, and refuses frames
     /// that are unsigned or badly signed. Every node must use the same key.
     pub fn signing_key(mut self, key: impl AsRef<[u8]>) -> Self {
-        if let Some(c) = self.cluster_mut() {
-            c.signing_key = Some(Arc::from(key.as_ref()));
-        }
+        self.cluster.signing_key = Some(Arc::from(key.as_ref()));
         self
     }
 
     /// The most events in one frame.
     pub fn batch_size(mut self, events: usize) -> Self {
-        if let Some(c) = self.cluster_mut() {
-            c.batch_size = events;
-        }
+        self.cluster.batch_size = events;
         self
     }
 
@@ -180,18 +169,14 @@ where
     /// while the previous one is being sent. (Timers have about 1 ms
     /// resolution.)
     pub fn batch_linger(mut self, linger: Duration) -> Self {
-        if let Some(c) = self.cluster_mut() {
-            c.batch_linger = linger;
-        }
+        self.cluster.batch_linger = linger;
         self
     }
 
     /// How many events per partition may wait for the network before new
     /// ones are dropped (and counted: receivers see the gap).
     pub fn outbound_buffer(mut self, events: usize) -> Self {
-        if let Some(c) = self.cluster_mut() {
-            c.outbound_buffer = events;
-        }
+        self.cluster.outbound_buffer = events;
         self
     }
 
@@ -199,26 +184,20 @@ where
     /// the network. Every node should use the same value; NATS servers refuse
     /// payloads over their `max_payload` (1 MiB by default).
     pub fn max_frame_bytes(mut self, bytes: usize) -> Self {
-        if let Some(c) = self.cluster_mut() {
-            c.max_frame_bytes = bytes;
-        }
+        self.cluster.max_frame_bytes = bytes;
         self
     }
 
     /// How often an idle partition tells the other nodes its next sequence
     /// number, so that a lost last frame is seen as a gap within this time.
     pub fn heartbeat(mut self, every: Duration) -> Self {
-        if let Some(c) = self.cluster_mut() {
-            c.heartbeat = every;
-        }
+        self.cluster.heartbeat = every;
         self
     }
 
     /// Reconnection delays: `initial`, doubling up to `max`.
     pub fn backoff(mut self, initial: Duration, max: Duration) -> Self {
-        if let Some(c) = self.cluster_mut() {
-            c.backoff = Backoff { initial, max };
-        }
+        self.cluster.backoff = Backoff { initial, max };
         self
     }
 
@@ -242,11 +221,9 @@ where
         if self.buffer == 0 {
             return Err(Error::InvalidOption("buffer must hold at least 1 event".into()));
         }
-        if let Some(c) = &self.cluster {
-            c.validate()?;
-        }
+        self.cluster.validate()?;
         let cache_name = self.cache.name();
-        let prefix = self.cluster.as_ref().map_or(DEFAULT_PREFIX, |c| c.prefix.as_str());
+        let prefix = self.cluster.prefix.as_str();
         let topics: Vec<String> = (0..count)
             .map(|p| match self.partitions {
                 Some(_) => format!("{prefix}:{cache_name}:{p}"),
@@ -260,11 +237,14 @@ where
                 state: Mutex::new(PartitionState { seq: 0, subscribers: Vec::new() }),
             })
             .collect();
-        if self.cluster.is_some() {
+        if self.transport.is_some() {
             crate::pubsub::runtime()?;
         }
         let prefix = prefix.to_string();
-        let cluster = self.cluster.map(|options| Cluster::new(options, topics));
+        let cluster = match self.transport {
+            Some(transport) => Some(Cluster::new(transport, self.cluster, topics)),
+            None => None,
+        };
         let shared = Arc::new(StreamShared {
             reporter: Reporter::new(cache_name, count, self.observer),
             node: self.cache.node_id(),
@@ -318,18 +298,10 @@ where
     /// other node's through the transport. Keys travel through serde, as
     /// MessagePack (see [`wire`](crate::wire)).
     pub fn pubsub(mut self, pubsub: PubSub) -> Self {
-        self.cluster = Some(ClusterOptions {
+        self.transport = Some(Transport {
             pubsub,
             encode: |h, events, key| crate::wire::encode::<K>(h, events, key),
             decode: |bytes, limits| crate::wire::decode::<K>(bytes, limits),
-            prefix: DEFAULT_PREFIX.to_string(),
-            signing_key: None,
-            batch_size: DEFAULT_BATCH_SIZE,
-            batch_linger: Duration::ZERO,
-            outbound_buffer: DEFAULT_OUTBOUND_BUFFER,
-            max_frame_bytes: DEFAULT_MAX_FRAME_BYTES,
-            backoff: Backoff::default(),
-            heartbeat: DEFAULT_HEARTBEAT,
         });
         self
     }
@@ -419,7 +391,8 @@ where
             buffer: DEFAULT_BUFFER,
             broadcast_from: false,
             observer: None,
-            cluster: None,
+            transport: None,
+            cluster: ClusterOptions::default(),
         }
     }
 

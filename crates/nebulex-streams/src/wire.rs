@@ -360,6 +360,32 @@ fn tag_of(key: &[u8], bytes: &[u8]) -> [u8; TAG_LEN] {
     mac.finalize().into_bytes().into()
 }
 
+/// The origin node of a frame, read from its first bytes without decoding
+/// the rest (`None` if they are not a version 1 frame's). Receivers use it to
+/// drop their own frames, which Redis echoes back, before paying for a full
+/// decode; it checks nothing else.
+///
+/// ```
+/// # use std::sync::Arc;
+/// # use nebulex::{CacheEntryEvent, NodeId};
+/// use nebulex_streams::wire::{encode, peek_origin, FrameHeader};
+/// let header = FrameHeader {
+///     origin: NodeId(7), epoch: 1, cache: "users".into(), partition: 0, partitions: 0, first_seq: 1, sent_at_us: 0,
+/// };
+/// let frame = encode::<String>(&header, &[] as &[Arc<CacheEntryEvent<String>>], None)?;
+/// assert_eq!(peek_origin(&frame), Some(NodeId(7)));
+/// assert_eq!(peek_origin(b"garbage"), None);
+/// # Ok::<(), String>(())
+/// ```
+pub fn peek_origin(bytes: &[u8]) -> Option<NodeId> {
+    if bytes.first() != Some(&WIRE_VERSION) {
+        return None;
+    }
+    let mut body = bytes.get(2..)?;
+    rmp::decode::read_array_len(&mut body).ok()?;
+    rmp::decode::read_int(&mut body).ok().map(NodeId)
+}
+
 /// What a decoder checks beyond the format.
 ///
 /// ```

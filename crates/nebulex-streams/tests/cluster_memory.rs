@@ -108,3 +108,33 @@ async fn a_cut_connection_is_an_unknown_gap_then_events_flow_again() {
     let e = next(&mut subs[p]).await.unwrap();
     assert_eq!(e.target, Target::Key("after".to_string()));
 }
+
+#[tokio::test]
+async fn cluster_options_apply_before_or_after_the_transport() {
+    let bus = PubSub::memory();
+    let (a, b, c) = (node("users", 1), node("users", 2), node("users", 3));
+    let rejected = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let seen = rejected.clone();
+    // The key given before the transport counts as much as after it.
+    let sa = Streams::builder(&a)
+        .signing_key("k3y")
+        .pubsub(bus.clone())
+        .observer(move |t| {
+            if let Telemetry::FrameRejected { reason, .. } = t {
+                seen.lock().unwrap().push(reason.label());
+            }
+        })
+        .start()
+        .unwrap();
+    let sb = Streams::builder(&b).pubsub(bus.clone()).signing_key("k3y").start().unwrap();
+    let sc = Streams::builder(&c).pubsub(bus.clone()).start().unwrap();
+    for s in [&sa, &sb, &sc] {
+        s.ready().await.unwrap();
+    }
+    let mut on_a = a.subscribe(SubscribeOptions::new()).unwrap();
+    c.put("unsigned".into(), 1);
+    b.put("signed".into(), 1);
+    let e = next(&mut on_a).await.unwrap();
+    assert_eq!((e.metadata.node, &e.target), (NodeId(2), &Target::Key("signed".to_string())));
+    assert!(rejected.lock().unwrap().contains(&"unsigned"), "{:?}", rejected.lock().unwrap());
+}

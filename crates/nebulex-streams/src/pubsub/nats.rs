@@ -39,6 +39,8 @@ pub(crate) fn open(url: &str, config: LinkConfig) -> Result<Arc<dyn Link>, Error
 
 fn options(backoff: Backoff, hooks: Arc<Hooks>) -> async_nats::ConnectOptions {
     async_nats::ConnectOptions::new()
+        // Our own frames need not come back.
+        .no_echo()
         .connection_timeout(Duration::from_secs(2))
         .retry_on_initial_connect()
         .reconnect_delay_callback(move |attempts| backoff.delay(attempts.saturating_sub(1) as u32))
