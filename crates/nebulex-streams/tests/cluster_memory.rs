@@ -136,5 +136,10 @@ async fn cluster_options_apply_before_or_after_the_transport() {
     b.put("signed".into(), 1);
     let e = next(&mut on_a).await.unwrap();
     assert_eq!((e.metadata.node, &e.target), (NodeId(2), &Target::Key("signed".to_string())));
-    assert!(rejected.lock().unwrap().contains(&"unsigned"), "{:?}", rejected.lock().unwrap());
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while !rejected.lock().unwrap().contains(&"unsigned") {
+        assert!(tokio::time::Instant::now() < deadline, "C's unsigned frame was not refused");
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    assert!(on_a.try_recv().is_err(), "nothing of C's reached A");
 }
