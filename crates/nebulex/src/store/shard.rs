@@ -19,9 +19,9 @@ use crate::store::load::{Load, Loads};
 use crate::store::map::EntryMap;
 
 /// How many entries an eviction compares.
-pub(crate) const SAMPLES: usize = 8;
+pub(crate) const SAMPLES: usize = 24;
 /// Counters halve after this many uses per unit of capacity.
-const AGING_FACTOR: usize = 8;
+const AGING_FACTOR: usize = 16;
 
 pub(crate) type MapHasher = foldhash::fast::FixedState;
 
