@@ -82,8 +82,9 @@ pub enum TryRecvError {
 
 /// How many times `recv_blocking` looks again for an event before it sleeps.
 const SPIN_ROUNDS: u32 = 16;
-/// How long it pauses between looks, in spin-loop hints (about a microsecond).
-const SPIN_PAUSES: u32 = 128;
+/// How long it pauses between looks, in spin-loop hints (some 10–20 µs): long
+/// enough for a busy writer to leave a batch, short enough not to be a delay.
+const SPIN_PAUSES: u32 = 1024;
 
 /// One item of a subscription: an event, or how many were missed.
 ///

@@ -86,7 +86,7 @@ impl Config {
             lookups: if quick { 250_000 } else { 1_000_000 },
             reps: if quick { 3 } else { 5 },
             listener_rounds: if quick { 5 } else { 11 },
-            e2e_reps: if quick { 1 } else { 3 },
+            e2e_reps: if quick { 3 } else { 5 },
             zipf_accesses: if quick { 1_000_000 } else { 2_000_000 },
             latency_duration: if quick { Duration::from_millis(1_500) } else { Duration::from_secs(5) },
             latency_windows: 5,
