@@ -88,6 +88,40 @@ fn wait_until(process: &mut Process, what: &str, mut ready: impl FnMut() -> bool
     Err(io::Error::new(io::ErrorKind::TimedOut, format!("{what} did not answer within {STARTUP:?}")))
 }
 
+type Spawn = fn(u16, &tempfile::TempDir) -> io::Result<Process>;
+
+/// Spawns a server on a free port, trying a few ports: another process may
+/// take one between our probe and the server's bind.
+fn start_on_free_port(spawn: Spawn, what: &str) -> io::Result<(u16, tempfile::TempDir, Process)> {
+    let dir = tempfile::tempdir()?;
+    let mut last = None;
+    for _ in 0..5 {
+        let port = free_port()?;
+        match spawn(port, &dir) {
+            Ok(process) => return Ok((port, dir, process)),
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(last.unwrap_or_else(|| io::Error::other(format!("{what} did not start"))))
+}
+
+/// Kills `process` and spawns the server again on the same port, retrying
+/// while the old one releases it.
+fn respawn(process: &mut Process, port: u16, dir: &tempfile::TempDir, spawn: Spawn) -> io::Result<()> {
+    process.kill();
+    let deadline = Instant::now() + STARTUP;
+    loop {
+        match spawn(port, dir) {
+            Ok(new) => {
+                *process = new;
+                return Ok(());
+            }
+            Err(e) if Instant::now() > deadline => return Err(e),
+            Err(_) => std::thread::sleep(Duration::from_millis(50)),
+        }
+    }
+}
+
 /// A throwaway `redis-server`.
 pub struct RedisServer {
     port: u16,
@@ -98,17 +132,8 @@ pub struct RedisServer {
 impl RedisServer {
     /// Starts one on a free loopback port and waits until it answers `PING`.
     pub fn start() -> io::Result<Self> {
-        let dir = tempfile::tempdir()?;
-        let mut last = None;
-        // Another process may take the port between our probe and the bind.
-        for _ in 0..5 {
-            let port = free_port()?;
-            match Self::spawn(port, &dir) {
-                Ok(process) => return Ok(RedisServer { port, dir, process }),
-                Err(e) => last = Some(e),
-            }
-        }
-        Err(last.unwrap_or_else(|| io::Error::other("redis-server did not start")))
+        let (port, dir, process) = start_on_free_port(Self::spawn, "redis-server")?;
+        Ok(RedisServer { port, dir, process })
     }
 
     fn spawn(port: u16, dir: &tempfile::TempDir) -> io::Result<Process> {
@@ -153,18 +178,7 @@ impl RedisServer {
 
     /// Kills the server and starts a new one on the same port (its data is lost).
     pub fn restart(&mut self) -> io::Result<()> {
-        self.process.kill();
-        let deadline = Instant::now() + STARTUP;
-        loop {
-            match Self::spawn(self.port, &self.dir) {
-                Ok(process) => {
-                    self.process = process;
-                    return Ok(());
-                }
-                Err(e) if Instant::now() > deadline => return Err(e),
-                Err(_) => std::thread::sleep(Duration::from_millis(50)),
-            }
-        }
+        respawn(&mut self.process, self.port, &self.dir, Self::spawn)
     }
 }
 
@@ -187,23 +201,15 @@ fn resp(port: u16, args: &[&[u8]]) -> io::Result<String> {
 /// A throwaway `nats-server` (core NATS, no JetStream).
 pub struct NatsServer {
     port: u16,
-    _dir: tempfile::TempDir,
+    dir: tempfile::TempDir,
     process: Process,
 }
 
 impl NatsServer {
     /// Starts one on a free loopback port and waits until it greets.
     pub fn start() -> io::Result<Self> {
-        let dir = tempfile::tempdir()?;
-        let mut last = None;
-        for _ in 0..5 {
-            let port = free_port()?;
-            match Self::spawn(port, &dir) {
-                Ok(process) => return Ok(NatsServer { port, _dir: dir, process }),
-                Err(e) => last = Some(e),
-            }
-        }
-        Err(last.unwrap_or_else(|| io::Error::other("nats-server did not start")))
+        let (port, dir, process) = start_on_free_port(Self::spawn, "nats-server")?;
+        Ok(NatsServer { port, dir, process })
     }
 
     fn spawn(port: u16, dir: &tempfile::TempDir) -> io::Result<Process> {
@@ -255,18 +261,7 @@ impl NatsServer {
 
     /// Kills the server and starts a new one on the same port.
     pub fn restart(&mut self) -> io::Result<()> {
-        self.process.kill();
-        let deadline = Instant::now() + STARTUP;
-        loop {
-            match Self::spawn(self.port, &self._dir) {
-                Ok(process) => {
-                    self.process = process;
-                    return Ok(());
-                }
-                Err(e) if Instant::now() > deadline => return Err(e),
-                Err(_) => std::thread::sleep(Duration::from_millis(50)),
-            }
-        }
+        respawn(&mut self.process, self.port, &self.dir, Self::spawn)
     }
 }
 
