@@ -55,7 +55,8 @@ fn run(sweeper: &Sweeper) {
             drop(jobs);
             for target in due {
                 if let Some(target) = target.upgrade() {
-                    target.sweep();
+                    // A listener that panics must not end sweeping for every cache.
+                    let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| target.sweep()));
                 }
             }
             jobs = sweeper.jobs.lock();
