@@ -82,9 +82,9 @@ pub enum TryRecvError {
 
 /// How many times `recv_blocking` looks again for an event before it sleeps.
 const SPIN_ROUNDS: u32 = 16;
-/// How long it pauses between looks, in spin-loop hints (some 10–20 µs): long
-/// enough for a busy writer to leave a batch, short enough not to be a delay.
-const SPIN_PAUSES: u32 = 1024;
+/// How long it pauses between looks, in spin-loop hints (a few µs), before it
+/// yields the CPU: a busy writer leaves a batch meanwhile.
+const SPIN_PAUSES: u32 = 256;
 
 /// One item of a subscription: an event, or how many were missed.
 ///
@@ -417,8 +417,8 @@ impl<K> Subscription<K> {
     /// and waking it costs the writer a system call; and a reader that polls
     /// its buffer constantly steals the writer's cache lines. So when the
     /// buffer is empty it pauses a moment between looks (letting events
-    /// accumulate, then taking them in a row), a few times, yielding the CPU
-    /// in the later rounds, before it sleeps.
+    /// accumulate, then taking them in a row) and yields the CPU (to a writer
+    /// waiting for this core), a few times, before it sleeps.
     pub fn recv_blocking(&mut self) -> Option<Item<K>> {
         for round in 0..=SPIN_ROUNDS {
             if let Some(item) = self.ring.try_next(&mut self.stash) {
@@ -427,11 +427,9 @@ impl<K> Subscription<K> {
             if self.ring.closed.load(Ordering::Acquire) || round == SPIN_ROUNDS {
                 break;
             }
-            if round < SPIN_ROUNDS / 2 {
-                (0..SPIN_PAUSES).for_each(|_| std::hint::spin_loop());
-            } else {
-                std::thread::yield_now();
-            }
+            // Pause, then let a writer waiting for this core run.
+            (0..SPIN_PAUSES).for_each(|_| std::hint::spin_loop());
+            std::thread::yield_now();
         }
         futures::executor::block_on(self.recv())
     }
