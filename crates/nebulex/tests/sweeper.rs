@@ -17,13 +17,13 @@ fn a_panicking_listener_does_not_stop_the_sweep_of_other_caches() {
     faulty.put_with_ttl(1, 1, Duration::from_millis(1));
     // Wait until the faulty cache's sweep has run (and panicked) at least once.
     let deadline = Instant::now() + Duration::from_secs(10);
-    while faulty.len() > 0 {
+    while !faulty.is_empty() {
         assert!(Instant::now() < deadline, "the faulty cache was never swept");
         std::thread::sleep(Duration::from_millis(5));
     }
     // The sweeper still sweeps the healthy cache afterwards.
     healthy.put_with_ttl(2, 2, Duration::from_millis(1));
-    while healthy.len() > 0 {
+    while !healthy.is_empty() {
         assert!(Instant::now() < deadline, "the sweep stopped after a listener panicked");
         std::thread::sleep(Duration::from_millis(5));
     }
