@@ -460,7 +460,6 @@ impl<K> Reporter<K> {
         self.observe(|| Telemetry::PublishFailed { cache: self.cache, frames: 1 });
     }
 
-    #[allow(dead_code)]
     pub(crate) fn invalidator(&self, event: InvalidatorEvent) {
         #[cfg(feature = "metrics")]
         if let InvalidatorEvent::Invalidate { count, .. } | InvalidatorEvent::Resync { count, .. } = event {
@@ -470,7 +469,6 @@ impl<K> Reporter<K> {
         self.observe(|| Telemetry::Invalidator { cache: self.cache, event });
     }
 
-    #[allow(dead_code)]
     pub(crate) fn propagation(&self, seconds: f64) {
         #[cfg(feature = "metrics")]
         self.metrics.propagation.record(seconds);
