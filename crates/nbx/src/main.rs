@@ -11,6 +11,7 @@
 
 mod alloc;
 mod bench;
+mod dates;
 mod demo;
 mod tail;
 

@@ -19,6 +19,7 @@ use std::fmt::{self, Write as _};
 use std::io::{self, Write};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use crate::dates::civil_from_days;
 use futures::StreamExt;
 use hmac::{Hmac, Mac};
 use nebulex::{Command, EventType};
@@ -706,20 +707,6 @@ fn clock(us: u64) -> String {
     let secs = us / 1_000_000;
     let s = secs % 86_400;
     format!("{:02}:{:02}:{:02}.{:03}", s / 3600, s / 60 % 60, s % 60, us % 1_000_000 / 1000)
-}
-
-/// Howard Hinnant's days-to-civil: (year, month, day) of a day since 1970-01-01.
-fn civil_from_days(z: i64) -> (i64, u32, u32) {
-    let z = z + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    (y, m, d)
 }
 
 fn now_us() -> u64 {

@@ -524,11 +524,8 @@ where
             cache.unregister_event_listener(&shared.listener_id());
             shared.reporter.listener_unregistered();
         }
-        let ext = cache.extensions();
-        if ext.get::<StreamSlot<K>>().is_some_and(|slot| Arc::ptr_eq(&slot.0, shared)) {
-            // Dropping the slot closes the stream.
-            drop(ext.remove::<StreamSlot<K>>());
-        }
+        // Dropping the slot (outside the extensions' lock) closes the stream.
+        drop(cache.extensions().remove_if::<StreamSlot<K>>(|slot| Arc::ptr_eq(&slot.0, shared)));
     }
 
     fn invalidate(&self, target: &Target<K>) -> usize {

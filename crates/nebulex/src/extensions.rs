@@ -51,17 +51,16 @@ impl Extensions {
         Ok(())
     }
 
-    /// Detaches the value of type `T` if it is `value` itself (same allocation).
-    pub fn remove_if_same<T: Any + Send + Sync>(&self, value: &Arc<T>) -> bool {
+    /// Detaches and returns the value of type `T` if `pred` selects it, in
+    /// one step (no other caller can swap it in between).
+    pub fn remove_if<T: Any + Send + Sync>(&self, pred: impl FnOnce(&T) -> bool) -> Option<Arc<T>> {
         let mut map = self.map.lock();
-        let same = map
-            .get(&TypeId::of::<T>())
-            .and_then(|v| v.clone().downcast::<T>().ok())
-            .is_some_and(|v| Arc::ptr_eq(&v, value));
-        if same {
-            map.remove(&TypeId::of::<T>());
+        let value = map.get(&TypeId::of::<T>())?.clone().downcast::<T>().ok()?;
+        if !pred(&value) {
+            return None;
         }
-        same
+        map.remove(&TypeId::of::<T>());
+        Some(value)
     }
 
     /// Detaches and returns the value of type `T`.
