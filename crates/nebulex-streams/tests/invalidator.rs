@@ -118,11 +118,20 @@ async fn keys_and_all_targets_are_removed_without_echo() {
     b.delete_all(Query::All);
     eventually("everything removed from A", || a.is_empty()).await;
 
+    // One marker per partition, written by B after its deletes: B's frames
+    // keep their order per partition, so each subscription has heard every
+    // earlier event of B once its marker arrives.
+    for p in 0..4 {
+        let marker = (0..).map(|i| format!("marker{i}")).find(|k| partition_of(k, 4) == p).unwrap();
+        b.put(marker, 0);
+    }
+
     // No echo: A's invalidations emitted nothing, so A heard exactly B's two
     // deletes: one event per partition the keys fall in, then one per partition.
     let mut heard = 0;
     for sub in &mut a_hears {
-        while let Ok(e) = sub.try_recv() {
+        for item in until(sub, |e| e.target.keys().iter().any(|k| k.starts_with("marker"))).await {
+            let e = item.expect("no lag");
             assert_eq!((e.metadata.node, e.kind), (NodeId(2), nebulex::EventType::Deleted));
             heard += 1;
         }
