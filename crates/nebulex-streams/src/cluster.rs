@@ -42,7 +42,7 @@ use tokio::sync::watch;
 use crate::error::Error;
 use crate::pubsub::{Backoff, Hooks, Link, LinkConfig, LinkState, PubSub};
 use crate::streams::StreamShared;
-use crate::subscription::{EventScope, Ring};
+use crate::subscription::{Handed, RingReader};
 use crate::wire::{unix_micros, DecodeLimits, Frame, FrameHeader, RejectReason, DEFAULT_MAX_FRAME_BYTES};
 
 /// The default most events in one frame.
@@ -131,8 +131,9 @@ pub(crate) struct Cluster<K> {
     /// receivers tell a restarted node's numbering from the old one's, and
     /// refuse replays of older frames.
     epoch: u64,
-    /// Per partition: events waiting to be sent.
-    pub(crate) outbound: Box<[Ring<K>]>,
+    /// Per partition: the reading half of the events waiting to be sent,
+    /// taken by the sender task when it starts.
+    outbound: Mutex<Vec<RingReader<K>>>,
     link: OnceLock<Arc<dyn Link>>,
     ready: watch::Receiver<Option<Result<(), Error>>>,
     ready_tx: watch::Sender<Option<Result<(), Error>>>,
@@ -153,10 +154,13 @@ pub(crate) struct Cluster<K> {
 }
 
 impl<K> Cluster<K> {
-    pub(crate) fn new(transport: Transport<K>, options: ClusterOptions, channels: Vec<String>) -> Self {
+    pub(crate) fn new(
+        transport: Transport<K>,
+        options: ClusterOptions,
+        channels: Vec<String>,
+        outbound: Vec<RingReader<K>>,
+    ) -> Self {
         let (ready_tx, ready) = watch::channel(None);
-        let outbound =
-            channels.iter().map(|_| Ring::new(options.outbound_buffer, u8::MAX, EventScope::Local)).collect();
         Cluster {
             describe: transport.pubsub.describe(),
             encode: transport.encode,
@@ -166,7 +170,7 @@ impl<K> Cluster<K> {
             batch_size: options.batch_size,
             batch_linger: options.batch_linger,
             epoch: new_epoch(),
-            outbound,
+            outbound: Mutex::new(outbound),
             link: OnceLock::new(),
             ready,
             ready_tx,
@@ -273,23 +277,21 @@ async fn send_loop<K>(shared: Weak<StreamShared<K>>, link: Arc<dyn Link>, mut st
 where
     K: Send + Sync + 'static,
 {
-    let Some((count, heartbeat, hello)) =
-        shared.upgrade().and_then(|s| s.cluster.as_ref().map(|c| (c.outbound.len(), c.heartbeat, c.hello.clone())))
-    else {
+    let Some((mut outbound, heartbeat, hello)) = shared.upgrade().and_then(|s| {
+        s.cluster.as_ref().map(|c| (std::mem::take(&mut *c.outbound.lock()), c.heartbeat, c.hello.clone()))
+    }) else {
         return;
     };
-    let mut stash: Vec<Option<Arc<CacheEntryEvent<K>>>> = vec![None; count];
+    let count = outbound.len();
     // Announce every partition at once: nodes already running learn our numbering.
     let mut last_sent: Vec<Option<Instant>> = vec![None; count];
     let mut tick = tokio::time::interval((heartbeat / 4).max(Duration::from_millis(1)));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         let wake = {
-            let Some(s) = shared.upgrade() else { return };
-            let Some(cluster) = s.cluster.as_ref() else { return };
             let any = std::future::poll_fn(|cx| {
-                for (p, ring) in cluster.outbound.iter().enumerate() {
-                    if let Poll::Ready(Some(item)) = ring.poll_recv(&mut stash[p], cx) {
+                for (p, ring) in outbound.iter_mut().enumerate() {
+                    if let Poll::Ready(Some(item)) = ring.poll_recv(cx) {
                         return Poll::Ready((p, item));
                     }
                 }
@@ -313,9 +315,9 @@ where
             }
             let mut pending: Vec<Vec<Arc<CacheEntryEvent<K>>>> = vec![Vec::new(); count];
             s.accept(first_p, first, &mut pending[first_p], &mut frames);
-            for p in 0..count {
+            for (p, ring) in outbound.iter_mut().enumerate() {
                 while frames.len() < 64 {
-                    let Some(item) = cluster.outbound[p].try_next(&mut stash[p]) else { break };
+                    let Some(item) = ring.try_next() else { break };
                     s.accept(p, item, &mut pending[p], &mut frames);
                 }
             }
@@ -328,7 +330,7 @@ where
             if frames.iter().any(|(fp, _)| *fp == p) {
                 last_sent[p] = Some(now);
             } else if hello || last_sent[p].is_none_or(|at| now.duration_since(at) >= heartbeat) {
-                if let Some(frame) = s.heartbeat(p, stash[p].is_some()) {
+                if let Some(frame) = s.heartbeat(p, outbound[p].has_stash()) {
                     frames.push(frame);
                     last_sent[p] = Some(now);
                 }
@@ -379,10 +381,10 @@ impl<K> StreamShared<K> {
             frame.into_events(self.reporter.cache, part.topic).into_iter().map(Arc::new).collect();
         let mut dropped = Vec::new();
         {
-            let state = part.state.lock();
+            let mut state = part.state.lock();
             for event in &events {
-                for ring in state.subscribers.iter().filter(|r| r.wants_remote(event.kind)) {
-                    if !ring.push(event.clone()) {
+                for ring in state.subscribers.iter_mut().filter(|r| r.wants_remote(event.kind)) {
+                    if !ring.push(Handed::Shared(event.clone())) {
                         dropped.push(event.clone());
                     }
                 }
@@ -397,13 +399,12 @@ impl<K> StreamShared<K> {
     /// An empty frame carrying the next sequence number of an idle partition
     /// (none if events are waiting to be sent: their frame will tell).
     fn heartbeat(&self, p: usize, stashed: bool) -> Option<(usize, Arc<[u8]>)> {
-        let cluster = self.cluster.as_ref()?;
         let part = self.parts.get(p)?;
         let next = {
             // Writers number and enqueue under this lock: with the buffer
             // empty, every number up to `seq` was sent (or dropped).
             let state = part.state.lock();
-            if stashed || !cluster.outbound.get(p)?.is_empty() {
+            if stashed || !state.outbound.as_ref()?.is_empty() {
                 return None;
             }
             state.seq + 1

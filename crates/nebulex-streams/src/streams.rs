@@ -15,7 +15,7 @@ use crate::cluster::{self, Cluster, ClusterOptions, Transport};
 use crate::error::Error;
 use crate::pubsub::{Backoff, PubSub};
 use crate::router::{partition_of, Route};
-use crate::subscription::{EventScope, Ring, SubscribeOptions, Subscription};
+use crate::subscription::{ring, EventScope, Handed, RingReader, RingWriter, SubscribeOptions, Subscription};
 use crate::telemetry::{BroadcastError, ObserverFn, Reporter, Telemetry};
 
 /// The default per-subscriber buffer, in events.
@@ -230,19 +230,29 @@ where
                 None => format!("{prefix}:{cache_name}"),
             })
             .collect();
-        let parts = topics
-            .iter()
-            .map(|topic| Partition {
-                topic: Name::new(topic),
-                state: Mutex::new(PartitionState { seq: 0, subscribers: Vec::new() }),
-            })
-            .collect();
         if self.transport.is_some() {
             crate::pubsub::runtime()?;
         }
+        // With a transport, each partition also feeds the cluster's sender.
+        let (parts, outbound): (Vec<_>, Vec<_>) = topics
+            .iter()
+            .map(|topic| {
+                let (writer, reader) = match self.transport {
+                    Some(_) => {
+                        let (writer, reader) = ring(self.cluster.outbound_buffer, u8::MAX, EventScope::Local);
+                        (Some(writer), Some(reader))
+                    }
+                    None => (None, None),
+                };
+                let state = PartitionState { seq: 0, subscribers: Vec::new(), outbound: writer };
+                (Partition { topic: Name::new(topic), state: Mutex::new(state) }, reader)
+            })
+            .unzip();
         let prefix = prefix.to_string();
         let cluster = match self.transport {
-            Some(transport) => Some(Cluster::new(transport, self.cluster, topics)),
+            Some(transport) => {
+                Some(Cluster::new(transport, self.cluster, topics, outbound.into_iter().flatten().collect()))
+            }
             None => None,
         };
         let shared = Arc::new(StreamShared {
@@ -251,7 +261,7 @@ where
             partitions: self.partitions,
             count,
             router: self.router,
-            parts,
+            parts: parts.into(),
             buffer: self.buffer,
             broadcast_from: self.broadcast_from,
             filter: EventFilter::none(),
@@ -553,7 +563,9 @@ pub(crate) struct Partition<K> {
 pub(crate) struct PartitionState<K> {
     /// The last sequence number given out.
     pub(crate) seq: u64,
-    pub(crate) subscribers: Vec<Arc<Ring<K>>>,
+    pub(crate) subscribers: Vec<RingWriter<K>>,
+    /// Events waiting to be sent to the other nodes (with a transport).
+    pub(crate) outbound: Option<RingWriter<K>>,
 }
 
 /// The state a stream's handles, listener and subscriptions share.
@@ -623,18 +635,18 @@ where
     fn deliver(&self, p: u32, event: &CacheEntryEvent<K>, target: impl FnOnce() -> Target<K>) {
         let Some(part) = self.parts.get(p as usize) else { return };
         let kind = event.kind;
-        let outbound = self.cluster.as_ref().and_then(|c| c.outbound.get(p as usize));
         let keep = self.reporter.wants_events();
         let (kept, local, outbound_full, subscribers_full) = {
             let mut state = part.state.lock();
+            let state = &mut *state;
             let wanting =
                 if self.broadcast_from { 0 } else { state.subscribers.iter().filter(|r| r.wants_local(kind)).count() };
-            let receivers = wanting + usize::from(outbound.is_some());
+            let receivers = wanting + usize::from(state.outbound.is_some());
             if receivers == 0 {
                 return;
             }
             state.seq += 1;
-            let routed = Arc::new(CacheEntryEvent {
+            let routed = CacheEntryEvent {
                 cache: event.cache,
                 kind,
                 target: target(),
@@ -648,28 +660,43 @@ where
                     seq: state.seq,
                     timestamp: event.metadata.timestamp,
                 },
-            });
-            let kept = keep.then(|| routed.clone());
-            // The last receiver takes the event itself: once handed over, the
-            // writer touches it no more (its reader may already be freeing it).
-            let mut routed = Some(routed);
-            let mut hand = |ring: &Ring<K>, left: &mut usize| {
+            };
+            // A sole receiver takes the event itself (its reader allocates the
+            // `Arc`); several share one. The last one takes the writer's
+            // reference: once handed over, the writer touches it no more.
+            let (mut owned, mut shared, kept) = if receivers == 1 && !keep {
+                (Some(routed), None, None)
+            } else {
+                let routed = Arc::new(routed);
+                (None, Some(routed.clone()), keep.then_some(routed))
+            };
+            let mut hand = |ring: &mut RingWriter<K>, left: &mut usize| {
                 *left -= 1;
-                let event = if *left == 0 { routed.take() } else { routed.clone() };
+                let event = match owned.take() {
+                    Some(event) => Some(Handed::Owned(event)),
+                    None if *left == 0 => shared.take().map(Handed::Shared),
+                    None => shared.clone().map(Handed::Shared),
+                };
                 event.is_some_and(|e| ring.push(e))
             };
             let mut left = receivers;
-            let outbound_full = outbound.is_some_and(|o| !hand(o, &mut left));
+            let outbound_full = match state.outbound.as_mut() {
+                Some(o) => (!hand(o, &mut left)).then(|| o.capacity()),
+                None => None,
+            };
             let subscribers_full = if wanting > 0 {
-                state.subscribers.iter().filter(|r| r.wants_local(kind)).filter(|r| !hand(r, &mut left)).count()
+                let mut full = 0;
+                for r in state.subscribers.iter_mut().filter(|r| r.wants_local(kind)) {
+                    full += usize::from(!hand(r, &mut left));
+                }
+                full
             } else {
                 0
             };
             (kept, wanting > 0, outbound_full, subscribers_full)
         };
-        if let Some(outbound) = outbound.filter(|_| outbound_full) {
-            let reason =
-                BroadcastError::Transport(format!("outbound buffer of {} events is full", outbound.capacity()));
+        if let Some(capacity) = outbound_full {
+            let reason = BroadcastError::Transport(format!("outbound buffer of {capacity} events is full"));
             self.reporter.broadcast_error(part.topic, kept.as_ref(), reason);
         }
         if !local {
@@ -716,24 +743,24 @@ where
         mask: u8,
         scope: EventScope,
     ) -> Result<Subscription<K>, Error> {
-        let ring = Arc::new(Ring::new(self.buffer, mask, scope));
+        let (writer, reader) = ring(self.buffer, mask, scope);
         {
             let _serial = self.subscribers_lock.lock();
             if self.stopped.load(Ordering::Acquire) {
                 return Err(Error::StreamNotStarted);
             }
-            self.parts[partition as usize].state.lock().subscribers.push(ring.clone());
+            self.parts[partition as usize].state.lock().subscribers.push(writer);
             self.refresh_filter();
         }
-        Ok(Subscription::new(ring, partition, self.clone()))
+        Ok(Subscription::new(reader, partition, self.clone()))
     }
 }
 
 impl<K> StreamShared<K> {
-    pub(crate) fn unsubscribe(&self, partition: u32, ring: &Arc<Ring<K>>) {
+    pub(crate) fn unsubscribe(&self, partition: u32, ring: &RingReader<K>) {
         let _serial = self.subscribers_lock.lock();
         if let Some(part) = self.parts.get(partition as usize) {
-            part.state.lock().subscribers.retain(|r| !Arc::ptr_eq(r, ring));
+            part.state.lock().subscribers.retain(|w| !w.feeds(ring));
         }
         self.refresh_filter();
     }

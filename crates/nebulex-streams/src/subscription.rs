@@ -21,9 +21,9 @@ use std::sync::atomic::{fence, AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use crossbeam_queue::ArrayQueue;
 use futures::task::AtomicWaker;
 use nebulex::{CacheEntryEvent, EventType};
+use sync_wrapper::SyncWrapper;
 
 use crate::streams::StreamShared;
 
@@ -210,37 +210,91 @@ fn lagged(missed: u64) -> Lagged {
 /// One buffered event, with the count of events dropped just before it.
 struct Slot<K> {
     missed_before: u64,
-    event: Arc<CacheEntryEvent<K>>,
+    event: Handed<K>,
 }
 
-/// The buffer between the writers and one subscriber.
-pub(crate) struct Ring<K> {
-    queue: ArrayQueue<Slot<K>>,
+/// An event as a writer hands it to one buffer.
+pub(crate) enum Handed<K> {
+    /// Its only receiver: the reader allocates the `Arc` on its own thread,
+    /// so the writer neither allocates it nor gets the memory back from
+    /// another core, and the event crosses cores once, in the buffer.
+    Owned(CacheEntryEvent<K>),
+    /// One of several receivers share it.
+    Shared(Arc<CacheEntryEvent<K>>),
+}
+
+impl<K> Handed<K> {
+    fn into_arc(self) -> Arc<CacheEntryEvent<K>> {
+        match self {
+            Handed::Owned(event) => Arc::new(event),
+            Handed::Shared(event) => event,
+        }
+    }
+}
+
+/// What the two halves of a buffer share.
+struct RingState {
     /// Events dropped since the last slot that reported them.
     missed: AtomicU64,
-    /// The event types this subscriber wants.
-    pub(crate) mask: u8,
-    /// Whose events it wants.
-    pub(crate) scope: EventScope,
     waker: AtomicWaker,
-    /// The subscriber is (about to be) parked waiting for an event.
+    /// The reader is (about to be) parked waiting for an event.
     sleeping: AtomicBool,
     closed: AtomicBool,
 }
 
-impl<K> Ring<K> {
-    pub(crate) fn new(capacity: usize, mask: u8, scope: EventScope) -> Self {
-        Ring {
-            queue: ArrayQueue::new(capacity),
-            missed: AtomicU64::new(0),
-            mask,
-            scope,
-            waker: AtomicWaker::new(),
-            sleeping: AtomicBool::new(false),
-            closed: AtomicBool::new(false),
+impl RingState {
+    fn add_missed(&self, missed: u64) {
+        if missed == 0 {
+            return;
         }
+        let _ = self.missed.fetch_update(Ordering::AcqRel, Ordering::Acquire, |m| {
+            let unknown = (m | missed) & UNKNOWN;
+            Some(unknown | ((m & !UNKNOWN).saturating_add(missed & !UNKNOWN) & !UNKNOWN))
+        });
     }
 
+    /// Wakes the reader if it is waiting.
+    #[inline]
+    fn wake(&self) {
+        // Pairs with the fence in `poll_recv`: either the reader sees what
+        // was just pushed, or this sees it sleeping.
+        fence(Ordering::SeqCst);
+        if self.sleeping.load(Ordering::Relaxed) && self.sleeping.swap(false, Ordering::AcqRel) {
+            self.waker.wake();
+        }
+    }
+}
+
+/// A bounded buffer between the writers and one reader: its two halves.
+///
+/// The writers' half lives in its partition's state and is used under that
+/// partition's lock, so it has one writer at a time: a single-producer ring
+/// (no compare-and-swap per event, and the reader never writes the lines the
+/// writer fills). The reader's half is owned by one subscription (or by the
+/// cluster's sender).
+pub(crate) fn ring<K>(capacity: usize, mask: u8, scope: EventScope) -> (RingWriter<K>, RingReader<K>) {
+    let (producer, consumer) = rtrb::RingBuffer::new(capacity);
+    let state = Arc::new(RingState {
+        missed: AtomicU64::new(0),
+        waker: AtomicWaker::new(),
+        sleeping: AtomicBool::new(false),
+        closed: AtomicBool::new(false),
+    });
+    let writer = RingWriter { producer, state: state.clone(), mask, scope };
+    (writer, RingReader { consumer: SyncWrapper::new(consumer), state, stash: None })
+}
+
+/// The writers' half of a buffer.
+pub(crate) struct RingWriter<K> {
+    producer: rtrb::Producer<Slot<K>>,
+    state: Arc<RingState>,
+    /// The event types its reader wants.
+    pub(crate) mask: u8,
+    /// Whose events it wants.
+    pub(crate) scope: EventScope,
+}
+
+impl<K> RingWriter<K> {
     /// Whether it wants this node's own events of this type.
     #[inline]
     pub(crate) fn wants_local(&self, kind: EventType) -> bool {
@@ -254,82 +308,86 @@ impl<K> Ring<K> {
     }
 
     pub(crate) fn capacity(&self) -> usize {
-        self.queue.capacity()
+        self.producer.buffer().capacity()
+    }
+
+    /// Whether this is the writers' half of `reader`'s buffer.
+    pub(crate) fn feeds(&self, reader: &RingReader<K>) -> bool {
+        Arc::ptr_eq(&self.state, &reader.state)
     }
 
     /// Whether nothing is waiting: no event, no loss to report.
     pub(crate) fn is_empty(&self) -> bool {
-        self.queue.is_empty() && self.missed.load(Ordering::Acquire) == 0
+        self.producer.slots() == self.capacity() && self.state.missed.load(Ordering::Acquire) == 0
     }
 
     /// Offers an event; returns `false` if the buffer was full (the event is
     /// then counted as missed).
     #[inline]
-    pub(crate) fn push(&self, event: Arc<CacheEntryEvent<K>>) -> bool {
-        let missed_before =
-            if self.missed.load(Ordering::Relaxed) == 0 { 0 } else { self.missed.swap(0, Ordering::AcqRel) };
-        match self.queue.push(Slot { missed_before, event }) {
-            Ok(()) => {
-                self.wake();
-                true
-            }
-            Err(_) => {
-                self.add_missed(missed_before);
-                self.add_missed(1);
-                self.wake();
+    pub(crate) fn push(&mut self, event: Handed<K>) -> bool {
+        let missed = &self.state.missed;
+        let missed_before = if missed.load(Ordering::Relaxed) == 0 { 0 } else { missed.swap(0, Ordering::AcqRel) };
+        let pushed = match self.producer.push(Slot { missed_before, event }) {
+            Ok(()) => true,
+            Err(rtrb::PushError::Full(slot)) => {
+                self.state.add_missed(slot.missed_before);
+                self.state.add_missed(1);
                 false
             }
-        }
+        };
+        self.state.wake();
+        pushed
     }
 
     /// Records `missed` events lost before anything pushed from now on
-    /// (`0`: an unknown number), and wakes the subscriber to learn it.
+    /// (`0`: an unknown number), and wakes the reader to learn it.
     pub(crate) fn push_lost(&self, missed: u64) {
-        self.add_missed(if missed == 0 { UNKNOWN } else { missed });
-        self.wake();
+        self.state.add_missed(if missed == 0 { UNKNOWN } else { missed });
+        self.state.wake();
     }
 
-    fn add_missed(&self, missed: u64) {
-        if missed == 0 {
-            return;
-        }
-        let _ = self.missed.fetch_update(Ordering::AcqRel, Ordering::Acquire, |m| {
-            let unknown = (m | missed) & UNKNOWN;
-            Some(unknown | ((m & !UNKNOWN).saturating_add(missed & !UNKNOWN) & !UNKNOWN))
-        });
-    }
-
-    /// Wakes the subscriber if it is waiting.
-    #[inline]
-    fn wake(&self) {
-        // Pairs with the fence in `poll_recv`: either the subscriber sees what
-        // was just pushed, or this sees it sleeping.
-        fence(Ordering::SeqCst);
-        if self.sleeping.load(Ordering::Relaxed) && self.sleeping.swap(false, Ordering::AcqRel) {
-            self.waker.wake();
-        }
-    }
-
+    /// Ends the reader once it has read what is buffered.
     pub(crate) fn close(&self) {
-        self.closed.store(true, Ordering::Release);
-        self.sleeping.store(false, Ordering::Release);
-        self.waker.wake();
+        self.state.closed.store(true, Ordering::Release);
+        self.state.sleeping.store(false, Ordering::Release);
+        self.state.waker.wake();
+    }
+}
+
+/// The reader's half of a buffer.
+pub(crate) struct RingReader<K> {
+    /// Only ever used through `&mut self`, so sharing the reader is safe.
+    consumer: SyncWrapper<rtrb::Consumer<Slot<K>>>,
+    state: Arc<RingState>,
+    /// An event that arrived right after a `Lagged` notice, for the next call.
+    stash: Option<Arc<CacheEntryEvent<K>>>,
+}
+
+impl<K> RingReader<K> {
+    /// Whether the writers closed it (it may still hold events).
+    pub(crate) fn is_closed(&self) -> bool {
+        self.state.closed.load(Ordering::Acquire)
+    }
+
+    /// Whether an event is set aside for the next read.
+    pub(crate) fn has_stash(&self) -> bool {
+        self.stash.is_some()
     }
 
     /// The next item, if there is one: a pending `Lagged` first.
-    pub(crate) fn try_next(&self, stash: &mut Option<Arc<CacheEntryEvent<K>>>) -> Option<Item<K>> {
-        if let Some(event) = stash.take() {
+    pub(crate) fn try_next(&mut self) -> Option<Item<K>> {
+        if let Some(event) = self.stash.take() {
             return Some(Ok(event));
         }
-        if let Some(slot) = self.queue.pop() {
+        if let Ok(slot) = self.consumer.get_mut().pop() {
             if slot.missed_before > 0 {
-                *stash = Some(slot.event);
+                self.stash = Some(slot.event.into_arc());
                 return Some(Err(lagged(slot.missed_before)));
             }
-            return Some(Ok(slot.event));
+            return Some(Ok(slot.event.into_arc()));
         }
-        if self.missed.load(Ordering::Relaxed) != 0 {
-            let missed = self.missed.swap(0, Ordering::AcqRel);
+        if self.state.missed.load(Ordering::Relaxed) != 0 {
+            let missed = self.state.missed.swap(0, Ordering::AcqRel);
             if missed > 0 {
                 return Some(Err(lagged(missed)));
             }
@@ -337,24 +395,20 @@ impl<K> Ring<K> {
         None
     }
 
-    pub(crate) fn poll_recv(
-        &self,
-        stash: &mut Option<Arc<CacheEntryEvent<K>>>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Item<K>>> {
-        if let Some(item) = self.try_next(stash) {
+    pub(crate) fn poll_recv(&mut self, cx: &mut Context<'_>) -> Poll<Option<Item<K>>> {
+        if let Some(item) = self.try_next() {
             return Poll::Ready(Some(item));
         }
-        self.waker.register(cx.waker());
-        self.sleeping.store(true, Ordering::SeqCst);
+        self.state.waker.register(cx.waker());
+        self.state.sleeping.store(true, Ordering::SeqCst);
         fence(Ordering::SeqCst);
-        if let Some(item) = self.try_next(stash) {
-            self.sleeping.store(false, Ordering::Relaxed);
+        if let Some(item) = self.try_next() {
+            self.state.sleeping.store(false, Ordering::Relaxed);
             return Poll::Ready(Some(item));
         }
-        if self.closed.load(Ordering::Acquire) {
+        if self.is_closed() {
             // Writers may have raced the close: drain before ending.
-            return Poll::Ready(self.try_next(stash));
+            return Poll::Ready(self.try_next());
         }
         Poll::Pending
     }
@@ -388,16 +442,14 @@ impl<K> Ring<K> {
 /// # }).unwrap();
 /// ```
 pub struct Subscription<K> {
-    ring: Arc<Ring<K>>,
+    ring: RingReader<K>,
     partition: u32,
-    /// An event that arrived right after a `Lagged` notice, for the next call.
-    stash: Option<Arc<CacheEntryEvent<K>>>,
     stream: Arc<StreamShared<K>>,
 }
 
 impl<K> Subscription<K> {
-    pub(crate) fn new(ring: Arc<Ring<K>>, partition: u32, stream: Arc<StreamShared<K>>) -> Self {
-        Subscription { ring, partition, stash: None, stream }
+    pub(crate) fn new(ring: RingReader<K>, partition: u32, stream: Arc<StreamShared<K>>) -> Self {
+        Subscription { ring, partition, stream }
     }
 
     /// The partition this subscription reads (0 for an unpartitioned stream).
@@ -421,10 +473,10 @@ impl<K> Subscription<K> {
     /// waiting for this core), a few times, before it sleeps.
     pub fn recv_blocking(&mut self) -> Option<Item<K>> {
         for round in 0..=SPIN_ROUNDS {
-            if let Some(item) = self.ring.try_next(&mut self.stash) {
+            if let Some(item) = self.ring.try_next() {
                 return Some(self.report(item));
             }
-            if self.ring.closed.load(Ordering::Acquire) || round == SPIN_ROUNDS {
+            if self.ring.is_closed() || round == SPIN_ROUNDS {
                 break;
             }
             // Pause, then let a writer waiting for this core run.
@@ -436,9 +488,9 @@ impl<K> Subscription<K> {
 
     /// The next event if one is waiting.
     pub fn try_recv(&mut self) -> Result<Arc<CacheEntryEvent<K>>, TryRecvError> {
-        match self.ring.try_next(&mut self.stash) {
+        match self.ring.try_next() {
             Some(item) => self.report(item).map_err(|Lagged(n)| TryRecvError::Lagged(n)),
-            None if self.ring.closed.load(Ordering::Acquire) => match self.ring.try_next(&mut self.stash) {
+            None if self.ring.is_closed() => match self.ring.try_next() {
                 Some(item) => self.report(item).map_err(|Lagged(n)| TryRecvError::Lagged(n)),
                 None => Err(TryRecvError::Closed),
             },
@@ -447,7 +499,7 @@ impl<K> Subscription<K> {
     }
 
     fn poll_item(&mut self, cx: &mut Context<'_>) -> Poll<Option<Item<K>>> {
-        match self.ring.poll_recv(&mut self.stash, cx) {
+        match self.ring.poll_recv(cx) {
             Poll::Ready(Some(item)) => Poll::Ready(Some(self.report(item))),
             other => other,
         }
@@ -482,7 +534,6 @@ impl<K> fmt::Debug for Subscription<K> {
         f.debug_struct("Subscription")
             .field("cache", &self.stream.reporter.cache)
             .field("partition", &self.partition)
-            .field("buffered", &self.ring.queue.len())
             .finish_non_exhaustive()
     }
 }

@@ -297,10 +297,12 @@ async fn concurrent_burst_with_lost_frames_is_accounted_exactly() {
         assert!(tally.events.iter().all(|e| e.metadata.node == NodeId(1)));
         lost += tally.lost();
     }
-    assert_eq!(memory.frames_dropped(), 5);
+    // A starved sender may publish fewer than 5 event frames to lose.
+    let dropped = memory.frames_dropped();
+    assert!((1..=5).contains(&dropped), "{dropped} frames dropped");
     assert_eq!(lost, sent.outbound_full.load(Ordering::SeqCst) + lost_in_frames.load(Ordering::SeqCst));
     eprintln!(
-        "of {WRITES}: {} dropped by the outbound buffer, {} in 5 lost frames",
+        "of {WRITES}: {} dropped by the outbound buffer, {} in {dropped} lost frames",
         sent.outbound_full.load(Ordering::SeqCst),
         lost_in_frames.load(Ordering::SeqCst)
     );

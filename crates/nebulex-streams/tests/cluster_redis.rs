@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 
 use nebulex::{EventType, NodeId, Target};
 use nebulex_streams::wire::{encode, FrameHeader};
-use nebulex_streams::{partition_of, PubSub, Streams, StreamsExt, SubscribeOptions, Telemetry};
+use nebulex_streams::{partition_of, PubSub, Streams, StreamsExt, SubscribeOptions, Telemetry, TryRecvError};
 use nebulex_testkit::RedisServer;
 use support::*;
 
@@ -42,9 +42,20 @@ async fn three_nodes_exchange_events_in_per_key_order() {
         // Per origin and key: the versions seen, in arrival order.
         let mut versions: HashMap<(NodeId, String), Vec<u64>> = HashMap::new();
         let mut count = 0;
+        let deadline = std::time::Instant::now() + PATIENCE;
         while count < writes_per_node * 3 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "node {receiver} got {count} of {} events in time",
+                writes_per_node * 3
+            );
             for sub in node_subs.iter_mut() {
-                while let Ok(e) = sub.try_recv() {
+                loop {
+                    let e = match sub.try_recv() {
+                        Ok(e) => e,
+                        Err(TryRecvError::Lagged(n)) => panic!("node {receiver} lagged by {n} after {count} events"),
+                        Err(TryRecvError::Empty | TryRecvError::Closed) => break,
+                    };
                     let Target::Key(k) = &e.target else { panic!("single-key events only") };
                     assert_eq!(partition_of(k, 2), sub.partition(), "key routed to its partition");
                     versions.entry((e.metadata.node, k.clone())).or_default().push(e.version);

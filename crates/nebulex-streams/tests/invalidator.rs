@@ -72,7 +72,9 @@ async fn remote_scope_ignores_own_writes_and_removes_other_nodes_changes() {
     eventually("B saw A's insert", || invalidations(&rb) == 1).await;
     assert_eq!(a.get("user:1"), Some(1), "A keeps its own write");
     b.put("user:1".into(), 2);
-    eventually("A invalidated user:1", || !a.contains_key("user:1")).await;
+    // Reported after the removal: wait on the report, then check the cache.
+    eventually("A applied B's write", || invalidations(&ra) == 1).await;
+    assert!(!a.contains_key("user:1"), "A invalidated user:1");
     assert_eq!(b.get("user:1"), Some(2), "B keeps its own write");
     assert_eq!(invalidations(&ra), 1, "A acted on B's write only");
     assert_eq!(invalidations(&rb), 1, "B acted on A's write only");
@@ -85,7 +87,8 @@ async fn local_scope_acts_only_on_own_writes_and_all_on_both() {
     let (b, _sb, _ib, rb) = node_with_invalidator(2, &bus, 1, EventScope::All, DisconnectPolicy::Flush).await;
 
     a.put("k".into(), 1); // Local scope: A removes its own write.
-    eventually("A removed its own write", || !a.contains_key("k")).await;
+    eventually("A counted its own write", || invalidations(&ra) == 1).await;
+    assert!(!a.contains_key("k"), "A removed its own write");
     eventually("B (All) saw A's write", || invalidations(&rb) == 1).await;
     b.put("mine".into(), 1); // All scope: B removes its own write too.
     eventually("B removed its own write", || !b.contains_key("mine")).await;
@@ -186,8 +189,11 @@ async fn a_lost_last_frame_is_revealed_by_the_next_heartbeat() {
     b.put("cached".into(), 1);
     memory.drop_frames_where(1, from_with_events(NodeId(1)));
     a.put("cached".into(), 2); // lost, and A writes nothing after it
-    eventually("B flushed after A's heartbeat", || !b.contains_key("cached")).await;
-    assert!(rb.lock().unwrap().iter().any(|e| matches!(e, InvalidatorEvent::Resync { .. })));
+    eventually("B resynced after A's heartbeat", || {
+        rb.lock().unwrap().iter().any(|e| matches!(e, InvalidatorEvent::Resync { .. }))
+    })
+    .await;
+    assert!(!b.contains_key("cached"), "B flushed after A's heartbeat");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -103,7 +103,7 @@ fn failing_load_round() -> usize {
     wait_until("all waiters called", || arrived.load(Ordering::SeqCst) == THREADS - 1);
     // The counter says every waiter is about to call; give them a moment to
     // park on the load (a late one is told apart below, not a failure).
-    thread::sleep(Duration::from_millis(50));
+    thread::sleep(Duration::from_millis(200));
     release_tx.send(()).unwrap();
 
     let first = loader.join().unwrap().unwrap_err();
