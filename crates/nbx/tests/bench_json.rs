@@ -29,6 +29,9 @@ const LOCAL: &[&str] = &[
     "memory_vs_moka",
     "stream_latency_p50_us",
     "stream_latency_p99_us",
+    "channel_latency_p50_us",
+    "channel_latency_p99_us",
+    "stream_latency_vs_channel_p99",
 ];
 
 /// Figures under `"cluster"`.

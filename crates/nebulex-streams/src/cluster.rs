@@ -326,13 +326,13 @@ where
             }
         }
         let now = Instant::now();
-        for p in 0..count {
+        for (p, last) in last_sent.iter_mut().enumerate() {
             if frames.iter().any(|(fp, _)| *fp == p) {
-                last_sent[p] = Some(now);
-            } else if hello || last_sent[p].is_none_or(|at| now.duration_since(at) >= heartbeat) {
-                if let Some(frame) = s.heartbeat(p, outbound[p].has_stash()) {
+                *last = Some(now);
+            } else if hello || last.is_none_or(|at| now.duration_since(at) >= heartbeat) {
+                if let Some(frame) = s.heartbeat(p) {
                     frames.push(frame);
-                    last_sent[p] = Some(now);
+                    *last = Some(now);
                 }
             }
         }
@@ -398,13 +398,13 @@ impl<K> StreamShared<K> {
 
     /// An empty frame carrying the next sequence number of an idle partition
     /// (none if events are waiting to be sent: their frame will tell).
-    fn heartbeat(&self, p: usize, stashed: bool) -> Option<(usize, Arc<[u8]>)> {
+    fn heartbeat(&self, p: usize) -> Option<(usize, Arc<[u8]>)> {
         let part = self.parts.get(p)?;
         let next = {
             // Writers number and enqueue under this lock: with the buffer
             // empty, every number up to `seq` was sent (or dropped).
             let state = part.state.lock();
-            if stashed || !state.outbound.as_ref()?.is_empty() {
+            if !state.outbound.as_ref()?.is_empty() {
                 return None;
             }
             state.seq + 1

@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use nebulex::{Cache, CacheEntryEvent, CacheName, EventFilter, EventMetadata, Name, NodeId, Target, WeakCache};
+use nebulex::{Cache, CacheEntryEvent, CacheName, EventFilter, Name, NodeId, Target, WeakCache};
 use parking_lot::Mutex;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -15,7 +15,9 @@ use crate::cluster::{self, Cluster, ClusterOptions, Transport};
 use crate::error::Error;
 use crate::pubsub::{Backoff, PubSub};
 use crate::router::{partition_of, Route};
-use crate::subscription::{ring, EventScope, Handed, RingReader, RingWriter, SubscribeOptions, Subscription};
+use crate::subscription::{
+    ring, unix_nanos, EventScope, Handed, Origin, RingReader, RingWriter, Routed, SubscribeOptions, Subscription,
+};
 use crate::telemetry::{BroadcastError, ObserverFn, Reporter, Telemetry};
 
 /// The default per-subscriber buffer, in events.
@@ -234,18 +236,20 @@ where
             crate::pubsub::runtime()?;
         }
         // With a transport, each partition also feeds the cluster's sender.
-        let (parts, outbound): (Vec<_>, Vec<_>) = topics
-            .iter()
-            .map(|topic| {
+        let (parts, outbound): (Vec<_>, Vec<_>) = (0..)
+            .zip(&topics)
+            .map(|(p, topic)| {
+                let topic = Name::new(topic);
                 let (writer, reader) = match self.transport {
                     Some(_) => {
-                        let (writer, reader) = ring(self.cluster.outbound_buffer, u8::MAX, EventScope::Local);
+                        let origin = Origin::new(cache_name, self.cache.node_id(), self.partitions, p, topic);
+                        let (writer, reader) = ring(self.cluster.outbound_buffer, u8::MAX, EventScope::Local, origin);
                         (Some(writer), Some(reader))
                     }
                     None => (None, None),
                 };
                 let state = PartitionState { seq: 0, subscribers: Vec::new(), outbound: writer };
-                (Partition { topic: Name::new(topic), state: Mutex::new(state) }, reader)
+                (Partition { topic, state: Mutex::new(state) }, reader)
             })
             .unzip();
         let prefix = prefix.to_string();
@@ -646,28 +650,21 @@ where
                 return;
             }
             state.seq += 1;
-            let routed = CacheEntryEvent {
-                cache: event.cache,
+            let routed = Routed {
                 kind,
-                target: target(),
                 command: event.command,
+                target: target(),
                 version: event.version,
-                metadata: EventMetadata {
-                    node: event.metadata.node,
-                    partition: self.partitions.map(|_| p),
-                    partitions: self.partitions,
-                    topic: Some(part.topic),
-                    seq: state.seq,
-                    timestamp: event.metadata.timestamp,
-                },
+                seq: state.seq,
+                timestamp: unix_nanos(event.metadata.timestamp),
             };
-            // A sole receiver takes the event itself (its reader allocates the
-            // `Arc`); several share one. The last one takes the writer's
+            // A sole receiver takes only what varies (its reader rebuilds the
+            // event); several share one. The last one takes the writer's
             // reference: once handed over, the writer touches it no more.
             let (mut owned, mut shared, kept) = if receivers == 1 && !keep {
                 (Some(routed), None, None)
             } else {
-                let routed = Arc::new(routed);
+                let routed = Arc::new(routed.into_event(&self.origin(p, part)));
                 (None, Some(routed.clone()), keep.then_some(routed))
             };
             let mut hand = |ring: &mut RingWriter<K>, left: &mut usize| {
@@ -719,6 +716,11 @@ where
         self.reporter.broadcast_error(topic, Some(&Arc::new(event.clone())), reason);
     }
 
+    /// What every event of partition `p` has in common.
+    fn origin(&self, p: u32, part: &Partition<K>) -> Origin {
+        Origin::new(self.reporter.cache, self.node, self.partitions, p, part.topic)
+    }
+
     fn subscribe(self: &Arc<Self>, options: SubscribeOptions) -> Result<Subscription<K>, Error> {
         let mask = match options.events {
             Some(0) => return Err(Error::EmptyEventFilter),
@@ -743,7 +745,8 @@ where
         mask: u8,
         scope: EventScope,
     ) -> Result<Subscription<K>, Error> {
-        let (writer, reader) = ring(self.buffer, mask, scope);
+        let origin = self.origin(partition, &self.parts[partition as usize]);
+        let (writer, reader) = ring(self.buffer, mask, scope, origin);
         {
             let _serial = self.subscribers_lock.lock();
             if self.stopped.load(Ordering::Acquire) {

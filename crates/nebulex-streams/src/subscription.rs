@@ -20,9 +20,11 @@ use std::pin::Pin;
 use std::sync::atomic::{fence, AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
+use std::time::{Duration, SystemTime};
 
 use futures::task::AtomicWaker;
-use nebulex::{CacheEntryEvent, EventType};
+
+use nebulex::{CacheEntryEvent, Command, EventMetadata, EventType, Name, NodeId, Target};
 use sync_wrapper::SyncWrapper;
 
 use crate::streams::StreamShared;
@@ -207,26 +209,86 @@ fn lagged(missed: u64) -> Lagged {
     Lagged(if missed & UNKNOWN != 0 { 0 } else { missed })
 }
 
-/// One buffered event, with the count of events dropped just before it.
-struct Slot<K> {
-    missed_before: u64,
-    event: Handed<K>,
+/// One slot of a buffer: an event, or how many were dropped before the
+/// next one (it then takes a slot of its own, which keeps event slots small:
+/// one cache line for a `u64` key).
+enum Slot<K> {
+    Event(Handed<K>),
+    Lost(u64),
 }
 
 /// An event as a writer hands it to one buffer.
 pub(crate) enum Handed<K> {
-    /// Its only receiver: the reader allocates the `Arc` on its own thread,
-    /// so the writer neither allocates it nor gets the memory back from
-    /// another core, and the event crosses cores once, in the buffer.
-    Owned(CacheEntryEvent<K>),
-    /// One of several receivers share it.
+    /// Its sole receiver gets only what varies from one event to the next:
+    /// the reader rebuilds the event and allocates its `Arc` on its own
+    /// thread, so the writer neither allocates nor gets memory back from
+    /// another core, and the event crosses cores once, in a compact slot.
+    Owned(Routed<K>),
+    /// Several receivers share one.
     Shared(Arc<CacheEntryEvent<K>>),
 }
 
+/// What every event of one partition of one stream, written on this node,
+/// has in common.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Origin {
+    pub(crate) cache: Name,
+    pub(crate) node: NodeId,
+    pub(crate) partition: Option<u32>,
+    pub(crate) partitions: Option<u32>,
+    pub(crate) topic: Name,
+}
+
+impl Origin {
+    /// Partition `p` of the stream of `cache` on `node` (`partitions`: `None`
+    /// when the stream is not partitioned).
+    pub(crate) fn new(cache: Name, node: NodeId, partitions: Option<u32>, p: u32, topic: Name) -> Self {
+        Origin { cache, node, partition: partitions.map(|_| p), partitions, topic }
+    }
+}
+
+/// What varies from one routed event of this node to the next.
+pub(crate) struct Routed<K> {
+    pub(crate) kind: EventType,
+    pub(crate) command: Command,
+    pub(crate) target: Target<K>,
+    pub(crate) version: u64,
+    pub(crate) seq: u64,
+    /// Nanoseconds since the Unix epoch.
+    pub(crate) timestamp: u64,
+}
+
+/// `t` in nanoseconds since the Unix epoch (0 before it, `u64::MAX` after
+/// the year 2554).
+pub(crate) fn unix_nanos(t: SystemTime) -> u64 {
+    t.duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
+}
+
+impl<K> Routed<K> {
+    /// The whole event, as subscribers see it.
+    pub(crate) fn into_event(self, origin: &Origin) -> CacheEntryEvent<K> {
+        CacheEntryEvent {
+            cache: origin.cache,
+            kind: self.kind,
+            target: self.target,
+            command: self.command,
+            version: self.version,
+            metadata: EventMetadata {
+                node: origin.node,
+                partition: origin.partition,
+                partitions: origin.partitions,
+                topic: Some(origin.topic),
+                seq: self.seq,
+                timestamp: SystemTime::UNIX_EPOCH + Duration::from_nanos(self.timestamp),
+            },
+        }
+    }
+}
+
 impl<K> Handed<K> {
-    fn into_arc(self) -> Arc<CacheEntryEvent<K>> {
+    fn into_arc(self, origin: &Origin) -> Arc<CacheEntryEvent<K>> {
         match self {
-            Handed::Owned(event) => Arc::new(event),
+            Handed::Owned(routed) => Arc::new(routed.into_event(origin)),
             Handed::Shared(event) => event,
         }
     }
@@ -272,7 +334,7 @@ impl RingState {
 /// (no compare-and-swap per event, and the reader never writes the lines the
 /// writer fills). The reader's half is owned by one subscription (or by the
 /// cluster's sender).
-pub(crate) fn ring<K>(capacity: usize, mask: u8, scope: EventScope) -> (RingWriter<K>, RingReader<K>) {
+pub(crate) fn ring<K>(capacity: usize, mask: u8, scope: EventScope, origin: Origin) -> (RingWriter<K>, RingReader<K>) {
     let (producer, consumer) = rtrb::RingBuffer::new(capacity);
     let state = Arc::new(RingState {
         missed: AtomicU64::new(0),
@@ -281,7 +343,7 @@ pub(crate) fn ring<K>(capacity: usize, mask: u8, scope: EventScope) -> (RingWrit
         closed: AtomicBool::new(false),
     });
     let writer = RingWriter { producer, state: state.clone(), mask, scope };
-    (writer, RingReader { consumer: SyncWrapper::new(consumer), state, stash: None })
+    (writer, RingReader { consumer: SyncWrapper::new(consumer), state, origin })
 }
 
 /// The writers' half of a buffer.
@@ -326,15 +388,16 @@ impl<K> RingWriter<K> {
     #[inline]
     pub(crate) fn push(&mut self, event: Handed<K>) -> bool {
         let missed = &self.state.missed;
-        let missed_before = if missed.load(Ordering::Relaxed) == 0 { 0 } else { missed.swap(0, Ordering::AcqRel) };
-        let pushed = match self.producer.push(Slot { missed_before, event }) {
-            Ok(()) => true,
-            Err(rtrb::PushError::Full(slot)) => {
-                self.state.add_missed(slot.missed_before);
-                self.state.add_missed(1);
-                false
-            }
+        let lost = if missed.load(Ordering::Relaxed) == 0 { 0 } else { missed.swap(0, Ordering::AcqRel) };
+        let pushed = if lost != 0 && self.producer.push(Slot::Lost(lost)).is_err() {
+            self.state.add_missed(lost);
+            false
+        } else {
+            self.producer.push(Slot::Event(event)).is_ok()
         };
+        if !pushed {
+            self.state.add_missed(1);
+        }
         self.state.wake();
         pushed
     }
@@ -359,8 +422,8 @@ pub(crate) struct RingReader<K> {
     /// Only ever used through `&mut self`, so sharing the reader is safe.
     consumer: SyncWrapper<rtrb::Consumer<Slot<K>>>,
     state: Arc<RingState>,
-    /// An event that arrived right after a `Lagged` notice, for the next call.
-    stash: Option<Arc<CacheEntryEvent<K>>>,
+    /// What the events it reads have in common.
+    origin: Origin,
 }
 
 impl<K> RingReader<K> {
@@ -369,22 +432,12 @@ impl<K> RingReader<K> {
         self.state.closed.load(Ordering::Acquire)
     }
 
-    /// Whether an event is set aside for the next read.
-    pub(crate) fn has_stash(&self) -> bool {
-        self.stash.is_some()
-    }
-
-    /// The next item, if there is one: a pending `Lagged` first.
+    /// The next item, if there is one.
     pub(crate) fn try_next(&mut self) -> Option<Item<K>> {
-        if let Some(event) = self.stash.take() {
-            return Some(Ok(event));
-        }
-        if let Ok(slot) = self.consumer.get_mut().pop() {
-            if slot.missed_before > 0 {
-                self.stash = Some(slot.event.into_arc());
-                return Some(Err(lagged(slot.missed_before)));
-            }
-            return Some(Ok(slot.event.into_arc()));
+        match self.consumer.get_mut().pop() {
+            Ok(Slot::Event(event)) => return Some(Ok(event.into_arc(&self.origin))),
+            Ok(Slot::Lost(missed)) => return Some(Err(lagged(missed))),
+            Err(_) => {}
         }
         if self.state.missed.load(Ordering::Relaxed) != 0 {
             let missed = self.state.missed.swap(0, Ordering::AcqRel);
@@ -535,5 +588,22 @@ impl<K> fmt::Debug for Subscription<K> {
             .field("cache", &self.stream.reporter.cache)
             .field("partition", &self.partition)
             .finish_non_exhaustive()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_event_of_a_u64_key_takes_one_cache_line_of_its_buffer() {
+        assert!(std::mem::size_of::<Slot<u64>>() <= 64, "{} bytes", std::mem::size_of::<Slot<u64>>());
+    }
+
+    #[test]
+    fn timestamps_cross_the_buffer_to_the_nanosecond() {
+        let t = SystemTime::UNIX_EPOCH + Duration::new(1_790_000_000, 123_456_789);
+        assert_eq!(SystemTime::UNIX_EPOCH + Duration::from_nanos(unix_nanos(t)), t);
+        assert_eq!(unix_nanos(SystemTime::UNIX_EPOCH - Duration::from_secs(1)), 0);
     }
 }

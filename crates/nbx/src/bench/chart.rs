@@ -54,8 +54,8 @@ fn groups(f: &Figures) -> Vec<Group> {
         Group {
             title: "stream e2e",
             bars: vec![
-                bar("stream e2e, 1 partition", f.stream_1.events_per_sec, true),
-                bar("stream e2e, 4 partitions", f.stream_4.events_per_sec, true),
+                bar("stream e2e, 1 partition", f.stream.one.events_per_sec, true),
+                bar("stream e2e, 4 partitions", f.stream.four.events_per_sec, true),
                 bar("moka insert", t.moka_insert, false),
             ],
         },
@@ -187,7 +187,7 @@ mod tests {
     use super::super::invalidation::Invalidation;
     use super::super::listener::ListenerOverhead;
     use super::super::memory::Memory;
-    use super::super::stream::{E2e, Latency};
+    use super::super::stream::{E2e, Latency, StreamFigures};
     use super::super::throughput::Throughput;
     use super::*;
 
@@ -203,11 +203,17 @@ mod tests {
             quick: true,
             throughput: Throughput { put: 6e6, moka_insert: 7e5, quick_cache_insert: 5e6, get: 9e6, moka_get: 6e5 },
             listener: ListenerOverhead { plain: Duration::from_millis(100), streamed: Duration::from_millis(102) },
-            stream_1: E2e { events_per_sec: 2e6, lagged: 0 },
-            stream_4: E2e { events_per_sec: 2.1e6, lagged: 0 },
+            stream: StreamFigures {
+                one: E2e { events_per_sec: 2e6, lagged: 0 },
+                four: E2e { events_per_sec: 2.1e6, lagged: 0 },
+                moka_insert: 7e5,
+                vs_moka: 2.9,
+                four_vs_one: 1.05,
+            },
             hit_ratio: HitRatio { ours: 0.6, moka: 0.63 },
             memory: Memory { ours: 86.0, moka: 241.0 },
             latency: latency(),
+            channel_latency: latency(),
             cluster: ClusterFigures {
                 events: 1_000,
                 redis: cluster.then(transport),

@@ -69,8 +69,9 @@ pub(crate) struct Config {
     /// Windows the cluster latency figures are split into, ours and the raw
     /// client's interleaved; the median window is kept.
     pub(crate) latency_windows: usize,
-    /// Per-subscriber buffer of the stream figures: larger than `keys`, so
-    /// a subscriber never lags.
+    /// Per-subscriber buffer of the stream figures: 4 times the default,
+    /// tens of milliseconds of events, so a subscriber that keeps up does not
+    /// lag even when descheduled for a while; any lag is reported.
     pub(crate) stream_buffer: usize,
     /// Events (and raw messages, and invalidated keys) of each cluster
     /// throughput figure.
@@ -86,11 +87,11 @@ impl Config {
             lookups: if quick { 250_000 } else { 1_000_000 },
             reps: if quick { 3 } else { 5 },
             listener_rounds: if quick { 5 } else { 11 },
-            e2e_reps: if quick { 3 } else { 5 },
+            e2e_reps: if quick { 5 } else { 9 },
             zipf_accesses: if quick { 1_000_000 } else { 2_000_000 },
             latency_duration: if quick { Duration::from_millis(1_500) } else { Duration::from_secs(5) },
             latency_windows: 5,
-            stream_buffer: 1 << 20,
+            stream_buffer: 4 * nebulex_streams::DEFAULT_BUFFER,
             cluster_events: if quick { 200_000 } else { 1_000_000 },
         }
     }
@@ -111,17 +112,26 @@ pub(crate) fn run(args: &BenchArgs) -> BenchResult<()> {
     let memory = quiet_step("memory", || memory::measure(&config, &keys))?;
     let throughput = step("put/get throughput", || throughput::measure(&config, &keys))?;
     let listener = step("listener overhead", || listener::measure(&config, &keys))?;
-    let stream_1 = step("stream e2e, 1 partition", || stream::e2e(&config, &keys, 1))?;
-    let stream_4 = step("stream e2e, 4 partitions", || stream::e2e(&config, &keys, 4))?;
+    let stream = step("stream e2e: moka, 1 partition, 4 partitions", || stream::measure(&config, &keys))?;
     drop(keys);
     let hit_ratio = step("hit ratio", || hit_ratio::measure(&config))?;
     let latency = step("stream latency", || stream::latency(&config))?;
+    let channel_latency = step("tokio channel latency", || stream::channel_latency(&config))?;
     // After the local figures: servers and network threads would disturb them.
     let cluster = cluster::measure(&config)?;
     eprintln!("nbx bench: done in {:.1} s", started.elapsed().as_secs_f64());
 
-    let figures =
-        Figures { quick: config.quick, throughput, listener, stream_1, stream_4, hit_ratio, memory, latency, cluster };
+    let figures = Figures {
+        quick: config.quick,
+        throughput,
+        listener,
+        stream,
+        hit_ratio,
+        memory,
+        latency,
+        channel_latency,
+        cluster,
+    };
     if let Some(path) = &args.svg {
         std::fs::write(path, chart::svg(&figures)?).map_err(|e| format!("cannot write {}: {e}", path.display()))?;
         eprintln!("nbx bench: chart written to {}", path.display());

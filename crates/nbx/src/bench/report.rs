@@ -10,7 +10,7 @@ use super::cluster::{ClusterFigures, TransportFigures};
 use super::hit_ratio::HitRatio;
 use super::listener::ListenerOverhead;
 use super::memory::Memory;
-use super::stream::{E2e, Latency};
+use super::stream::{Latency, StreamFigures};
 use super::throughput::Throughput;
 use crate::dates::civil_from_days;
 
@@ -22,16 +22,17 @@ pub(crate) struct Figures {
     pub(crate) throughput: Throughput,
     /// Put time with an idle stream against none.
     pub(crate) listener: ListenerOverhead,
-    /// End-to-end stream throughput, one unpartitioned stream.
-    pub(crate) stream_1: E2e,
-    /// End-to-end stream throughput, 4 partitions, one subscriber each.
-    pub(crate) stream_4: E2e,
+    /// End-to-end stream throughput, with 1 and 4 partitions, paired with
+    /// moka's inserts.
+    pub(crate) stream: StreamFigures,
     /// Read-through hit ratio on a Zipf trace.
     pub(crate) hit_ratio: HitRatio,
     /// Heap bytes per entry.
     pub(crate) memory: Memory,
     /// Put-to-subscriber latency.
     pub(crate) latency: Latency,
+    /// The same paced hand-over through a tokio channel: the machine's floor.
+    pub(crate) channel_latency: Latency,
     /// Node to node over Redis and NATS, and the invalidator, against the
     /// engines' raw clients.
     pub(crate) cluster: ClusterFigures,
@@ -103,10 +104,10 @@ impl Figures {
         ratio(self.throughput.get, self.throughput.moka_get)
     }
     fn stream_vs_moka(&self) -> f64 {
-        ratio(self.stream_1.events_per_sec, self.throughput.moka_insert)
+        self.stream.vs_moka
     }
     fn partitions4_vs_1(&self) -> f64 {
-        ratio(self.stream_4.events_per_sec, self.stream_1.events_per_sec)
+        self.stream.four_vs_one
     }
     fn hit_ratio_vs_moka(&self) -> f64 {
         ratio(self.hit_ratio.ours, self.hit_ratio.moka)
@@ -130,11 +131,11 @@ impl Figures {
                 "moka_get_ops_per_sec": whole(t.moka_get),
                 "get_vs_moka": round(self.get_vs_moka(), 3),
                 "listener_overhead": round(self.listener.ratio(), 3),
-                "stream_e2e_events_per_sec": whole(self.stream_1.events_per_sec),
-                "stream_e2e_lagged": self.stream_1.lagged,
+                "stream_e2e_events_per_sec": whole(self.stream.one.events_per_sec),
+                "stream_e2e_lagged": self.stream.one.lagged,
                 "stream_vs_moka": round(self.stream_vs_moka(), 3),
-                "partitions4_e2e_events_per_sec": whole(self.stream_4.events_per_sec),
-                "partitions4_e2e_lagged": self.stream_4.lagged,
+                "partitions4_e2e_events_per_sec": whole(self.stream.four.events_per_sec),
+                "partitions4_e2e_lagged": self.stream.four.lagged,
                 "partitions4_vs_1": round(self.partitions4_vs_1(), 3),
                 "hit_ratio": round(self.hit_ratio.ours, 4),
                 "moka_hit_ratio": round(self.hit_ratio.moka, 4),
@@ -144,6 +145,9 @@ impl Figures {
                 "memory_vs_moka": round(self.memory_vs_moka(), 3),
                 "stream_latency_p50_us": round(self.latency.p50_us, 1),
                 "stream_latency_p99_us": round(self.latency.p99_us, 1),
+                "channel_latency_p50_us": round(self.channel_latency.p50_us, 1),
+                "channel_latency_p99_us": round(self.channel_latency.p99_us, 1),
+                "stream_latency_vs_channel_p99": round(ratio(self.latency.p99_us, self.channel_latency.p99_us), 3),
             },
             "cluster": self.cluster.to_json(),
             "meta": {
@@ -242,15 +246,15 @@ impl Figures {
             },
             vs(
                 "stream e2e events/s vs moka put",
-                self.stream_1.events_per_sec,
-                t.moka_insert,
+                self.stream.one.events_per_sec,
+                self.stream.moka_insert,
                 self.stream_vs_moka(),
                 Target::AtLeast(3.0),
             ),
             vs(
                 "4 partitions e2e vs 1",
-                self.stream_4.events_per_sec,
-                self.stream_1.events_per_sec,
+                self.stream.four.events_per_sec,
+                self.stream.one.events_per_sec,
                 self.partitions4_vs_1(),
                 Target::AtLeast(0.9),
             ),
@@ -269,17 +273,17 @@ impl Figures {
                 target: Some((Target::AtMost(1.0), self.memory_vs_moka())),
             },
             Row {
-                figure: "stream latency p50 (us)".into(),
+                figure: "stream latency p50 (us) vs tokio channel".into(),
                 ours: format!("{:.1}", self.latency.p50_us),
-                peer: "-".into(),
-                ratio: None,
+                peer: format!("{:.1}", self.channel_latency.p50_us),
+                ratio: Some(ratio(self.latency.p50_us, self.channel_latency.p50_us)),
                 target: None,
             },
             Row {
-                figure: "stream latency p99 (us)".into(),
+                figure: "stream latency p99 (us) vs tokio channel".into(),
                 ours: format!("{:.1}", self.latency.p99_us),
-                peer: "-".into(),
-                ratio: None,
+                peer: format!("{:.1}", self.channel_latency.p99_us),
+                ratio: Some(ratio(self.latency.p99_us, self.channel_latency.p99_us)),
                 target: Some((Target::AtMost(50.0), self.latency.p99_us)),
             },
         ];
@@ -297,8 +301,8 @@ impl Figures {
             "nbx bench ({mode}, {}, {} cores; ratio = ours / peer; stream lagged: {} / {})",
             utc_now(),
             std::thread::available_parallelism().map_or(1, usize::from),
-            self.stream_1.lagged,
-            self.stream_4.lagged,
+            self.stream.one.lagged,
+            self.stream.four.lagged,
         );
         let c = &self.cluster;
         let lagged = |t: &Option<TransportFigures>| t.as_ref().map_or("-".to_string(), |t| t.events.lagged.to_string());

@@ -12,6 +12,7 @@ use nebulex::Target;
 use nebulex_streams::{Lagged, Streams, StreamsExt, SubscribeOptions, Subscription, TryRecvError};
 
 use super::progress::note;
+use super::throughput::moka_filled;
 use super::workload::{median, Keys};
 use super::{new_cache, BenchResult, Config};
 
@@ -33,27 +34,63 @@ pub(crate) struct E2e {
     pub(crate) lagged: u64,
 }
 
-/// Puts every key on this thread while `partitions` subscriber threads (one
-/// per partition; a single unpartitioned stream for 1) receive every event
-/// with `recv_blocking`. Repeated `config.e2e_reps` times.
+/// The end-to-end figures, measured in rounds: each round times moka's
+/// inserts, then the stream with 1 partition, then with 4, back to back, so
+/// that a noisy moment of a shared machine hits all three alike. Ratios are
+/// the medians of each round's ratios.
+pub(crate) struct StreamFigures {
+    /// One unpartitioned stream, one subscriber.
+    pub(crate) one: E2e,
+    /// 4 partitions, one subscriber each.
+    pub(crate) four: E2e,
+    /// moka's insert rate in the same rounds (median).
+    pub(crate) moka_insert: f64,
+    /// `one` over moka's insert rate.
+    pub(crate) vs_moka: f64,
+    /// `four` over `one`.
+    pub(crate) four_vs_one: f64,
+}
+
+/// Runs `config.e2e_reps` rounds (see [`StreamFigures`]).
 ///
-/// Fails if an event is neither received nor reported as lagged.
-pub(crate) fn e2e(config: &Config, keys: &Keys, partitions: u32) -> BenchResult<E2e> {
-    let mut rates = Vec::new();
-    let mut lagged = 0;
-    for _ in 0..config.e2e_reps {
-        let run = e2e_once(config, keys, partitions)?;
+/// In each stream run this thread puts every key while one subscriber
+/// thread per partition receives every event with `recv_blocking`. Fails if
+/// an event is neither received nor reported as lagged.
+pub(crate) fn measure(config: &Config, keys: &Keys) -> BenchResult<StreamFigures> {
+    let (mut one, mut four, mut moka) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut vs_moka, mut four_vs_one) = (Vec::new(), Vec::new());
+    let (mut lagged_one, mut lagged_four) = (0, 0);
+    let rate = |elapsed: Duration| keys.len() as f64 / elapsed.as_secs_f64().max(f64::MIN_POSITIVE);
+    for round in 1..=config.e2e_reps {
+        let (_, moka_fill) = moka_filled(config, keys)?;
+        let run_one = e2e_once(config, keys, 1)?;
+        let run_four = e2e_once(config, keys, 4)?;
         note(format!(
-            "{} events: puts done after {:.0} ms, last event in after {:.0} ms, {} lagged",
-            keys.len(),
-            run.puts.as_secs_f64() * 1e3,
-            run.elapsed.as_secs_f64() * 1e3,
-            run.lagged,
+            "round {round}: moka inserts {:.0} ms; last event in after {:.0} ms (1 partition, puts done after \
+             {:.0} ms), {:.0} ms (4 partitions); lagged {} / {}",
+            moka_fill.as_secs_f64() * 1e3,
+            run_one.elapsed.as_secs_f64() * 1e3,
+            run_one.puts.as_secs_f64() * 1e3,
+            run_four.elapsed.as_secs_f64() * 1e3,
+            run_one.lagged,
+            run_four.lagged,
         ));
-        rates.push(keys.len() as f64 / run.elapsed.as_secs_f64().max(f64::MIN_POSITIVE));
-        lagged = lagged.max(run.lagged);
+        let (r_moka, r_one, r_four) = (rate(moka_fill), rate(run_one.elapsed), rate(run_four.elapsed));
+        moka.push(r_moka);
+        one.push(r_one);
+        four.push(r_four);
+        vs_moka.push(r_one / r_moka);
+        four_vs_one.push(r_four / r_one);
+        lagged_one = lagged_one.max(run_one.lagged);
+        lagged_four = lagged_four.max(run_four.lagged);
     }
-    Ok(E2e { events_per_sec: median(&rates), lagged })
+    Ok(StreamFigures {
+        one: E2e { events_per_sec: median(&one), lagged: lagged_one },
+        four: E2e { events_per_sec: median(&four), lagged: lagged_four },
+        moka_insert: median(&moka),
+        vs_moka: median(&vs_moka),
+        four_vs_one: median(&four_vs_one),
+    })
 }
 
 /// One end-to-end run.
@@ -216,12 +253,65 @@ pub(crate) const LATENCY_RATE: u32 = 10_000;
 ///
 /// Fails if an event is neither received nor reported as lagged.
 pub(crate) fn latency(config: &Config) -> BenchResult<Latency> {
-    let events = (f64::from(LATENCY_RATE) * config.latency_duration.as_secs_f64()) as usize;
     let cache = new_cache(config.capacity)?;
     let streams = Streams::builder(&cache).buffer(config.stream_buffer).start()?;
-    let mut sub = cache.subscribe(SubscribeOptions::new())?;
+    let sub = cache.subscribe(SubscribeOptions::new())?;
+    let measured = paced(config, |i| cache.put(i, i), sub);
+    streams.stop();
+    measured
+}
 
-    // Put instants, nanoseconds since `base`, indexed by key.
+/// The peer of [`latency`]: the same paced sends through a tokio unbounded
+/// channel to the same kind of task, the floor this machine's thread wake-ups
+/// set for any async hand-over.
+pub(crate) fn channel_latency(config: &Config) -> BenchResult<Latency> {
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    paced(
+        config,
+        |i| {
+            // The receiver lives until every key is in.
+            let _ = tx.send(i);
+        },
+        rx,
+    )
+}
+
+/// What a latency task receives: a key, or a count of keys missed.
+enum Received {
+    Key(u64),
+    Lagged(u64),
+}
+
+/// The receiving end of a latency measurement.
+trait Receiving: Send + 'static {
+    /// The next key; `None` once the sender is gone.
+    fn next(&mut self) -> impl std::future::Future<Output = Option<Received>> + Send;
+}
+
+impl Receiving for Subscription<u64> {
+    async fn next(&mut self) -> Option<Received> {
+        match self.recv().await? {
+            Ok(event) => match &event.target {
+                Target::Key(k) => Some(Received::Key(*k)),
+                _ => Some(Received::Lagged(0)),
+            },
+            Err(Lagged(n)) => Some(Received::Lagged(n)),
+        }
+    }
+}
+
+impl Receiving for tokio::sync::mpsc::UnboundedReceiver<u64> {
+    async fn next(&mut self) -> Option<Received> {
+        self.recv().await.map(Received::Key)
+    }
+}
+
+/// Sends `0..n` with `send` at [`LATENCY_RATE`] per second on this thread
+/// while a task on a one-worker tokio runtime receives them from `receiver`;
+/// the latency of each is from just before its send until the task has it.
+fn paced(config: &Config, mut send: impl FnMut(u64), mut receiver: impl Receiving) -> BenchResult<Latency> {
+    let events = (f64::from(LATENCY_RATE) * config.latency_duration.as_secs_f64()) as usize;
+    // Send instants, nanoseconds since `base`, indexed by key.
     let base = Instant::now();
     let stamps: Arc<Vec<AtomicU64>> = Arc::new((0..events).map(|_| AtomicU64::new(0)).collect());
     let mut histogram = Histogram::<u64>::new_with_bounds(1, 60_000_000_000, 3)?;
@@ -233,44 +323,41 @@ pub(crate) fn latency(config: &Config) -> BenchResult<Latency> {
         let _ = ready_tx.send(());
         let (mut received, mut lagged) = (0u64, 0u64);
         while received + lagged < events as u64 {
-            match sub.recv().await {
+            match receiver.next().await {
                 None => break,
-                Some(Ok(event)) => {
+                Some(Received::Key(k)) => {
                     let now = nanos_since(base);
-                    if let Target::Key(k) = &event.target {
-                        if let Some(stamp) = usize::try_from(*k).ok().and_then(|i| task_stamps.get(i)) {
-                            let sent = stamp.load(Ordering::Acquire);
-                            histogram.saturating_record(now.saturating_sub(sent).max(1));
-                        }
+                    if let Some(stamp) = usize::try_from(k).ok().and_then(|i| task_stamps.get(i)) {
+                        let sent = stamp.load(Ordering::Acquire);
+                        histogram.saturating_record(now.saturating_sub(sent).max(1));
                     }
                     received += 1;
                 }
-                Some(Err(Lagged(n))) => lagged += n,
+                Some(Received::Lagged(n)) => lagged += n.max(1),
             }
         }
         (histogram, received, lagged)
     });
-    ready_rx.recv_timeout(DRAIN_TIMEOUT).map_err(|_| "the subscriber task did not start")?;
+    ready_rx.recv_timeout(DRAIN_TIMEOUT).map_err(|_| "the receiving task did not start")?;
 
     let interval = Duration::from_secs(1) / LATENCY_RATE;
     let start = Instant::now();
     for (i, stamp) in stamps.iter().enumerate() {
         pace_until(start + interval * i as u32);
         stamp.store(nanos_since(base), Ordering::Release);
-        cache.put(i as u64, i as u64);
+        send(i as u64);
     }
 
     let outcome = runtime.block_on(async { tokio::time::timeout(DRAIN_TIMEOUT, &mut task).await });
-    streams.stop();
     let (histogram, received, lagged) = match outcome {
         Ok(joined) => joined?,
         Err(_) => {
-            let _ = runtime.block_on(async { tokio::time::timeout(DRAIN_TIMEOUT, task).await });
-            return Err(format!("not every event arrived within {DRAIN_TIMEOUT:?} of the last put").into());
+            task.abort();
+            return Err(format!("not every event arrived within {DRAIN_TIMEOUT:?} of the last send").into());
         }
     };
     if received + lagged != events as u64 {
-        return Err(format!("{received} received + {lagged} lagged for {events} puts").into());
+        return Err(format!("{received} received + {lagged} lagged for {events} sends").into());
     }
     if lagged > 0 {
         return Err(format!("{lagged} of {events} events lagged at {LATENCY_RATE} events/s").into());

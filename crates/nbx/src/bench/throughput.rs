@@ -76,6 +76,13 @@ fn nebulex_run(config: &Config, keys: &Keys) -> BenchResult<(Duration, Duration)
 
 /// Fills a fresh moka cache, then times the lookups: (fill, lookups).
 fn moka_run(config: &Config, keys: &Keys) -> BenchResult<(Duration, Duration)> {
+    let (cache, fill) = moka_filled(config, keys)?;
+    let lookup = timed_hits("moka", lookups(config, keys), |k| cache.get(k))?;
+    Ok((fill, lookup))
+}
+
+/// A moka cache filled with every key, and the time the inserts took.
+pub(crate) fn moka_filled(config: &Config, keys: &Keys) -> BenchResult<(moka::sync::Cache<u64, u64>, Duration)> {
     let cache = moka::sync::Cache::new(config.capacity as u64);
     let fill = time(|| {
         for &k in &keys.insert {
@@ -85,8 +92,7 @@ fn moka_run(config: &Config, keys: &Keys) -> BenchResult<(Duration, Duration)> {
     // Settle moka's deferred bookkeeping (untimed) so the count is exact.
     cache.run_pending_tasks();
     check_len("moka", usize::try_from(cache.entry_count())?, keys.len())?;
-    let lookup = timed_hits("moka", lookups(config, keys), |k| cache.get(k))?;
-    Ok((fill, lookup))
+    Ok((cache, fill))
 }
 
 /// Fills a fresh quick_cache cache: the fill time.
