@@ -326,11 +326,11 @@ where
             }
         }
         let now = Instant::now();
-        for (p, last) in last_sent.iter_mut().enumerate() {
+        for ((p, last), ring) in last_sent.iter_mut().enumerate().zip(&outbound) {
             if frames.iter().any(|(fp, _)| *fp == p) {
                 *last = Some(now);
             } else if hello || last.is_none_or(|at| now.duration_since(at) >= heartbeat) {
-                if let Some(frame) = s.heartbeat(p) {
+                if let Some(frame) = s.heartbeat(p, ring.has_stash()) {
                     frames.push(frame);
                     *last = Some(now);
                 }
@@ -397,14 +397,15 @@ impl<K> StreamShared<K> {
     }
 
     /// An empty frame carrying the next sequence number of an idle partition
-    /// (none if events are waiting to be sent: their frame will tell).
-    fn heartbeat(&self, p: usize) -> Option<(usize, Arc<[u8]>)> {
+    /// (none if events are waiting to be sent, in the buffer or set aside by
+    /// the sender: their frame will tell).
+    fn heartbeat(&self, p: usize, stashed: bool) -> Option<(usize, Arc<[u8]>)> {
         let part = self.parts.get(p)?;
         let next = {
             // Writers number and enqueue under this lock: with the buffer
             // empty, every number up to `seq` was sent (or dropped).
             let state = part.state.lock();
-            if !state.outbound.as_ref()?.is_empty() {
+            if stashed || !state.outbound.as_ref()?.is_empty() {
                 return None;
             }
             state.seq + 1

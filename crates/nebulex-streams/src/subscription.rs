@@ -209,22 +209,23 @@ fn lagged(missed: u64) -> Lagged {
     Lagged(if missed & UNKNOWN != 0 { 0 } else { missed })
 }
 
-/// One slot of a buffer: an event, or how many were dropped before the
-/// next one (it then takes a slot of its own, which keeps event slots small:
-/// one cache line for a `u64` key).
+/// One slot of a buffer: an event, and how many were dropped just before it
+/// when some were (boxed, so that the common slot stays small: one cache
+/// line for a `u64` key).
 enum Slot<K> {
     Event(Handed<K>),
-    Lost(u64),
+    AfterLoss(Box<(u64, Handed<K>)>),
 }
 
 /// An event as a writer hands it to one buffer.
 pub(crate) enum Handed<K> {
-    /// Its sole receiver gets only what varies from one event to the next:
-    /// the reader rebuilds the event and allocates its `Arc` on its own
-    /// thread, so the writer neither allocates nor gets memory back from
-    /// another core, and the event crosses cores once, in a compact slot.
+    /// A local event with a sole receiver (and no telemetry keeping it):
+    /// only what varies from one event to the next travels; the reader
+    /// rebuilds the event and allocates its `Arc` on its own thread, so the
+    /// writer allocates no `Arc` nor gets its memory back from another core,
+    /// and the event crosses cores once, in a compact slot.
     Owned(Routed<K>),
-    /// Several receivers share one.
+    /// An event shared by several receivers, or received from another node.
     Shared(Arc<CacheEntryEvent<K>>),
 }
 
@@ -248,6 +249,9 @@ impl Origin {
 }
 
 /// What varies from one routed event of this node to the next.
+///
+/// The timestamp travels as nanoseconds since the Unix epoch: exact from
+/// 1970 to 2554 (a clock set outside reads as the nearest end).
 pub(crate) struct Routed<K> {
     pub(crate) kind: EventType,
     pub(crate) command: Command,
@@ -331,9 +335,9 @@ impl RingState {
 ///
 /// The writers' half lives in its partition's state and is used under that
 /// partition's lock, so it has one writer at a time: a single-producer ring
-/// (no compare-and-swap per event, and the reader never writes the lines the
-/// writer fills). The reader's half is owned by one subscription (or by the
-/// cluster's sender).
+/// (no compare-and-swap to claim a slot, and the reader never writes the
+/// lines the writer fills). The reader's half is owned by one subscription
+/// (or by the cluster's sender).
 pub(crate) fn ring<K>(capacity: usize, mask: u8, scope: EventScope, origin: Origin) -> (RingWriter<K>, RingReader<K>) {
     let (producer, consumer) = rtrb::RingBuffer::new(capacity);
     let state = Arc::new(RingState {
@@ -343,7 +347,7 @@ pub(crate) fn ring<K>(capacity: usize, mask: u8, scope: EventScope, origin: Orig
         closed: AtomicBool::new(false),
     });
     let writer = RingWriter { producer, state: state.clone(), mask, scope };
-    (writer, RingReader { consumer: SyncWrapper::new(consumer), state, origin })
+    (writer, RingReader { consumer: SyncWrapper::new(consumer), state, origin, stash: None })
 }
 
 /// The writers' half of a buffer.
@@ -389,15 +393,15 @@ impl<K> RingWriter<K> {
     pub(crate) fn push(&mut self, event: Handed<K>) -> bool {
         let missed = &self.state.missed;
         let lost = if missed.load(Ordering::Relaxed) == 0 { 0 } else { missed.swap(0, Ordering::AcqRel) };
-        let pushed = if lost != 0 && self.producer.push(Slot::Lost(lost)).is_err() {
-            self.state.add_missed(lost);
-            false
-        } else {
-            self.producer.push(Slot::Event(event)).is_ok()
+        let slot = if lost == 0 { Slot::Event(event) } else { Slot::AfterLoss(Box::new((lost, event))) };
+        let pushed = match self.producer.push(slot) {
+            Ok(()) => true,
+            Err(rtrb::PushError::Full(_)) => {
+                self.state.add_missed(lost);
+                self.state.add_missed(1);
+                false
+            }
         };
-        if !pushed {
-            self.state.add_missed(1);
-        }
         self.state.wake();
         pushed
     }
@@ -424,6 +428,8 @@ pub(crate) struct RingReader<K> {
     state: Arc<RingState>,
     /// What the events it reads have in common.
     origin: Origin,
+    /// An event that came right after a `Lagged` notice, for the next read.
+    stash: Option<Arc<CacheEntryEvent<K>>>,
 }
 
 impl<K> RingReader<K> {
@@ -432,11 +438,23 @@ impl<K> RingReader<K> {
         self.state.closed.load(Ordering::Acquire)
     }
 
-    /// The next item, if there is one.
+    /// Whether an event is set aside for the next read.
+    pub(crate) fn has_stash(&self) -> bool {
+        self.stash.is_some()
+    }
+
+    /// The next item, if there is one: a pending `Lagged` first.
     pub(crate) fn try_next(&mut self) -> Option<Item<K>> {
+        if let Some(event) = self.stash.take() {
+            return Some(Ok(event));
+        }
         match self.consumer.get_mut().pop() {
             Ok(Slot::Event(event)) => return Some(Ok(event.into_arc(&self.origin))),
-            Ok(Slot::Lost(missed)) => return Some(Err(lagged(missed))),
+            Ok(Slot::AfterLoss(after)) => {
+                let (missed, event) = *after;
+                self.stash = Some(event.into_arc(&self.origin));
+                return Some(Err(lagged(missed)));
+            }
             Err(_) => {}
         }
         if self.state.missed.load(Ordering::Relaxed) != 0 {

@@ -280,3 +280,21 @@ async fn async_reader_gets_lagged_through_stream_next_then_continues() {
     streams.stop();
     assert!(tokio::time::timeout(PATIENCE, sub.next()).await.unwrap().is_none());
 }
+
+/// A loss notice rides with the next event instead of taking a slot of its
+/// own: a subscriber that frees its one slot still gets the next event.
+#[test]
+fn a_loss_notice_takes_no_slot_from_the_next_event() {
+    let cache = cache("loss_takes_no_slot");
+    let _streams = Streams::builder(&cache).buffer(1).start().unwrap();
+    let mut sub = cache.subscribe(SubscribeOptions::new()).unwrap();
+    let key = |e: Arc<nebulex::CacheEntryEvent<u64>>| e.target.keys()[0];
+
+    cache.put(1, 1);
+    cache.put(2, 2); // the buffer holds 1: dropped
+    assert_eq!(sub.try_recv().map(key), Ok(1));
+    cache.put(3, 3); // the freed slot takes it, after the notice of 2's loss
+    assert_eq!(sub.try_recv().map(key), Err(nebulex_streams::TryRecvError::Lagged(1)));
+    assert_eq!(sub.try_recv().map(key), Ok(3));
+    assert_eq!(sub.try_recv().map(key), Err(nebulex_streams::TryRecvError::Empty));
+}

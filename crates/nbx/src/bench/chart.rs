@@ -223,7 +223,7 @@ mod tests {
                     resyncs: 0,
                     latency: latency(),
                     raw_publish_per_sec: 300_000.0,
-                    raw_latency_p99_us: 100.0,
+                    raw_latency: latency(),
                 }),
                 skipped: if cluster { Vec::new() } else { vec!["redis-server is not installed".into()] },
             },

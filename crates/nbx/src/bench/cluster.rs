@@ -102,17 +102,16 @@ pub(crate) fn measure(config: &Config) -> BenchResult<ClusterFigures> {
                 let url = server.url();
                 let redis = transport(config, &rt, Engine::Redis(url.clone()))?;
                 let raw_publish = redis.raw_publish_per_sec;
-                let raw_p99 = redis.raw_latency.p99_us;
                 figures.redis = Some(redis);
                 let rate = step("invalidations/s (redis)", || invalidation::throughput(config, &rt, &url))?;
-                let (latency, resyncs) =
+                let (latency, raw_latency, resyncs) =
                     step("invalidation latency (redis)", || invalidation::latency(config, &rt, &url))?;
                 figures.invalidation = Some(Invalidation {
                     per_sec: rate.per_sec,
                     resyncs: rate.resyncs + resyncs,
                     latency,
                     raw_publish_per_sec: raw_publish,
-                    raw_latency_p99_us: raw_p99,
+                    raw_latency,
                 });
             }
             Err(err) => figures.skipped.push(format!("redis: {err}")),

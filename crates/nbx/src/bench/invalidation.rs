@@ -24,6 +24,7 @@ use tokio::runtime::Runtime;
 
 use super::cluster::{latency_window_events, node, start_streams, WARM_KEYS};
 use super::progress::note;
+use super::raw::{Engine, Prober};
 use super::stream::{nanos_since, pace_gently, Latency, DRAIN_TIMEOUT, LATENCY_RATE};
 use super::{BenchResult, Config};
 
@@ -38,8 +39,8 @@ pub(crate) struct Invalidation {
     pub(crate) latency: Latency,
     /// Raw `PUBLISH` messages per second of the same run.
     pub(crate) raw_publish_per_sec: f64,
-    /// Raw `PUBLISH`-to-receive p99 of the same run, in microseconds.
-    pub(crate) raw_latency_p99_us: f64,
+    /// Raw `PUBLISH`-to-receive latency, in windows interleaved with ours.
+    pub(crate) raw_latency: Latency,
 }
 
 /// What the throughput figure measured.
@@ -159,27 +160,33 @@ pub(crate) fn throughput(config: &Config, rt: &Runtime, url: &str) -> BenchResul
 /// busy thread, as in the raw figure it is compared with: a second one
 /// would take a core from the runtime and the server.)
 ///
-/// In windows of distinct keys, as the other cluster latencies; each
-/// percentile is the median over the windows. Also returns the resyncs.
-pub(crate) fn latency(config: &Config, rt: &Runtime, url: &str) -> BenchResult<(Latency, u64)> {
+/// In windows of distinct keys, interleaved with windows of the raw client
+/// (ours, raw, ours, ...) as the other cluster latencies, so that a noisy
+/// moment hits both alike; each percentile is the median over the windows.
+/// Returns ours, the raw client's, and the resyncs.
+pub(crate) fn latency(config: &Config, rt: &Runtime, url: &str) -> BenchResult<(Latency, Latency, u64)> {
     let per_window = latency_window_events(config);
     let windows = config.latency_windows;
     let keys = (per_window * windows) as u64;
     let nodes = Nodes::start(config, rt, url, "nbx-bench-invalidation-latency", keys)?;
-    let mut measured = Vec::new();
-    for w in 0..windows {
-        match poll_invalidations(&nodes, (w * per_window) as u64, per_window) {
-            Ok(histogram) => measured.push(Latency::of(&histogram)),
-            Err(err) => {
-                nodes.stop();
-                return Err(err);
-            }
+    let measured = (|| {
+        let mut raw = Prober::connect(rt, &Engine::Redis(url.to_string()))?;
+        let (mut ours, mut theirs) = (Vec::new(), Vec::new());
+        for w in 0..windows {
+            ours.push(Latency::of(&poll_invalidations(&nodes, (w * per_window) as u64, per_window)?));
+            theirs.push(Latency::of(&raw.window(rt, per_window)?));
         }
-    }
+        Ok::<_, Box<dyn std::error::Error>>((ours, theirs))
+    })();
     nodes.stop();
-    let p99s: Vec<String> = measured.iter().map(|l| format!("{:.0}", l.p99_us)).collect();
-    note(format!("{windows} windows of {per_window} keys, p99 (us) per window: {}", p99s.join(" ")));
-    Ok((Latency::median(&measured), nodes.resyncs.load(Ordering::Relaxed)))
+    let (ours, theirs) = measured?;
+    let p99s = |l: &[Latency]| l.iter().map(|l| format!("{:.0}", l.p99_us)).collect::<Vec<_>>().join(" ");
+    note(format!(
+        "{windows} windows of {per_window} keys, p99 (us) per window: ours {}, raw {}",
+        p99s(&ours),
+        p99s(&theirs)
+    ));
+    Ok((Latency::median(&ours), Latency::median(&theirs), nodes.resyncs.load(Ordering::Relaxed)))
 }
 
 /// One window of [`latency`]: keys `first..first + events`.
