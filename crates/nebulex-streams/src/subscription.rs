@@ -614,8 +614,9 @@ mod tests {
     use super::*;
 
     #[test]
-    fn an_event_of_a_u64_key_takes_one_cache_line_of_its_buffer() {
+    fn an_event_of_a_u64_or_string_key_takes_one_cache_line_of_its_buffer() {
         assert!(std::mem::size_of::<Slot<u64>>() <= 64, "{} bytes", std::mem::size_of::<Slot<u64>>());
+        assert!(std::mem::size_of::<Slot<String>>() <= 64, "{} bytes", std::mem::size_of::<Slot<String>>());
     }
 
     #[test]
