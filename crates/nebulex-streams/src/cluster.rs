@@ -99,6 +99,13 @@ impl ClusterOptions {
         if self.outbound_buffer == 0 {
             return invalid("outbound_buffer must hold at least 1 event".into());
         }
+        if self.outbound_buffer > crate::streams::MAX_BUFFER {
+            return invalid(format!(
+                "outbound_buffer must be at most {} events, got {}",
+                crate::streams::MAX_BUFFER,
+                self.outbound_buffer
+            ));
+        }
         if self.max_frame_bytes < 64 {
             return invalid(format!("max_frame_bytes must be at least 64, got {}", self.max_frame_bytes));
         }

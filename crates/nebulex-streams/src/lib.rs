@@ -60,6 +60,8 @@ pub use error::Error;
 pub use invalidator::{DisconnectPolicy, Invalidator, InvalidatorBuilder};
 pub use pubsub::{Backoff, MemoryBus, PubSub};
 pub use router::{partition_of, stable_hash, Route, StableHasher};
-pub use streams::{Streams, StreamsBuilder, StreamsExt, StreamsInfo, DEFAULT_BUFFER, DEFAULT_PREFIX, MAX_PARTITIONS};
+pub use streams::{
+    Streams, StreamsBuilder, StreamsExt, StreamsInfo, DEFAULT_BUFFER, DEFAULT_PREFIX, MAX_BUFFER, MAX_PARTITIONS,
+};
 pub use subscription::{EventScope, Item, Lagged, SubscribeOptions, Subscription, TryRecvError};
 pub use telemetry::{BroadcastError, BroadcastStatus, InvalidatorEvent, Telemetry};

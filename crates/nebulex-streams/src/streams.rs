@@ -24,6 +24,9 @@ use crate::telemetry::{BroadcastError, ObserverFn, Reporter, Telemetry};
 pub const DEFAULT_BUFFER: usize = 16_384;
 /// The most partitions a stream can have.
 pub const MAX_PARTITIONS: u32 = 4_096;
+/// The most events a buffer (a subscriber's, or a partition's outbound one)
+/// can hold.
+pub const MAX_BUFFER: usize = 1 << 24;
 /// The prefix of topic (channel) names: `{prefix}:{cache}:{partition}`.
 pub const DEFAULT_PREFIX: &str = "nbx";
 
@@ -35,7 +38,7 @@ pub(crate) type RouterFn<K> = dyn Fn(&CacheEntryEvent<K>) -> Route + Send + Sync
 /// |---|---|---|
 /// | [`partitions`](Self::partitions) | none: one unpartitioned stream | `0`, more than [`MAX_PARTITIONS`] |
 /// | [`hash`](Self::hash) | `stable_hash(key) % partitions` | — |
-/// | [`buffer`](Self::buffer) | [`DEFAULT_BUFFER`] events per subscriber | `0` |
+/// | [`buffer`](Self::buffer) | [`DEFAULT_BUFFER`] events per subscriber | `0`, more than [`MAX_BUFFER`] |
 /// | [`broadcast_from`](Self::broadcast_from) | `false` | — |
 /// | [`observer`](Self::observer) | none | — |
 ///
@@ -47,7 +50,7 @@ pub(crate) type RouterFn<K> = dyn Fn(&CacheEntryEvent<K>) -> Route + Send + Sync
 /// | [`signing_key`](Self::signing_key) | none: frames unsigned | empty |
 /// | [`batch_size`](Self::batch_size) | 512 events per frame | `0` |
 /// | [`batch_linger`](Self::batch_linger) | zero: send what is there | — |
-/// | [`outbound_buffer`](Self::outbound_buffer) | 65,536 events per partition | `0` |
+/// | [`outbound_buffer`](Self::outbound_buffer) | 65,536 events per partition | `0`, more than [`MAX_BUFFER`] |
 /// | [`max_frame_bytes`](Self::max_frame_bytes) | 1 MiB (NATS's default payload limit) | under 64 |
 /// | [`backoff`](Self::backoff) | 50 ms doubling up to 5 s | zero, `max < initial` |
 /// | [`heartbeat`](Self::heartbeat) | 1 s | zero |
@@ -225,6 +228,12 @@ where
         };
         if self.buffer == 0 {
             return Err(Error::InvalidOption("buffer must hold at least 1 event".into()));
+        }
+        if self.buffer > MAX_BUFFER {
+            return Err(Error::InvalidOption(format!(
+                "buffer must be at most {MAX_BUFFER} events, got {}",
+                self.buffer
+            )));
         }
         self.cluster.validate()?;
         let cache_name = self.cache.name();

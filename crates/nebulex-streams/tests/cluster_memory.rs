@@ -143,3 +143,31 @@ async fn cluster_options_apply_before_or_after_the_transport() {
     }
     assert!(on_a.try_recv().is_err(), "nothing of C's reached A");
 }
+
+#[tokio::test]
+async fn bad_cluster_options_are_refused_and_leave_nothing_started() {
+    use nebulex_streams::{Error, MAX_BUFFER};
+    let bus = PubSub::memory();
+    let cache = node("options", 1);
+    let builder = || Streams::builder(&cache).pubsub(bus.clone());
+    let ms = Duration::from_millis;
+    let refused = [
+        ("batch_size 0", builder().batch_size(0).start()),
+        ("outbound_buffer 0", builder().outbound_buffer(0).start()),
+        ("outbound_buffer too big", builder().outbound_buffer(MAX_BUFFER + 1).start()),
+        ("max_frame_bytes 63", builder().max_frame_bytes(63).start()),
+        ("empty prefix", builder().prefix("").start()),
+        ("prefix with a space", builder().prefix("a b").start()),
+        ("zero backoff", builder().backoff(Duration::ZERO, ms(10)).start()),
+        ("max backoff below initial", builder().backoff(ms(10), ms(5)).start()),
+        ("zero heartbeat", builder().heartbeat(Duration::ZERO).start()),
+        ("empty signing key", builder().signing_key([]).start()),
+    ];
+    for (what, outcome) in refused {
+        assert!(matches!(outcome, Err(Error::InvalidOption(_))), "{what}: {outcome:?}");
+    }
+    assert!(Streams::lookup(&cache).is_none());
+    // Nothing was left registered: valid options at their lower limits start.
+    let streams = builder().outbound_buffer(1).batch_size(1).max_frame_bytes(64).start().expect("start");
+    streams.ready().await.expect("ready");
+}

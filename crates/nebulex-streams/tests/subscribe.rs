@@ -112,6 +112,9 @@ fn zero_partitions_and_zero_buffer_are_invalid_options_and_leave_nothing_started
     let cache = cache("invalid");
     assert!(matches!(Streams::builder(&cache).partitions(0).start(), Err(Error::InvalidOption(_))));
     assert!(matches!(Streams::builder(&cache).buffer(0).start(), Err(Error::InvalidOption(_))));
+    let too_big = nebulex_streams::MAX_BUFFER + 1;
+    assert!(matches!(Streams::builder(&cache).buffer(too_big).start(), Err(Error::InvalidOption(_))));
+    assert!(matches!(Streams::builder(&cache).buffer(usize::MAX).start(), Err(Error::InvalidOption(_))));
     let too_many = nebulex_streams::MAX_PARTITIONS + 1;
     assert!(matches!(Streams::builder(&cache).partitions(too_many).start(), Err(Error::InvalidOption(_))));
     assert!(Streams::lookup(&cache).is_none());
