@@ -132,8 +132,8 @@ where
 
     /// How many events each subscriber's buffer holds before it lags.
     ///
-    /// Memory is taken as the buffer first fills: 64 bytes per event for a
-    /// `u64` or `String` key.
+    /// The memory is taken when the subscription is made: 64 bytes per event
+    /// for a `u64` or `String` key.
     pub fn buffer(mut self, events: usize) -> Self {
         self.buffer = events;
         self

@@ -215,6 +215,9 @@ fn lagged(missed: u64) -> Lagged {
 enum Slot<K> {
     Event(Handed<K>),
     AfterLoss(Box<(u64, Handed<K>)>),
+    /// Written once into every slot when the buffer is made, and read back
+    /// at once: the memory is mapped then, not on the first lap of events.
+    Blank,
 }
 
 /// An event as a writer hands it to one buffer.
@@ -339,7 +342,9 @@ impl RingState {
 /// lines the writer fills). The reader's half is owned by one subscription
 /// (or by the cluster's sender).
 pub(crate) fn ring<K>(capacity: usize, mask: u8, scope: EventScope, origin: Origin) -> (RingWriter<K>, RingReader<K>) {
-    let (producer, consumer) = rtrb::RingBuffer::new(capacity);
+    let (mut producer, mut consumer) = rtrb::RingBuffer::new(capacity);
+    while producer.push(Slot::Blank).is_ok() {}
+    while consumer.pop().is_ok() {}
     let state = Arc::new(RingState {
         missed: AtomicU64::new(0),
         waker: AtomicWaker::new(),
@@ -455,7 +460,7 @@ impl<K> RingReader<K> {
                 self.stash = Some(event.into_arc(&self.origin));
                 return Some(Err(lagged(missed)));
             }
-            Err(_) => {}
+            Ok(Slot::Blank) | Err(_) => {}
         }
         if self.state.missed.load(Ordering::Relaxed) != 0 {
             let missed = self.state.missed.swap(0, Ordering::AcqRel);
