@@ -50,7 +50,7 @@ pub const DEFAULT_BATCH_SIZE: usize = 512;
 /// The default period of heartbeats on idle partitions.
 pub const DEFAULT_HEARTBEAT: Duration = Duration::from_secs(1);
 /// The default outbound buffer per partition, in events.
-pub const DEFAULT_OUTBOUND_BUFFER: usize = 65_536;
+pub const DEFAULT_OUTBOUND_BUFFER: usize = 16_384;
 
 pub(crate) type EncodeFn<K> = fn(&FrameHeader, &[Arc<CacheEntryEvent<K>>], Option<&[u8]>) -> Result<Vec<u8>, String>;
 pub(crate) type DecodeFn<K> = fn(&[u8], &DecodeLimits<'_>) -> Result<Frame<K>, RejectReason>;

@@ -50,7 +50,7 @@ pub(crate) type RouterFn<K> = dyn Fn(&CacheEntryEvent<K>) -> Route + Send + Sync
 /// | [`signing_key`](Self::signing_key) | none: frames unsigned | empty |
 /// | [`batch_size`](Self::batch_size) | 512 events per frame | `0` |
 /// | [`batch_linger`](Self::batch_linger) | zero: send what is there | — |
-/// | [`outbound_buffer`](Self::outbound_buffer) | 65,536 events per partition | `0`, more than [`MAX_BUFFER`] |
+/// | [`outbound_buffer`](Self::outbound_buffer) | [`DEFAULT_OUTBOUND_BUFFER`](crate::DEFAULT_OUTBOUND_BUFFER) events per partition | `0`, more than [`MAX_BUFFER`] |
 /// | [`max_frame_bytes`](Self::max_frame_bytes) | 1 MiB (NATS's default payload limit) | under 64 |
 /// | [`backoff`](Self::backoff) | 50 ms doubling up to 5 s | zero, `max < initial` |
 /// | [`heartbeat`](Self::heartbeat) | 1 s | zero |
@@ -182,7 +182,9 @@ where
     }
 
     /// How many events per partition may wait for the network before new
-    /// ones are dropped (and counted: receivers see the gap).
+    /// ones are dropped (and counted: receivers see the gap). The memory is
+    /// taken when the stream starts: 64 bytes per event for a `u64` or
+    /// `String` key.
     pub fn outbound_buffer(mut self, events: usize) -> Self {
         self.cluster.outbound_buffer = events;
         self
