@@ -324,12 +324,11 @@ fn latencies(config: &Config, rt: &Runtime, engine: &Engine) -> BenchResult<(Lat
     })();
     pair.stop();
     let (ours, theirs) = measured?;
-    let p99s = |l: &[Latency]| l.iter().map(|l| format!("{:.0}", l.p99_us)).collect::<Vec<_>>().join(" ");
     note(format!(
         "{} windows of {per_window} events, p99 (us) per window: ours {}, raw {}",
         config.latency_windows,
-        p99s(&ours),
-        p99s(&theirs)
+        Latency::p99s(&ours),
+        Latency::p99s(&theirs)
     ));
     Ok((Latency::median(&ours), Latency::median(&theirs)))
 }
@@ -406,5 +405,10 @@ impl Latency {
         let p50: Vec<f64> = windows.iter().map(|l| l.p50_us).collect();
         let p99: Vec<f64> = windows.iter().map(|l| l.p99_us).collect();
         Latency { p50_us: median(&p50), p99_us: median(&p99) }
+    }
+
+    /// The p99 of each of `windows`, in whole microseconds, for progress notes.
+    pub(crate) fn p99s(windows: &[Latency]) -> String {
+        windows.iter().map(|l| format!("{:.0}", l.p99_us)).collect::<Vec<_>>().join(" ")
     }
 }

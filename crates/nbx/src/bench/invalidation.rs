@@ -180,11 +180,10 @@ pub(crate) fn latency(config: &Config, rt: &Runtime, url: &str) -> BenchResult<(
     })();
     nodes.stop();
     let (ours, theirs) = measured?;
-    let p99s = |l: &[Latency]| l.iter().map(|l| format!("{:.0}", l.p99_us)).collect::<Vec<_>>().join(" ");
     note(format!(
         "{windows} windows of {per_window} keys, p99 (us) per window: ours {}, raw {}",
-        p99s(&ours),
-        p99s(&theirs)
+        Latency::p99s(&ours),
+        Latency::p99s(&theirs)
     ));
     Ok((Latency::median(&ours), Latency::median(&theirs), nodes.resyncs.load(Ordering::Relaxed)))
 }

@@ -374,19 +374,7 @@ pub(crate) fn nanos_since(base: Instant) -> u64 {
 /// (sleep alone overshoots by tens of microseconds; yielding rather than
 /// spinning leaves the core to the subscriber on a small machine).
 fn pace_until(slot: Instant) {
-    const NEAR: Duration = Duration::from_micros(200);
-    loop {
-        let now = Instant::now();
-        if now >= slot {
-            return;
-        }
-        let left = slot - now;
-        if left > NEAR {
-            thread::sleep(left - NEAR);
-        } else {
-            thread::yield_now();
-        }
-    }
+    pace(slot, Duration::from_micros(200));
 }
 
 /// Waits until `slot` without taking a core: sleeps while the slot is further
@@ -394,15 +382,19 @@ fn pace_until(slot: Instant) {
 /// then yields. For the cluster figures, whose runtime and server need both
 /// cores of a small machine more than the local figures do.
 pub(crate) fn pace_gently(slot: Instant) {
-    const OVERSHOOT: Duration = Duration::from_micros(70);
+    pace(slot, Duration::from_micros(70));
+}
+
+/// Sleeps until `margin` before `slot`, then yields until it comes.
+fn pace(slot: Instant, margin: Duration) {
     loop {
         let now = Instant::now();
         if now >= slot {
             return;
         }
         let left = slot - now;
-        if left > OVERSHOOT {
-            thread::sleep(left - OVERSHOOT);
+        if left > margin {
+            thread::sleep(left - margin);
         } else {
             thread::yield_now();
         }
