@@ -410,7 +410,10 @@ pub struct EventMetadata {
     pub topic: Option<Name>,
     /// The event's sequence number within its partition (0 until routed).
     pub seq: u64,
-    /// When the write took effect, by the writer's wall clock.
+    /// When the write took effect, by the writer's wall clock (read through
+    /// the CPU's time-stamp counter where it is invariant, and kept within
+    /// microseconds of the system clock: set again from it ten times a
+    /// second).
     pub timestamp: SystemTime,
 }
 

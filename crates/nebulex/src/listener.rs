@@ -103,3 +103,9 @@ pub(crate) type Listeners<K> = Arc<[Arc<Listener<K>>]>;
 pub(crate) fn wanted<K>(listeners: &[Arc<Listener<K>>]) -> u8 {
     listeners.iter().fold(0, |m, l| m | l.filter.mask())
 }
+
+/// Whether any of the listeners wants events of this type right now.
+#[inline]
+pub(crate) fn listens<K>(listeners: &[Arc<Listener<K>>], kind: EventType) -> bool {
+    !listeners.is_empty() && wanted(listeners) & kind.bit() != 0
+}
