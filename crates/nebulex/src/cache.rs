@@ -553,6 +553,9 @@ where
         f: impl Fn(&CacheEntryEvent<K>) + Send + Sync + 'static,
     ) -> Result<(), Error> {
         let id = id.into();
+        // The events' clock calibrates once per process (about a millisecond):
+        // here, rather than in the first write that has an event.
+        wall_now();
         let mut master = self.inner.listeners.lock();
         if master.iter().any(|l| l.id == id) {
             return Err(Error::ListenerExists(id));
