@@ -13,7 +13,7 @@ use indexmap::IndexMap;
 use parking_lot::{Mutex, MutexGuard};
 
 use crate::builder::{CacheBuilder, Config};
-use crate::clock::{saturating_nanos, wall_now, Clock};
+use crate::clock::{saturating_nanos, start_wall_clock, wall_now, Clock};
 use crate::error::Error;
 use crate::event::{CacheEntryEvent, CacheName, Command, EventMetadata, EventType, NodeId, Target};
 use crate::extensions::Extensions;
@@ -553,9 +553,8 @@ where
         f: impl Fn(&CacheEntryEvent<K>) + Send + Sync + 'static,
     ) -> Result<(), Error> {
         let id = id.into();
-        // The events' clock calibrates once per process (about a millisecond):
-        // here, rather than in the first write that has an event.
-        wall_now();
+        // Here, rather than in the first write that has an event.
+        start_wall_clock();
         let mut master = self.inner.listeners.lock();
         if master.iter().any(|l| l.id == id) {
             return Err(Error::ListenerExists(id));

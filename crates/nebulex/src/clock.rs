@@ -155,11 +155,23 @@ impl WallClock {
     }
 }
 
+/// The wall clock events are stamped with, calibrated on first use (once
+/// per process, about a millisecond).
+#[inline]
+fn wall() -> &'static WallClock {
+    static WALL: OnceLock<WallClock> = OnceLock::new();
+    WALL.get_or_init(WallClock::new)
+}
+
+/// Calibrates the events' wall clock now, if it is not yet.
+pub(crate) fn start_wall_clock() {
+    wall();
+}
+
 /// Now, by the wall clock events are stamped with.
 #[inline]
 pub(crate) fn wall_now() -> SystemTime {
-    static WALL: OnceLock<WallClock> = OnceLock::new();
-    SystemTime::UNIX_EPOCH + Duration::from_nanos(WALL.get_or_init(WallClock::new).unix_nanos())
+    SystemTime::UNIX_EPOCH + Duration::from_nanos(wall().unix_nanos())
 }
 
 /// `t` in nanoseconds since the Unix epoch (0 before it, `u64::MAX` after
