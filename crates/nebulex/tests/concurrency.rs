@@ -6,6 +6,7 @@
 mod common;
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Barrier};
 use std::thread;
 use std::time::Duration;
@@ -183,24 +184,31 @@ fn reads_racing_the_sweeper_yield_exactly_one_expired_per_entry() {
         .unwrap();
     let rec = Recorder::attach(&cache);
     let barrier = Arc::new(Barrier::new(3));
+    let writers_done = Arc::new(AtomicUsize::new(0));
     let threads: Vec<_> = (0..3u64)
         .map(|w| {
-            let (cache, barrier) = (cache.clone(), barrier.clone());
+            let (cache, barrier, writers_done) = (cache.clone(), barrier.clone(), writers_done.clone());
             thread::spawn(move || {
                 let mut rng = StdRng::seed_from_u64(w);
                 barrier.wait();
-                for i in 0..15_000i64 {
-                    let k = rng.gen_range(0..HOT_KEYS);
-                    if w == 0 {
-                        // A reader: every kind of read can find an entry expired.
+                if w == 0 {
+                    // A reader, for as long as the writers write: every kind
+                    // of read can find an entry expired.
+                    let mut i = 0u64;
+                    while writers_done.load(Ordering::Acquire) < 2 {
+                        let k = rng.gen_range(0..HOT_KEYS);
                         match i % 4 {
                             0 => drop(cache.get(&k)),
                             1 => drop(cache.contains_key(&k)),
                             2 => drop(cache.ttl(&k)),
                             _ => drop(cache.get_all(&[k, (k + 1) % HOT_KEYS])),
                         }
-                        continue;
+                        i += 1;
                     }
+                    return;
+                }
+                for i in 0..15_000i64 {
+                    let k = rng.gen_range(0..HOT_KEYS);
                     match rng.gen_range(0..6) {
                         0 => cache.put_with_ttl(k, i, Duration::from_micros(rng.gen_range(100..3000))),
                         1 => cache.put(k, i),
@@ -213,13 +221,25 @@ fn reads_racing_the_sweeper_yield_exactly_one_expired_per_entry() {
                         thread::sleep(Duration::from_millis(1));
                     }
                 }
+                writers_done.fetch_add(1, Ordering::Release);
             })
         })
         .collect();
     threads.into_iter().for_each(|t| t.join().unwrap());
 
+    // On a loaded machine the sweeper may have won every race above: race it
+    // again, one short-lived entry at a time, until a read wins once.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !rec.snapshot().iter().any(|e| e.kind == EventType::Expired && e.command == Command::Get) {
+        assert!(std::time::Instant::now() < deadline, "no read found an entry expired");
+        cache.put_with_ttl(0, 0, Duration::from_micros(200));
+        while cache.get(&0).is_some() {}
+    }
+
     // Every entry has a time to live: wait, without reading, for the sweeper
-    // to remove them all.
+    // to remove them all (one more is written for it should the reads above
+    // have left it nothing).
+    cache.put_with_ttl(1, 1, Duration::from_micros(200));
     let deadline = std::time::Instant::now() + Duration::from_secs(5);
     while !cache.is_empty() {
         assert!(std::time::Instant::now() < deadline, "the sweeper left {} entries", cache.len());
