@@ -184,7 +184,7 @@ where
             shards,
             clock: match self.clock {
                 Some(m) => Clock::Manual(m),
-                None => Clock::System(std::time::Instant::now()),
+                None => Clock::System,
             },
         }))
     }

@@ -52,6 +52,17 @@ fn groups(f: &Figures) -> Vec<Group> {
         },
         Group { title: "get", bars: vec![bar("nebulex get", t.get, true), bar("moka get", t.moka_get, false)] },
         Group {
+            title: "put, 1 h TTL",
+            bars: vec![
+                bar("nebulex put, 1 h TTL", t.ttl.put, true),
+                bar("moka insert, 1 h TTL", t.moka_ttl.put, false),
+            ],
+        },
+        Group {
+            title: "get, 1 h TTL",
+            bars: vec![bar("nebulex get, 1 h TTL", t.ttl.get, true), bar("moka get, 1 h TTL", t.moka_ttl.get, false)],
+        },
+        Group {
             title: "stream e2e",
             bars: vec![
                 bar("stream e2e, 1 partition", f.stream.one.events_per_sec, true),
@@ -188,7 +199,7 @@ mod tests {
     use super::super::listener::ListenerOverhead;
     use super::super::memory::Memory;
     use super::super::stream::{E2e, Latency, StreamFigures};
-    use super::super::throughput::Throughput;
+    use super::super::throughput::{PutGet, Throughput};
     use super::*;
 
     fn figures(cluster: bool) -> Figures {
@@ -201,7 +212,15 @@ mod tests {
         };
         Figures {
             quick: true,
-            throughput: Throughput { put: 6e6, moka_insert: 7e5, quick_cache_insert: 5e6, get: 9e6, moka_get: 6e5 },
+            throughput: Throughput {
+                put: 6e6,
+                moka_insert: 7e5,
+                quick_cache_insert: 5e6,
+                get: 9e6,
+                moka_get: 6e5,
+                ttl: PutGet { put: 5e6, get: 8e6 },
+                moka_ttl: PutGet { put: 6e5, get: 5e5 },
+            },
             listener: ListenerOverhead { plain: Duration::from_millis(100), streamed: Duration::from_millis(102) },
             stream: StreamFigures {
                 one: E2e { events_per_sec: 2e6, lagged: 0 },
@@ -238,6 +257,7 @@ mod tests {
             "nebulex put",
             "quick_cache insert",
             "moka get",
+            "moka get, 1 h TTL",
             "stream e2e, 4 partitions",
             "redis events, node to node",
             "redis raw PUBLISH",
@@ -247,7 +267,7 @@ mod tests {
         ] {
             assert!(svg.contains(label), "{label} missing");
         }
-        assert_eq!(svg.matches(&format!("fill=\"#{:02X}{:02X}{:02X}\"", OURS.0, OURS.1, OURS.2)).count(), 7);
+        assert_eq!(svg.matches(&format!("fill=\"#{:02X}{:02X}{:02X}\"", OURS.0, OURS.1, OURS.2)).count(), 9);
     }
 
     #[test]

@@ -103,6 +103,12 @@ impl Figures {
     fn get_vs_moka(&self) -> f64 {
         ratio(self.throughput.get, self.throughput.moka_get)
     }
+    fn put_ttl_vs_moka(&self) -> f64 {
+        ratio(self.throughput.ttl.put, self.throughput.moka_ttl.put)
+    }
+    fn get_ttl_vs_moka(&self) -> f64 {
+        ratio(self.throughput.ttl.get, self.throughput.moka_ttl.get)
+    }
     fn stream_vs_moka(&self) -> f64 {
         self.stream.vs_moka
     }
@@ -130,6 +136,12 @@ impl Figures {
                 "get_ops_per_sec": whole(t.get),
                 "moka_get_ops_per_sec": whole(t.moka_get),
                 "get_vs_moka": round(self.get_vs_moka(), 3),
+                "put_ttl_ops_per_sec": whole(t.ttl.put),
+                "moka_ttl_insert_ops_per_sec": whole(t.moka_ttl.put),
+                "put_ttl_vs_moka": round(self.put_ttl_vs_moka(), 3),
+                "get_ttl_ops_per_sec": whole(t.ttl.get),
+                "moka_ttl_get_ops_per_sec": whole(t.moka_ttl.get),
+                "get_ttl_vs_moka": round(self.get_ttl_vs_moka(), 3),
                 "listener_overhead": round(self.listener.ratio(), 3),
                 "stream_e2e_events_per_sec": whole(self.stream.one.events_per_sec),
                 "stream_e2e_lagged": self.stream.one.lagged,
@@ -237,6 +249,20 @@ impl Figures {
                 Target::AtLeast(1.0),
             ),
             vs("get ops/s vs moka", t.get, t.moka_get, self.get_vs_moka(), Target::AtLeast(2.0)),
+            Row {
+                figure: "put ops/s vs moka, 1 h TTL".into(),
+                ours: ops(t.ttl.put),
+                peer: ops(t.moka_ttl.put),
+                ratio: Some(self.put_ttl_vs_moka()),
+                target: None,
+            },
+            Row {
+                figure: "get ops/s vs moka, 1 h TTL".into(),
+                ours: ops(t.ttl.get),
+                peer: ops(t.moka_ttl.get),
+                ratio: Some(self.get_ttl_vs_moka()),
+                target: None,
+            },
             Row {
                 figure: "put ms, idle stream vs none".into(),
                 ours: format!("{:.1}", self.listener.streamed.as_secs_f64() * 1e3),

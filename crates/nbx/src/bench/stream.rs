@@ -62,7 +62,7 @@ pub(crate) fn measure(config: &Config, keys: &Keys) -> BenchResult<StreamFigures
     let (mut lagged_one, mut lagged_four) = (0, 0);
     let rate = |elapsed: Duration| keys.len() as f64 / elapsed.as_secs_f64().max(f64::MIN_POSITIVE);
     for round in 1..=config.e2e_reps {
-        let (_, moka_fill) = moka_filled(config, keys)?;
+        let (_, moka_fill) = moka_filled(config, keys, None)?;
         let run_one = e2e_once(config, keys, 1)?;
         let run_four = e2e_once(config, keys, 4)?;
         note(format!(
