@@ -190,7 +190,7 @@ fn trim(x: f64) -> String {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use std::time::Duration;
 
     use super::super::cluster::{ClusterFigures, Events, TransportFigures};
@@ -202,7 +202,8 @@ mod tests {
     use super::super::throughput::{PutGet, Throughput};
     use super::*;
 
-    fn figures(cluster: bool) -> Figures {
+    /// Figures of a run, with or without the cluster's.
+    pub(crate) fn figures(cluster: bool) -> Figures {
         let latency = || Latency { p50_us: 50.0, p99_us: 100.0 };
         let transport = || TransportFigures {
             events: Events { per_sec: 1_000_000.0, lagged: 0 },

@@ -343,14 +343,16 @@ impl Figures {
         if !c.skipped.is_empty() {
             let _ = writeln!(out, "cluster: skipped: {}", c.skipped.join("; "));
         }
-        table_line(&mut out, ["figure", "ours", "peer", "ratio", "target", "met"]);
-        for row in self.rows() {
+        let rows = self.rows();
+        let width = rows.iter().map(|r| r.figure.chars().count()).max().unwrap_or(0);
+        table_line(&mut out, width, ["figure", "ours", "peer", "ratio", "target", "met"]);
+        for row in rows {
             let ratio = row.ratio.map_or_else(|| "-".to_string(), |r| format!("{r:.3}"));
             let (target, met) = match row.target {
                 Some((target, value)) => (target.label(), if target.met(value) { "yes" } else { "NO" }),
                 None => ("-".to_string(), ""),
             };
-            table_line(&mut out, [&row.figure, &row.ours, &row.peer, &ratio, &target, met]);
+            table_line(&mut out, width, [&row.figure, &row.ours, &row.peer, &ratio, &target, met]);
         }
         out
     }
@@ -409,9 +411,10 @@ fn latency_vs_raw_p99(t: &TransportFigures) -> f64 {
     ratio(t.latency.p99_us, t.raw_latency.p99_us)
 }
 
-/// One line of the table: figure, ours, peer, ratio, target, met.
-fn table_line(out: &mut String, [figure, ours, peer, ratio, target, met]: [&str; 6]) {
-    let line = format!("{figure:<34} {ours:>14} {peer:>14} {ratio:>8}  {target:<8} {met}");
+/// One line of the table (figure, ours, peer, ratio, target, met), its
+/// first column `width` characters wide.
+fn table_line(out: &mut String, width: usize, [figure, ours, peer, ratio, target, met]: [&str; 6]) {
+    let line = format!("{figure:<width$} {ours:>14} {peer:>14} {ratio:>8}  {target:<8} {met}");
     let _ = writeln!(out, "{}", line.trim_end());
 }
 
@@ -494,6 +497,30 @@ mod tests {
         assert_eq!(json["redis_lagged"], json!(0));
         assert_eq!(json["skipped"], json!("nats-server is not installed"));
         assert!(json.get("nats_events_per_sec").is_none());
+    }
+
+    #[test]
+    fn the_table_lines_up_under_its_header() {
+        let table = super::super::chart::tests::figures(true).to_table();
+        let lines: Vec<&str> = table.lines().skip_while(|l| !l.starts_with("figure ")).collect();
+        assert!(lines.len() > 20, "{table}");
+        // Every value column ends where its header does.
+        let ends = |line: &str| -> Vec<usize> {
+            let mut ends = Vec::new();
+            let chars: Vec<char> = line.chars().collect();
+            for i in 1..chars.len() {
+                if chars[i] == ' ' && chars[i - 1] != ' ' {
+                    ends.push(i);
+                }
+            }
+            ends
+        };
+        let header: Vec<usize> = ends(lines[0]);
+        let (ours_end, ratio_end) = (header[1], header[3]);
+        for line in &lines[1..] {
+            let line_ends = ends(line);
+            assert!(line_ends.contains(&ours_end) && line_ends.contains(&ratio_end), "{line:?} misaligned in\n{table}");
+        }
     }
 
     #[test]
