@@ -65,7 +65,8 @@ const CLUSTER: &[&str] = &[
 ];
 
 /// Counts under `"cluster"`: present, 0 when nothing was lost.
-const CLUSTER_COUNTS: &[&str] = &["redis_lagged", "nats_lagged", "invalidation_resyncs"];
+const CLUSTER_COUNTS: &[&str] =
+    &["redis_lagged", "nats_lagged", "redis_raw_lost", "nats_raw_lost", "invalidation_resyncs"];
 
 /// The optimized `nbx`: the budget is for a release build. Under a debug
 /// `cargo test`, builds it first (not timed; nearly free when up to date).

@@ -208,6 +208,7 @@ pub(super) mod tests {
         let transport = || TransportFigures {
             events: Events { per_sec: 1_000_000.0, lagged: 0 },
             raw_publish_per_sec: 300_000.0,
+            raw_lost: 0,
             latency: latency(),
             raw_latency: latency(),
         };

@@ -60,6 +60,8 @@ pub(crate) struct TransportFigures {
     pub(crate) events: Events,
     /// Raw publish to one subscriber, messages per second.
     pub(crate) raw_publish_per_sec: f64,
+    /// Raw messages published that the subscriber never received.
+    pub(crate) raw_lost: usize,
     /// Put on A to event in B's subscriber task, paced.
     pub(crate) latency: Latency,
     /// Raw publish to receive, paced alike.
@@ -136,10 +138,10 @@ fn transport(config: &Config, rt: &Runtime, engine: Engine) -> BenchResult<Trans
     let name = engine.name();
     let n = config.cluster_events;
     let events = step(&format!("{name} events/s, node to node"), || events(config, rt, &engine))?;
-    let raw_publish_per_sec = step(&format!("{name} raw publish/s"), || raw::publish(rt, &engine, n))?;
+    let raw = step(&format!("{name} raw publish/s"), || raw::publish(rt, &engine, n))?;
     let (latency, raw_latency) =
         step(&format!("{name} latency, node to node and raw"), || latencies(config, rt, &engine))?;
-    Ok(TransportFigures { events, raw_publish_per_sec, latency, raw_latency })
+    Ok(TransportFigures { events, raw_publish_per_sec: raw.per_sec, raw_lost: raw.lost, latency, raw_latency })
 }
 
 /// A bench node: a `u64 -> u64` cache named `name` with node id `id`, big

@@ -331,13 +331,19 @@ impl Figures {
             self.stream.four.lagged,
         );
         let c = &self.cluster;
-        let lagged = |t: &Option<TransportFigures>| t.as_ref().map_or("-".to_string(), |t| t.events.lagged.to_string());
+        let count =
+            |t: &Option<TransportFigures>, of: fn(&TransportFigures) -> String| t.as_ref().map_or("-".to_string(), of);
+        let lagged = |t: &TransportFigures| t.events.lagged.to_string();
+        let raw_lost = |t: &TransportFigures| t.raw_lost.to_string();
         let _ = writeln!(
             out,
-            "cluster: {} events per throughput figure; lagged: redis {}, nats {}; invalidator resyncs: {}",
+            "cluster: {} events per throughput figure; lagged: redis {}, nats {}; raw lost: redis {}, nats {}; \
+             invalidator resyncs: {}",
             c.events,
-            lagged(&c.redis),
-            lagged(&c.nats),
+            count(&c.redis, lagged),
+            count(&c.nats, lagged),
+            count(&c.redis, raw_lost),
+            count(&c.nats, raw_lost),
             c.invalidation.as_ref().map_or("-".to_string(), |i| i.resyncs.to_string()),
         );
         if !c.skipped.is_empty() {
@@ -376,6 +382,7 @@ impl ClusterFigures {
             put("events_per_sec", json!(whole(t.events.per_sec)));
             put("lagged", json!(t.events.lagged));
             put("raw_publish_per_sec", json!(whole(t.raw_publish_per_sec)));
+            put("raw_lost", json!(t.raw_lost));
             put("vs_raw_publish", json!(round(vs_raw_publish(t), 3)));
             put("latency_p50_us", json!(round(t.latency.p50_us, 1)));
             put("latency_p99_us", json!(round(t.latency.p99_us, 1)));
@@ -480,6 +487,7 @@ mod tests {
         let transport = || TransportFigures {
             events: Events { per_sec: 400_000.0, lagged: 0 },
             raw_publish_per_sec: 200_000.0,
+            raw_lost: 0,
             latency: Latency { p50_us: 60.0, p99_us: 150.0 },
             raw_latency: Latency { p50_us: 40.0, p99_us: 100.0 },
         };
@@ -495,6 +503,7 @@ mod tests {
         assert_eq!(json["redis_vs_raw_publish"], json!(2.0));
         assert_eq!(json["redis_latency_vs_raw_p99"], json!(1.5));
         assert_eq!(json["redis_lagged"], json!(0));
+        assert_eq!(json["redis_raw_lost"], json!(0));
         assert_eq!(json["skipped"], json!("nats-server is not installed"));
         assert!(json.get("nats_events_per_sec").is_none());
     }
