@@ -350,6 +350,31 @@ fn each_read_of_an_expired_entry_emits_exactly_one_expired() {
     }
 }
 
+/// A sweep skips a shard whose entries cannot have expired yet: every way a
+/// deadline can come nearer after a sweep (a new entry, an overwrite, a bulk
+/// overwrite, `expire`) must still be swept when it passes, with no read.
+#[test]
+fn deadlines_set_after_a_sweep_are_swept_when_they_pass() {
+    let (c, clock) = manual::<i32>();
+    for k in 0..4 {
+        c.put_with_ttl(k, 0, Duration::from_secs(100));
+    }
+    assert_eq!(c.sweep_expired(), 0, "nothing due yet");
+    c.put_with_ttl(10, 10, ms(10));
+    c.put_with_ttl(0, 0, ms(10));
+    c.expire(&1, ms(10));
+    let bulk: Cache<u32, i32> = Cache::builder().default_ttl(ms(10)).clock(clock.clone()).build().unwrap();
+    bulk.put_with_ttl(2, 2, Duration::from_secs(100));
+    assert_eq!(bulk.sweep_expired(), 0, "nothing due yet");
+    bulk.put_all([(2, 3), (5, 5)]);
+    clock.advance(ms(10));
+    assert_eq!(c.sweep_expired(), 3, "the new entry, the overwrite and the expire");
+    assert_eq!(bulk.sweep_expired(), 2, "the bulk overwrite and the bulk insert");
+    assert_eq!((c.len(), bulk.len()), (2, 0));
+    clock.advance(Duration::from_secs(100));
+    assert_eq!(c.sweep_expired(), 2, "the entries left, at their own deadline");
+}
+
 #[test]
 fn sweep_expired_removes_each_expired_entry_with_one_expired_event_and_reads_then_emit_none() {
     let (c, clock) = manual::<i32>();

@@ -39,7 +39,7 @@ pub(crate) struct Slot<V> {
 impl<V> Slot<V> {
     pub(crate) fn new(value: V, ttl: u64, now: impl FnOnce() -> u64) -> Self {
         let mut slot = Slot { value, expires_at: 0, ttl: 0, uses: 0 };
-        slot.set_ttl(ttl, now);
+        let _ = slot.set_ttl(ttl, now);
         slot
     }
 
@@ -50,11 +50,14 @@ impl<V> Slot<V> {
         self.expires_at != 0 && now() >= self.expires_at
     }
 
-    /// Sets the time to live (0 = none), counted from `now()`.
+    /// Sets the time to live (0 = none), counted from `now()`; returns the
+    /// new `expires_at`, which the shard's [`Shard::expires`] must learn.
     #[inline]
-    pub(crate) fn set_ttl(&mut self, ttl: u64, now: impl FnOnce() -> u64) {
+    #[must_use = "the shard's next expiry must learn the entry's new deadline (`Shard::expires`)"]
+    pub(crate) fn set_ttl(&mut self, ttl: u64, now: impl FnOnce() -> u64) -> u64 {
         self.ttl = ttl;
         self.expires_at = if ttl == 0 { 0 } else { now().saturating_add(ttl) };
+        self.expires_at
     }
 
     #[inline]
@@ -74,6 +77,9 @@ pub(crate) struct Shard<K, V> {
     pub(crate) listeners: Listeners<K>,
     /// Loads in flight (`get_or_insert_with`), by key.
     pub(crate) loads: Loads<K, V>,
+    /// No entry of this shard expires before this clock reading (`u64::MAX`:
+    /// none can expire): a sweep before it has nothing to look for.
+    next_expiry: u64,
     rng: u64,
     uses_since_aging: usize,
 }
@@ -86,9 +92,45 @@ impl<K: Hash + Eq, V: Clone> Shard<K, V> {
             version: 0,
             listeners,
             loads: Loads::default(),
+            next_expiry: u64::MAX,
             rng: seed | 1,
             uses_since_aging: 0,
         }
+    }
+
+    /// Stores an entry for a key that has none; returns its index.
+    #[inline]
+    pub(crate) fn insert(&mut self, key: K, slot: Slot<V>) -> usize {
+        self.expires(slot.expires_at);
+        self.map.insert_new(key, slot)
+    }
+
+    /// Learns that an entry now expires at `expires_at` (0 = never).
+    #[inline]
+    pub(crate) fn expires(&mut self, expires_at: u64) {
+        if expires_at != 0 && expires_at < self.next_expiry {
+            self.next_expiry = expires_at;
+        }
+    }
+
+    /// Removes every entry expired at `now`, handing each key to `expired`;
+    /// does not look at the entries at all when none can have expired yet.
+    pub(crate) fn remove_expired_at(&mut self, now: u64, mut expired: impl FnMut(&K)) {
+        if now < self.next_expiry {
+            return;
+        }
+        let mut next = u64::MAX;
+        self.map.retain(|k, slot| {
+            if slot.is_expired(|| now) {
+                expired(k);
+                return false;
+            }
+            if slot.expires_at != 0 {
+                next = next.min(slot.expires_at);
+            }
+            true
+        });
+        self.next_expiry = next;
     }
 
     #[inline]
