@@ -118,6 +118,10 @@ where
     /// How often expired entries are removed in the background (each with an
     /// [`Expired`](crate::EventType::Expired) event). Reads never return an
     /// expired entry either way.
+    ///
+    /// A sweep holds one shard's lock at a time, and looks at a shard's
+    /// entries only once its nearest deadline has passed: then it walks
+    /// every entry of that shard.
     pub fn sweep_interval(mut self, every: Duration) -> Self {
         self.sweep_interval = every;
         self
