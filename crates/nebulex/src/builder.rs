@@ -188,7 +188,7 @@ where
             shards,
             clock: match self.clock {
                 Some(m) => Clock::Manual(m),
-                None => Clock::System,
+                None => Clock::system(),
             },
         }))
     }

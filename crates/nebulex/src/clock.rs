@@ -61,6 +61,13 @@ pub(crate) enum Clock {
 }
 
 impl Clock {
+    /// The system clock, its counter calibrated now (once per process) rather
+    /// than in the first write with a time to live.
+    pub(crate) fn system() -> Self {
+        counter();
+        Clock::System
+    }
+
     /// Nanoseconds since the clock's origin, plus one so that 0 can mean "never".
     #[inline]
     pub(crate) fn now(&self) -> u64 {
@@ -85,9 +92,8 @@ struct Counter {
     origin: quanta::Instant,
 }
 
-/// The counter, calibrated on first use (once per process, about a
-/// millisecond): caches without times to live and without listeners never
-/// read it.
+/// The counter, calibrated on first use (once per process, under a
+/// millisecond here): when the first cache is built.
 #[inline]
 fn counter() -> &'static Counter {
     static COUNTER: OnceLock<Counter> = OnceLock::new();
@@ -174,15 +180,16 @@ impl WallClock {
     }
 }
 
-/// The wall clock events are stamped with, calibrated on first use (once
-/// per process, about a millisecond).
+/// The wall clock events are stamped with, set from the system clock on
+/// first use (once per process; the counter it reads is calibrated then too,
+/// if it is not yet).
 #[inline]
 fn wall() -> &'static WallClock {
     static WALL: OnceLock<WallClock> = OnceLock::new();
     WALL.get_or_init(WallClock::new)
 }
 
-/// Calibrates the events' wall clock now, if it is not yet.
+/// Sets the events' wall clock now, if it is not yet.
 pub(crate) fn start_wall_clock() {
     wall();
 }
