@@ -170,6 +170,15 @@ fn concurrent_writers_keep_per_key_event_order_with_evictions_across_shards() {
     stress(Some(4), Some(4));
 }
 
+/// Counts a writer out when dropped.
+struct Done(Arc<AtomicUsize>);
+
+impl Drop for Done {
+    fn drop(&mut self) {
+        self.0.fetch_add(1, Ordering::Release);
+    }
+}
+
 /// Reads and the background sweep race to remove expiring entries: each
 /// expired entry still yields exactly one `Expired` event (`replay` refuses an
 /// `Expired` for a key already absent), and once everything has expired the
@@ -207,6 +216,8 @@ fn reads_racing_the_sweeper_yield_exactly_one_expired_per_entry() {
                     }
                     return;
                 }
+                // Counted done even if this writer panics, so the reader stops.
+                let _done = Done(writers_done);
                 for i in 0..15_000i64 {
                     let k = rng.gen_range(0..HOT_KEYS);
                     match rng.gen_range(0..6) {
@@ -221,7 +232,6 @@ fn reads_racing_the_sweeper_yield_exactly_one_expired_per_entry() {
                         thread::sleep(Duration::from_millis(1));
                     }
                 }
-                writers_done.fetch_add(1, Ordering::Release);
             })
         })
         .collect();
