@@ -5,7 +5,6 @@ use std::borrow::Borrow;
 use std::collections::HashMap;
 use std::fmt;
 use std::hash::{BuildHasher, Hash};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
@@ -120,9 +119,6 @@ struct Inner<K, V> {
     /// Time to live of `put`, in nanoseconds; 0 = none.
     default_ttl: u64,
     clock: Clock,
-    /// Whether any entry was ever written with a time to live (else the sweep
-    /// and `count_all` skip the expiry checks).
-    may_expire: AtomicBool,
     /// The listeners, as the snapshot every shard copies; also serialises
     /// registrations.
     listeners: Mutex<Listeners<K>>,
@@ -211,7 +207,6 @@ where
             max_entries: config.max_entries,
             default_ttl: config.default_ttl.map_or(0, ttl_nanos),
             clock: config.clock,
-            may_expire: AtomicBool::new(false),
             listeners: Mutex::new(no_listeners()),
             extensions: Extensions::default(),
         });
@@ -438,7 +433,6 @@ where
         Q: Hash + Eq + ?Sized,
     {
         let clock = &self.inner.clock;
-        self.inner.note_ttl(1);
         self.inner.touch_live(key, Command::Expire, |slot| slot.set_ttl(ttl_nanos(ttl), || clock.now()))
     }
 
@@ -640,14 +634,6 @@ where
         *master = next;
     }
 
-    /// Remembers that entries may expire, so that sweeps look for them.
-    #[inline]
-    fn note_ttl(&self, ttl: u64) {
-        if ttl != 0 && !self.may_expire.load(Ordering::Relaxed) {
-            self.may_expire.store(true, Ordering::Relaxed);
-        }
-    }
-
     /// Builds the event and calls the listeners that want it, if any does.
     #[inline]
     fn emit(
@@ -711,7 +697,6 @@ where
     }
 
     fn write(&self, key: K, value: V, ttl: u64, mode: Mode, command: Command) -> bool {
-        self.note_ttl(ttl);
         let now = || self.clock.now();
         let mut guard = self.lock_for(&key);
         let s = &mut *guard;
@@ -769,7 +754,6 @@ where
 
     fn write_all(&self, entries: impl IntoIterator<Item = (K, V)>, only_new: bool) -> bool {
         let ttl = self.default_ttl;
-        self.note_ttl(ttl);
         let now = || self.clock.now();
         let command = if only_new { Command::PutNewAll } else { Command::PutAll };
         // Repeated keys: the last value wins, the first position stays.
@@ -825,7 +809,6 @@ where
 
     fn update(&self, key: K, default: V, f: impl FnOnce(&V) -> V, command: Command) -> V {
         let ttl = self.default_ttl;
-        self.note_ttl(ttl);
         let now = || self.clock.now();
         let mut guard = self.lock_for(&key);
         let s = &mut *guard;
@@ -1000,11 +983,8 @@ where
 
     /// Removes every expired entry of a shard, each with an `Expired` event.
     fn remove_all_expired(&self, s: &mut Shard<K, V>, command: Command) -> usize {
-        if !self.may_expire.load(Ordering::Relaxed) {
-            return 0;
-        }
         let mut expired = Vec::new();
-        s.remove_expired_at(self.clock.now(), |k| expired.push(k.clone()));
+        s.remove_expired_at(|| self.clock.now(), |k| expired.push(k.clone()));
         let count = expired.len();
         for k in expired {
             s.mark_load_stale(&k);
@@ -1076,7 +1056,6 @@ where
             return;
         }
         let ttl = self.default_ttl;
-        self.note_ttl(ttl);
         self.insert_new(s, key.clone(), Slot::new(value, ttl, || self.clock.now()), Command::Load);
     }
 }

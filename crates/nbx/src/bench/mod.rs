@@ -19,7 +19,7 @@ mod zipf;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use nebulex::Cache;
+use nebulex::{Cache, CacheBuilder};
 
 use self::progress::{quiet_step, step};
 use self::report::Figures;
@@ -100,7 +100,12 @@ impl Config {
 /// A `u64 -> u64` nebulex cache bounded to `capacity` entries, as every
 /// figure uses.
 pub(crate) fn new_cache(capacity: usize) -> Result<Cache<u64, u64>, nebulex::Error> {
-    Cache::builder().name("bench").max_entries(capacity).build()
+    cache_builder(capacity).build()
+}
+
+/// The builder of [`new_cache`], for a figure that adds an option.
+pub(crate) fn cache_builder(capacity: usize) -> CacheBuilder<u64, u64> {
+    Cache::builder().name("bench").max_entries(capacity)
 }
 
 /// Runs every measurement and prints the report (JSON or table) on stdout.

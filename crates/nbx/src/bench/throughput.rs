@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use super::progress::note;
 use super::workload::{median, rate, time, Keys};
-use super::{new_cache, BenchResult, Config};
+use super::{cache_builder, new_cache, BenchResult, Config};
 
 /// Operations per second, each the median over the repetitions.
 pub(crate) struct Throughput {
@@ -98,7 +98,7 @@ pub(crate) fn measure(config: &Config, keys: &Keys) -> BenchResult<Throughput> {
 fn nebulex_run(config: &Config, keys: &Keys, ttl: Option<Duration>) -> BenchResult<(Duration, Duration)> {
     let cache = match ttl {
         None => new_cache(config.capacity)?,
-        Some(ttl) => nebulex::Cache::builder().name("bench").max_entries(config.capacity).default_ttl(ttl).build()?,
+        Some(ttl) => cache_builder(config.capacity).default_ttl(ttl).build()?,
     };
     let fill = time(|| {
         for &k in &keys.insert {

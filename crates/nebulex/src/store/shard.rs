@@ -113,9 +113,14 @@ impl<K: Hash + Eq, V: Clone> Shard<K, V> {
         }
     }
 
-    /// Removes every entry expired at `now`, handing each key to `expired`;
-    /// does not look at the entries at all when none can have expired yet.
-    pub(crate) fn remove_expired_at(&mut self, now: u64, mut expired: impl FnMut(&K)) {
+    /// Removes every entry expired at `now()`, handing each key to
+    /// `expired`; does not look at the entries at all when none can have
+    /// expired yet (nor read the clock when none can expire).
+    pub(crate) fn remove_expired_at(&mut self, now: impl FnOnce() -> u64, mut expired: impl FnMut(&K)) {
+        if self.next_expiry == u64::MAX {
+            return;
+        }
+        let now = now();
         if now < self.next_expiry {
             return;
         }
