@@ -1,6 +1,7 @@
 //! Time as the cache sees it: monotonic nanoseconds, real or manual, for
 //! expiry; and the wall clock its events are stamped with.
 
+use std::cell::Cell;
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
@@ -75,15 +76,16 @@ impl Clock {
     /// Nanoseconds since the clock's origin, plus one so that 0 can mean "never".
     #[inline]
     pub(crate) fn now(&self) -> u64 {
-        1 + match self {
+        match self {
             Clock::System => monotonic_nanos(),
             Clock::Manual(m) => m.nanos.load(Ordering::SeqCst),
         }
+        .saturating_add(1)
     }
 }
 
-/// The counter, calibrated on first use (once per process, under a
-/// millisecond here): when the first cache is built.
+/// The counter, calibrated on first use (once per process, usually in under
+/// a millisecond, at most 200 ms): when the first cache is built.
 ///
 /// It reads the CPU's time-stamp counter where that is invariant, kept to
 /// the system's monotonic clock (see [`counter`](mod@counter)). The system
@@ -98,10 +100,14 @@ fn counter() -> &'static Counter {
     COUNTER.get_or_init(Counter::new)
 }
 
-/// Nanoseconds since the process first read the counter.
+/// Nanoseconds since the process first read the counter; never less than
+/// the calling thread's previous reading.
 #[inline]
 pub(crate) fn monotonic_nanos() -> u64 {
-    counter().nanos()
+    thread_local! {
+        static LAST: Cell<u64> = const { Cell::new(0) };
+    }
+    LAST.with(|last| counter().nanos(last))
 }
 
 pub(crate) fn saturating_nanos(d: Duration) -> u64 {
