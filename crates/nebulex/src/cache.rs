@@ -712,7 +712,7 @@ where
                 if bounded {
                     slot.used();
                 }
-                s.expires(expires_at);
+                s.expires(&key, expires_at);
                 s.age();
                 let version = s.next_version();
                 self.emit(&s.listeners, EventType::Updated, command, version, || Target::Key(key));
@@ -781,7 +781,7 @@ where
                 Some((_, _, slot)) if !slot.is_expired(now) => {
                     slot.value = value;
                     let expires_at = slot.set_ttl(ttl, now);
-                    s.expires(expires_at);
+                    s.expires(&key, expires_at);
                     updated.push(key);
                 }
                 found => {
@@ -888,7 +888,7 @@ where
             return false;
         }
         let expires_at = set_ttl(slot);
-        s.expires(expires_at);
+        s.expires(key, expires_at);
         s.mark_load_stale(key);
         let version = s.next_version();
         self.emit_at(s, i, EventType::Updated, command, version);
@@ -923,7 +923,7 @@ where
                 for s in guards.iter_mut() {
                     self.remove_all_expired(s, Command::DeleteAll);
                     removed += s.map.len();
-                    s.map.clear();
+                    s.clear();
                     s.loads.values().for_each(|l| l.mark_stale());
                 }
                 let version = Self::shared_version(&mut guards);
@@ -984,7 +984,7 @@ where
     /// Removes every expired entry of a shard, each with an `Expired` event.
     fn remove_all_expired(&self, s: &mut Shard<K, V>, command: Command) -> usize {
         let mut expired = Vec::new();
-        s.remove_expired_at(|| self.clock.now(), |k| expired.push(k.clone()));
+        s.remove_expired_at(|| self.clock.now(), |k| expired.push(k));
         let count = expired.len();
         for k in expired {
             s.mark_load_stale(&k);

@@ -30,7 +30,7 @@ impl<K: Hash + Eq, V> EntryMap<K, V> {
     }
 
     #[inline]
-    fn hash<Q: Hash + ?Sized>(&self, key: &Q) -> u64 {
+    pub(crate) fn hash<Q: Hash + ?Sized>(&self, key: &Q) -> u64 {
         self.hasher.hash_one(key)
     }
 
@@ -75,10 +75,10 @@ impl<K: Hash + Eq, V> EntryMap<K, V> {
         self.get(key).is_some()
     }
 
-    /// Inserts an entry for a key that has none; returns its bucket index.
+    /// Inserts an entry for a key that has none, whose [`hash`](Self::hash)
+    /// is `hash`; returns its bucket index.
     #[inline]
-    pub(crate) fn insert_new(&mut self, key: K, slot: Slot<V>) -> usize {
-        let hash = self.hash(&key);
+    pub(crate) fn insert_hashed(&mut self, hash: u64, key: K, slot: Slot<V>) -> usize {
         let hasher = &self.hasher;
         self.table.insert_unique(hash, Entry { key, slot }, |e| hasher.hash_one(&e.key)).bucket_index()
     }
@@ -108,6 +108,21 @@ impl<K: Hash + Eq, V> EntryMap<K, V> {
         let hash = self.hash(key);
         let (e, _) = self.table.find_entry(hash, |e| e.key.borrow() == key).ok()?.remove();
         Some((e.key, e.slot))
+    }
+
+    /// Removes every entry whose key may have the hash `hash` (the table
+    /// does not keep whole hashes: an entry of another hash can be among
+    /// them) and whose slot `remove` picks, handing each key to `removed`.
+    pub(crate) fn remove_hashed_where(
+        &mut self,
+        hash: u64,
+        mut remove: impl FnMut(&Slot<V>) -> bool,
+        mut removed: impl FnMut(K),
+    ) {
+        while let Ok(entry) = self.table.find_entry(hash, |e| remove(&e.slot)) {
+            let (e, _) = entry.remove();
+            removed(e.key);
+        }
     }
 
     pub(crate) fn retain(&mut self, mut keep: impl FnMut(&K, &mut Slot<V>) -> bool) {

@@ -15,6 +15,7 @@ use std::hash::Hash;
 use std::sync::Arc;
 
 use crate::listener::Listeners;
+use crate::store::expiries::Expiries;
 use crate::store::load::{Load, Loads};
 use crate::store::map::EntryMap;
 
@@ -22,6 +23,9 @@ use crate::store::map::EntryMap;
 pub(crate) const SAMPLES: usize = 24;
 /// Counters halve after this many uses per unit of capacity.
 const AGING_FACTOR: usize = 16;
+/// The expiry index is rebuilt from the entries when it holds more than
+/// twice as many records as there are entries, plus this many.
+const EXPIRIES_SLACK: usize = 64;
 
 pub(crate) type MapHasher = foldhash::fast::FixedState;
 
@@ -53,7 +57,7 @@ impl<V> Slot<V> {
     /// Sets the time to live (0 = none), counted from `now()`; returns the
     /// new `expires_at`, which the shard's [`Shard::expires`] must learn.
     #[inline]
-    #[must_use = "the shard's next expiry must learn the entry's new deadline (`Shard::expires`)"]
+    #[must_use = "the shard's expiry index must learn the entry's new deadline (`Shard::expires`)"]
     pub(crate) fn set_ttl(&mut self, ttl: u64, now: impl FnOnce() -> u64) -> u64 {
         self.ttl = ttl;
         self.expires_at = if ttl == 0 { 0 } else { now().saturating_add(ttl) };
@@ -77,9 +81,12 @@ pub(crate) struct Shard<K, V> {
     pub(crate) listeners: Listeners<K>,
     /// Loads in flight (`get_or_insert_with`), by key.
     pub(crate) loads: Loads<K, V>,
-    /// No entry of this shard expires before this clock reading (`u64::MAX`:
-    /// none can expire): a sweep before it has nothing to look for.
-    next_expiry: u64,
+    /// The deadlines of the shard's entries: every entry that can expire
+    /// has a record here (its deadline, its key's hash). Records whose entry
+    /// has since gone, or changed its deadline, stay until they come due and
+    /// then find nothing; they are dropped when the index is rebuilt (see
+    /// [`EXPIRIES_SLACK`]).
+    expiries: Expiries,
     rng: u64,
     uses_since_aging: usize,
 }
@@ -92,7 +99,7 @@ impl<K: Hash + Eq, V: Clone> Shard<K, V> {
             version: 0,
             listeners,
             loads: Loads::default(),
-            next_expiry: u64::MAX,
+            expiries: Expiries::default(),
             rng: seed | 1,
             uses_since_aging: 0,
         }
@@ -101,41 +108,62 @@ impl<K: Hash + Eq, V: Clone> Shard<K, V> {
     /// Stores an entry for a key that has none; returns its index.
     #[inline]
     pub(crate) fn insert(&mut self, key: K, slot: Slot<V>) -> usize {
-        self.expires(slot.expires_at);
-        self.map.insert_new(key, slot)
+        let hash = self.map.hash(&key);
+        if slot.expires_at != 0 {
+            self.index_expiry(slot.expires_at, hash);
+        }
+        self.map.insert_hashed(hash, key, slot)
     }
 
-    /// Learns that an entry now expires at `expires_at` (0 = never).
+    /// Learns that `key`'s entry now expires at `expires_at` (0 = never).
     #[inline]
-    pub(crate) fn expires(&mut self, expires_at: u64) {
-        if expires_at != 0 && expires_at < self.next_expiry {
-            self.next_expiry = expires_at;
+    pub(crate) fn expires<Q>(&mut self, key: &Q, expires_at: u64)
+    where
+        K: Borrow<Q>,
+        Q: Hash + Eq + ?Sized,
+    {
+        if expires_at != 0 {
+            let hash = self.map.hash(key);
+            self.index_expiry(expires_at, hash);
         }
+    }
+
+    #[inline]
+    fn index_expiry(&mut self, expires_at: u64, hash: u64) {
+        self.expiries.push(expires_at, hash);
+        if self.expiries.len() > self.map.len().saturating_mul(2).saturating_add(EXPIRIES_SLACK) {
+            self.rebuild_expiries();
+        }
+    }
+
+    /// Indexes the deadlines of the entries as they are now, dropping every
+    /// record that no longer has an entry.
+    #[cold]
+    fn rebuild_expiries(&mut self) {
+        let map = &self.map;
+        let records =
+            map.iter().filter(|(_, slot)| slot.expires_at != 0).map(|(key, slot)| (slot.expires_at, map.hash(key)));
+        self.expiries = Expiries::from_records(records);
     }
 
     /// Removes every entry expired at `now()`, handing each key to
-    /// `expired`; does not look at the entries at all when none can have
-    /// expired yet (nor read the clock when none can expire).
-    pub(crate) fn remove_expired_at(&mut self, now: impl FnOnce() -> u64, mut expired: impl FnMut(&K)) {
-        if self.next_expiry == u64::MAX {
+    /// `expired`. It looks only at the entries whose deadlines have come
+    /// (and at records of entries since gone), and reads the clock only if
+    /// some entry can expire.
+    pub(crate) fn remove_expired_at(&mut self, now: impl FnOnce() -> u64, mut expired: impl FnMut(K)) {
+        if self.expiries.is_empty() {
             return;
         }
         let now = now();
-        if now < self.next_expiry {
-            return;
+        while let Some(hash) = self.expiries.pop_due(now) {
+            self.map.remove_hashed_where(hash, |slot| slot.is_expired(|| now), &mut expired);
         }
-        let mut next = u64::MAX;
-        self.map.retain(|k, slot| {
-            if slot.is_expired(|| now) {
-                expired(k);
-                return false;
-            }
-            if slot.expires_at != 0 {
-                next = next.min(slot.expires_at);
-            }
-            true
-        });
-        self.next_expiry = next;
+    }
+
+    /// Removes every entry.
+    pub(crate) fn clear(&mut self) {
+        self.map.clear();
+        self.expiries.clear();
     }
 
     #[inline]
@@ -235,4 +263,80 @@ impl<K: Hash + Eq, V: Clone> Shard<K, V> {
 /// The listeners every shard starts with: none.
 pub(crate) fn no_listeners<K>() -> Listeners<K> {
     Arc::from(Vec::new())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn shard() -> Shard<u64, u64> {
+        Shard::new(usize::MAX, no_listeners(), 1, MapHasher::with_seed(7))
+    }
+
+    /// An entry of `key` expiring at clock reading `at`.
+    fn put(s: &mut Shard<u64, u64>, key: u64, at: u64) {
+        s.insert(key, Slot::new(key, at, || 0));
+    }
+
+    fn sweep(s: &mut Shard<u64, u64>, now: u64) -> Vec<u64> {
+        let mut expired = Vec::new();
+        s.remove_expired_at(|| now, |k| expired.push(k));
+        expired.sort_unstable();
+        expired
+    }
+
+    #[test]
+    fn a_sweep_takes_only_the_records_that_came_due() {
+        let mut s = shard();
+        for key in 1..=10_000 {
+            put(&mut s, key, key);
+        }
+        s.insert(0, Slot::new(0, 0, || 0));
+        assert_eq!(sweep(&mut s, 100), (1..=100).collect::<Vec<_>>());
+        assert_eq!(s.expiries.len(), 9_900, "the records not yet due are left alone");
+        assert_eq!(s.map.len(), 9_901);
+        assert_eq!(sweep(&mut s, 100), [], "nothing is due twice");
+    }
+
+    #[test]
+    fn a_record_whose_entry_went_or_moved_its_deadline_finds_nothing() {
+        let mut s = shard();
+        put(&mut s, 1, 10);
+        put(&mut s, 2, 10);
+        assert!(s.map.remove(&1).is_some());
+        put(&mut s, 1, 50); // the same key again, later
+        let moved = s.map.get_full_mut(&2).map(|(_, _, slot)| slot.set_ttl(60, || 0));
+        s.expires(&2, moved.unwrap_or(0));
+        assert_eq!(sweep(&mut s, 20), []);
+        assert_eq!(sweep(&mut s, 50), [1]);
+        assert_eq!(sweep(&mut s, 60), [2]);
+        assert!(s.map.is_empty() && s.expiries.is_empty());
+    }
+
+    #[test]
+    fn deadlines_moved_again_and_again_keep_the_index_small() {
+        let mut s = shard();
+        for key in 0..10 {
+            put(&mut s, key, 1_000);
+        }
+        for at in 1_001..100_000 {
+            let key = at % 10;
+            let moved = s.map.get_full_mut(&key).map(|(_, _, slot)| slot.set_ttl(at, || 0));
+            s.expires(&key, moved.unwrap_or(0));
+            assert!(s.expiries.len() <= 2 * 10 + EXPIRIES_SLACK + 1, "{} records", s.expiries.len());
+        }
+        assert_eq!(sweep(&mut s, 99_989), [], "every entry's deadline is later");
+        assert_eq!(sweep(&mut s, 100_000), (0..10).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn a_shard_without_deadlines_does_not_read_the_clock() {
+        let mut s = shard();
+        s.insert(1, Slot::new(1, 0, || 0));
+        s.remove_expired_at(|| panic!("the clock was read"), |_| {});
+        s.clear();
+        put(&mut s, 2, 5);
+        s.clear();
+        s.remove_expired_at(|| panic!("the clock was read after a clear"), |_| {});
+    }
 }
