@@ -6,12 +6,18 @@
 //! (usually in under a millisecond): on a busy machine that estimate was
 //! measured up to 0.03 % off (a second an hour), and the system clock itself
 //! is steered by NTP (by up to 0.05 %), which a fixed rate would not follow.
-//! So the first reading due (after 1 ms, then twice as long each time, up to
-//! every [`MAX_INTERVAL`]) reads both clocks and starts a new line there, at
-//! the system clock's reading, with the rate measured over the whole run so
-//! far. A reading never goes back for its thread: a line that set the time
-//! back (by the little its predecessor ran ahead) holds that thread's
-//! readings where they were until it catches up.
+//! So a line holds only until it is due (1 ms after the start, then twice as
+//! long each time, up to [`MAX_INTERVAL`]). The first reader past that reads
+//! the system clock and starts the next line there, with the rate measured
+//! over the whole run so far; a reader past it that cannot (another is at
+//! it) reads the system clock itself. A reading is thus never further from
+//! the system clock than a line's rate can stray in one interval, plus the
+//! error of reading both clocks at once (microseconds), unless the counter
+//! stops while the system clock goes on.
+//!
+//! A reading never goes back for its thread: a line that sets the time back
+//! (by what its predecessor ran ahead) holds that thread's readings where
+//! they were until it catches up.
 
 use std::cell::Cell;
 use std::sync::atomic::{fence, AtomicU64, Ordering};
@@ -31,18 +37,20 @@ const MAX_INTERVAL: u64 = 100_000_000;
 const READING_TRIES: usize = 4;
 /// A reading of both clocks whose ticks around the system clock's are
 /// further apart than this many nanoseconds (the thread was preempted in
-/// each try) starts no line: the line stays due.
+/// each try) starts no line.
 const READING_WIDTH: u64 = 20_000;
-/// One of the clocks leapt (the counter stopped, or was reset) when the
-/// system clock's nanoseconds since the last line's start differ from what
-/// the rate measured over the whole run makes of the counter's ticks by more
-/// than this fraction of them (or 10 µs).
+/// One of the clocks leapt (the counter stopped, or was reset, or the system
+/// was suspended) when the system clock's nanoseconds since the last line's
+/// start differ from what that line makes of the counter's ticks by more
+/// than this fraction of them, or [`LEAP_FLOOR`]...
 const LEAP_FRACTION: u64 = 1_000;
+/// ...nanoseconds (over twice the error of two readings of both clocks).
+const LEAP_FLOOR: u64 = 50_000;
 /// How many lines are kept for readers (a reader that finds the one it read
 /// overwritten meanwhile reads again).
 const SLOTS: usize = 4;
 
-/// `nanos + (tick - from) × rate`, and the tick from which the next line is due.
+/// `nanos + (tick - from) × rate`, held until the tick `due`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct Line {
     from: u64,
@@ -58,11 +66,11 @@ impl Line {
         self.nanos.saturating_add(scale(tick.saturating_sub(self.from), self.rate))
     }
 
-    /// Whether a reader at `tick` should start the next line: it is due, or
-    /// the tick is before this line's start (the counter went back, or the
-    /// reader's tick was read before this line was).
+    /// Whether the line does not hold at `tick`: it is due, or the tick is
+    /// before its start (the counter went back, or the tick was read before
+    /// this line was started).
     #[inline]
-    fn needs_next(self, tick: u64) -> bool {
+    fn ends_before(self, tick: u64) -> bool {
         tick >= self.due || tick < self.from
     }
 }
@@ -90,27 +98,36 @@ fn ticks(nanos: u64, rate: u64) -> u64 {
 #[derive(Debug)]
 struct Fit {
     /// The reading of both clocks the rate is measured from: the first one,
-    /// or the last one after which a clock leapt.
+    /// or the first after one of the clocks leapt.
     first: (u64, u64),
     /// Nanoseconds from the last line's start to the next one's.
     interval: u64,
+    /// Whether the current line's rate can tell a leap: not when it was
+    /// kept across one (it may be the rate that made the line stray).
+    trusted: bool,
 }
 
 impl Fit {
     /// The line that follows `current`, from a `reading` of both clocks (a
     /// tick and the system's nanoseconds at it): it starts at the reading,
-    /// with the rate measured since [`first`](Self::first). If one of the
-    /// clocks leapt since `current` started, it keeps `current`'s rate
-    /// instead, and the rate is measured from this reading on.
+    /// with the rate measured since [`first`](Self::first).
+    ///
+    /// If the reading shows that one of the clocks leapt since `current`
+    /// started (it is further from `current` than [`LEAP_FRACTION`] allows),
+    /// the new line keeps `current`'s rate instead, and the rate is measured
+    /// from this reading on. A rate so kept is not trusted to tell the next
+    /// leap (a first estimate far off looks like a leap too): the line after
+    /// takes the rate measured since this reading whatever it shows.
     fn next(&mut self, current: Line, reading: (u64, u64)) -> Line {
         let (tick, nanos) = reading;
-        let measured = rate(nanos.saturating_sub(self.first.1), tick.saturating_sub(self.first.0));
         let leapt = tick < current.from
             || nanos < current.nanos
-            || measured.is_none_or(|measured| {
-                let (theirs, ours) = (nanos - current.nanos, scale(tick - current.from, measured));
-                theirs.abs_diff(ours) > (theirs / LEAP_FRACTION).max(10_000)
-            });
+            || self.trusted && {
+                let (theirs, ours) = (nanos - current.nanos, scale(tick - current.from, current.rate));
+                theirs.abs_diff(ours) > (theirs / LEAP_FRACTION).max(LEAP_FLOOR)
+            };
+        self.trusted = !leapt;
+        let measured = rate(nanos.saturating_sub(self.first.1), tick.saturating_sub(self.first.0));
         let rate = match measured {
             Some(rate) if !leapt => rate,
             _ => current.rate,
@@ -121,6 +138,33 @@ impl Fit {
         }
         self.interval = self.interval.saturating_mul(2).min(MAX_INTERVAL);
         Line { from: tick, nanos, rate, due: tick.saturating_add(ticks(self.interval, rate).max(1)) }
+    }
+}
+
+/// The two clocks a [`Counter`] maps one to the other.
+pub(super) trait Source {
+    /// The counter's ticks.
+    fn tick(&self) -> u64;
+    /// The system clock's nanoseconds since the source was made.
+    fn nanos(&self) -> u64;
+}
+
+/// The time-stamp counter, through `quanta` (which reads the system's
+/// monotonic clock instead where the counter is not invariant), and the
+/// system's monotonic clock.
+pub(super) struct System {
+    clock: quanta::Clock,
+    origin: Instant,
+}
+
+impl Source for System {
+    #[inline]
+    fn tick(&self) -> u64 {
+        self.clock.raw()
+    }
+
+    fn nanos(&self) -> u64 {
+        saturating_nanos(self.origin.elapsed())
     }
 }
 
@@ -184,11 +228,9 @@ impl Published {
     }
 }
 
-/// The time-stamp counter (or, where it is not invariant, the system's
-/// monotonic clock), read in nanoseconds since the counter was made.
-pub(super) struct Counter {
-    clock: quanta::Clock,
-    origin: Instant,
+/// The counter: [`Source::tick`] read as nanoseconds of [`Source::nanos`].
+pub(super) struct Counter<S = System> {
+    source: S,
     published: Published,
     fit: Mutex<Fit>,
 }
@@ -198,63 +240,66 @@ impl Counter {
     pub(super) fn new() -> Self {
         let clock = quanta::Clock::new();
         let rate = clock.delta_as_nanos(0, 1 << FRACTION_BITS);
-        Self::with_rate(clock, rate)
+        Counter::with_rate(System { clock, origin: Instant::now() }, rate)
     }
+}
 
-    fn with_rate(clock: quanta::Clock, rate: u64) -> Self {
-        let (tick, origin) =
-            narrowest(&clock, Instant::now).map_or_else(|| (clock.raw(), Instant::now()), |(_, tick, at)| (tick, at));
+impl<S: Source> Counter<S> {
+    fn with_rate(source: S, rate: u64) -> Self {
+        let (tick, nanos) = narrowest(&source).map_or_else(|| (source.tick(), source.nanos()), |(_, t, n)| (t, n));
         let rate = rate.max(1);
-        let first = Line { from: tick, nanos: 0, rate, due: tick.saturating_add(ticks(FIRST_INTERVAL, rate)) };
-        let fit = Fit { first: (tick, 0), interval: FIRST_INTERVAL };
-        Counter { clock, origin, published: Published::new(first), fit: Mutex::new(fit) }
+        let first = Line { from: tick, nanos, rate, due: tick.saturating_add(ticks(FIRST_INTERVAL, rate)) };
+        let fit = Fit { first: (tick, nanos), interval: FIRST_INTERVAL, trusted: true };
+        Counter { source, published: Published::new(first), fit: Mutex::new(fit) }
     }
 
-    /// Nanoseconds since the counter was made; never less than `last`, the
-    /// calling thread's previous reading, which it updates.
+    /// The system clock's nanoseconds now, by the counter; never less than
+    /// `last`, the calling thread's previous reading, which it updates.
     #[inline]
     pub(super) fn nanos(&self, last: &Cell<u64>) -> u64 {
-        let tick = self.clock.raw();
-        let mut line = self.published.load();
-        if line.needs_next(tick) {
-            line = self.next_line();
-        }
-        let nanos = line.at(tick).max(last.get());
+        let tick = self.source.tick();
+        let line = self.published.load();
+        let nanos = if line.ends_before(tick) { self.past_line() } else { line.at(tick) };
+        let nanos = nanos.max(last.get());
         last.set(nanos);
         nanos
     }
 
-    /// Starts the next line, unless another thread is at it; returns the
-    /// line in force then.
+    /// A reading for a thread whose tick the line in force does not cover:
+    /// it starts the next line, or reads by one started meanwhile, or (while
+    /// another thread is starting one, or when the clocks cannot be read
+    /// together) reads the system clock itself.
     #[cold]
-    fn next_line(&self) -> Line {
+    fn past_line(&self) -> u64 {
         if let Some(mut fit) = self.fit.try_lock() {
             let current = self.published.load();
-            // The caller's tick may have been read before `current` started.
-            if current.needs_next(self.clock.raw()) {
-                let reading = narrowest(&self.clock, || saturating_nanos(self.origin.elapsed()));
-                if let Some((width, tick, nanos)) = reading {
-                    if width <= ticks(READING_WIDTH, current.rate) {
-                        self.published.store(fit.next(current, (tick, nanos)));
-                    }
+            let tick = self.source.tick();
+            if !current.ends_before(tick) {
+                return current.at(tick); // started meanwhile
+            }
+            if let Some((width, tick, nanos)) = narrowest(&self.source) {
+                if width <= ticks(READING_WIDTH, current.rate) {
+                    self.published.store(fit.next(current, (tick, nanos)));
+                    return nanos;
                 }
             }
         }
-        self.published.load()
+        self.source.nanos()
     }
 }
 
-/// The narrowest of a few brackets of ticks around a call of `read`, if the
-/// ticks went forward in any (a thread moved to a core whose counter is
-/// behind): its width, its middle tick and what `read` returned.
-fn narrowest<T>(clock: &quanta::Clock, mut read: impl FnMut() -> T) -> Option<(u64, u64, T)> {
-    let mut best: Option<(u64, u64, T)> = None;
+/// The narrowest of a few brackets of ticks around a reading of the system
+/// clock, if the ticks went forward in any (a thread moved to a core whose
+/// counter is behind): its width in ticks, its middle tick, and the system
+/// clock's nanoseconds.
+fn narrowest(source: &impl Source) -> Option<(u64, u64, u64)> {
+    let mut best: Option<(u64, u64, u64)> = None;
     for _ in 0..READING_TRIES {
-        let before = clock.raw();
-        let value = read();
-        let Some(width) = clock.raw().checked_sub(before) else { continue };
-        if best.as_ref().is_none_or(|&(narrowest, ..)| width < narrowest) {
-            best = Some((width, before + width / 2, value));
+        let before = source.tick();
+        let nanos = source.nanos();
+        let Some(width) = source.tick().checked_sub(before) else { continue };
+        if best.is_none_or(|(narrowest, ..)| width < narrowest) {
+            best = Some((width, before + width / 2, nanos));
         }
     }
     best
@@ -270,61 +315,76 @@ pub(super) mod tests {
     /// The simulated counter's true rate: 3 ticks a nanosecond.
     const TRUE_RATE: u64 = (1 << FRACTION_BITS) / 3;
 
-    /// A simulated run of 1 s in steps of 10 µs: the counter reads
-    /// `counter(real)` at each real tick (3 a nanosecond from [`START`]),
-    /// the system clock `system(real)` (give or take `noise` ns), and the
-    /// first line's rate is `skew` times the true one. One thread reads, as
-    /// [`Counter::nanos`] does, except at the `idle` steps. Returns the
-    /// largest gap between its readings and the system clock from `settled`
-    /// ns of the run on, and the largest step back its lines took (which
-    /// the thread's last reading held back), from `settled` on too.
-    fn run(
-        skew: f64,
+    /// Simulated clocks: at each real tick (3 a nanosecond from [`START`]),
+    /// the counter reads `counter(real)` and the system clock
+    /// `system(real)`, plus `noise` ns every other reading.
+    struct Sim<C, Y> {
+        real: Cell<u64>,
+        counter: C,
+        system: Y,
         noise: u64,
-        settled: u64,
-        idle: std::ops::Range<u64>,
-        system: impl Fn(u64) -> u64,
-        counter: impl Fn(u64) -> u64,
-    ) -> (u64, u64) {
-        let rate = (TRUE_RATE as f64 * skew) as u64;
-        let mut line = Line { from: START, nanos: system(START), rate, due: START + ticks(FIRST_INTERVAL, rate) };
-        let mut fit = Fit { first: (START, system(START)), interval: FIRST_INTERVAL };
-        let last = Cell::new(0u64);
-        let (mut worst, mut back, mut lines) = (0, 0, 0);
-        for step in (0..100_000u64).filter(|step| !idle.contains(step)) {
-            let real = START + step * 30_000;
-            let tick = counter(real);
-            if line.needs_next(tick) {
-                let wobble = if lines % 2 == 0 { noise } else { 0 };
-                line = fit.next(line, (tick, system(real) + wobble));
-                lines += 1;
-            }
-            let unclamped = line.at(tick);
-            let nanos = unclamped.max(last.get());
-            if (real - START) / 3 >= settled {
-                worst = worst.max(nanos.abs_diff(system(real)));
-                back = back.max(last.get().saturating_sub(unclamped));
-            }
-            last.set(nanos);
+        reads: Cell<u64>,
+        /// Real ticks each reading of the system clock takes.
+        cost: Cell<u64>,
+    }
+
+    impl<C: Fn(u64) -> u64, Y: Fn(u64) -> u64> Source for Sim<C, Y> {
+        fn tick(&self) -> u64 {
+            (self.counter)(self.real.get())
         }
-        assert!(lines > 2, "{lines} lines");
-        (worst, back)
+
+        fn nanos(&self) -> u64 {
+            self.reads.set(self.reads.get() + 1);
+            self.real.set(self.real.get() + self.cost.get());
+            (self.system)(self.real.get()) + if self.reads.get() % 2 == 0 { self.noise } else { 0 }
+        }
     }
 
     fn steady(real: u64) -> u64 {
         (real - START) / 3
     }
 
+    fn same(real: u64) -> u64 {
+        real
+    }
+
+    /// A counter over simulated clocks whose first line's rate is `skew`
+    /// times the true one.
+    fn sim<C: Fn(u64) -> u64, Y: Fn(u64) -> u64>(skew: f64, noise: u64, counter: C, system: Y) -> Counter<Sim<C, Y>> {
+        let sim = Sim { real: Cell::new(START), counter, system, noise, reads: Cell::new(0), cost: Cell::new(0) };
+        Counter::with_rate(sim, (TRUE_RATE as f64 * skew) as u64)
+    }
+
+    /// Reads `counter` by one thread every microsecond for a second, but
+    /// for the steps in `idle`; returns the largest gap between its readings
+    /// and the system clock from `settled` ns of the run on.
+    fn run<C: Fn(u64) -> u64, Y: Fn(u64) -> u64>(
+        counter: &Counter<Sim<C, Y>>,
+        settled: u64,
+        idle: std::ops::Range<u64>,
+    ) -> u64 {
+        let last = Cell::new(0);
+        let mut worst = 0;
+        for step in (0..1_000_000u64).filter(|step| !idle.contains(step)) {
+            let real = START + step * 3_000;
+            counter.source.real.set(real);
+            let nanos = counter.nanos(&last);
+            if steady(real) >= settled {
+                worst = worst.max(nanos.abs_diff((counter.source.system)(real)));
+            }
+        }
+        worst
+    }
+
     #[test]
     fn a_miscalibrated_counter_is_brought_to_the_system_clock() {
         for skew in [1.0, 0.9997, 1.0003, 0.98, 1.02, 0.5, 1.6] {
             // Within 1 µs of the system clock once the first lines have
-            // measured the rate (here after 10 ms), with or without noise
-            // in the readings; its lines never set it back by more.
+            // measured the rate (here after 10 ms), with or without noise in
+            // the system clock's readings.
             for noise in [0, 200] {
-                let (worst, back) = run(skew, noise, 10_000_000, 0..0, steady, |real| real);
+                let worst = run(&sim(skew, noise, same, steady), 10_000_000, 0..0);
                 assert!(worst <= 1_000, "skew {skew}, noise {noise}: {worst} ns off after settling");
-                assert!(back <= 1_000, "skew {skew}, noise {noise}: set back {back} ns after settling");
             }
         }
     }
@@ -332,31 +392,93 @@ pub(super) mod tests {
     #[test]
     fn a_reading_after_an_idle_spell_is_on_time() {
         // Read for 10 ms, idle for 980 ms (no line is started), then read
-        // again: the first reading after it starts a new line, on time.
-        let (worst, _) = run(1.0003, 200, 990_000_000, 1_000..99_000, steady, |real| real);
+        // again: the first reading after it is on time.
+        let worst = run(&sim(1.0003, 200, same, steady), 990_000_000, 10_000..990_000);
         assert!(worst <= 1_000, "{worst} ns off after the idle time");
     }
 
     #[test]
-    fn a_system_clock_that_leaps_ahead_is_followed_at_once() {
-        // The system clock leaps 1 s ahead after 300 ms (the counter was
-        // stopped, say): the next line (due at 327 ms) leaps too, and the
-        // rate measured across the leap is not taken.
-        let system = |real: u64| steady(real) + if steady(real) >= 300_000_000 { 1_000_000_000 } else { 0 };
-        let (worst, _) = run(1.0, 0, 330_000_000, 0..0, system, |real| real);
-        assert!(worst <= 1_000, "{worst} ns off after the leap");
+    fn a_system_clock_that_leaps_ahead_is_followed_by_the_next_line() {
+        // The system clock leaps 1 s ahead (the counter stopped, say), early
+        // on or later: from the next line on (due by 2 ms or 327 ms), the
+        // readings keep to it, at the rate measured before the leap.
+        for (at, next_line) in [(500_000, 2_000_000), (300_000_000, 327_000_000)] {
+            let system = move |real| steady(real) + if steady(real) >= at { 1_000_000_000 } else { 0 };
+            let worst = run(&sim(1.0003, 0, same, system), next_line, 0..0);
+            assert!(worst <= 1_000, "leap at {at} ns: {worst} ns off after it");
+        }
     }
 
     #[test]
-    fn a_counter_that_goes_back_is_followed_without_going_back() {
+    fn a_counter_that_leaps_ahead_is_read_on_time() {
+        // The counter leaps an hour ahead while the system clock does not
+        // (a suspend the counter ran through), early on or later: the first
+        // reading after it is on time, and so are the next.
+        for at in [500_000, 300_000_000] {
+            let counter = move |real| real + if steady(real) >= at { 3 * 3_600_000_000_000 } else { 0 };
+            let worst = run(&sim(1.0003, 0, counter, steady), at, 0..0);
+            assert!(worst <= 1_000, "leap at {at} ns: {worst} ns off after it");
+        }
+    }
+
+    #[test]
+    fn a_counter_that_goes_back_is_read_on_time() {
         // The counter restarts from near zero after 300 ms (a reset on
         // resuming, say) while the system clock goes on: the first reading
-        // after it starts a new line at the system clock, and readings keep
-        // to the system clock again at once (the run checks they never go
-        // back).
-        let counter = |real: u64| if real >= 901_000_000 { real - 900_000_000 } else { real };
-        let (worst, _) = run(1.0, 0, 300_000_000, 0..0, steady, counter);
+        // after it is on time, and so are the next.
+        let counter = |real| if real >= 901_000_000 { real - 900_000_000 } else { real };
+        let worst = run(&sim(1.0003, 0, counter, steady), 300_000_000, 0..0);
         assert!(worst <= 1_000, "{worst} ns off after the reset");
+    }
+
+    #[test]
+    fn a_reader_past_the_line_while_another_starts_the_next_reads_the_system_clock() {
+        let counter = sim(1.0, 0, |real| real + if real > 3 * START { 30_000_000_000 } else { 0 }, steady);
+        let last = Cell::new(0);
+        counter.source.real.set(4 * START);
+        let held = counter.fit.lock();
+        assert_eq!(counter.nanos(&last), 1_000_000, "the system clock's reading");
+        drop(held);
+        counter.source.real.set(5 * START);
+        assert_eq!(counter.nanos(&last), 1_333_333, "by the next line");
+    }
+
+    #[test]
+    fn clocks_that_cannot_be_read_together_start_no_line() {
+        // Each reading of the system clock takes 30 µs (a preempted thread):
+        // past the line, the reading is the system clock's, and no line is
+        // started until the clocks can be read together again.
+        let counter = sim(1.0, 0, same, steady);
+        let first = counter.published.load();
+        counter.source.cost.set(90_000);
+        counter.source.real.set(first.due);
+        let nanos = counter.nanos(&Cell::new(0));
+        assert_eq!(nanos, steady(counter.source.real.get()), "the system clock's reading");
+        assert_eq!(counter.published.load(), first, "no line started");
+        counter.source.cost.set(0);
+        let real = counter.source.real.get() + 3;
+        counter.source.real.set(real);
+        assert_eq!(counter.nanos(&Cell::new(0)), steady(real));
+        assert_ne!(counter.published.load(), first, "a line started");
+    }
+
+    #[test]
+    fn a_thread_s_readings_never_go_back() {
+        // A first line 2% fast is ahead when the next line is due, which
+        // starts at the system clock's reading: the thread's readings stay
+        // where they were until the system clock gets there.
+        let counter = sim(1.02, 0, same, steady);
+        let last = Cell::new(0);
+        let due = counter.published.load().due;
+        counter.source.real.set(due - 1);
+        let ahead = counter.nanos(&last);
+        assert!(ahead > steady(due) + 10_000, "{ahead} ns, 2% ahead of {}", steady(due - 1));
+        counter.source.real.set(due);
+        assert_eq!(counter.nanos(&last), ahead, "held");
+        assert_eq!(counter.nanos(&Cell::new(0)), steady(due), "another thread's first reading");
+        let caught_up = due + 3 * (ahead - steady(due)) + 30;
+        counter.source.real.set(caught_up);
+        assert!(counter.nanos(&last).abs_diff(steady(caught_up)) <= 1, "caught up");
     }
 
     #[test]
@@ -364,11 +486,36 @@ pub(super) mod tests {
         let line = Line { from: 100, nanos: 10, rate: 2 << FRACTION_BITS, due: 300 };
         assert_eq!(line.at(50), 10, "before its start: its start");
         assert_eq!(line.at(150), 110);
-        assert!(!line.needs_next(299) && line.needs_next(300) && line.needs_next(99));
+        assert!(!line.ends_before(299) && line.ends_before(300) && line.ends_before(99));
         let line = Line { from: 0, nanos: u64::MAX - 1, rate: u64::MAX, due: u64::MAX };
         assert_eq!(line.at(u64::MAX), u64::MAX);
         assert_eq!(ticks(1, 0), u64::MAX, "no rate: never due");
         assert_eq!(rate(1, 0), None);
+    }
+
+    #[test]
+    fn a_line_is_never_read_half_written() {
+        // One thread publishes lines whose four fields are equal, as fast as
+        // it can; another reads and checks them.
+        let published = Published::new(Line { from: 0, nanos: 0, rate: 0, due: 0 });
+        let done = std::sync::atomic::AtomicBool::new(false);
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                for g in 1..200_000 {
+                    published.store(Line { from: g, nanos: g, rate: g, due: g });
+                }
+                done.store(true, Ordering::Release);
+            });
+            let mut reads = 0u64;
+            while !done.load(Ordering::Acquire) || reads == 0 {
+                let line = published.load();
+                assert!(
+                    line.nanos == line.from && line.rate == line.from && line.due == line.from,
+                    "half written: {line:?}"
+                );
+                reads += 1;
+            }
+        });
     }
 
     /// Over 300 ms, `read` never goes back and measures the time the
@@ -402,11 +549,11 @@ pub(super) mod tests {
 
     #[test]
     fn a_counter_started_a_twentieth_too_fast_keeps_to_the_system_clock() {
-        // The live counter and its lines, from a first estimate 5% off, read
-        // by two threads at once (either may start the next line).
+        // The live counter, from a first estimate 5% off, read by two
+        // threads at once (either may start the next line).
         let clock = quanta::Clock::new();
         let rate = clock.delta_as_nanos(0, 1 << FRACTION_BITS);
-        let counter = Counter::with_rate(clock, rate + rate / 20);
+        let counter = Counter::with_rate(System { clock, origin: Instant::now() }, rate + rate / 20);
         std::thread::scope(|s| {
             for _ in 0..2 {
                 s.spawn(|| {

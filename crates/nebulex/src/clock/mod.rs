@@ -110,6 +110,13 @@ pub(crate) fn monotonic_nanos() -> u64 {
     LAST.with(|last| counter().nanos(last))
 }
 
+/// [`monotonic_nanos`], not held at the thread's previous reading (which
+/// may be ahead of the system clock by what the counter's last line ran
+/// ahead).
+fn unheld_nanos() -> u64 {
+    counter().nanos(&Cell::new(0))
+}
+
 pub(crate) fn saturating_nanos(d: Duration) -> u64 {
     u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
 }
@@ -150,9 +157,9 @@ impl WallClock {
     fn sync(&self) -> u64 {
         let mut best = (u64::MAX, 0);
         for _ in 0..SYNC_TRIES {
-            let before = monotonic_nanos();
+            let before = unheld_nanos();
             let wall = unix_nanos(SystemTime::now());
-            let after = monotonic_nanos();
+            let after = unheld_nanos();
             let width = after.saturating_sub(before);
             if width < best.0 {
                 best = (width, wall.wrapping_sub(before.saturating_add(width / 2)));
