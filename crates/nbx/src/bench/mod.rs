@@ -12,6 +12,7 @@ mod progress;
 mod raw;
 mod report;
 mod stream;
+mod sweep;
 mod throughput;
 mod workload;
 mod zipf;
@@ -56,6 +57,8 @@ pub(crate) struct Config {
     pub(crate) lookups: usize,
     /// Repetitions of each throughput measurement (the median is kept).
     pub(crate) reps: usize,
+    /// Repetitions of the sweep measurement (the median is kept).
+    pub(crate) sweep_reps: usize,
     /// Rounds of the listener-overhead measurement (each: one fill with a
     /// stream, one without).
     pub(crate) listener_rounds: usize,
@@ -86,6 +89,7 @@ impl Config {
             capacity: 1_100_000,
             lookups: if quick { 250_000 } else { 1_000_000 },
             reps: if quick { 3 } else { 5 },
+            sweep_reps: if quick { 1 } else { 3 },
             listener_rounds: if quick { 5 } else { 11 },
             e2e_reps: if quick { 5 } else { 9 },
             zipf_accesses: if quick { 1_000_000 } else { 2_000_000 },
@@ -116,6 +120,7 @@ pub(crate) fn run(args: &BenchArgs) -> BenchResult<()> {
     // First, while no other thread of ours is alive to allocate.
     let memory = quiet_step("memory", || memory::measure(&config, &keys))?;
     let throughput = step("put/get throughput", || throughput::measure(&config, &keys))?;
+    let sweep = step("sweep of what came due", || sweep::measure(&config, &keys))?;
     let listener = step("listener overhead", || listener::measure(&config, &keys))?;
     let stream = step("stream e2e: moka, 1 partition, 4 partitions", || stream::measure(&config, &keys))?;
     drop(keys);
@@ -129,6 +134,7 @@ pub(crate) fn run(args: &BenchArgs) -> BenchResult<()> {
     let figures = Figures {
         quick: config.quick,
         throughput,
+        sweep,
         listener,
         stream,
         hit_ratio,

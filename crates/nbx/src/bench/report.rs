@@ -11,6 +11,7 @@ use super::hit_ratio::HitRatio;
 use super::listener::ListenerOverhead;
 use super::memory::Memory;
 use super::stream::{Latency, StreamFigures};
+use super::sweep::Sweep;
 use super::throughput::Throughput;
 use crate::dates::civil_from_days;
 
@@ -20,6 +21,8 @@ pub(crate) struct Figures {
     pub(crate) quick: bool,
     /// Single-thread put/get rates, ours and the peers'.
     pub(crate) throughput: Throughput,
+    /// The time to sweep the entries that came due among all the others.
+    pub(crate) sweep: Sweep,
     /// Put time with an idle stream against none.
     pub(crate) listener: ListenerOverhead,
     /// End-to-end stream throughput, with 1 and 4 partitions, paired with
@@ -109,6 +112,10 @@ impl Figures {
     fn get_ttl_vs_moka(&self) -> f64 {
         ratio(self.throughput.ttl.get, self.throughput.moka_ttl.get)
     }
+    /// Our sweep's time over moka's (lower is better).
+    fn sweep_time_vs_moka(&self) -> f64 {
+        ratio(self.sweep.ours.as_secs_f64(), self.sweep.moka.as_secs_f64())
+    }
     fn stream_vs_moka(&self) -> f64 {
         self.stream.vs_moka
     }
@@ -142,6 +149,10 @@ impl Figures {
                 "get_ttl_ops_per_sec": whole(t.ttl.get),
                 "moka_ttl_get_ops_per_sec": whole(t.moka_ttl.get),
                 "get_ttl_vs_moka": round(self.get_ttl_vs_moka(), 3),
+                "sweep_due_entries": self.sweep.due,
+                "sweep_us": round(self.sweep.ours.as_secs_f64() * 1e6, 1),
+                "moka_sweep_us": round(self.sweep.moka.as_secs_f64() * 1e6, 1),
+                "sweep_time_vs_moka": round(self.sweep_time_vs_moka(), 3),
                 "listener_overhead": round(self.listener.ratio(), 3),
                 "stream_e2e_events_per_sec": whole(self.stream.one.events_per_sec),
                 "stream_e2e_lagged": self.stream.one.lagged,
@@ -261,6 +272,13 @@ impl Figures {
                 ours: ops(t.ttl.get),
                 peer: ops(t.moka_ttl.get),
                 ratio: Some(self.get_ttl_vs_moka()),
+                target: None,
+            },
+            Row {
+                figure: format!("sweep us, {} due of all, vs moka", self.sweep.due),
+                ours: format!("{:.1}", self.sweep.ours.as_secs_f64() * 1e6),
+                peer: format!("{:.1}", self.sweep.moka.as_secs_f64() * 1e6),
+                ratio: Some(self.sweep_time_vs_moka()),
                 target: None,
             },
             Row {

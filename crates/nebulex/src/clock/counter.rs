@@ -5,15 +5,18 @@
 //! The counter's rate is first estimated when the first cache is built
 //! (usually in under a millisecond): on a busy machine that estimate was
 //! measured up to 0.03 % off (a second an hour), and the system clock itself
-//! is steered by NTP (by up to 0.05 %), which a fixed rate would not follow.
+//! is steered by NTP (by up to 0.05 % to correct a drift, and by several
+//! percent for a while to slew a large offset away), which a fixed rate
+//! would not follow.
 //! So a line holds only until it is due (1 ms after the start, then twice as
 //! long each time, up to [`MAX_INTERVAL`]). The first reader past that reads
-//! the system clock and starts the next line there, with the rate measured
-//! over the whole run so far; a reader past it that cannot (another is at
-//! it) reads the system clock itself. A reading is thus never further from
+//! the system clock and starts the next line there, with the rate the two
+//! clocks kept since the last one; a reader past it that cannot (another is
+//! at it) reads the system clock itself. A reading is thus never further from
 //! the system clock than a line's rate can stray in one interval, plus the
 //! error of reading both clocks at once (microseconds), unless the counter
-//! stops while the system clock goes on.
+//! stops while the system clock goes on, or changes its rate (then by up to
+//! that change over one interval, for up to two lines).
 //!
 //! A reading never goes back for its thread: a line that sets the time back
 //! (by what its predecessor ran ahead) holds that thread's readings where
@@ -97,9 +100,6 @@ fn ticks(nanos: u64, rate: u64) -> u64 {
 /// What starting a new line needs to know of the earlier ones.
 #[derive(Debug)]
 struct Fit {
-    /// The reading of both clocks the rate is measured from: the first one,
-    /// or the first after one of the clocks leapt.
-    first: (u64, u64),
     /// Nanoseconds from the last line's start to the next one's.
     interval: u64,
     /// Whether the current line's rate can tell a leap: not when it was
@@ -110,14 +110,15 @@ struct Fit {
 impl Fit {
     /// The line that follows `current`, from a `reading` of both clocks (a
     /// tick and the system's nanoseconds at it): it starts at the reading,
-    /// with the rate measured since [`first`](Self::first).
+    /// with the rate the two clocks kept since `current` started (which
+    /// began at the previous reading).
     ///
-    /// If the reading shows that one of the clocks leapt since `current`
-    /// started (it is further from `current` than [`LEAP_FRACTION`] allows),
-    /// the new line keeps `current`'s rate instead, and the rate is measured
-    /// from this reading on. A rate so kept is not trusted to tell the next
-    /// leap (a first estimate far off looks like a leap too): the line after
-    /// takes the rate measured since this reading whatever it shows.
+    /// If the reading shows that one of the clocks leapt since then (it is
+    /// further from `current` than [`LEAP_FRACTION`] allows), the rate
+    /// measured across the leap is no rate: the new line keeps `current`'s.
+    /// A rate so kept is not trusted to tell the next leap (a first estimate
+    /// far off, or a system clock that began to slew, looks like a leap
+    /// too): the line after takes the rate measured whatever it shows.
     fn next(&mut self, current: Line, reading: (u64, u64)) -> Line {
         let (tick, nanos) = reading;
         let leapt = tick < current.from
@@ -127,15 +128,12 @@ impl Fit {
                 theirs.abs_diff(ours) > (theirs / LEAP_FRACTION).max(LEAP_FLOOR)
             };
         self.trusted = !leapt;
-        let measured = rate(nanos.saturating_sub(self.first.1), tick.saturating_sub(self.first.0));
+        let measured = rate(nanos.saturating_sub(current.nanos), tick.saturating_sub(current.from));
         let rate = match measured {
             Some(rate) if !leapt => rate,
             _ => current.rate,
         }
         .max(1);
-        if leapt {
-            self.first = reading;
-        }
         self.interval = self.interval.saturating_mul(2).min(MAX_INTERVAL);
         Line { from: tick, nanos, rate, due: tick.saturating_add(ticks(self.interval, rate).max(1)) }
     }
@@ -249,7 +247,7 @@ impl<S: Source> Counter<S> {
         let (tick, nanos) = narrowest(&source).map_or_else(|| (source.tick(), source.nanos()), |(_, t, n)| (t, n));
         let rate = rate.max(1);
         let first = Line { from: tick, nanos, rate, due: tick.saturating_add(ticks(FIRST_INTERVAL, rate)) };
-        let fit = Fit { first: (tick, nanos), interval: FIRST_INTERVAL, trusted: true };
+        let fit = Fit { interval: FIRST_INTERVAL, trusted: true };
         Counter { source, published: Published::new(first), fit: Mutex::new(fit) }
     }
 
@@ -355,8 +353,8 @@ pub(super) mod tests {
         Counter::with_rate(sim, (TRUE_RATE as f64 * skew) as u64)
     }
 
-    /// Reads `counter` by one thread every microsecond for a second, but
-    /// for the steps in `idle`; returns the largest gap between its readings
+    /// Reads `counter` by one thread every 2 µs for a second, but for the
+    /// steps in `idle`; returns the largest gap between its readings
     /// and the system clock from `settled` ns of the run on.
     fn run<C: Fn(u64) -> u64, Y: Fn(u64) -> u64>(
         counter: &Counter<Sim<C, Y>>,
@@ -365,8 +363,8 @@ pub(super) mod tests {
     ) -> u64 {
         let last = Cell::new(0);
         let mut worst = 0;
-        for step in (0..1_000_000u64).filter(|step| !idle.contains(step)) {
-            let real = START + step * 3_000;
+        for step in (0..500_000u64).filter(|step| !idle.contains(step)) {
+            let real = START + step * 6_000;
             counter.source.real.set(real);
             let nanos = counter.nanos(&last);
             if steady(real) >= settled {
@@ -393,7 +391,7 @@ pub(super) mod tests {
     fn a_reading_after_an_idle_spell_is_on_time() {
         // Read for 10 ms, idle for 980 ms (no line is started), then read
         // again: the first reading after it is on time.
-        let worst = run(&sim(1.0003, 200, same, steady), 990_000_000, 10_000..990_000);
+        let worst = run(&sim(1.0003, 200, same, steady), 990_000_000, 5_000..495_000);
         assert!(worst <= 1_000, "{worst} ns off after the idle time");
     }
 
@@ -406,6 +404,24 @@ pub(super) mod tests {
             let system = move |real| steady(real) + if steady(real) >= at { 1_000_000_000 } else { 0 };
             let worst = run(&sim(1.0003, 0, same, system), next_line, 0..0);
             assert!(worst <= 1_000, "leap at {at} ns: {worst} ns off after it");
+        }
+    }
+
+    #[test]
+    fn a_system_clock_that_slews_is_followed() {
+        // The system clock runs 1% or 8% fast from 300 ms to 450 ms (slewing
+        // an offset away): meanwhile the readings stray by at most that much
+        // of one longest interval (a line finds the change when it is due),
+        // and within two intervals of its end they keep to it again.
+        for percent in [1, 8] {
+            let system = move |real| {
+                let nanos = steady(real);
+                nanos + nanos.clamp(300_000_000, 450_000_000).saturating_sub(300_000_000) * percent / 100
+            };
+            let worst = run(&sim(1.0, 0, same, system), 0, 0..0);
+            assert!(worst <= MAX_INTERVAL * percent / 100 + 1_000, "{percent}%: {worst} ns off during the slew");
+            let worst = run(&sim(1.0, 0, same, system), 650_000_000, 0..0);
+            assert!(worst <= 1_000, "{percent}%: {worst} ns off after the slew");
         }
     }
 
