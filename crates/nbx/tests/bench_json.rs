@@ -25,6 +25,7 @@ const LOCAL: &[&str] = &[
     "get_ttl_ops_per_sec",
     "moka_ttl_get_ops_per_sec",
     "get_ttl_vs_moka",
+    "sweep_entries",
     "sweep_due_entries",
     "sweep_us",
     "moka_sweep_us",

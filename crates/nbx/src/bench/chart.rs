@@ -224,7 +224,12 @@ pub(super) mod tests {
                 ttl: PutGet { put: 5e6, get: 8e6 },
                 moka_ttl: PutGet { put: 6e5, get: 5e5 },
             },
-            sweep: Sweep { due: 278, ours: Duration::from_micros(200), moka: Duration::from_micros(900) },
+            sweep: Sweep {
+                entries: 1_000_000,
+                due: 278,
+                ours: Duration::from_micros(200),
+                moka: Duration::from_micros(900),
+            },
             listener: ListenerOverhead { plain: Duration::from_millis(100), streamed: Duration::from_millis(102) },
             stream: StreamFigures {
                 one: E2e { events_per_sec: 2e6, lagged: 0 },

@@ -59,6 +59,8 @@ pub(crate) struct Config {
     pub(crate) reps: usize,
     /// Repetitions of the sweep measurement (the median is kept).
     pub(crate) sweep_reps: usize,
+    /// Entries of the caches of the sweep measurement (the first of `keys`).
+    pub(crate) sweep_keys: usize,
     /// Rounds of the listener-overhead measurement (each: one fill with a
     /// stream, one without).
     pub(crate) listener_rounds: usize,
@@ -90,6 +92,7 @@ impl Config {
             lookups: if quick { 250_000 } else { 1_000_000 },
             reps: if quick { 3 } else { 5 },
             sweep_reps: if quick { 1 } else { 3 },
+            sweep_keys: if quick { 100_000 } else { 1_000_000 },
             listener_rounds: if quick { 5 } else { 11 },
             e2e_reps: if quick { 5 } else { 9 },
             zipf_accesses: if quick { 1_000_000 } else { 2_000_000 },

@@ -149,6 +149,7 @@ impl Figures {
                 "get_ttl_ops_per_sec": whole(t.ttl.get),
                 "moka_ttl_get_ops_per_sec": whole(t.moka_ttl.get),
                 "get_ttl_vs_moka": round(self.get_ttl_vs_moka(), 3),
+                "sweep_entries": self.sweep.entries,
                 "sweep_due_entries": self.sweep.due,
                 "sweep_us": round(self.sweep.ours.as_secs_f64() * 1e6, 1),
                 "moka_sweep_us": round(self.sweep.moka.as_secs_f64() * 1e6, 1),
@@ -275,7 +276,7 @@ impl Figures {
                 target: None,
             },
             Row {
-                figure: format!("sweep us, {} due of all, vs moka", self.sweep.due),
+                figure: format!("sweep us, {} due of {}, vs moka", self.sweep.due, self.sweep.entries),
                 ours: format!("{:.1}", self.sweep.ours.as_secs_f64() * 1e6),
                 peer: format!("{:.1}", self.sweep.moka.as_secs_f64() * 1e6),
                 ratio: Some(self.sweep_time_vs_moka()),

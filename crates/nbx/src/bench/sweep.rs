@@ -1,8 +1,9 @@
-//! Removing what came due: a cache of every key with an hour to live, of
-//! which every [`DUE_EVERY`]th is written again with a millisecond to live
-//! (what comes due each second in a cache whose entries live an hour), then
-//! swept once those are due: nebulex's `sweep_expired` against moka's
-//! `run_pending_tasks`, with the same times to live (through its `Expiry`).
+//! Removing what came due: a cache of 1 M keys (100 k in a quick run) with
+//! an hour to live, of which every [`DUE_EVERY`]th is written again with a
+//! millisecond to live (what comes due each second in a cache whose entries
+//! live an hour), then swept once those are due: nebulex's `sweep_expired`
+//! against moka's `run_pending_tasks`, with the same times to live (through
+//! its `Expiry`).
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -27,7 +28,9 @@ const MOKA_TRIES: usize = 3;
 
 /// The time one sweep took, each the median over the repetitions.
 pub(crate) struct Sweep {
-    /// How many entries came due.
+    /// How many entries the caches held.
+    pub(crate) entries: usize,
+    /// How many of them came due.
     pub(crate) due: usize,
     /// `Cache::sweep_expired`.
     pub(crate) ours: Duration,
@@ -35,7 +38,7 @@ pub(crate) struct Sweep {
     pub(crate) moka: Duration,
 }
 
-/// moka's times to live: [`SHORT`] for values marked by [`short`], [`TTL`]
+/// moka's times to live: [`SHORT`] for the values [`SHORT_VALUE`], [`TTL`]
 /// for the others.
 struct Lifetimes;
 
@@ -52,28 +55,29 @@ impl moka::Expiry<u64, u64> for Lifetimes {
 /// The value the short-lived entries are written again with.
 const SHORT_VALUE: u64 = u64::MAX;
 
-fn due_keys(keys: &Keys) -> impl Iterator<Item = u64> + '_ {
-    keys.insert.iter().copied().step_by(DUE_EVERY)
+fn due_keys(keys: &[u64]) -> impl Iterator<Item = u64> + '_ {
+    keys.iter().copied().step_by(DUE_EVERY)
 }
 
 pub(crate) fn measure(config: &Config, keys: &Keys) -> BenchResult<Sweep> {
+    let keys = &keys.insert[..config.sweep_keys.min(keys.insert.len())];
     let due = due_keys(keys).count();
     let (mut ours, mut moka) = (Vec::new(), Vec::new());
     for _ in 0..config.sweep_reps {
         ours.push(nebulex_sweep(config, keys, due)?);
         moka.push(moka_sweep(config, keys, due)?);
     }
-    Ok(Sweep { due, ours: median_duration(&ours), moka: median_duration(&moka) })
+    Ok(Sweep { entries: keys.len(), due, ours: median_duration(&ours), moka: median_duration(&moka) })
 }
 
 fn median_duration(times: &[Duration]) -> Duration {
     Duration::from_secs_f64(median(&times.iter().map(Duration::as_secs_f64).collect::<Vec<_>>()))
 }
 
-fn nebulex_sweep(config: &Config, keys: &Keys, due: usize) -> BenchResult<Duration> {
+fn nebulex_sweep(config: &Config, keys: &[u64], due: usize) -> BenchResult<Duration> {
     // The background sweep would not come in an hour: only the timed one runs.
     let cache = cache_builder(config.capacity).default_ttl(TTL).sweep_interval(Duration::from_secs(3600)).build()?;
-    for &k in &keys.insert {
+    for &k in keys {
         cache.put(k, k);
     }
     for k in due_keys(keys) {
@@ -88,7 +92,7 @@ fn nebulex_sweep(config: &Config, keys: &Keys, due: usize) -> BenchResult<Durati
     Ok(took)
 }
 
-fn moka_sweep(config: &Config, keys: &Keys, due: usize) -> BenchResult<Duration> {
+fn moka_sweep(config: &Config, keys: &[u64], due: usize) -> BenchResult<Duration> {
     for _ in 0..MOKA_TRIES {
         let expired = Arc::new(AtomicUsize::new(0));
         let counter = expired.clone();
@@ -101,7 +105,7 @@ fn moka_sweep(config: &Config, keys: &Keys, due: usize) -> BenchResult<Duration>
                 }
             })
             .build();
-        for &k in &keys.insert {
+        for &k in keys {
             cache.insert(k, k);
         }
         cache.run_pending_tasks();
