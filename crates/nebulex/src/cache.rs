@@ -702,7 +702,8 @@ where
         let s = &mut *guard;
         s.mark_load_stale(&key);
         let bounded = s.bounded();
-        match s.map.get_full_mut(&key) {
+        let hash = s.map.hash(&key);
+        match s.map.get_full_mut_hashed(hash, &key) {
             Some((_, _, slot)) if !slot.is_expired(now) => {
                 if mode == Mode::OnlyNew {
                     return false;
@@ -712,7 +713,7 @@ where
                 if bounded {
                     slot.used();
                 }
-                s.expires(&key, expires_at);
+                s.expires_hashed(hash, expires_at);
                 s.age();
                 let version = s.next_version();
                 self.emit(&s.listeners, EventType::Updated, command, version, || Target::Key(key));
@@ -723,28 +724,29 @@ where
                 if mode == Mode::OnlyExisting {
                     return false;
                 }
-                self.insert_new(s, key, Slot::new(value, ttl, now), command);
+                self.insert_new(s, hash, key, Slot::new(value, ttl, now), command);
                 true
             }
             None => {
                 if mode == Mode::OnlyExisting {
                     return false;
                 }
-                self.insert_new(s, key, Slot::new(value, ttl, now), command);
+                self.insert_new(s, hash, key, Slot::new(value, ttl, now), command);
                 true
             }
         }
     }
 
-    /// Inserts an entry for a key that has none, with its `Inserted` event,
-    /// then keeps the shard within its bound.
+    /// Inserts an entry for a key that has none (whose hash, `map.hash`, is
+    /// `hash`), with its `Inserted` event, then keeps the shard within its
+    /// bound.
     #[inline]
-    fn insert_new(&self, s: &mut Shard<K, V>, key: K, slot: Slot<V>, command: Command) {
+    fn insert_new(&self, s: &mut Shard<K, V>, hash: u64, key: K, slot: Slot<V>, command: Command) {
         // The event's key is cloned before the key moves in: reading it back
         // from the table's fresh line stalls the write (measured: 7-10 % of
         // an event's time).
         let event_key = listens(&s.listeners, EventType::Inserted).then(|| key.clone());
-        s.insert(key, slot);
+        s.insert_hashed(hash, key, slot);
         let version = s.next_version();
         if let Some(key) = event_key {
             self.emit(&s.listeners, EventType::Inserted, command, version, || Target::Key(key));
@@ -777,18 +779,19 @@ where
         for (key, value) in batch {
             let s = &mut *guards[shard_of(&key)];
             s.mark_load_stale(&key);
-            match s.map.get_full_mut(&key) {
+            let hash = s.map.hash(&key);
+            match s.map.get_full_mut_hashed(hash, &key) {
                 Some((_, _, slot)) if !slot.is_expired(now) => {
                     slot.value = value;
                     let expires_at = slot.set_ttl(ttl, now);
-                    s.expires(&key, expires_at);
+                    s.expires_hashed(hash, expires_at);
                     updated.push(key);
                 }
                 found => {
                     if let Some((i, _, _)) = found {
                         self.remove_expired(s, i, command);
                     }
-                    s.insert(key.clone(), Slot::new(value, ttl, now));
+                    s.insert_hashed(hash, key.clone(), Slot::new(value, ttl, now));
                     inserted.push(key);
                 }
             }
@@ -814,7 +817,8 @@ where
         let s = &mut *guard;
         s.mark_load_stale(&key);
         let bounded = s.bounded();
-        match s.map.get_full_mut(&key) {
+        let hash = s.map.hash(&key);
+        match s.map.get_full_mut_hashed(hash, &key) {
             Some((_, _, slot)) if !slot.is_expired(now) => {
                 let value = f(&slot.value);
                 slot.value = value.clone();
@@ -830,7 +834,7 @@ where
                 if let Some((i, _, _)) = found {
                     self.remove_expired(s, i, command);
                 }
-                self.insert_new(s, key, Slot::new(default.clone(), ttl, now), command);
+                self.insert_new(s, hash, key, Slot::new(default.clone(), ttl, now), command);
                 default
             }
         }
@@ -1056,7 +1060,8 @@ where
             return;
         }
         let ttl = self.default_ttl;
-        self.insert_new(s, key.clone(), Slot::new(value, ttl, || self.clock.now()), Command::Load);
+        let hash = s.map.hash(key);
+        self.insert_new(s, hash, key.clone(), Slot::new(value, ttl, || self.clock.now()), Command::Load);
     }
 }
 

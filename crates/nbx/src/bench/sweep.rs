@@ -42,13 +42,19 @@ pub(crate) struct Sweep {
 /// for the others.
 struct Lifetimes;
 
+impl Lifetimes {
+    fn of(value: u64) -> Option<Duration> {
+        Some(if value == SHORT_VALUE { SHORT } else { TTL })
+    }
+}
+
 impl moka::Expiry<u64, u64> for Lifetimes {
     fn expire_after_create(&self, _: &u64, value: &u64, _: Instant) -> Option<Duration> {
-        Some(if *value == SHORT_VALUE { SHORT } else { TTL })
+        Self::of(*value)
     }
 
     fn expire_after_update(&self, _: &u64, value: &u64, _: Instant, _: Option<Duration>) -> Option<Duration> {
-        Some(if *value == SHORT_VALUE { SHORT } else { TTL })
+        Self::of(*value)
     }
 }
 

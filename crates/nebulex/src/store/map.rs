@@ -51,7 +51,17 @@ impl<K: Hash + Eq, V> EntryMap<K, V> {
         K: Borrow<Q>,
         Q: Hash + Eq + ?Sized,
     {
-        let hash = self.hash(key);
+        self.get_full_mut_hashed(self.hash(key), key)
+    }
+
+    /// [`get_full_mut`](Self::get_full_mut) of a key whose
+    /// [`hash`](Self::hash) is `hash`.
+    #[inline]
+    pub(crate) fn get_full_mut_hashed<Q>(&mut self, hash: u64, key: &Q) -> Option<(usize, &K, &mut Slot<V>)>
+    where
+        K: Borrow<Q>,
+        Q: Hash + Eq + ?Sized,
+    {
         let index = self.table.find_bucket_index(hash, |e| e.key.borrow() == key)?;
         let e = self.table.get_bucket_mut(index)?;
         Some((index, &e.key, &mut e.slot))

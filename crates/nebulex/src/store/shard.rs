@@ -105,13 +105,11 @@ impl<K: Hash + Eq, V: Clone> Shard<K, V> {
         }
     }
 
-    /// Stores an entry for a key that has none; returns its index.
+    /// Stores an entry for a key that has none, whose hash (`map.hash`) is
+    /// `hash`; returns its index.
     #[inline]
-    pub(crate) fn insert(&mut self, key: K, slot: Slot<V>) -> usize {
-        let hash = self.map.hash(&key);
-        if slot.expires_at != 0 {
-            self.index_expiry(slot.expires_at, hash);
-        }
+    pub(crate) fn insert_hashed(&mut self, hash: u64, key: K, slot: Slot<V>) -> usize {
+        self.expires_hashed(hash, slot.expires_at);
         self.map.insert_hashed(hash, key, slot)
     }
 
@@ -123,13 +121,16 @@ impl<K: Hash + Eq, V: Clone> Shard<K, V> {
         Q: Hash + Eq + ?Sized,
     {
         if expires_at != 0 {
-            let hash = self.map.hash(key);
-            self.index_expiry(expires_at, hash);
+            self.expires_hashed(self.map.hash(key), expires_at);
         }
     }
 
+    /// [`expires`](Self::expires) of a key whose hash (`map.hash`) is `hash`.
     #[inline]
-    fn index_expiry(&mut self, expires_at: u64, hash: u64) {
+    pub(crate) fn expires_hashed(&mut self, hash: u64, expires_at: u64) {
+        if expires_at == 0 {
+            return;
+        }
         self.expiries.push(expires_at, hash);
         if self.expiries.len() > self.map.len().saturating_mul(2).saturating_add(EXPIRIES_SLACK) {
             self.rebuild_expiries();
@@ -273,9 +274,9 @@ mod tests {
         Shard::new(usize::MAX, no_listeners(), 1, MapHasher::with_seed(7))
     }
 
-    /// An entry of `key` expiring at clock reading `at`.
+    /// An entry of `key` expiring at clock reading `at` (0: never).
     fn put(s: &mut Shard<u64, u64>, key: u64, at: u64) {
-        s.insert(key, Slot::new(key, at, || 0));
+        s.insert_hashed(s.map.hash(&key), key, Slot::new(key, at, || 0));
     }
 
     fn sweep(s: &mut Shard<u64, u64>, now: u64) -> Vec<u64> {
@@ -291,7 +292,7 @@ mod tests {
         for key in 1..=10_000 {
             put(&mut s, key, key);
         }
-        s.insert(0, Slot::new(0, 0, || 0));
+        put(&mut s, 0, 0);
         assert_eq!(sweep(&mut s, 100), (1..=100).collect::<Vec<_>>());
         assert_eq!(s.expiries.len(), 9_900, "the records not yet due are left alone");
         assert_eq!(s.map.len(), 9_901);
@@ -332,7 +333,7 @@ mod tests {
     #[test]
     fn a_shard_without_deadlines_does_not_read_the_clock() {
         let mut s = shard();
-        s.insert(1, Slot::new(1, 0, || 0));
+        put(&mut s, 1, 0);
         s.remove_expired_at(|| panic!("the clock was read"), |_| {});
         s.clear();
         put(&mut s, 2, 5);
