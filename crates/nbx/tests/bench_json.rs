@@ -43,6 +43,11 @@ const LOCAL: &[&str] = &[
     "channel_latency_p50_us",
     "channel_latency_p99_us",
     "stream_latency_vs_channel_p99",
+    "stream_busy_poll_latency_p50_us",
+    "stream_busy_poll_latency_p99_us",
+    "spin_handover_latency_p50_us",
+    "spin_handover_latency_p99_us",
+    "stream_busy_poll_vs_spin_p99",
 ];
 
 /// Figures under `"cluster"`.

@@ -63,5 +63,5 @@ pub use router::{partition_of, stable_hash, Route, StableHasher};
 pub use streams::{
     Streams, StreamsBuilder, StreamsExt, StreamsInfo, DEFAULT_BUFFER, DEFAULT_PREFIX, MAX_BUFFER, MAX_PARTITIONS,
 };
-pub use subscription::{EventScope, Item, Lagged, SubscribeOptions, Subscription, TryRecvError};
+pub use subscription::{EventScope, Item, Lagged, SubscribeOptions, Subscription, TryRecvError, MAX_BUSY_POLL};
 pub use telemetry::{BroadcastError, BroadcastStatus, InvalidatorEvent, Telemetry};

@@ -17,6 +17,7 @@ use crate::pubsub::{Backoff, PubSub};
 use crate::router::{partition_of, Route};
 use crate::subscription::{
     ring, unix_nanos, EventScope, Handed, Origin, RingReader, RingWriter, Routed, SubscribeOptions, Subscription,
+    MAX_BUSY_POLL,
 };
 use crate::telemetry::{BroadcastError, ObserverFn, Reporter, Telemetry};
 
@@ -499,8 +500,10 @@ pub trait StreamsExt<K> {
     /// Subscribes to the stream started on this cache.
     ///
     /// Fails with [`Error::StreamNotStarted`] if there is none,
-    /// [`Error::EmptyEventFilter`], [`Error::NotPartitioned`] or
-    /// [`Error::PartitionOutOfRange`] for bad options.
+    /// [`Error::EmptyEventFilter`], [`Error::NotPartitioned`],
+    /// [`Error::PartitionOutOfRange`] or [`Error::InvalidOption`] (a
+    /// [`busy_poll`](SubscribeOptions::busy_poll) above
+    /// [`MAX_BUSY_POLL`](crate::MAX_BUSY_POLL)) for bad options.
     fn subscribe(&self, options: SubscribeOptions) -> Result<Subscription<K>, Error>;
 
     /// The stream started on this cache, if any.
@@ -736,6 +739,11 @@ where
     }
 
     fn subscribe(self: &Arc<Self>, options: SubscribeOptions) -> Result<Subscription<K>, Error> {
+        if let Some(budget) = options.busy_poll.filter(|budget| *budget > MAX_BUSY_POLL) {
+            return Err(Error::InvalidOption(format!(
+                "busy_poll is at most {MAX_BUSY_POLL:?} (a receive holds its thread that long), got {budget:?}"
+            )));
+        }
         let mask = match options.events {
             Some(0) => return Err(Error::EmptyEventFilter),
             Some(mask) => mask,
@@ -749,7 +757,8 @@ where
             (Some(p), Some(_)) => p,
             (None, _) => self.next_partition.fetch_add(1, Ordering::Relaxed) % self.count,
         };
-        self.subscribe_partition(partition, mask, options.scope.unwrap_or(EventScope::All))
+        let sub = self.subscribe_partition(partition, mask, options.scope.unwrap_or(EventScope::All))?;
+        Ok(sub.with_busy_poll(options.busy_poll.filter(|budget| !budget.is_zero())))
     }
 
     /// Subscribes to partition `partition` (in range).

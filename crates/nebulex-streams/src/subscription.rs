@@ -20,7 +20,7 @@ use std::pin::Pin;
 use std::sync::atomic::{fence, AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use futures::task::AtomicWaker;
 
@@ -87,6 +87,8 @@ const SPIN_ROUNDS: u32 = 16;
 /// How long it pauses between looks, in spin-loop hints (a few µs), before it
 /// yields the CPU: a busy writer leaves a batch meanwhile.
 const SPIN_PAUSES: u32 = 256;
+/// Spin-loop hints between two looks of a busy poll (well under a µs).
+const BUSY_POLL_PAUSES: u32 = 16;
 
 /// One item of a subscription: an event, or how many were missed.
 ///
@@ -172,7 +174,11 @@ pub struct SubscribeOptions {
     pub(crate) events: Option<u8>,
     pub(crate) partition: Option<u32>,
     pub(crate) scope: Option<EventScope>,
+    pub(crate) busy_poll: Option<Duration>,
 }
+
+/// The longest [`SubscribeOptions::busy_poll`] allowed: 10 ms.
+pub const MAX_BUSY_POLL: Duration = Duration::from_millis(10);
 
 impl SubscribeOptions {
     /// Every event type, from the next partition in round-robin order.
@@ -197,6 +203,45 @@ impl SubscribeOptions {
     /// default, [`EventScope::All`]).
     pub fn scope(mut self, scope: EventScope) -> Self {
         self.scope = Some(scope);
+        self
+    }
+
+    /// When its buffer is empty, a receive looks for the next event for up
+    /// to this long before it sleeps (default: it sleeps at once; `recv_blocking`
+    /// looks a few times first either way).
+    ///
+    /// A sleeping reader is woken by the writer through the operating
+    /// system, which takes tens of microseconds on some machines (a virtual
+    /// machine whose idle cores halt) and now and then far more. A reader
+    /// that is looking when the event comes has it in well under a
+    /// microsecond, but holds its thread meanwhile: in async code, the
+    /// runtime worker that polls it. Set it on a subscription whose events
+    /// must arrive fast and that may keep a core busy for it: longer than
+    /// the usual gap between its events, a few times longer on a busy
+    /// machine (where a pause of the writer's core would otherwise put the
+    /// reader to sleep).
+    ///
+    /// More than [`MAX_BUSY_POLL`] is refused by
+    /// [`subscribe`](crate::StreamsExt::subscribe) with
+    /// [`Error::InvalidOption`](crate::Error::InvalidOption).
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use nebulex::Cache;
+    /// use nebulex_streams::{Error, Streams, StreamsExt, SubscribeOptions};
+    ///
+    /// let cache: Cache<u64, u64> = Cache::builder().build()?;
+    /// let _streams = Streams::builder(&cache).start()?;
+    /// let mut sub = cache.subscribe(SubscribeOptions::new().busy_poll(Duration::from_micros(200)))?;
+    /// cache.put(1, 1);
+    /// assert!(sub.recv_blocking().is_some_and(|item| item.is_ok()));
+    ///
+    /// let too_long = cache.subscribe(SubscribeOptions::new().busy_poll(Duration::from_secs(1)));
+    /// assert!(matches!(too_long, Err(Error::InvalidOption(_))));
+    /// # Ok::<(), Error>(())
+    /// ```
+    pub fn busy_poll(mut self, budget: Duration) -> Self {
+        self.busy_poll = Some(budget);
         self
     }
 }
@@ -471,6 +516,23 @@ impl<K> RingReader<K> {
         None
     }
 
+    /// Looks for the next item until one comes, the writers close the
+    /// buffer, or `budget` has passed.
+    fn busy_poll(&mut self, budget: Duration) -> Option<Item<K>> {
+        let start = Instant::now();
+        loop {
+            if let Some(item) = self.try_next() {
+                return Some(item);
+            }
+            if self.is_closed() || start.elapsed() >= budget {
+                return None;
+            }
+            // A short pause between looks: the writer's line is left alone
+            // while it fills it, and a sibling hyperthread gets the core.
+            (0..BUSY_POLL_PAUSES).for_each(|_| std::hint::spin_loop());
+        }
+    }
+
     pub(crate) fn poll_recv(&mut self, cx: &mut Context<'_>) -> Poll<Option<Item<K>>> {
         if let Some(item) = self.try_next() {
             return Poll::Ready(Some(item));
@@ -521,11 +583,19 @@ pub struct Subscription<K> {
     ring: RingReader<K>,
     partition: u32,
     stream: Arc<StreamShared<K>>,
+    /// How long a receive looks for an event before it sleeps.
+    busy_poll: Option<Duration>,
 }
 
 impl<K> Subscription<K> {
     pub(crate) fn new(ring: RingReader<K>, partition: u32, stream: Arc<StreamShared<K>>) -> Self {
-        Subscription { ring, partition, stream }
+        Subscription { ring, partition, stream, busy_poll: None }
+    }
+
+    /// Looks for `busy_poll` before each sleep (`None`: sleeps at once).
+    pub(crate) fn with_busy_poll(mut self, busy_poll: Option<Duration>) -> Self {
+        self.busy_poll = busy_poll;
+        self
     }
 
     /// The partition this subscription reads (0 for an unpartitioned stream).
@@ -547,12 +617,14 @@ impl<K> Subscription<K> {
     /// buffer is empty it pauses a moment between looks (letting events
     /// accumulate, then taking them in a row) and yields the CPU (to a writer
     /// waiting for this core), a few times, before it sleeps.
+    /// With [`SubscribeOptions::busy_poll`], it looks for that long instead.
     pub fn recv_blocking(&mut self) -> Option<Item<K>> {
-        for round in 0..=SPIN_ROUNDS {
+        let rounds = if self.busy_poll.is_some() { 0 } else { SPIN_ROUNDS };
+        for round in 0..=rounds {
             if let Some(item) = self.ring.try_next() {
                 return Some(self.report(item));
             }
-            if self.ring.is_closed() || round == SPIN_ROUNDS {
+            if self.ring.is_closed() || round == rounds {
                 break;
             }
             // Pause, then let a writer waiting for this core run.
@@ -575,6 +647,9 @@ impl<K> Subscription<K> {
     }
 
     fn poll_item(&mut self, cx: &mut Context<'_>) -> Poll<Option<Item<K>>> {
+        if let Some(item) = self.busy_poll.and_then(|budget| self.ring.busy_poll(budget)) {
+            return Poll::Ready(Some(self.report(item)));
+        }
         match self.ring.poll_recv(cx) {
             Poll::Ready(Some(item)) => Poll::Ready(Some(self.report(item))),
             other => other,

@@ -6,12 +6,13 @@ mod common;
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::{mpsc, Arc};
+use std::time::{Duration, Instant};
 
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 use nebulex::{Cache, CacheEntryEvent, Command, EventType, Query, Target};
 use nebulex_streams::{
     partition_of, BroadcastError, BroadcastStatus, Error, Lagged, Route, Streams, StreamsExt, SubscribeOptions,
-    Telemetry, TryRecvError,
+    Telemetry, TryRecvError, MAX_BUSY_POLL,
 };
 
 use common::{drain, event, events_only, recv_within, Recorded, PATIENCE};
@@ -521,6 +522,96 @@ fn try_recv_says_empty_then_gives_the_event_then_closed_after_stop() {
     assert_eq!(sub.try_recv().unwrap_err(), TryRecvError::Closed);
     assert_eq!(sub.try_recv().unwrap_err(), TryRecvError::Closed);
     assert!(sub.recv_blocking().is_none());
+}
+
+#[test]
+fn busy_poll_longer_than_its_maximum_is_refused_and_takes_no_partition_turn() {
+    let cache = cache("busy-poll-max");
+    let _streams = Streams::builder(&cache).partitions(2).start().unwrap();
+    let too_long = cache.subscribe(SubscribeOptions::new().busy_poll(MAX_BUSY_POLL + Duration::from_nanos(1)));
+    match too_long {
+        Err(Error::InvalidOption(msg)) => assert!(msg.contains("busy_poll"), "{msg}"),
+        other => panic!("expected InvalidOption, got {:?}", other.map(|s| s.partition())),
+    }
+    // The refused one took no turn: round-robin starts at partition 0.
+    let longest = cache.subscribe(SubscribeOptions::new().busy_poll(MAX_BUSY_POLL)).unwrap();
+    let none = cache.subscribe(SubscribeOptions::new().busy_poll(Duration::ZERO)).unwrap();
+    assert_eq!((longest.partition(), none.partition()), (0, 1));
+}
+
+#[test]
+fn a_busy_polling_receive_takes_an_event_written_while_it_looks() {
+    let cache = cache("busy-poll");
+    let streams = Streams::builder(&cache).start().unwrap();
+    let mut sub = cache.subscribe(SubscribeOptions::new().busy_poll(MAX_BUSY_POLL)).unwrap();
+    // Each round, a writer puts one key a millisecond after the receive
+    // starts: one poll of a busy-polling receive has it (unless the writer
+    // is held off the CPU past the budget, so a few rounds are tried); a
+    // receive that does not look would answer `Pending` at once.
+    let mut in_one_poll = 0;
+    for i in 0..20 {
+        let (go_tx, go_rx) = mpsc::channel::<()>();
+        let writer = {
+            let cache = cache.clone();
+            std::thread::spawn(move || {
+                go_rx.recv().unwrap();
+                let start = Instant::now();
+                while start.elapsed() < Duration::from_millis(1) {
+                    std::hint::spin_loop();
+                }
+                cache.put(key(i), 1);
+            })
+        };
+        go_tx.send(()).unwrap();
+        let item = match sub.recv().now_or_never() {
+            Some(item) => {
+                in_one_poll += 1;
+                item
+            }
+            None => {
+                writer.join().unwrap();
+                sub.recv_blocking()
+            }
+        };
+        assert_eq!(item.unwrap().unwrap().target, Target::Key(key(i)));
+    }
+    assert!(in_one_poll > 0, "no receive had its event within one poll");
+    streams.stop();
+    assert!(sub.recv_blocking().is_none());
+}
+
+#[test]
+fn busy_polling_readers_receive_every_event_then_none_after_stop() {
+    let cache = cache("busy-poll-readers");
+    let streams = Streams::builder(&cache).partitions(2).start().unwrap();
+    let options = || SubscribeOptions::new().busy_poll(Duration::from_micros(200));
+    let (mut sync_sub, mut async_sub) = (cache.subscribe(options()).unwrap(), cache.subscribe(options()).unwrap());
+    let sync_reader = std::thread::spawn(move || {
+        let mut got = Vec::new();
+        while let Some(item) = sync_sub.recv_blocking() {
+            got.push(item.unwrap().target.clone());
+        }
+        got
+    });
+    let async_reader = std::thread::spawn(move || {
+        futures::executor::block_on(async move {
+            let mut got = Vec::new();
+            while let Some(item) = async_sub.next().await {
+                got.push(item.unwrap().target.clone());
+            }
+            got
+        })
+    });
+    for i in 0..2_000 {
+        cache.put(key(i), 1);
+    }
+    streams.stop();
+    for (p, reader) in [sync_reader, async_reader].into_iter().enumerate() {
+        let got = reader.join().unwrap();
+        let expected: Vec<Target<String>> =
+            (0..2_000).map(key).filter(|k| partition_of(k, 2) == p as u32).map(Target::Key).collect();
+        assert_eq!(got, expected, "partition {p}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

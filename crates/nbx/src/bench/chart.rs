@@ -198,7 +198,7 @@ pub(super) mod tests {
     use super::super::invalidation::Invalidation;
     use super::super::listener::ListenerOverhead;
     use super::super::memory::Memory;
-    use super::super::stream::{E2e, Latency, StreamFigures};
+    use super::super::stream::{E2e, Latencies, Latency, StreamFigures};
     use super::super::sweep::Sweep;
     use super::super::throughput::{PutGet, Throughput};
     use super::*;
@@ -240,8 +240,7 @@ pub(super) mod tests {
             },
             hit_ratio: HitRatio { ours: 0.6, moka: 0.63 },
             memory: Memory { ours: 86.0, moka: 241.0 },
-            latency: latency(),
-            channel_latency: latency(),
+            latency: Latencies { stream: latency(), channel: latency(), busy_poll: latency(), spin: latency() },
             cluster: ClusterFigures {
                 events: 1_000,
                 redis: cluster.then(transport),

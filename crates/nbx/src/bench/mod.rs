@@ -71,8 +71,9 @@ pub(crate) struct Config {
     /// How long the paced latency measurement runs (for the cluster ones:
     /// each side, ours and the raw client's).
     pub(crate) latency_duration: Duration,
-    /// Windows the cluster latency figures are split into, ours and the raw
-    /// client's interleaved; the median window is kept.
+    /// Windows the latency figures are split into, ours and the peers'
+    /// interleaved: for the cluster ones the median window is kept, the local
+    /// ones count every event of their windows.
     pub(crate) latency_windows: usize,
     /// Per-subscriber buffer of the stream figures: 4 times the default,
     /// tens of milliseconds of events, so a subscriber that keeps up does not
@@ -128,24 +129,14 @@ pub(crate) fn run(args: &BenchArgs) -> BenchResult<()> {
     let stream = step("stream e2e: moka, 1 partition, 4 partitions", || stream::measure(&config, &keys))?;
     drop(keys);
     let hit_ratio = step("hit ratio", || hit_ratio::measure(&config))?;
-    let latency = step("stream latency", || stream::latency(&config))?;
-    let channel_latency = step("tokio channel latency", || stream::channel_latency(&config))?;
+    let latency =
+        step("latency: stream, tokio channel, busy-polling stream, spin hand-over", || stream::latencies(&config))?;
     // After the local figures: servers and network threads would disturb them.
     let cluster = cluster::measure(&config)?;
     eprintln!("nbx bench: done in {:.1} s", started.elapsed().as_secs_f64());
 
-    let figures = Figures {
-        quick: config.quick,
-        throughput,
-        sweep,
-        listener,
-        stream,
-        hit_ratio,
-        memory,
-        latency,
-        channel_latency,
-        cluster,
-    };
+    let figures =
+        Figures { quick: config.quick, throughput, sweep, listener, stream, hit_ratio, memory, latency, cluster };
     if let Some(path) = &args.svg {
         std::fs::write(path, chart::svg(&figures)?).map_err(|e| format!("cannot write {}: {e}", path.display()))?;
         eprintln!("nbx bench: chart written to {}", path.display());

@@ -10,7 +10,7 @@ use super::cluster::{ClusterFigures, TransportFigures};
 use super::hit_ratio::HitRatio;
 use super::listener::ListenerOverhead;
 use super::memory::Memory;
-use super::stream::{Latency, StreamFigures};
+use super::stream::{Latencies, StreamFigures};
 use super::sweep::Sweep;
 use super::throughput::Throughput;
 use crate::dates::civil_from_days;
@@ -32,10 +32,8 @@ pub(crate) struct Figures {
     pub(crate) hit_ratio: HitRatio,
     /// Heap bytes per entry.
     pub(crate) memory: Memory,
-    /// Put-to-subscriber latency.
-    pub(crate) latency: Latency,
-    /// The same paced hand-over through a tokio channel: the machine's floor.
-    pub(crate) channel_latency: Latency,
+    /// Put-to-subscriber latency, beside its peers.
+    pub(crate) latency: Latencies,
     /// Node to node over Redis and NATS, and the invalidator, against the
     /// engines' raw clients.
     pub(crate) cluster: ClusterFigures,
@@ -129,50 +127,66 @@ impl Figures {
         ratio(self.memory.ours, self.memory.moka)
     }
 
+    /// The latency figures of `"local"`.
+    fn latency_json(&self) -> Value {
+        let l = &self.latency;
+        json!({
+            "stream_latency_p50_us": round(l.stream.p50_us, 1),
+            "stream_latency_p99_us": round(l.stream.p99_us, 1),
+            "channel_latency_p50_us": round(l.channel.p50_us, 1),
+            "channel_latency_p99_us": round(l.channel.p99_us, 1),
+            "stream_latency_vs_channel_p99": round(ratio(l.stream.p99_us, l.channel.p99_us), 3),
+            "stream_busy_poll_latency_p50_us": round(l.busy_poll.p50_us, 1),
+            "stream_busy_poll_latency_p99_us": round(l.busy_poll.p99_us, 1),
+            "spin_handover_latency_p50_us": round(l.spin.p50_us, 1),
+            "spin_handover_latency_p99_us": round(l.spin.p99_us, 1),
+            "stream_busy_poll_vs_spin_p99": round(ratio(l.busy_poll.p99_us, l.spin.p99_us), 3),
+        })
+    }
+
     /// `{"local": {...}, "cluster": {...}, "meta": {"date", "cores", "quick"}}`;
     /// `"cluster": {"skipped": reason}` when no server is installed.
     pub(crate) fn to_json(&self) -> Value {
         let t = &self.throughput;
+        let mut local = json!({
+            "put_ops_per_sec": whole(t.put),
+            "moka_insert_ops_per_sec": whole(t.moka_insert),
+            "quick_cache_insert_ops_per_sec": whole(t.quick_cache_insert),
+            "put_vs_moka": round(self.put_vs_moka(), 3),
+            "put_vs_quick_cache": round(self.put_vs_quick_cache(), 3),
+            "get_ops_per_sec": whole(t.get),
+            "moka_get_ops_per_sec": whole(t.moka_get),
+            "get_vs_moka": round(self.get_vs_moka(), 3),
+            "put_ttl_ops_per_sec": whole(t.ttl.put),
+            "moka_ttl_insert_ops_per_sec": whole(t.moka_ttl.put),
+            "put_ttl_vs_moka": round(self.put_ttl_vs_moka(), 3),
+            "get_ttl_ops_per_sec": whole(t.ttl.get),
+            "moka_ttl_get_ops_per_sec": whole(t.moka_ttl.get),
+            "get_ttl_vs_moka": round(self.get_ttl_vs_moka(), 3),
+            "sweep_entries": self.sweep.entries,
+            "sweep_due_entries": self.sweep.due,
+            "sweep_us": round(self.sweep.ours.as_secs_f64() * 1e6, 1),
+            "moka_sweep_us": round(self.sweep.moka.as_secs_f64() * 1e6, 1),
+            "sweep_time_vs_moka": round(self.sweep_time_vs_moka(), 3),
+            "listener_overhead": round(self.listener.ratio(), 3),
+            "stream_e2e_events_per_sec": whole(self.stream.one.events_per_sec),
+            "stream_e2e_lagged": self.stream.one.lagged,
+            "stream_vs_moka": round(self.stream_vs_moka(), 3),
+            "partitions4_e2e_events_per_sec": whole(self.stream.four.events_per_sec),
+            "partitions4_e2e_lagged": self.stream.four.lagged,
+            "partitions4_vs_1": round(self.partitions4_vs_1(), 3),
+            "hit_ratio": round(self.hit_ratio.ours, 4),
+            "moka_hit_ratio": round(self.hit_ratio.moka, 4),
+            "hit_ratio_vs_moka": round(self.hit_ratio_vs_moka(), 3),
+            "bytes_per_entry": round(self.memory.ours, 1),
+            "moka_bytes_per_entry": round(self.memory.moka, 1),
+            "memory_vs_moka": round(self.memory_vs_moka(), 3),
+        });
+        if let (Value::Object(local), Value::Object(latency)) = (&mut local, self.latency_json()) {
+            local.extend(latency);
+        }
         json!({
-            "local": {
-                "put_ops_per_sec": whole(t.put),
-                "moka_insert_ops_per_sec": whole(t.moka_insert),
-                "quick_cache_insert_ops_per_sec": whole(t.quick_cache_insert),
-                "put_vs_moka": round(self.put_vs_moka(), 3),
-                "put_vs_quick_cache": round(self.put_vs_quick_cache(), 3),
-                "get_ops_per_sec": whole(t.get),
-                "moka_get_ops_per_sec": whole(t.moka_get),
-                "get_vs_moka": round(self.get_vs_moka(), 3),
-                "put_ttl_ops_per_sec": whole(t.ttl.put),
-                "moka_ttl_insert_ops_per_sec": whole(t.moka_ttl.put),
-                "put_ttl_vs_moka": round(self.put_ttl_vs_moka(), 3),
-                "get_ttl_ops_per_sec": whole(t.ttl.get),
-                "moka_ttl_get_ops_per_sec": whole(t.moka_ttl.get),
-                "get_ttl_vs_moka": round(self.get_ttl_vs_moka(), 3),
-                "sweep_entries": self.sweep.entries,
-                "sweep_due_entries": self.sweep.due,
-                "sweep_us": round(self.sweep.ours.as_secs_f64() * 1e6, 1),
-                "moka_sweep_us": round(self.sweep.moka.as_secs_f64() * 1e6, 1),
-                "sweep_time_vs_moka": round(self.sweep_time_vs_moka(), 3),
-                "listener_overhead": round(self.listener.ratio(), 3),
-                "stream_e2e_events_per_sec": whole(self.stream.one.events_per_sec),
-                "stream_e2e_lagged": self.stream.one.lagged,
-                "stream_vs_moka": round(self.stream_vs_moka(), 3),
-                "partitions4_e2e_events_per_sec": whole(self.stream.four.events_per_sec),
-                "partitions4_e2e_lagged": self.stream.four.lagged,
-                "partitions4_vs_1": round(self.partitions4_vs_1(), 3),
-                "hit_ratio": round(self.hit_ratio.ours, 4),
-                "moka_hit_ratio": round(self.hit_ratio.moka, 4),
-                "hit_ratio_vs_moka": round(self.hit_ratio_vs_moka(), 3),
-                "bytes_per_entry": round(self.memory.ours, 1),
-                "moka_bytes_per_entry": round(self.memory.moka, 1),
-                "memory_vs_moka": round(self.memory_vs_moka(), 3),
-                "stream_latency_p50_us": round(self.latency.p50_us, 1),
-                "stream_latency_p99_us": round(self.latency.p99_us, 1),
-                "channel_latency_p50_us": round(self.channel_latency.p50_us, 1),
-                "channel_latency_p99_us": round(self.channel_latency.p99_us, 1),
-                "stream_latency_vs_channel_p99": round(ratio(self.latency.p99_us, self.channel_latency.p99_us), 3),
-            },
+            "local": local,
             "cluster": self.cluster.to_json(),
             "meta": {
                 "date": utc_now(),
@@ -243,7 +257,7 @@ impl Figures {
     }
 
     fn rows(&self) -> Vec<Row> {
-        let t = &self.throughput;
+        let (t, l) = (&self.throughput, &self.latency);
         let vs = |figure: &str, ours: f64, peer: f64, value: f64, target| Row {
             figure: figure.into(),
             ours: ops(ours),
@@ -317,20 +331,15 @@ impl Figures {
                 ratio: Some(self.memory_vs_moka()),
                 target: Some((Target::AtMost(1.0), self.memory_vs_moka())),
             },
-            Row {
-                figure: "stream latency p50 (us) vs tokio channel".into(),
-                ours: format!("{:.1}", self.latency.p50_us),
-                peer: format!("{:.1}", self.channel_latency.p50_us),
-                ratio: Some(ratio(self.latency.p50_us, self.channel_latency.p50_us)),
-                target: None,
-            },
-            Row {
-                figure: "stream latency p99 (us) vs tokio channel".into(),
-                ours: format!("{:.1}", self.latency.p99_us),
-                peer: format!("{:.1}", self.channel_latency.p99_us),
-                ratio: Some(ratio(self.latency.p99_us, self.channel_latency.p99_us)),
-                target: Some((Target::AtMost(50.0), self.latency.p99_us)),
-            },
+            latency_row("stream latency p50 (us) vs tokio channel", l.stream.p50_us, l.channel.p50_us, None),
+            latency_row(
+                "stream latency p99 (us) vs tokio channel",
+                l.stream.p99_us,
+                l.channel.p99_us,
+                Some(Target::AtMost(50.0)),
+            ),
+            latency_row("busy-poll latency p50 (us) vs spin", l.busy_poll.p50_us, l.spin.p50_us, None),
+            latency_row("busy-poll latency p99 (us) vs spin", l.busy_poll.p99_us, l.spin.p99_us, None),
         ];
         rows.extend(self.cluster_rows());
         rows
@@ -428,6 +437,18 @@ impl ClusterFigures {
 }
 
 /// Ours ÷ the raw client's messages per second.
+/// A row of latencies in microseconds, ours beside a peer's; `target`
+/// applies to ours.
+fn latency_row(figure: &str, ours: f64, peer: f64, target: Option<Target>) -> Row {
+    Row {
+        figure: figure.into(),
+        ours: format!("{ours:.1}"),
+        peer: format!("{peer:.1}"),
+        ratio: Some(ratio(ours, peer)),
+        target: target.map(|goal| (goal, ours)),
+    }
+}
+
 fn vs_raw_publish(t: &TransportFigures) -> f64 {
     ratio(t.events.per_sec, t.raw_publish_per_sec)
 }
@@ -507,8 +528,8 @@ mod tests {
             events: Events { per_sec: 400_000.0, lagged: 0 },
             raw_publish_per_sec: 200_000.0,
             raw_lost: 0,
-            latency: Latency { p50_us: 60.0, p99_us: 150.0 },
-            raw_latency: Latency { p50_us: 40.0, p99_us: 100.0 },
+            latency: super::super::stream::Latency { p50_us: 60.0, p99_us: 150.0 },
+            raw_latency: super::super::stream::Latency { p50_us: 40.0, p99_us: 100.0 },
         };
         let cluster = ClusterFigures {
             events: 10,
@@ -549,6 +570,29 @@ mod tests {
             let line_ends = ends(line);
             assert!(line_ends.contains(&ours_end) && line_ends.contains(&ratio_end), "{line:?} misaligned in\n{table}");
         }
+    }
+
+    #[test]
+    fn latency_figures_sit_in_local_beside_their_peers() {
+        use super::super::stream::Latency;
+        let mut figures = super::super::chart::tests::figures(false);
+        figures.latency = Latencies {
+            stream: Latency { p50_us: 30.0, p99_us: 90.0 },
+            channel: Latency { p50_us: 30.0, p99_us: 60.0 },
+            busy_poll: Latency { p50_us: 0.8, p99_us: 40.0 },
+            spin: Latency { p50_us: 0.1, p99_us: 20.0 },
+        };
+        let json = figures.to_json();
+        let local = &json["local"];
+        assert_eq!(local["put_vs_moka"], json!(round(6e6 / 7e5, 3)), "the other figures stay");
+        assert_eq!(local["stream_latency_p99_us"], json!(90.0));
+        assert_eq!(local["stream_latency_vs_channel_p99"], json!(1.5));
+        assert_eq!(local["stream_busy_poll_latency_p50_us"], json!(0.8));
+        assert_eq!(local["spin_handover_latency_p99_us"], json!(20.0));
+        assert_eq!(local["stream_busy_poll_vs_spin_p99"], json!(2.0));
+        let table = figures.to_table();
+        let row = table.lines().find(|l| l.starts_with("busy-poll latency p99")).expect("a busy-poll row");
+        assert!(row.contains("40.0") && row.contains("20.0") && row.contains("2.000"), "{row}");
     }
 
     #[test]

@@ -11,6 +11,7 @@ use hdrhistogram::Histogram;
 use nebulex::Target;
 use nebulex_streams::{Lagged, Streams, StreamsExt, SubscribeOptions, Subscription, TryRecvError};
 
+use super::cluster::latency_window_events;
 use super::progress::note;
 use super::throughput::moka_filled;
 use super::workload::{median, Keys};
@@ -247,33 +248,82 @@ impl Latency {
 /// the figure is the path of one event and not queueing.
 pub(crate) const LATENCY_RATE: u32 = 10_000;
 
-/// Puts keys `0..n` at [`LATENCY_RATE`] per second while an async subscriber
-/// task (tokio) receives them with `recv().await`; the latency of each event
-/// is from just before its `put` until the task receives it.
+/// How long a busy-polling subscriber looks before it sleeps: ten times the
+/// gap between two events of the latency figures, so that a pause of the
+/// writer's core (a busy machine takes some of a few hundred microseconds)
+/// does not put it to sleep.
+pub(crate) const BUSY_POLL: Duration = Duration::from_micros(10_000_000 / LATENCY_RATE as u64);
+
+/// The latency figures, each over the same paced sends to an async task on
+/// a one-worker tokio runtime.
+pub(crate) struct Latencies {
+    /// A subscription with the default options: its task sleeps between
+    /// events and the writer wakes it.
+    pub(crate) stream: Latency,
+    /// The same hand-over through a tokio unbounded channel: the floor the
+    /// machine's thread wake-ups set for a task that sleeps between events.
+    pub(crate) channel: Latency,
+    /// A subscription that busy-polls ([`BUSY_POLL`]) before it sleeps.
+    pub(crate) busy_poll: Latency,
+    /// A counter the sender raises, read by a task that spins on it: the
+    /// floor of any hand-over between two cores of this machine.
+    pub(crate) spin: Latency,
+}
+
+/// Measures [`Latencies`] in `config.latency_windows` rounds, each round one
+/// window of each kind back to back (so a noisy moment of a shared machine
+/// hits them alike); each figure is over every event of its windows.
 ///
-/// Fails if an event is neither received nor reported as lagged.
-pub(crate) fn latency(config: &Config) -> BenchResult<Latency> {
+/// In a window this thread puts keys `0..n` at [`LATENCY_RATE`] per second
+/// while the task receives them; the latency of each is from just before its
+/// put (or send) until the task has it. Fails if an event is neither
+/// received nor reported as lagged.
+pub(crate) fn latencies(config: &Config) -> BenchResult<Latencies> {
+    let events = latency_window_events(config);
+    let new = || Histogram::<u64>::new_with_bounds(1, 60_000_000_000, 3);
+    let (mut stream, mut channel, mut busy_poll, mut spin) = (new()?, new()?, new()?, new()?);
+    for _ in 0..config.latency_windows.max(1) {
+        stream.add(stream_window(config, events, SubscribeOptions::new())?)?;
+        channel.add(channel_window(events)?)?;
+        busy_poll.add(stream_window(config, events, SubscribeOptions::new().busy_poll(BUSY_POLL))?)?;
+        spin.add(spin_window(events)?)?;
+    }
+    Ok(Latencies {
+        stream: Latency::of(&stream),
+        channel: Latency::of(&channel),
+        busy_poll: Latency::of(&busy_poll),
+        spin: Latency::of(&spin),
+    })
+}
+
+/// One window of a subscription's latency.
+fn stream_window(config: &Config, events: usize, options: SubscribeOptions) -> BenchResult<Histogram<u64>> {
     let cache = new_cache(config.capacity)?;
     let streams = Streams::builder(&cache).buffer(config.stream_buffer).start()?;
-    let sub = cache.subscribe(SubscribeOptions::new())?;
-    let measured = paced(config, |i| cache.put(i, i), sub);
+    let sub = cache.subscribe(options)?;
+    let measured = paced(events, |i| cache.put(i, i), sub);
     streams.stop();
     measured
 }
 
-/// The peer of [`latency`]: the same paced sends through a tokio unbounded
-/// channel to the same kind of task, the floor this machine's thread wake-ups
-/// set for any async hand-over.
-pub(crate) fn channel_latency(config: &Config) -> BenchResult<Latency> {
+/// One window of a tokio unbounded channel's latency.
+fn channel_window(events: usize) -> BenchResult<Histogram<u64>> {
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
     paced(
-        config,
+        events,
         |i| {
             // The receiver lives until every key is in.
             let _ = tx.send(i);
         },
         rx,
     )
+}
+
+/// One window of the spin hand-over's latency.
+fn spin_window(events: usize) -> BenchResult<Histogram<u64>> {
+    let raised = Arc::new(AtomicU64::new(0));
+    let receiver = Spin { raised: Arc::clone(&raised), next: 0 };
+    paced(events, |i| raised.store(i + 1, Ordering::Release), receiver)
 }
 
 /// What a latency task receives: a key, or a count of keys missed.
@@ -306,11 +356,32 @@ impl Receiving for tokio::sync::mpsc::UnboundedReceiver<u64> {
     }
 }
 
-/// Sends `0..n` with `send` at [`LATENCY_RATE`] per second on this thread
-/// while a task on a one-worker tokio runtime receives them from `receiver`;
-/// the latency of each is from just before its send until the task has it.
-fn paced(config: &Config, mut send: impl FnMut(u64), mut receiver: impl Receiving) -> BenchResult<Latency> {
-    let events = (f64::from(LATENCY_RATE) * config.latency_duration.as_secs_f64()) as usize;
+/// The receiving end of the spin hand-over: keys `0..raised`, in order.
+struct Spin {
+    raised: Arc<AtomicU64>,
+    next: u64,
+}
+
+impl Receiving for Spin {
+    async fn next(&mut self) -> Option<Received> {
+        // Spins on its worker, which runs nothing else.
+        let start = Instant::now();
+        while self.raised.load(Ordering::Acquire) <= self.next {
+            if start.elapsed() > DRAIN_TIMEOUT {
+                return None;
+            }
+            std::hint::spin_loop();
+        }
+        self.next += 1;
+        Some(Received::Key(self.next - 1))
+    }
+}
+
+/// Sends `0..events` with `send` at [`LATENCY_RATE`] per second on this
+/// thread while a task on a one-worker tokio runtime receives them from
+/// `receiver`; the latency of each (nanoseconds) is from just before its send
+/// until the task has it.
+fn paced(events: usize, mut send: impl FnMut(u64), mut receiver: impl Receiving) -> BenchResult<Histogram<u64>> {
     // Send instants, nanoseconds since `base`, indexed by key.
     let base = Instant::now();
     let stamps: Arc<Vec<AtomicU64>> = Arc::new((0..events).map(|_| AtomicU64::new(0)).collect());
@@ -362,7 +433,7 @@ fn paced(config: &Config, mut send: impl FnMut(u64), mut receiver: impl Receivin
     if lagged > 0 {
         return Err(format!("{lagged} of {events} events lagged at {LATENCY_RATE} events/s").into());
     }
-    Ok(Latency::of(&histogram))
+    Ok(histogram)
 }
 
 /// Nanoseconds from `base` to now.
