@@ -739,11 +739,15 @@ where
     }
 
     fn subscribe(self: &Arc<Self>, options: SubscribeOptions) -> Result<Subscription<K>, Error> {
-        if let Some(budget) = options.busy_poll.filter(|budget| *budget > MAX_BUSY_POLL) {
-            return Err(Error::InvalidOption(format!(
-                "busy_poll is at most {MAX_BUSY_POLL:?} (a receive holds its thread that long), got {budget:?}"
-            )));
-        }
+        let busy_poll = match options.busy_poll {
+            Some(budget) if budget > MAX_BUSY_POLL => {
+                return Err(Error::InvalidOption(format!(
+                    "busy_poll is at most {MAX_BUSY_POLL:?} (a receive holds its thread that long), got {budget:?}"
+                )))
+            }
+            Some(budget) if budget.is_zero() => None,
+            budget => budget,
+        };
         let mask = match options.events {
             Some(0) => return Err(Error::EmptyEventFilter),
             Some(mask) => mask,
@@ -758,7 +762,7 @@ where
             (None, _) => self.next_partition.fetch_add(1, Ordering::Relaxed) % self.count,
         };
         let sub = self.subscribe_partition(partition, mask, options.scope.unwrap_or(EventScope::All))?;
-        Ok(sub.with_busy_poll(options.busy_poll.filter(|budget| !budget.is_zero())))
+        Ok(sub.with_busy_poll(busy_poll))
     }
 
     /// Subscribes to partition `partition` (in range).

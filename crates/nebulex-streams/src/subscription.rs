@@ -87,8 +87,8 @@ const SPIN_ROUNDS: u32 = 16;
 /// How long it pauses between looks, in spin-loop hints (a few µs), before it
 /// yields the CPU: a busy writer leaves a batch meanwhile.
 const SPIN_PAUSES: u32 = 256;
-/// Spin-loop hints between two looks of a busy poll (well under a µs).
-const BUSY_POLL_PAUSES: u32 = 16;
+/// Spin-loop hints between two looks of a busy poll (a fraction of a µs).
+const BUSY_POLL_PAUSES: u32 = 4;
 
 /// One item of a subscription: an event, or how many were missed.
 ///
@@ -159,7 +159,8 @@ impl EventScope {
     }
 }
 
-/// Which events a new subscription wants, and from which partition.
+/// Which events a new subscription wants, from which partition, and how its
+/// receives wait.
 ///
 /// ```
 /// use nebulex::EventType;
@@ -207,19 +208,28 @@ impl SubscribeOptions {
     }
 
     /// When its buffer is empty, a receive looks for the next event for up
-    /// to this long before it sleeps (default: it sleeps at once; `recv_blocking`
-    /// looks a few times first either way).
+    /// to this long before it sleeps (default, or `Duration::ZERO`: an async
+    /// receive sleeps at once, and [`Subscription::recv_blocking`] looks a
+    /// few times first).
     ///
     /// A sleeping reader is woken by the writer through the operating
     /// system, which takes tens of microseconds on some machines (a virtual
     /// machine whose idle cores halt) and now and then far more. A reader
-    /// that is looking when the event comes has it in well under a
+    /// that is looking when the event comes has it within about a
     /// microsecond, but holds its thread meanwhile: in async code, the
     /// runtime worker that polls it. Set it on a subscription whose events
     /// must arrive fast and that may keep a core busy for it: longer than
     /// the usual gap between its events, a few times longer on a busy
     /// machine (where a pause of the writer's core would otherwise put the
     /// reader to sleep).
+    ///
+    /// A receive looks once per wait: on the first poll of each `recv()`,
+    /// and, as a `Stream`, on its first poll after each item. Meanwhile nothing else runs on that
+    /// thread, so a receive under a timeout may end up to this much late,
+    /// and a task that waits on several subscriptions at once (`select!`,
+    /// merged streams) waits for each one's look in turn: give it to one
+    /// subscription per task. On a single-threaded runtime that also runs
+    /// the writes, the look only delays them.
     ///
     /// More than [`MAX_BUSY_POLL`] is refused by
     /// [`subscribe`](crate::StreamsExt::subscribe) with
@@ -519,6 +529,8 @@ impl<K> RingReader<K> {
     /// Looks for the next item until one comes, the writers close the
     /// buffer, or `budget` has passed.
     fn busy_poll(&mut self, budget: Duration) -> Option<Item<K>> {
+        // Looking, not sleeping: writers need not wake it meanwhile.
+        self.state.sleeping.store(false, Ordering::Relaxed);
         let start = Instant::now();
         loop {
             if let Some(item) = self.try_next() {
@@ -585,11 +597,13 @@ pub struct Subscription<K> {
     stream: Arc<StreamShared<K>>,
     /// How long a receive looks for an event before it sleeps.
     busy_poll: Option<Duration>,
+    /// Whether this wait has had its look (cleared by each item).
+    looked: bool,
 }
 
 impl<K> Subscription<K> {
     pub(crate) fn new(ring: RingReader<K>, partition: u32, stream: Arc<StreamShared<K>>) -> Self {
-        Subscription { ring, partition, stream, busy_poll: None }
+        Subscription { ring, partition, stream, busy_poll: None, looked: false }
     }
 
     /// Looks for `busy_poll` before each sleep (`None`: sleeps at once).
@@ -605,6 +619,8 @@ impl<K> Subscription<K> {
 
     /// The next event or lag notice; `None` once the stream is stopped.
     pub async fn recv(&mut self) -> Option<Item<K>> {
+        // A new wait (an earlier one may have been dropped after its look).
+        self.looked = false;
         std::future::poll_fn(|cx| self.poll_item(cx)).await
     }
 
@@ -617,14 +633,14 @@ impl<K> Subscription<K> {
     /// buffer is empty it pauses a moment between looks (letting events
     /// accumulate, then taking them in a row) and yields the CPU (to a writer
     /// waiting for this core), a few times, before it sleeps.
-    /// With [`SubscribeOptions::busy_poll`], it looks for that long instead.
+    /// With [`SubscribeOptions::busy_poll`], it then looks for that long
+    /// too.
     pub fn recv_blocking(&mut self) -> Option<Item<K>> {
-        let rounds = if self.busy_poll.is_some() { 0 } else { SPIN_ROUNDS };
-        for round in 0..=rounds {
+        for round in 0..=SPIN_ROUNDS {
             if let Some(item) = self.ring.try_next() {
                 return Some(self.report(item));
             }
-            if self.ring.is_closed() || round == rounds {
+            if self.ring.is_closed() || round == SPIN_ROUNDS {
                 break;
             }
             // Pause, then let a writer waiting for this core run.
@@ -647,11 +663,17 @@ impl<K> Subscription<K> {
     }
 
     fn poll_item(&mut self, cx: &mut Context<'_>) -> Poll<Option<Item<K>>> {
-        if let Some(item) = self.busy_poll.and_then(|budget| self.ring.busy_poll(budget)) {
-            return Poll::Ready(Some(self.report(item)));
+        if let Some(budget) = self.busy_poll.filter(|_| !self.looked) {
+            if let Some(item) = self.ring.busy_poll(budget) {
+                return Poll::Ready(Some(self.report(item)));
+            }
+            self.looked = true;
         }
         match self.ring.poll_recv(cx) {
-            Poll::Ready(Some(item)) => Poll::Ready(Some(self.report(item))),
+            Poll::Ready(Some(item)) => {
+                self.looked = false;
+                Poll::Ready(Some(self.report(item)))
+            }
             other => other,
         }
     }

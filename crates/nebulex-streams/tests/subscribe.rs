@@ -8,6 +8,8 @@ use std::collections::{BTreeSet, HashMap};
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
+use std::future::Future;
+
 use futures::{FutureExt, StreamExt};
 use nebulex::{Cache, CacheEntryEvent, Command, EventType, Query, Target};
 use nebulex_streams::{
@@ -540,14 +542,49 @@ fn busy_poll_longer_than_its_maximum_is_refused_and_takes_no_partition_turn() {
 }
 
 #[test]
+fn a_busy_polling_receive_looks_for_its_budget_then_sleeps_and_a_write_wakes_it() {
+    let cache = cache("busy-poll-budget");
+    let streams = Streams::builder(&cache).start().unwrap();
+    let budget = MAX_BUSY_POLL;
+    let mut sub = cache.subscribe(SubscribeOptions::new().busy_poll(budget)).unwrap();
+    let (woken, wake_count) = counting_waker();
+    let mut cx = std::task::Context::from_waker(&woken);
+
+    // Nothing comes: the first poll looks for the whole budget, then sleeps.
+    let mut receive = Box::pin(sub.recv());
+    let start = Instant::now();
+    assert!(receive.as_mut().poll(&mut cx).is_pending());
+    assert!(start.elapsed() >= budget, "it looked for {:?} of {budget:?}", start.elapsed());
+    // A poll of the same wait does not look again.
+    let again = Instant::now();
+    assert!(receive.as_mut().poll(&mut cx).is_pending());
+    assert!(again.elapsed() < budget, "a second look in one wait took {:?}", again.elapsed());
+
+    // The sleeping receive is woken by the write and has its event.
+    cache.put(key(1), 1);
+    assert_eq!(wake_count.load(std::sync::atomic::Ordering::SeqCst), 1, "the write woke the receive");
+    match receive.as_mut().poll(&mut cx) {
+        std::task::Poll::Ready(Some(Ok(e))) => assert_eq!(e.target, Target::Key(key(1))),
+        other => panic!("expected the event, got {:?}", other.map(|o| o.map(|i| i.is_ok()))),
+    }
+    drop(receive);
+    streams.stop();
+    // A stopped stream ends a busy-polling receive at once.
+    let start = Instant::now();
+    assert!(sub.recv().now_or_never().expect("ready in one poll").is_none());
+    assert!(start.elapsed() < budget, "the close was seen after {:?}", start.elapsed());
+}
+
+#[test]
 fn a_busy_polling_receive_takes_an_event_written_while_it_looks() {
     let cache = cache("busy-poll");
     let streams = Streams::builder(&cache).start().unwrap();
     let mut sub = cache.subscribe(SubscribeOptions::new().busy_poll(MAX_BUSY_POLL)).unwrap();
-    // Each round, a writer puts one key a millisecond after the receive
-    // starts: one poll of a busy-polling receive has it (unless the writer
-    // is held off the CPU past the budget, so a few rounds are tried); a
-    // receive that does not look would answer `Pending` at once.
+    // Each round, a writer puts one key a millisecond after it is told the
+    // receive starts. A round counts when one poll had the event and the
+    // put came after the poll started (a receive that does not look would
+    // answer `Pending` then). A writer held off the CPU past the budget
+    // makes a round not count, so a few are tried.
     let mut in_one_poll = 0;
     for i in 0..20 {
         let (go_tx, go_rx) = mpsc::channel::<()>();
@@ -559,25 +596,52 @@ fn a_busy_polling_receive_takes_an_event_written_while_it_looks() {
                 while start.elapsed() < Duration::from_millis(1) {
                     std::hint::spin_loop();
                 }
+                let put_at = Instant::now();
                 cache.put(key(i), 1);
+                put_at
             })
         };
         go_tx.send(()).unwrap();
-        let item = match sub.recv().now_or_never() {
+        let polled_at = Instant::now();
+        let one_poll = sub.recv().now_or_never();
+        let put_at = writer.join().unwrap();
+        let item = match one_poll {
             Some(item) => {
-                in_one_poll += 1;
+                in_one_poll += usize::from(put_at > polled_at);
                 item
             }
-            None => {
-                writer.join().unwrap();
-                sub.recv_blocking()
-            }
+            None => sub.recv_blocking(),
         };
         assert_eq!(item.unwrap().unwrap().target, Target::Key(key(i)));
     }
-    assert!(in_one_poll > 0, "no receive had its event within one poll");
+    assert!(in_one_poll > 0, "no receive had, within one poll, an event put after it started");
     streams.stop();
     assert!(sub.recv_blocking().is_none());
+}
+
+#[test]
+fn a_busy_polling_receive_reports_what_was_missed_then_the_next_event() {
+    let cache = cache("busy-poll-lag");
+    let _streams = Streams::builder(&cache).buffer(1).start().unwrap();
+    let mut sub = cache.subscribe(SubscribeOptions::new().busy_poll(Duration::from_millis(1))).unwrap();
+    for i in 0..3 {
+        cache.put(key(i), 1);
+    }
+    cache.put(key(0), 2);
+    assert_eq!(sub.recv().now_or_never().unwrap().unwrap().unwrap().target, Target::Key(key(0)));
+    assert_eq!(sub.recv().now_or_never().unwrap().unwrap().unwrap_err(), Lagged(3));
+}
+
+/// A waker that counts its wakes.
+fn counting_waker() -> (std::task::Waker, Arc<std::sync::atomic::AtomicUsize>) {
+    struct Count(Arc<std::sync::atomic::AtomicUsize>);
+    impl std::task::Wake for Count {
+        fn wake(self: Arc<Self>) {
+            self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }
+    }
+    let count = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    (Arc::new(Count(count.clone())).into(), count)
 }
 
 #[test]

@@ -29,7 +29,7 @@ use tokio::runtime::Runtime;
 use super::invalidation::{self, Invalidation};
 use super::progress::{note, step};
 use super::raw::{self, Engine};
-use super::stream::{nanos_since, pace_gently, Latency, DRAIN_TIMEOUT, LATENCY_RATE};
+use super::stream::{latency_window_events, nanos_since, pace_gently, Latency, DRAIN_TIMEOUT, LATENCY_RATE};
 use super::workload::median;
 use super::{BenchResult, Config};
 
@@ -333,12 +333,6 @@ fn latencies(config: &Config, rt: &Runtime, engine: &Engine) -> BenchResult<(Lat
         Latency::p99s(&theirs)
     ));
     Ok((Latency::median(&ours), Latency::median(&theirs)))
-}
-
-/// Events of one latency window.
-pub(crate) fn latency_window_events(config: &Config) -> usize {
-    let events = f64::from(LATENCY_RATE) * config.latency_duration.as_secs_f64();
-    (events as usize / config.latency_windows.max(1)).max(1)
 }
 
 /// One window of our latency: A puts one key per stamp, paced; B's

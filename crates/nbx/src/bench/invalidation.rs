@@ -22,10 +22,10 @@ use nebulex::Cache;
 use nebulex_streams::{EventScope, Invalidator, InvalidatorEvent, PubSub, Streams, Telemetry};
 use tokio::runtime::Runtime;
 
-use super::cluster::{latency_window_events, node, start_streams, WARM_KEYS};
+use super::cluster::{node, start_streams, WARM_KEYS};
 use super::progress::note;
 use super::raw::{Engine, Prober};
-use super::stream::{nanos_since, pace_gently, Latency, DRAIN_TIMEOUT, LATENCY_RATE};
+use super::stream::{latency_window_events, nanos_since, pace_gently, Latency, DRAIN_TIMEOUT, LATENCY_RATE};
 use super::{BenchResult, Config};
 
 /// Every invalidator figure, with the raw Redis figures they are compared to.

@@ -127,19 +127,20 @@ impl Figures {
         ratio(self.memory.ours, self.memory.moka)
     }
 
-    /// The latency figures of `"local"`.
+    /// The latency figures of `"local"` (to the nanosecond: some are under a
+    /// microsecond).
     fn latency_json(&self) -> Value {
         let l = &self.latency;
         json!({
-            "stream_latency_p50_us": round(l.stream.p50_us, 1),
-            "stream_latency_p99_us": round(l.stream.p99_us, 1),
-            "channel_latency_p50_us": round(l.channel.p50_us, 1),
-            "channel_latency_p99_us": round(l.channel.p99_us, 1),
+            "stream_latency_p50_us": round(l.stream.p50_us, 3),
+            "stream_latency_p99_us": round(l.stream.p99_us, 3),
+            "channel_latency_p50_us": round(l.channel.p50_us, 3),
+            "channel_latency_p99_us": round(l.channel.p99_us, 3),
             "stream_latency_vs_channel_p99": round(ratio(l.stream.p99_us, l.channel.p99_us), 3),
-            "stream_busy_poll_latency_p50_us": round(l.busy_poll.p50_us, 1),
-            "stream_busy_poll_latency_p99_us": round(l.busy_poll.p99_us, 1),
-            "spin_handover_latency_p50_us": round(l.spin.p50_us, 1),
-            "spin_handover_latency_p99_us": round(l.spin.p99_us, 1),
+            "stream_busy_poll_latency_p50_us": round(l.busy_poll.p50_us, 3),
+            "stream_busy_poll_latency_p99_us": round(l.busy_poll.p99_us, 3),
+            "spin_handover_latency_p50_us": round(l.spin.p50_us, 3),
+            "spin_handover_latency_p99_us": round(l.spin.p99_us, 3),
             "stream_busy_poll_vs_spin_p99": round(ratio(l.busy_poll.p99_us, l.spin.p99_us), 3),
         })
     }
@@ -182,6 +183,8 @@ impl Figures {
             "moka_bytes_per_entry": round(self.memory.moka, 1),
             "memory_vs_moka": round(self.memory_vs_moka(), 3),
         });
+        // Two `json!` calls: one holding every key passes the macro's
+        // recursion limit. Both are objects.
         if let (Value::Object(local), Value::Object(latency)) = (&mut local, self.latency_json()) {
             local.extend(latency);
         }
@@ -394,15 +397,15 @@ impl Figures {
         out
     }
 
-    /// When even the spin hand-over missed the latency target: a line that
-    /// says so under the table (no hand-over between two cores of this
-    /// machine could meet it in this run).
+    /// When the stream and even the spin hand-over missed the latency
+    /// target: a line under the table that says so.
     fn latency_floor_note(&self) -> Option<String> {
-        let spin = self.latency.spin.p99_us;
-        (!LATENCY_TARGET.met(spin)).then(|| {
+        let l = &self.latency;
+        (!LATENCY_TARGET.met(l.stream.p99_us) && !LATENCY_TARGET.met(l.spin.p99_us)).then(|| {
             format!(
-                "note: the spin hand-over's p99 ({spin:.1} us) is this run's floor for any hand-over between two \
-                 cores (its threads never sleep): a p99 {} could not be met on this machine in this run",
+                "note: the spin hand-over, whose threads never sleep, had a p99 of {:.1} us in windows beside the \
+                 stream's: this machine held no hand-over between two cores to the target ({} us) in this run",
+                l.spin.p99_us,
                 LATENCY_TARGET.label()
             )
         })
@@ -456,19 +459,21 @@ impl ClusterFigures {
     }
 }
 
-/// Ours ÷ the raw client's messages per second.
 /// A row of latencies in microseconds, ours beside a peer's; `target`
 /// applies to ours.
 fn latency_row(figure: &str, ours: f64, peer: f64, target: Option<Target>) -> Row {
+    // Two decimals below 10 us, where the sub-microsecond figures are.
+    let us = |x: f64| if x < 10.0 { format!("{x:.2}") } else { format!("{x:.1}") };
     Row {
         figure: figure.into(),
-        ours: format!("{ours:.1}"),
-        peer: format!("{peer:.1}"),
+        ours: us(ours),
+        peer: us(peer),
         ratio: Some(ratio(ours, peer)),
         target: target.map(|goal| (goal, ours)),
     }
 }
 
+/// Ours ÷ the raw client's messages per second.
 fn vs_raw_publish(t: &TransportFigures) -> f64 {
     ratio(t.events.per_sec, t.raw_publish_per_sec)
 }
@@ -614,12 +619,15 @@ mod tests {
         let table = figures.to_table();
         let row = table.lines().find(|l| l.starts_with("busy-poll latency p99")).expect("a busy-poll row");
         assert!(row.contains("40.0") && row.contains("20.0") && row.contains("2.000"), "{row}");
-        assert!(!table.contains("floor"), "the spin hand-over met the target: no note\n{table}");
+        assert!(!table.contains("note:"), "the spin hand-over met the target: no note\n{table}");
 
         figures.latency.spin.p99_us = 169.1;
         let table = figures.to_table();
         let note = table.lines().last().expect("a last line");
-        assert!(note.starts_with("note: the spin hand-over's p99 (169.1 us)") && note.contains("<= 50"), "{table}");
+        assert!(note.starts_with("note: the spin hand-over") && note.contains("169.1 us") && note.contains("<= 50 us"));
+
+        figures.latency.stream.p99_us = 45.0;
+        assert!(!figures.to_table().contains("note:"), "the stream met the target: no note");
     }
 
     #[test]

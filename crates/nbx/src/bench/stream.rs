@@ -11,7 +11,6 @@ use hdrhistogram::Histogram;
 use nebulex::Target;
 use nebulex_streams::{Lagged, Streams, StreamsExt, SubscribeOptions, Subscription, TryRecvError};
 
-use super::cluster::latency_window_events;
 use super::progress::note;
 use super::throughput::moka_filled;
 use super::workload::{median, Keys};
@@ -248,11 +247,18 @@ impl Latency {
 /// the figure is the path of one event and not queueing.
 pub(crate) const LATENCY_RATE: u32 = 10_000;
 
+/// Events of one latency window.
+pub(crate) fn latency_window_events(config: &Config) -> usize {
+    let events = f64::from(LATENCY_RATE) * config.latency_duration.as_secs_f64();
+    (events as usize / config.latency_windows.max(1)).max(1)
+}
+
 /// How long a busy-polling subscriber looks before it sleeps: ten times the
 /// gap between two events of the latency figures, so that a pause of the
 /// writer's core (a busy machine takes some of a few hundred microseconds)
 /// does not put it to sleep.
-pub(crate) const BUSY_POLL: Duration = Duration::from_micros(10_000_000 / LATENCY_RATE as u64);
+pub(crate) const BUSY_POLL: Duration = Duration::from_micros(10 * 1_000_000 / LATENCY_RATE as u64);
+const _: () = assert!(BUSY_POLL.as_nanos() <= nebulex_streams::MAX_BUSY_POLL.as_nanos());
 
 /// The latency figures, each over the same paced sends to an async task on
 /// a one-worker tokio runtime.
@@ -265,14 +271,16 @@ pub(crate) struct Latencies {
     pub(crate) channel: Latency,
     /// A subscription that busy-polls ([`BUSY_POLL`]) before it sleeps.
     pub(crate) busy_poll: Latency,
-    /// A counter the sender raises, read by a task that spins on it: the
-    /// floor of any hand-over between two cores of this machine.
+    /// The same put (on a cache without a stream), then a counter the sender
+    /// raises, read by a task that spins on it: the floor of any hand-over
+    /// of a put between two cores of this machine.
     pub(crate) spin: Latency,
 }
 
 /// Measures [`Latencies`] in `config.latency_windows` rounds, each round one
 /// window of each kind back to back (so a noisy moment of a shared machine
-/// hits them alike); each figure is over every event of its windows.
+/// hits them alike), starting with the next kind each round (so none always
+/// follows the same one); each figure is over every event of its windows.
 ///
 /// In a window this thread puts keys `0..n` at [`LATENCY_RATE`] per second
 /// while the task receives them; the latency of each is from just before its
@@ -281,19 +289,22 @@ pub(crate) struct Latencies {
 pub(crate) fn latencies(config: &Config) -> BenchResult<Latencies> {
     let events = latency_window_events(config);
     let new = || Histogram::<u64>::new_with_bounds(1, 60_000_000_000, 3);
-    let (mut stream, mut channel, mut busy_poll, mut spin) = (new()?, new()?, new()?, new()?);
-    for _ in 0..config.latency_windows.max(1) {
-        stream.add(stream_window(config, events, SubscribeOptions::new())?)?;
-        channel.add(channel_window(events)?)?;
-        busy_poll.add(stream_window(config, events, SubscribeOptions::new().busy_poll(BUSY_POLL))?)?;
-        spin.add(spin_window(events)?)?;
+    // Stream, channel, busy-polling stream, spin hand-over.
+    let mut histograms = [new()?, new()?, new()?, new()?];
+    let kinds = histograms.len();
+    for round in 0..config.latency_windows.max(1) {
+        for kind in (0..kinds).map(|k| (k + round) % kinds) {
+            let window = match kind {
+                0 => stream_window(config, events, SubscribeOptions::new())?,
+                1 => channel_window(events)?,
+                2 => stream_window(config, events, SubscribeOptions::new().busy_poll(BUSY_POLL))?,
+                _ => spin_window(config, events)?,
+            };
+            histograms[kind].add(window)?;
+        }
     }
-    Ok(Latencies {
-        stream: Latency::of(&stream),
-        channel: Latency::of(&channel),
-        busy_poll: Latency::of(&busy_poll),
-        spin: Latency::of(&spin),
-    })
+    let [stream, channel, busy_poll, spin] = histograms.each_ref().map(Latency::of);
+    Ok(Latencies { stream, channel, busy_poll, spin })
 }
 
 /// One window of a subscription's latency.
@@ -319,11 +330,20 @@ fn channel_window(events: usize) -> BenchResult<Histogram<u64>> {
     )
 }
 
-/// One window of the spin hand-over's latency.
-fn spin_window(events: usize) -> BenchResult<Histogram<u64>> {
+/// One window of the spin hand-over's latency: each send is a put, as in a
+/// subscription's window, on a cache without a stream.
+fn spin_window(config: &Config, events: usize) -> BenchResult<Histogram<u64>> {
+    let cache = new_cache(config.capacity)?;
     let raised = Arc::new(AtomicU64::new(0));
     let receiver = Spin { raised: Arc::clone(&raised), next: 0 };
-    paced(events, |i| raised.store(i + 1, Ordering::Release), receiver)
+    paced(
+        events,
+        |i| {
+            cache.put(i, i);
+            raised.store(i + 1, Ordering::Release);
+        },
+        receiver,
+    )
 }
 
 /// What a latency task receives: a key, or a count of keys missed.
@@ -364,7 +384,9 @@ struct Spin {
 
 impl Receiving for Spin {
     async fn next(&mut self) -> Option<Received> {
-        // Spins on its worker, which runs nothing else.
+        // Spins on its worker, which runs nothing else: the runtime's timers
+        // stand still meanwhile, so the wait for the task (`DRAIN_TIMEOUT`)
+        // is this loop's own.
         let start = Instant::now();
         while self.raised.load(Ordering::Acquire) <= self.next {
             if start.elapsed() > DRAIN_TIMEOUT {
