@@ -22,6 +22,10 @@ use crate::store::load::{Load, Outcome};
 use crate::store::shard::{no_listeners, MapHasher, Shard, Slot};
 use crate::store::sweeper::{self, Sweep};
 
+/// Deadline records a sweep takes from a shard per hold of its lock (tens of
+/// microseconds of work).
+const SWEEP_BATCH: usize = 256;
+
 /// A concurrent in-process cache whose every change emits an exact event.
 ///
 /// * [Writing and reading](#writing-and-reading)
@@ -449,7 +453,11 @@ where
     }
 
     /// Removes every expired entry now (each with an `Expired` event) and
-    /// returns how many; the periodic sweep does the same.
+    /// returns how many; the periodic sweep does the same. It looks only at
+    /// the entries whose deadlines have passed, and holds a shard's lock for
+    /// a few hundred of them at a time: entries expiring in bulk hold up a
+    /// write to their shard for tens of microseconds, not for the whole
+    /// shard's sweep.
     pub fn sweep_expired(&self) -> usize {
         self.inner.sweep_expired()
     }
@@ -987,19 +995,41 @@ where
 
     /// Removes every expired entry of a shard, each with an `Expired` event.
     fn remove_all_expired(&self, s: &mut Shard<K, V>, command: Command) -> usize {
+        self.remove_expired_batch(s, command, usize::MAX).0
+    }
+
+    /// Removes expired entries of a shard, each with an `Expired` event, up
+    /// to `limit` deadline records' worth; returns how many it removed and
+    /// whether it stopped at `limit` (more may be due).
+    fn remove_expired_batch(&self, s: &mut Shard<K, V>, command: Command, limit: usize) -> (usize, bool) {
         let mut expired = Vec::new();
-        s.remove_expired_at(|| self.clock.now(), |k| expired.push(k));
+        let more = s.remove_expired_at(|| self.clock.now(), limit, |k| expired.push(k));
         let count = expired.len();
         for k in expired {
             s.mark_load_stale(&k);
             let version = s.next_version();
             self.emit(&s.listeners, EventType::Expired, command, version, || Target::Key(k));
         }
-        count
+        (count, more)
     }
 
+    /// Sweeps shard by shard, [`SWEEP_BATCH`] records per hold of a shard's
+    /// lock: between two batches the lock goes to a writer waiting for it,
+    /// so entries expiring in bulk hold up no write for long.
     fn sweep_expired(&self) -> usize {
-        self.shards.iter().map(|shard| self.remove_all_expired(&mut shard.0.lock(), Command::Sweep)).sum()
+        let mut swept = 0;
+        for shard in self.shards.iter() {
+            loop {
+                let mut guard = shard.0.lock();
+                let (removed, more) = self.remove_expired_batch(&mut guard, Command::Sweep, SWEEP_BATCH);
+                swept += removed;
+                if !more {
+                    break;
+                }
+                MutexGuard::unlock_fair(guard);
+            }
+        }
+        swept
     }
 
     fn load<E>(&self, key: K, load: impl FnOnce() -> Result<V, E>) -> Result<V, Arc<E>>

@@ -406,6 +406,29 @@ fn sweep_expired_removes_each_expired_entry_with_one_expired_event_and_reads_the
     assert_eq!(c.get(&4), Some(4));
 }
 
+#[test]
+fn a_sweep_of_many_entries_due_together_in_one_shard_removes_each_once() {
+    // More than a sweep takes per hold of a shard's lock: it comes back for
+    // the rest in the same call.
+    let clock = ManualClock::new();
+    let c: Cache<u32, i32> = Cache::builder().shards(1).sweep_interval(NO_SWEEP).clock(clock.clone()).build().unwrap();
+    for k in 0..2_000 {
+        c.put_with_ttl(k, 0, ms(10));
+    }
+    for k in 2_000..2_100 {
+        c.put_with_ttl(k, 0, ms(20));
+    }
+    let r = Recorder::attach(&c);
+    clock.advance(ms(10));
+    assert_eq!(c.sweep_expired(), 2_000);
+    let events = r.take_brief();
+    assert!(events.iter().all(|(k, _, c)| (*k, *c) == (Expired, C::Sweep)), "only sweep expiries");
+    let keys: Vec<u32> = events.iter().flat_map(|(_, t, _)| t.keys().to_vec()).collect();
+    assert_eq!(keys.iter().copied().collect::<HashSet<u32>>(), (0..2_000).collect(), "each due entry");
+    assert_eq!(keys.len(), 2_000, "once");
+    assert_eq!((c.len(), c.sweep_expired()), (100, 0), "the later ones stay");
+}
+
 // ----- expire / touch --------------------------------------------------------------
 
 #[test]

@@ -147,18 +147,27 @@ impl<K: Hash + Eq, V: Clone> Shard<K, V> {
         self.expiries = Expiries::from_records(records);
     }
 
-    /// Removes every entry expired at `now()`, handing each key to
-    /// `expired`. It looks only at the entries whose deadlines have come
-    /// (and at records of entries since gone), and reads the clock only if
-    /// some entry can expire.
-    pub(crate) fn remove_expired_at(&mut self, now: impl FnOnce() -> u64, mut expired: impl FnMut(K)) {
+    /// Removes the entries expired at `now()`, handing each key to
+    /// `expired`, until no record is due or `limit` records were taken;
+    /// returns whether it stopped at `limit` (more may be due). It looks
+    /// only at the entries whose deadlines have come (and at records of
+    /// entries since gone), and reads the clock only if some entry can
+    /// expire.
+    pub(crate) fn remove_expired_at(
+        &mut self,
+        now: impl FnOnce() -> u64,
+        limit: usize,
+        mut expired: impl FnMut(K),
+    ) -> bool {
         if self.expiries.is_empty() {
-            return;
+            return false;
         }
         let now = now();
-        while let Some(hash) = self.expiries.pop_due(now) {
+        for _ in 0..limit {
+            let Some(hash) = self.expiries.pop_due(now) else { return false };
             self.map.remove_hashed_where(hash, |slot| slot.is_expired(|| now), &mut expired);
         }
+        true
     }
 
     /// Removes every entry.
@@ -281,7 +290,7 @@ mod tests {
 
     fn sweep(s: &mut Shard<u64, u64>, now: u64) -> Vec<u64> {
         let mut expired = Vec::new();
-        s.remove_expired_at(|| now, |k| expired.push(k));
+        assert!(!s.remove_expired_at(|| now, usize::MAX, |k| expired.push(k)));
         expired.sort_unstable();
         expired
     }
@@ -334,10 +343,27 @@ mod tests {
     fn a_shard_without_deadlines_does_not_read_the_clock() {
         let mut s = shard();
         put(&mut s, 1, 0);
-        s.remove_expired_at(|| panic!("the clock was read"), |_| {});
+        s.remove_expired_at(|| panic!("the clock was read"), usize::MAX, |_| {});
         s.clear();
         put(&mut s, 2, 5);
         s.clear();
-        s.remove_expired_at(|| panic!("the clock was read after a clear"), |_| {});
+        s.remove_expired_at(|| panic!("the clock was read after a clear"), usize::MAX, |_| {});
+    }
+
+    #[test]
+    fn a_sweep_with_a_limit_takes_that_many_records_and_says_more_may_be_due() {
+        let mut s = shard();
+        for key in 1..=1_000 {
+            put(&mut s, key, 10);
+        }
+        let mut expired = Vec::new();
+        assert!(s.remove_expired_at(|| 10, 300, |k| expired.push(k)), "stopped at the limit");
+        // A record may also take another expired entry met on its probe.
+        assert!((300..1_000).contains(&expired.len()), "{} removed", expired.len());
+        assert_eq!(s.expiries.len(), 700, "300 records taken");
+        assert!(s.remove_expired_at(|| 10, 700, |k| expired.push(k)), "stopped at the limit, none left");
+        assert!(!s.remove_expired_at(|| 10, 700, |k| expired.push(k)), "nothing was due");
+        expired.sort_unstable();
+        assert_eq!(expired, (1..=1_000).collect::<Vec<_>>(), "each once");
     }
 }
