@@ -5,15 +5,17 @@
 //! * invalidations/s: B holds N keys, A rewrites all of them as fast as it
 //!   can; from the first put until B's cache is empty (polled every ~1 ms).
 //! * invalidation latency: A puts key k (which B holds) at
-//!   [`LATENCY_RATE`] per second; from just before the put until polling
-//!   B's `contains_key(k)` sees it gone (median of windows, as the other
-//!   cluster latencies).
+//!   [`LATENCY_RATE`] per second; from just before the put until B's
+//!   invalidator reports having removed it (its telemetry observer, called
+//!   right after the removal; median of windows, as the other cluster
+//!   latencies). The writing thread sleeps between puts, as the raw
+//!   client's publisher does between messages.
 //!
 //! Both are compared with the raw Redis figures (`PUBLISH` to one
 //! subscriber) of the same run.
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -60,6 +62,44 @@ struct Nodes {
     invalidator: Invalidator,
     /// Resync reports of B's invalidator.
     resyncs: Arc<AtomicU64>,
+    /// Removal reports of B's invalidator, while a latency window is open.
+    removals: Arc<Removals>,
+}
+
+/// When B's invalidator reported each removal during an open window.
+#[derive(Default)]
+struct Removals {
+    /// The window's base instant, and each report's time since it
+    /// (nanoseconds), in the order of the reports.
+    window: Mutex<Option<(Instant, Vec<u64>)>>,
+}
+
+impl Removals {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Option<(Instant, Vec<u64>)>> {
+        self.window.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Starts recording reports, counted from `base`.
+    fn open(&self, base: Instant, capacity: usize) {
+        *self.lock() = Some((base, Vec::with_capacity(capacity)));
+    }
+
+    /// Records a report now, if a window is open.
+    fn record(&self) {
+        if let Some((base, at)) = self.lock().as_mut() {
+            at.push(nanos_since(*base));
+        }
+    }
+
+    /// How many reports the open window has.
+    fn count(&self) -> usize {
+        self.lock().as_ref().map_or(0, |(_, at)| at.len())
+    }
+
+    /// Stops recording; the reports of the window.
+    fn close(&self) -> Vec<u64> {
+        self.lock().take().map(|(_, at)| at).unwrap_or_default()
+    }
 }
 
 impl Nodes {
@@ -74,16 +114,19 @@ impl Nodes {
             b.put(k, k);
         }
         let resyncs = Arc::new(AtomicU64::new(0));
-        let seen = Arc::clone(&resyncs);
-        let observer = move |t: &Telemetry<u64>| {
-            if let Telemetry::Invalidator { event: InvalidatorEvent::Resync { .. }, .. } = t {
+        let removals = Arc::new(Removals::default());
+        let (seen, removed) = (Arc::clone(&resyncs), Arc::clone(&removals));
+        let observer = move |t: &Telemetry<u64>| match t {
+            Telemetry::Invalidator { event: InvalidatorEvent::Resync { .. }, .. } => {
                 seen.fetch_add(1, Ordering::Relaxed);
             }
+            Telemetry::Invalidator { event: InvalidatorEvent::Invalidate { .. }, .. } => removed.record(),
+            _ => {}
         };
         let a_streams = start_streams(config, rt, &a, &pubsub, None)?;
         let b_streams = start_streams(config, rt, &b, &pubsub, Some(Box::new(observer)))?;
         let invalidator = Invalidator::builder(&b_streams).scope(EventScope::Remote).start()?;
-        let nodes = Nodes { a, b, a_streams, b_streams, invalidator, resyncs };
+        let nodes = Nodes { a, b, a_streams, b_streams, invalidator, resyncs, removals };
         nodes.warm_up()?;
         if nodes.b.len() != keys as usize {
             nodes.stop();
@@ -154,11 +197,9 @@ pub(crate) fn throughput(config: &Config, rt: &Runtime, url: &str) -> BenchResul
     Ok(Rate { per_sec: n as f64 / elapsed.as_secs_f64().max(f64::MIN_POSITIVE), resyncs })
 }
 
-/// A puts keys which B holds at [`LATENCY_RATE`] per second; between puts,
-/// the same thread polls B's `contains_key` for the oldest key still there,
-/// and records the time from just before its put until it is gone. (One
-/// busy thread, as in the raw figure it is compared with: a second one
-/// would take a core from the runtime and the server.)
+/// A puts keys which B holds at [`LATENCY_RATE`] per second, sleeping
+/// between puts; each key's time is from just before its put until B's
+/// invalidator reports its removal.
 ///
 /// In windows of distinct keys, interleaved with windows of the raw client
 /// (ours, raw, ours, ...) as the other cluster latencies, so that a noisy
@@ -173,7 +214,7 @@ pub(crate) fn latency(config: &Config, rt: &Runtime, url: &str) -> BenchResult<(
         let mut raw = Prober::connect(rt, &Engine::Redis(url.to_string()))?;
         let (mut ours, mut theirs) = (Vec::new(), Vec::new());
         for w in 0..windows {
-            ours.push(Latency::of(&poll_invalidations(&nodes, (w * per_window) as u64, per_window)?));
+            ours.push(Latency::of(&invalidation_window(&nodes, (w * per_window) as u64, per_window)?));
             theirs.push(Latency::of(&raw.window(rt, per_window)?));
         }
         Ok::<_, Box<dyn std::error::Error>>((ours, theirs))
@@ -189,40 +230,40 @@ pub(crate) fn latency(config: &Config, rt: &Runtime, url: &str) -> BenchResult<(
 }
 
 /// One window of [`latency`]: keys `first..first + events`.
-fn poll_invalidations(nodes: &Nodes, first: u64, events: usize) -> BenchResult<Histogram<u64>> {
+///
+/// B applies one partition's events in A's order, so the n-th removal it
+/// reports is the n-th key put. Fails if a report is missing (a resync
+/// removes without one) or a key of the window is still on B.
+fn invalidation_window(nodes: &Nodes, first: u64, events: usize) -> BenchResult<Histogram<u64>> {
     let mut histogram = Histogram::<u64>::new_with_bounds(1, 60_000_000_000, 3)?;
     let base = Instant::now();
+    let resyncs = nodes.resyncs.load(Ordering::Relaxed);
+    nodes.removals.open(base, events);
     // When each key was put, nanoseconds since `base`.
-    let mut stamps = vec![0u64; events];
+    let mut stamps = Vec::with_capacity(events);
     let interval = Duration::from_secs(1) / LATENCY_RATE;
-    let (mut put, mut gone) = (0usize, 0usize);
     let start = Instant::now();
-    let mut next_put = start;
-    let deadline = start + interval * events as u32 + DRAIN_TIMEOUT;
-    while gone < events {
-        let now = Instant::now();
-        if put < events && now >= next_put {
-            stamps[put] = nanos_since(base);
-            let key = first + put as u64;
-            nodes.a.put(key, key);
-            put += 1;
-            next_put = start + interval * put as u32;
-        } else if gone < put {
-            // B applies A's events in order: the oldest key goes first.
-            if !nodes.b.contains_key(&(first + gone as u64)) {
-                histogram.saturating_record(nanos_since(base).saturating_sub(stamps[gone]).max(1));
-                gone += 1;
-            } else if now > deadline {
-                let key = first + gone as u64;
-                return Err(format!("key {key} is still on node B {DRAIN_TIMEOUT:?} after its put on A").into());
-            } else {
-                // Yield, not spin: the runtime and the server need the cores too.
-                thread::yield_now();
-            }
-        } else {
-            // Every key put so far is gone: nothing to poll until the next put.
-            pace_gently(next_put);
-        }
+    for (i, key) in (first..first + events as u64).enumerate() {
+        pace_gently(start + interval * i as u32);
+        stamps.push(nanos_since(base));
+        nodes.a.put(key, key);
+    }
+    let deadline = Instant::now() + DRAIN_TIMEOUT;
+    while nodes.removals.count() < events
+        && nodes.resyncs.load(Ordering::Relaxed) == resyncs
+        && Instant::now() < deadline
+    {
+        thread::sleep(Duration::from_millis(1));
+    }
+    let removed = nodes.removals.close();
+    if removed.len() != events {
+        return Err(format!("node B reported {} of {events} removals", removed.len()).into());
+    }
+    if let Some(key) = (first..first + events as u64).find(|key| nodes.b.contains_key(key)) {
+        return Err(format!("key {key} is still on node B after {events} removals were reported").into());
+    }
+    for (at, put) in removed.iter().zip(&stamps) {
+        histogram.saturating_record(at.saturating_sub(*put).max(1));
     }
     Ok(histogram)
 }
