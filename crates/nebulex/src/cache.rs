@@ -22,8 +22,9 @@ use crate::store::load::{Load, Outcome};
 use crate::store::shard::{no_listeners, MapHasher, Shard, Slot};
 use crate::store::sweeper::{self, Sweep};
 
-/// Deadline records a sweep takes from a shard per hold of its lock (tens of
-/// microseconds of work).
+/// Deadline records a sweep takes from a shard per hold of its lock (about
+/// 15 µs of removals without listeners; each record's entry also costs its
+/// event).
 const SWEEP_BATCH: usize = 256;
 
 /// A concurrent in-process cache whose every change emits an exact event.
@@ -73,14 +74,16 @@ const SWEEP_BATCH: usize = 256;
 /// # Expiry and eviction
 ///
 /// An expired entry is never returned. It is removed, with exactly one
-/// `Expired` event, by whichever comes first: a call that finds it, or the
-/// periodic sweep (see [`CacheBuilder::sweep_interval`]). Until then it still
+/// `Expired` event, by whichever comes first: a call that finds it (a write
+/// that must evict counts, when the entry is among those it looks at), or
+/// the periodic sweep (see [`CacheBuilder::sweep_interval`]). Until then it still
 /// counts in [`len`](Self::len); [`count_all`](Self::count_all) counts live
 /// entries only.
 ///
 /// With [`max_entries`](CacheBuilder::max_entries), each shard keeps its share
 /// of the bound, and a write past it evicts the least used of a few sampled
-/// entries (LFU with aging), each with exactly one `Evicted` event.
+/// entries (LFU with aging), each with exactly one `Evicted` event; an
+/// expired entry among those sampled goes first, with its `Expired` event.
 ///
 /// # Listeners
 ///
@@ -452,12 +455,12 @@ where
         self.inner.touch_live(key, Command::Touch, |slot| slot.set_ttl(slot.ttl, || clock.now()))
     }
 
-    /// Removes every expired entry now (each with an `Expired` event) and
-    /// returns how many; the periodic sweep does the same. It looks only at
-    /// the entries whose deadlines have passed, and holds a shard's lock for
-    /// a few hundred of them at a time: entries expiring in bulk hold up a
-    /// write to their shard for tens of microseconds, not for the whole
-    /// shard's sweep.
+    /// Removes every entry expired at the time of the call (each with an
+    /// `Expired` event) and returns how many; the periodic sweep does the
+    /// same. It looks only at the entries whose deadlines have passed, and
+    /// holds a shard's lock for a few hundred of them at a time, handing it
+    /// to any call waiting for it in between: entries expiring in bulk do not
+    /// hold up the calls on their shard for the whole shard's sweep.
     pub fn sweep_expired(&self) -> usize {
         self.inner.sweep_expired()
     }
@@ -695,12 +698,17 @@ where
     /// Evicts entries until the shard is within its bound, each with an
     /// `Evicted` event.
     #[inline]
-    fn trim(&self, s: &mut Shard<K, V>) {
+    /// Brings a shard back within its bound after a write of `command`:
+    /// evicts the least used of a sample (`Evicted`), or an expired entry
+    /// met in it, which is removed as one a call found (`Expired`).
+    fn trim(&self, s: &mut Shard<K, V>, command: Command) {
         while s.over_capacity() {
-            let Some(k) = s.evict_one() else { break };
+            let Some((k, expired)) = s.evict_one(|| self.clock.now()) else { break };
             s.mark_load_stale(&k);
             let version = s.next_version();
-            self.emit(&s.listeners, EventType::Evicted, Command::Evict, version, || Target::Key(k));
+            let (kind, command) =
+                if expired { (EventType::Expired, command) } else { (EventType::Evicted, Command::Evict) };
+            self.emit(&s.listeners, kind, command, version, || Target::Key(k));
         }
     }
 
@@ -759,7 +767,7 @@ where
         if let Some(key) = event_key {
             self.emit(&s.listeners, EventType::Inserted, command, version, || Target::Key(key));
         }
-        self.trim(s);
+        self.trim(s, command);
     }
 
     fn write_all(&self, entries: impl IntoIterator<Item = (K, V)>, only_new: bool) -> bool {
@@ -813,7 +821,7 @@ where
             self.emit(&listeners, EventType::Updated, command, version, || Target::Keys(updated));
         }
         for g in guards.iter_mut() {
-            self.trim(g);
+            self.trim(g, command);
         }
         true
     }
@@ -1000,10 +1008,22 @@ where
 
     /// Removes expired entries of a shard, each with an `Expired` event, up
     /// to `limit` deadline records' worth; returns how many it removed and
-    /// whether it stopped at `limit` (more may be due).
+    /// whether a record is still due.
     fn remove_expired_batch(&self, s: &mut Shard<K, V>, command: Command, limit: usize) -> (usize, bool) {
+        self.remove_expired_batch_at(s, || self.clock.now(), command, limit)
+    }
+
+    /// [`remove_expired_batch`](Self::remove_expired_batch) with the entries
+    /// expired at `now()`.
+    fn remove_expired_batch_at(
+        &self,
+        s: &mut Shard<K, V>,
+        now: impl FnOnce() -> u64,
+        command: Command,
+        limit: usize,
+    ) -> (usize, bool) {
         let mut expired = Vec::new();
-        let more = s.remove_expired_at(|| self.clock.now(), limit, |k| expired.push(k));
+        let more = s.remove_expired_at(now, limit, |k| expired.push(k));
         let count = expired.len();
         for k in expired {
             s.mark_load_stale(&k);
@@ -1013,20 +1033,24 @@ where
         (count, more)
     }
 
-    /// Sweeps shard by shard, [`SWEEP_BATCH`] records per hold of a shard's
-    /// lock: between two batches the lock goes to a writer waiting for it,
-    /// so entries expiring in bulk hold up no write for long.
+    /// Sweeps what expired by the time of the call (the clock is read once,
+    /// when a shard first has deadlines), shard by shard, [`SWEEP_BATCH`]
+    /// records per hold of a shard's lock: between two batches the lock goes
+    /// to a thread waiting for it, so entries expiring in bulk hold up no
+    /// call for the whole shard's sweep.
     fn sweep_expired(&self) -> usize {
+        let mut now = None;
         let mut swept = 0;
         for shard in self.shards.iter() {
+            let mut guard = shard.0.lock();
             loop {
-                let mut guard = shard.0.lock();
-                let (removed, more) = self.remove_expired_batch(&mut guard, Command::Sweep, SWEEP_BATCH);
+                let at = || *now.get_or_insert_with(|| self.clock.now());
+                let (removed, more) = self.remove_expired_batch_at(&mut guard, at, Command::Sweep, SWEEP_BATCH);
                 swept += removed;
                 if !more {
                     break;
                 }
-                MutexGuard::unlock_fair(guard);
+                MutexGuard::bump(&mut guard);
             }
         }
         swept

@@ -429,6 +429,22 @@ fn a_sweep_of_many_entries_due_together_in_one_shard_removes_each_once() {
     assert_eq!((c.len(), c.sweep_expired()), (100, 0), "the later ones stay");
 }
 
+#[test]
+fn a_sweep_removes_what_expired_by_the_time_of_the_call() {
+    // Deadlines one millisecond apart; every removal moves the clock on by
+    // one: a sweep that read the clock again between batches would go on.
+    let clock = ManualClock::new();
+    let c: Cache<u32, i32> = Cache::builder().shards(1).sweep_interval(NO_SWEEP).clock(clock.clone()).build().unwrap();
+    for k in 0..600 {
+        c.put_with_ttl(k, 0, ms(u64::from(k) + 1));
+    }
+    let ticking = clock.clone();
+    c.register_event_listener("tick", EventFilter::all(), move |_| ticking.advance(ms(1))).unwrap();
+    clock.advance(ms(300));
+    assert_eq!(c.sweep_expired(), 300, "the entries due at the call");
+    assert_eq!(c.len(), 300);
+}
+
 // ----- expire / touch --------------------------------------------------------------
 
 #[test]
@@ -549,6 +565,29 @@ fn try_get_or_insert_with_error_stores_nothing_and_emits_nothing() {
 }
 
 // ----- eviction ----------------------------------------------------------------------
+
+#[test]
+fn a_write_that_must_make_room_removes_an_expired_entry_as_expired_not_evicted() {
+    let clock = ManualClock::new();
+    let c: Cache<u32, i32> =
+        Cache::builder().max_entries(4).shards(1).sweep_interval(NO_SWEEP).clock(clock.clone()).build().unwrap();
+    for k in 0..4 {
+        c.put_with_ttl(k, 0, ms(10));
+    }
+    clock.advance(ms(10));
+    let r = Recorder::attach(&c);
+    c.put(4, 4);
+    let events = r.take_brief();
+    assert_eq!(events.len(), 2, "{events:?}");
+    assert_eq!(events[0], (Inserted, Key(4), C::Put));
+    let (kind, Key(gone), command) = &events[1] else { panic!("{events:?}") };
+    assert_eq!((*kind, *command), (Expired, C::Put), "the write found it expired: {events:?}");
+    assert!(*gone < 4, "{events:?}");
+    assert_eq!(c.len(), 4);
+    // The other expired entries go once each, later; none as evicted.
+    assert_eq!(c.sweep_expired(), 3);
+    assert!(r.take_brief().iter().all(|(k, _, _)| *k == Expired));
+}
 
 #[test]
 fn eviction_keeps_len_within_max_entries_and_emits_one_evicted_per_removed_entry() {

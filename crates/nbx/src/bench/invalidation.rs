@@ -8,8 +8,8 @@
 //!   [`LATENCY_RATE`] per second; from just before the put until B's
 //!   invalidator reports having removed it (its telemetry observer, called
 //!   right after the removal; median of windows, as the other cluster
-//!   latencies). The writing thread sleeps between puts, as the raw
-//!   client's publisher does between messages.
+//!   latencies). The writing thread paces its puts as the raw client's
+//!   publisher paces its messages (sleeping until shortly before each).
 //!
 //! Both are compared with the raw Redis figures (`PUBLISH` to one
 //! subscriber) of the same run.
@@ -69,36 +69,58 @@ struct Nodes {
 /// When B's invalidator reported each removal during an open window.
 #[derive(Default)]
 struct Removals {
-    /// The window's base instant, and each report's time since it
+    state: Mutex<RemovalState>,
+}
+
+#[derive(Default)]
+struct RemovalState {
+    /// The open window's base instant, and each report's time since it
     /// (nanoseconds), in the order of the reports.
-    window: Mutex<Option<(Instant, Vec<u64>)>>,
+    window: Option<(Instant, Vec<u64>)>,
+    /// Whether a window was ever opened (reports before are the warm-up's).
+    opened: bool,
+    /// Reports that fit no window: outside one, or not of one key of
+    /// partition 0.
+    stray: u64,
 }
 
 impl Removals {
-    fn lock(&self) -> std::sync::MutexGuard<'_, Option<(Instant, Vec<u64>)>> {
-        self.window.lock().unwrap_or_else(PoisonError::into_inner)
+    fn lock(&self) -> std::sync::MutexGuard<'_, RemovalState> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     /// Starts recording reports, counted from `base`.
     fn open(&self, base: Instant, capacity: usize) {
-        *self.lock() = Some((base, Vec::with_capacity(capacity)));
+        let mut state = self.lock();
+        state.window = Some((base, Vec::with_capacity(capacity)));
+        state.opened = true;
     }
 
-    /// Records a report now, if a window is open.
-    fn record(&self) {
-        if let Some((base, at)) = self.lock().as_mut() {
-            at.push(nanos_since(*base));
+    /// Records a report of `count` entries removed for an event of
+    /// `partition`, now.
+    fn record(&self, partition: u32, count: usize) {
+        let mut state = self.lock();
+        let opened = state.opened;
+        match (&mut state.window, partition, count) {
+            (Some((base, at)), 0, 1) => at.push(nanos_since(*base)),
+            (None, ..) if !opened => {}
+            _ => state.stray += 1,
         }
     }
 
     /// How many reports the open window has.
     fn count(&self) -> usize {
-        self.lock().as_ref().map_or(0, |(_, at)| at.len())
+        self.lock().window.as_ref().map_or(0, |(_, at)| at.len())
+    }
+
+    /// Reports that fit no window so far.
+    fn stray(&self) -> u64 {
+        self.lock().stray
     }
 
     /// Stops recording; the reports of the window.
     fn close(&self) -> Vec<u64> {
-        self.lock().take().map(|(_, at)| at).unwrap_or_default()
+        self.lock().window.take().map(|(_, at)| at).unwrap_or_default()
     }
 }
 
@@ -120,13 +142,19 @@ impl Nodes {
             Telemetry::Invalidator { event: InvalidatorEvent::Resync { .. }, .. } => {
                 seen.fetch_add(1, Ordering::Relaxed);
             }
-            Telemetry::Invalidator { event: InvalidatorEvent::Invalidate { .. }, .. } => removed.record(),
+            Telemetry::Invalidator { event: InvalidatorEvent::Invalidate { partition, count }, .. } => {
+                removed.record(*partition, *count)
+            }
             _ => {}
         };
         let a_streams = start_streams(config, rt, &a, &pubsub, None)?;
         let b_streams = start_streams(config, rt, &b, &pubsub, Some(Box::new(observer)))?;
         let invalidator = Invalidator::builder(&b_streams).scope(EventScope::Remote).start()?;
         let nodes = Nodes { a, b, a_streams, b_streams, invalidator, resyncs, removals };
+        if nodes.b_streams.info().partitions.is_some() {
+            nodes.stop();
+            return Err("the invalidation latency pairs removals with puts in order: it needs one partition".into());
+        }
         nodes.warm_up()?;
         if nodes.b.len() != keys as usize {
             nodes.stop();
@@ -197,9 +225,9 @@ pub(crate) fn throughput(config: &Config, rt: &Runtime, url: &str) -> BenchResul
     Ok(Rate { per_sec: n as f64 / elapsed.as_secs_f64().max(f64::MIN_POSITIVE), resyncs })
 }
 
-/// A puts keys which B holds at [`LATENCY_RATE`] per second, sleeping
-/// between puts; each key's time is from just before its put until B's
-/// invalidator reports its removal.
+/// A puts keys which B holds at [`LATENCY_RATE`] per second, paced as the
+/// raw client's messages; each key's time is from just before its put until
+/// B's invalidator reports its removal.
 ///
 /// In windows of distinct keys, interleaved with windows of the raw client
 /// (ours, raw, ours, ...) as the other cluster latencies, so that a noisy
@@ -231,13 +259,15 @@ pub(crate) fn latency(config: &Config, rt: &Runtime, url: &str) -> BenchResult<(
 
 /// One window of [`latency`]: keys `first..first + events`.
 ///
-/// B applies one partition's events in A's order, so the n-th removal it
-/// reports is the n-th key put. Fails if a report is missing (a resync
-/// removes without one) or a key of the window is still on B.
+/// B applies one partition's events in A's order (the streams have one
+/// partition), so the n-th removal it reports is the n-th key put. Fails if
+/// a report is missing (a resync removes without one), a report fits no
+/// window (another key, or none), a removal is reported before its put, or
+/// a key of the window is still on B.
 fn invalidation_window(nodes: &Nodes, first: u64, events: usize) -> BenchResult<Histogram<u64>> {
     let mut histogram = Histogram::<u64>::new_with_bounds(1, 60_000_000_000, 3)?;
     let base = Instant::now();
-    let resyncs = nodes.resyncs.load(Ordering::Relaxed);
+    let (resyncs, stray) = (nodes.resyncs.load(Ordering::Relaxed), nodes.removals.stray());
     nodes.removals.open(base, events);
     // When each key was put, nanoseconds since `base`.
     let mut stamps = Vec::with_capacity(events);
@@ -259,11 +289,18 @@ fn invalidation_window(nodes: &Nodes, first: u64, events: usize) -> BenchResult<
     if removed.len() != events {
         return Err(format!("node B reported {} of {events} removals", removed.len()).into());
     }
+    let strays = nodes.removals.stray() - stray;
+    if strays > 0 {
+        return Err(format!("node B reported {strays} removals that fit no key of the window").into());
+    }
+    if let Some(i) = (0..events).find(|&i| removed[i] < stamps[i]) {
+        return Err(format!("node B reported the removal of key {} before its put", first + i as u64).into());
+    }
     if let Some(key) = (first..first + events as u64).find(|key| nodes.b.contains_key(key)) {
         return Err(format!("key {key} is still on node B after {events} removals were reported").into());
     }
     for (at, put) in removed.iter().zip(&stamps) {
-        histogram.saturating_record(at.saturating_sub(*put).max(1));
+        histogram.saturating_record((at - put).max(1));
     }
     Ok(histogram)
 }

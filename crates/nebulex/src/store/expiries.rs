@@ -45,6 +45,12 @@ impl Expiries {
         None
     }
 
+    /// Whether a record's deadline is `now` or earlier.
+    pub(crate) fn has_due(&self, now: u64) -> bool {
+        self.queue.front().is_some_and(|&(at, _)| at <= now)
+            || self.heap.peek().is_some_and(|&Reverse((at, _))| at <= now)
+    }
+
     pub(crate) fn len(&self) -> usize {
         self.queue.len() + self.heap.len()
     }

@@ -149,10 +149,9 @@ impl<K: Hash + Eq, V: Clone> Shard<K, V> {
 
     /// Removes the entries expired at `now()`, handing each key to
     /// `expired`, until no record is due or `limit` records were taken;
-    /// returns whether it stopped at `limit` (more may be due). It looks
-    /// only at the entries whose deadlines have come (and at records of
-    /// entries since gone), and reads the clock only if some entry can
-    /// expire.
+    /// returns whether a record is still due. It looks only at the entries
+    /// whose deadlines have come (and at records of entries since gone),
+    /// and reads the clock only if some entry can expire.
     pub(crate) fn remove_expired_at(
         &mut self,
         now: impl FnOnce() -> u64,
@@ -167,7 +166,7 @@ impl<K: Hash + Eq, V: Clone> Shard<K, V> {
             let Some(hash) = self.expiries.pop_due(now) else { return false };
             self.map.remove_hashed_where(hash, |slot| slot.is_expired(|| now), &mut expired);
         }
-        true
+        self.expiries.has_due(now)
     }
 
     /// Removes every entry.
@@ -243,18 +242,26 @@ impl<K: Hash + Eq, V: Clone> Shard<K, V> {
     }
 
     /// Removes the least used of a few sampled entries and returns its key.
-    pub(crate) fn evict_one(&mut self) -> Option<K> {
+    ///
+    /// An expired entry met in the sample goes first, and is said to be
+    /// expired (`true`): it is removed as expired, not evicted. The clock is
+    /// read only if some entry can expire.
+    pub(crate) fn evict_one(&mut self, now: impl FnOnce() -> u64) -> Option<(K, bool)> {
         let buckets = self.map.buckets();
+        let now = (!self.expiries.is_empty()).then(now);
         let mut victim: Option<(usize, u8)> = None;
         for _ in 0..SAMPLES.min(self.map.len()) {
             let start = self.random_below(buckets);
             let Some(i) = self.map.occupied_from(start) else { break };
-            let uses = self.map.get_index(i).map_or(u8::MAX, |(_, s)| s.uses);
-            if victim.is_none_or(|(_, least)| uses < least) {
-                victim = Some((i, uses));
+            let Some((_, slot)) = self.map.get_index(i) else { continue };
+            if now.is_some_and(|now| slot.is_expired(|| now)) {
+                return self.map.remove_index(i).map(|(k, _)| (k, true));
+            }
+            if victim.is_none_or(|(_, least)| slot.uses < least) {
+                victim = Some((i, slot.uses));
             }
         }
-        self.map.remove_index(victim?.0).map(|(k, _)| k)
+        self.map.remove_index(victim?.0).map(|(k, _)| (k, false))
     }
 
     /// A random number below `n` (xorshift64*, then a multiply-shift reduction).
@@ -361,7 +368,7 @@ mod tests {
         // A record may also take another expired entry met on its probe.
         assert!((300..1_000).contains(&expired.len()), "{} removed", expired.len());
         assert_eq!(s.expiries.len(), 700, "300 records taken");
-        assert!(s.remove_expired_at(|| 10, 700, |k| expired.push(k)), "stopped at the limit, none left");
+        assert!(!s.remove_expired_at(|| 10, 700, |k| expired.push(k)), "took the rest: none is due");
         assert!(!s.remove_expired_at(|| 10, 700, |k| expired.push(k)), "nothing was due");
         expired.sort_unstable();
         assert_eq!(expired, (1..=1_000).collect::<Vec<_>>(), "each once");
