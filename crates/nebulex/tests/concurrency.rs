@@ -262,3 +262,69 @@ fn reads_racing_the_sweeper_yield_exactly_one_expired_per_entry() {
     assert!(replay(&events).is_empty(), "the stream replays to an empty cache");
     assert_versions_increase(&events);
 }
+
+/// Entries expiring in bulk, swept a batch at a time while writers, a
+/// reader and a bounded shard's evictions act on the same keys between the
+/// batches: each entry still leaves exactly once (`replay` refuses a
+/// removal of a key already absent), and versions keep increasing.
+#[test]
+fn bulk_expiry_swept_in_batches_among_writes_reads_and_evictions_removes_each_entry_once() {
+    const KEYS: u32 = 3_000;
+    let cache: Cache<u32, u32> = Cache::builder()
+        .name("bulk-expiry")
+        .shards(1)
+        .max_entries(2_500)
+        .sweep_interval(Duration::from_millis(1))
+        .build()
+        .unwrap();
+    let rec = Recorder::attach(&cache);
+    let stop = Arc::new(AtomicUsize::new(0));
+    let helpers: Vec<_> = (0..2u64)
+        .map(|h| {
+            let (cache, stop) = (cache.clone(), stop.clone());
+            thread::spawn(move || {
+                let mut rng = StdRng::seed_from_u64(h);
+                while stop.load(Ordering::Acquire) == 0 {
+                    let k = rng.gen_range(0..KEYS);
+                    if h == 0 {
+                        let _ = cache.get(&k);
+                    } else {
+                        cache.sweep_expired();
+                    }
+                }
+            })
+        })
+        .collect();
+    let mut rng = StdRng::seed_from_u64(7);
+    for round in 0..20u32 {
+        // A burst due together, then writes among the sweeps' batches.
+        for k in 0..KEYS {
+            cache.put_with_ttl(k, round, Duration::from_millis(1));
+        }
+        for i in 0..2_000 {
+            let k = rng.gen_range(0..KEYS);
+            match i % 3 {
+                0 => cache.put_with_ttl(k, round, Duration::from_micros(rng.gen_range(100..2_000))),
+                1 => cache.put(k, round),
+                _ => {
+                    let _ = cache.delete(&k);
+                }
+            }
+        }
+    }
+    // Everything left gets a short time to live, then goes.
+    for k in 0..KEYS {
+        cache.put_with_ttl(k, 0, Duration::from_millis(1));
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !cache.is_empty() {
+        assert!(std::time::Instant::now() < deadline, "{} entries left", cache.len());
+        thread::sleep(Duration::from_millis(2));
+    }
+    stop.store(1, Ordering::Release);
+    helpers.into_iter().for_each(|t| t.join().unwrap());
+    let events = rec.take();
+    assert!(events.iter().any(|e| e.kind == EventType::Expired && e.command == Command::Sweep), "no sweep");
+    assert!(replay(&events).is_empty(), "the stream replays to an empty cache");
+    assert_versions_increase(&events);
+}
