@@ -224,12 +224,13 @@ impl SubscribeOptions {
     /// reader to sleep).
     ///
     /// A receive looks once per wait: on the first poll of each `recv()`,
-    /// and, as a `Stream`, on its first poll after each item. Meanwhile nothing else runs on that
-    /// thread, so a receive under a timeout may end up to this much late,
-    /// and a task that waits on several subscriptions at once (`select!`,
-    /// merged streams) waits for each one's look in turn: give it to one
-    /// subscription per task. On a single-threaded runtime that also runs
-    /// the writes, the look only delays them.
+    /// and, as a `Stream`, on its first poll after each item. Meanwhile
+    /// nothing else runs on that thread, so a receive under a timeout may
+    /// end up to this much late, and a task that waits on several
+    /// subscriptions at once (`select!`, merged streams) waits for each
+    /// one's look in turn: give it to one subscription per task. On a
+    /// single-threaded runtime that also runs the writes, the look only
+    /// delays them.
     ///
     /// More than [`MAX_BUSY_POLL`] is refused by
     /// [`subscribe`](crate::StreamsExt::subscribe) with
@@ -632,9 +633,8 @@ impl<K> Subscription<K> {
     /// its buffer constantly steals the writer's cache lines. So when the
     /// buffer is empty it pauses a moment between looks (letting events
     /// accumulate, then taking them in a row) and yields the CPU (to a writer
-    /// waiting for this core), a few times, before it sleeps.
-    /// With [`SubscribeOptions::busy_poll`], it then looks for that long
-    /// too.
+    /// waiting for this core), a few times, before it sleeps. With
+    /// [`SubscribeOptions::busy_poll`], it then looks for that long too.
     pub fn recv_blocking(&mut self) -> Option<Item<K>> {
         for round in 0..=SPIN_ROUNDS {
             if let Some(item) = self.ring.try_next() {

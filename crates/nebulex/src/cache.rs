@@ -695,12 +695,10 @@ where
         }
     }
 
-    /// Evicts entries until the shard is within its bound, each with an
-    /// `Evicted` event.
-    #[inline]
     /// Brings a shard back within its bound after a write of `command`:
     /// evicts the least used of a sample (`Evicted`), or an expired entry
     /// met in it, which is removed as one a call found (`Expired`).
+    #[inline]
     fn trim(&self, s: &mut Shard<K, V>, command: Command) {
         while s.over_capacity() {
             let Some((k, expired)) = s.evict_one(|| self.clock.now()) else { break };
