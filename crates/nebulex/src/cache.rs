@@ -1001,19 +1001,13 @@ where
 
     /// Removes every expired entry of a shard, each with an `Expired` event.
     fn remove_all_expired(&self, s: &mut Shard<K, V>, command: Command) -> usize {
-        self.remove_expired_batch(s, command, usize::MAX).0
+        self.remove_expired_batch(s, || self.clock.now(), command, usize::MAX).0
     }
 
-    /// Removes expired entries of a shard, each with an `Expired` event, up
-    /// to `limit` deadline records' worth; returns how many it removed and
-    /// whether a record is still due.
-    fn remove_expired_batch(&self, s: &mut Shard<K, V>, command: Command, limit: usize) -> (usize, bool) {
-        self.remove_expired_batch_at(s, || self.clock.now(), command, limit)
-    }
-
-    /// [`remove_expired_batch`](Self::remove_expired_batch) with the entries
-    /// expired at `now()`.
-    fn remove_expired_batch_at(
+    /// Removes entries of a shard expired at `now()`, each with an `Expired`
+    /// event, up to `limit` deadline records' worth; returns how many it
+    /// removed and whether a record is still due.
+    fn remove_expired_batch(
         &self,
         s: &mut Shard<K, V>,
         now: impl FnOnce() -> u64,
@@ -1043,7 +1037,7 @@ where
             let mut guard = shard.0.lock();
             loop {
                 let at = || *now.get_or_insert_with(|| self.clock.now());
-                let (removed, more) = self.remove_expired_batch_at(&mut guard, at, Command::Sweep, SWEEP_BATCH);
+                let (removed, more) = self.remove_expired_batch(&mut guard, at, Command::Sweep, SWEEP_BATCH);
                 swept += removed;
                 if !more {
                     break;
