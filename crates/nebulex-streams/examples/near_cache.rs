@@ -12,8 +12,9 @@
 //! ```
 //!
 //! Or one node per process, the database being a Redis hash both share: run
-//! this in two terminals, then type `get user:1` in one, `set user:1 Bob` in
-//! the other, and `get user:1` again in the first:
+//! this in two terminals, then type `set user:1 Alice` and `get user:1` in
+//! one (cached), `set user:1 Bob` in the other, and `get user:1` again in the
+//! first (its copy was invalidated: it reloads `Bob`):
 //!
 //! ```text
 //! cargo run --release --example near_cache -- --node a
@@ -26,7 +27,9 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use nebulex::Cache;
-use nebulex_streams::{EventScope, Invalidator, PubSub, Streams, StreamsExt, SubscribeOptions};
+use nebulex_streams::{
+    EventScope, Invalidator, InvalidatorEvent, PubSub, Streams, StreamsExt, SubscribeOptions, Telemetry,
+};
 use redis::AsyncCommands;
 use tokio::io::AsyncBufReadExt;
 
@@ -39,10 +42,22 @@ struct Node {
     _invalidator: Invalidator,
 }
 
-/// A node: a cache named "users", its stream over Redis, and its invalidator.
-async fn node(name: &str, url: &str) -> Result<Node, Error> {
+/// A node: a cache named "users", its stream over Redis, and its invalidator
+/// (which, when `show` is set, prints each removal it makes).
+async fn node(name: &str, url: &str, show: bool) -> Result<Node, Error> {
     let cache: Cache<String, String> = Cache::builder().name("users").max_entries(10_000).build()?;
-    let streams = Streams::builder(&cache).partitions(4).pubsub(PubSub::redis(url)).start()?;
+    let mut builder = Streams::builder(&cache).partitions(4).pubsub(PubSub::redis(url));
+    if show {
+        builder = builder.observer(|t: &Telemetry<String>| {
+            if let Telemetry::Invalidator { event: InvalidatorEvent::Invalidate { count, .. }, .. } = t {
+                if *count > 0 {
+                    let copies = if *count == 1 { "copy" } else { "copies" };
+                    println!("  [invalidated: {count} local {copies} removed]");
+                }
+            }
+        });
+    }
+    let streams = builder.start()?;
     tokio::time::timeout(Duration::from_secs(5), streams.ready())
         .await
         .map_err(|_| format!("Redis at {url} did not answer within 5 s"))??;
@@ -64,8 +79,8 @@ async fn main() -> Result<(), Error> {
 async fn two_nodes(url: &str) -> Result<(), Error> {
     let db: Arc<Mutex<HashMap<String, String>>> = Arc::default();
     db.lock().unwrap().insert("user:1".into(), "Alice, 30".into());
-    let a = node("a", url).await?;
-    let b = node("b", url).await?;
+    let a = node("a", url, false).await?;
+    let b = node("b", url, false).await?;
     let read = |node: &Node| {
         let db = db.clone();
         let key = "user:1".to_string();
@@ -111,7 +126,7 @@ async fn wait_until_gone(node: &Node, key: &str) -> Result<(), Error> {
 
 /// One node per process; the database is a Redis hash.
 async fn interactive(name: &str, url: &str) -> Result<(), Error> {
-    let node = node(name, url).await?;
+    let node = node(name, url, true).await?;
     let mut db = redis::Client::open(url)?.get_multiplexed_async_connection().await?;
     let table = "nbx:near_cache:db";
     println!("node {name} ready (commands: get KEY | set KEY VALUE | del KEY | show | quit)");
@@ -121,7 +136,7 @@ async fn interactive(name: &str, url: &str) -> Result<(), Error> {
         let mut remote = node.cache.subscribe(SubscribeOptions::new().scope(EventScope::Remote).partition(p))?;
         tokio::spawn(async move {
             while let Some(Ok(e)) = remote.next().await {
-                println!("  [node {}: {} {:?}; the local copy is invalidated]", e.metadata.node, e.kind, e.target);
+                println!("  [node {}: {} {:?}]", e.metadata.node, e.kind, e.target);
             }
         });
     }
@@ -135,12 +150,13 @@ async fn interactive(name: &str, url: &str) -> Result<(), Error> {
                 let cached = node.cache.get(&key);
                 let value = match cached {
                     Some(v) => format!("{v} (cached)"),
-                    None => {
-                        let v: Option<String> = db.hget(table, &key).await?;
-                        let v = v.unwrap_or_default();
-                        node.cache.get_or_insert_with(key, || v.clone());
-                        format!("{v} (loaded from the database)")
-                    }
+                    None => match db.hget::<_, _, Option<String>>(table, &key).await? {
+                        Some(v) => {
+                            let v = node.cache.get_or_insert_with(key, || v);
+                            format!("{v} (loaded from the database)")
+                        }
+                        None => "(not in the database)".to_string(),
+                    },
                 };
                 println!("{value}");
             }

@@ -397,7 +397,6 @@ impl<K> Reporter<K> {
         });
     }
 
-    /// An event that could not be delivered.
     /// An event that could not be delivered (`event`: the event itself, if
     /// [`wants_events`](Self::wants_events)).
     pub(crate) fn broadcast_error(&self, topic: Name, event: Option<&Arc<CacheEntryEvent<K>>>, reason: BroadcastError) {
