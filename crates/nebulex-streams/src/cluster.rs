@@ -143,7 +143,7 @@ pub(crate) struct Cluster<K> {
     outbound: Mutex<Vec<RingReader<K>>>,
     link: OnceLock<Arc<dyn Link>>,
     ready: watch::Receiver<Option<Result<(), Error>>>,
-    ready_tx: watch::Sender<Option<Result<(), Error>>>,
+    ready_tx: crate::pubsub::Ready,
     /// Per (origin, partition): where its numbering stands.
     seen: Mutex<HashMap<(NodeId, u32), Seen>>,
     link_up: AtomicBool,

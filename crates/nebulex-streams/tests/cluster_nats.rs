@@ -120,3 +120,23 @@ async fn garbage_frames_are_rejected_while_traffic_flows() {
     labels.sort();
     assert_eq!(labels, ["malformed", "truncated"]);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_server_fails_ready_then_a_server_that_comes_up_is_joined() {
+    let nats = NatsServer::start().expect("nats-server");
+    let port = nats.port();
+    let mut nats = nats;
+    nats.stop();
+    let a = node("x", 1);
+    let s = Streams::builder(&a).pubsub(PubSub::nats(format!("nats://127.0.0.1:{port}"))).start().unwrap();
+    let err = tokio::time::timeout(PATIENCE, s.ready()).await.expect("answer in time").unwrap_err();
+    assert!(matches!(err, nebulex_streams::Error::Transport(_)), "{err}");
+    // The link keeps trying: once the server is back, `ready` turns Ok.
+    nats.restart().expect("nats-server back");
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    while s.ready().await.is_err() {
+        assert!(tokio::time::Instant::now() < deadline, "not joined within {PATIENCE:?} of the server's start");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    s.stop();
+}

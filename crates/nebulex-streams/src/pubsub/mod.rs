@@ -205,10 +205,13 @@ pub(crate) struct LinkConfig {
     #[cfg_attr(not(any(feature = "redis", feature = "nats")), allow(dead_code))]
     pub(crate) backoff: Backoff,
     pub(crate) hooks: Arc<Hooks>,
-    /// Set to `Some(Ok)` once subscribed, `Some(Err)` on a failure that
-    /// retrying will not fix (a bad URL).
-    pub(crate) ready: watch::Sender<Option<Result<(), Error>>>,
+    /// Set to `Some(Ok)` once subscribed; `Some(Err)` if the first attempt
+    /// fails (the link keeps trying, and sets `Some(Ok)` once it is in).
+    pub(crate) ready: Ready,
 }
+
+/// Where a link tells whether it is in (see [`LinkConfig::ready`]).
+pub(crate) type Ready = watch::Sender<Option<Result<(), Error>>>;
 
 /// One stream's connection to the engine.
 pub(crate) trait Link: Send + Sync {

@@ -13,7 +13,7 @@ use futures::future::BoxFuture;
 use futures::StreamExt;
 use tokio::sync::watch;
 
-use super::{redact, runtime, Backoff, Hooks, Link, LinkConfig, LinkState};
+use super::{redact, runtime, Backoff, Hooks, Link, LinkConfig, LinkState, Ready};
 use crate::error::Error;
 
 struct NatsLink {
@@ -37,7 +37,10 @@ pub(crate) fn open(url: &str, config: LinkConfig) -> Result<Arc<dyn Link>, Error
     Ok(link)
 }
 
-fn options(backoff: Backoff, hooks: Arc<Hooks>) -> async_nats::ConnectOptions {
+/// The client's options. It keeps trying to connect from the start; the first
+/// failed attempt is reported to `ready` (as Redis's first failure is), so
+/// that an unreachable server does not leave `ready()` waiting.
+fn options(backoff: Backoff, hooks: Arc<Hooks>, ready: Ready) -> async_nats::ConnectOptions {
     async_nats::ConnectOptions::new()
         // Our own frames need not come back.
         .no_echo()
@@ -45,9 +48,19 @@ fn options(backoff: Backoff, hooks: Arc<Hooks>) -> async_nats::ConnectOptions {
         .retry_on_initial_connect()
         .reconnect_delay_callback(move |attempts| backoff.delay(attempts.saturating_sub(1) as u32))
         .event_callback(move |event| {
-            let hooks = hooks.clone();
+            let (hooks, ready) = (hooks.clone(), ready.clone());
             async move {
                 match event {
+                    async_nats::Event::ClientError(e) => {
+                        tracing::debug!(target: "nebulex_streams", error = %e, "NATS");
+                        ready.send_if_modified(|r| {
+                            let first = r.is_none();
+                            if first {
+                                *r = Some(Err(Error::Transport(format!("cannot connect to NATS: {e}"))));
+                            }
+                            first
+                        });
+                    }
                     async_nats::Event::Disconnected => {
                         tracing::warn!(target: "nebulex_streams", "NATS connection lost; reconnecting");
                         (hooks.on_state)(LinkState::Down("NATS connection lost".into()));
@@ -66,7 +79,7 @@ async fn run(
     mut stop: watch::Receiver<bool>,
 ) {
     let LinkConfig { channels, backoff, hooks, ready, .. } = config;
-    let connecting = options(backoff, hooks.clone()).connect(addrs.as_slice());
+    let connecting = options(backoff, hooks.clone(), ready.clone()).connect(addrs.as_slice());
     let client = tokio::select! {
         c = connecting => match c {
             Ok(c) => c,
