@@ -108,8 +108,8 @@ async fn two_nodes(url: &str) -> Result<(), Error> {
     b.cache.delete("user:1");
     wait_until_gone(&a, "user:1").await?;
     println!("node a's copy is gone too: len a = {}, len b = {}", a.cache.len(), b.cache.len());
-    a.streams.stop();
-    b.streams.stop();
+    a.streams.shutdown().await;
+    b.streams.shutdown().await;
     Ok(())
 }
 
@@ -177,6 +177,7 @@ async fn interactive(name: &str, url: &str) -> Result<(), Error> {
             _ => println!("commands: get KEY | set KEY VALUE | del KEY | show | quit"),
         }
     }
-    node.streams.stop();
+    // Sends this node's last changes before the process exits.
+    node.streams.shutdown().await;
     Ok(())
 }

@@ -20,6 +20,11 @@
 //! know: so the loss of a burst's last frame is still seen as a gap, within
 //! one heartbeat, and a new node learns everyone's numbering at once.
 //!
+//! When the stream stops (or its cache is dropped), the sender first sends
+//! what the buffers still hold, then a last heartbeat per partition, within
+//! [`STOP_FLUSH_TIMEOUT`]; only then does it close the connection. A node
+//! that dies without stopping loses what it had not sent yet.
+//!
 //! # Inbound
 //!
 //! Each frame is decoded and checked (size, version, signature, cache,
@@ -31,7 +36,7 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, OnceLock, Weak};
+use std::sync::{Arc, OnceLock};
 use std::task::Poll;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -154,6 +159,9 @@ pub(crate) struct Cluster<K> {
     /// Whether the link was ever up (its first `Up` is no recovery).
     ever_up: AtomicBool,
     shutdown: watch::Sender<bool>,
+    /// Ends (its sender dropped) once the sender task has finished: flushed
+    /// and closed the link after a stop, or was dropped with its runtime.
+    sender_done: OnceLock<watch::Receiver<()>>,
     /// The options kept for `start_link`.
     pubsub: PubSub,
     channels: Vec<String>,
@@ -187,9 +195,20 @@ impl<K> Cluster<K> {
             hello: Arc::default(),
             ever_up: AtomicBool::new(false),
             shutdown: watch::channel(false).0,
+            sender_done: OnceLock::new(),
             pubsub: transport.pubsub,
             channels,
             backoff: options.backoff,
+        }
+    }
+
+    /// Resolves once the sender task has finished (after a stop: sent what
+    /// was buffered and closed the connection); at once if it never ran.
+    pub(crate) async fn finished(&self) {
+        if let Some(done) = self.sender_done.get() {
+            let mut done = done.clone();
+            // Nothing is ever sent: this ends when the task drops its half.
+            while done.changed().await.is_ok() {}
         }
     }
 
@@ -200,12 +219,10 @@ impl<K> Cluster<K> {
         outcome.clone().unwrap_or(Err(Error::StreamNotStarted))
     }
 
-    /// Stops the sender task and closes the connection.
+    /// Tells the sender task to send what is buffered and close the
+    /// connection (see [`send_loop`]).
     pub(crate) fn close(&self) {
         self.shutdown.send_replace(true);
-        if let Some(link) = self.link.get() {
-            link.close();
-        }
         self.ready_tx.send_if_modified(|r| {
             let unset = r.is_none();
             if unset {
@@ -263,8 +280,27 @@ where
         ready: cluster.ready_tx.clone(),
     })?;
     let _ = cluster.link.set(link.clone());
-    rt.spawn(send_loop(Arc::downgrade(shared), link, cluster.shutdown.subscribe()));
+    let (done, sender_done) = watch::channel(());
+    let _ = cluster.sender_done.set(sender_done);
+    let sender = Sender { link: link.clone(), _done: done };
+    rt.spawn(send_loop(shared.clone(), sender, cluster.shutdown.subscribe()));
     Ok(())
+}
+
+/// How long a stopping stream may take to send what its buffers hold.
+pub(crate) const STOP_FLUSH_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The sender task's link: closed when the task ends, however it ends
+/// (which also drops `_done`, telling [`Cluster::finished`]).
+struct Sender {
+    link: Arc<dyn Link>,
+    _done: watch::Sender<()>,
+}
+
+impl Drop for Sender {
+    fn drop(&mut self) {
+        self.link.close();
+    }
 }
 
 /// Why the sender woke up.
@@ -279,16 +315,19 @@ enum Wake<K> {
 
 /// Drains the outbound buffers into frames until the stream stops, and
 /// keeps idle partitions' numbering known to the other nodes with
-/// heartbeats (empty frames).
-async fn send_loop<K>(shared: Weak<StreamShared<K>>, link: Arc<dyn Link>, mut stop: watch::Receiver<bool>)
+/// heartbeats (empty frames). On stop, sends what is left ([`flush`]), then
+/// closes the link.
+///
+/// It holds the stream until then: a stream always stops (by `stop()`, or
+/// when its cache is dropped), and what it buffered must still be sent.
+async fn send_loop<K>(s: Arc<StreamShared<K>>, sender: Sender, mut stop: watch::Receiver<bool>)
 where
     K: Send + Sync + 'static,
 {
-    let Some((mut outbound, heartbeat, hello)) = shared.upgrade().and_then(|s| {
-        s.cluster.as_ref().map(|c| (std::mem::take(&mut *c.outbound.lock()), c.heartbeat, c.hello.clone()))
-    }) else {
-        return;
-    };
+    let link = &sender.link;
+    let Some(cluster) = s.cluster.as_ref() else { return };
+    let mut outbound = std::mem::take(&mut *cluster.outbound.lock());
+    let (heartbeat, hello) = (cluster.heartbeat, cluster.hello.clone());
     let count = outbound.len();
     // Announce every partition at once: nodes already running learn our numbering.
     let mut last_sent: Vec<Option<Instant>> = vec![None; count];
@@ -306,14 +345,12 @@ where
             });
             tokio::select! {
                 biased;
-                _ = stop.changed() => return,
+                _ = stop.changed() => return flush(&s, &mut outbound, link.as_ref()).await,
                 (p, item) = any => Wake::Item(p, item),
                 _ = hello.notified() => Wake::Hello,
                 _ = tick.tick() => Wake::Tick,
             }
         };
-        let Some(s) = shared.upgrade() else { return };
-        let Some(cluster) = s.cluster.as_ref() else { return };
         let mut frames = Vec::new();
         let hello = matches!(wake, Wake::Hello);
         if let Wake::Item(first_p, first) = wake {
@@ -343,18 +380,56 @@ where
                 }
             }
         }
-        drop(s);
-        if !frames.is_empty() {
-            let sent = frames.len();
-            let failed = link.publish(frames).await;
-            if failed > 0 {
-                if let Some(s) = shared.upgrade() {
-                    s.reporter.transport_error(failed, sent);
-                }
-            }
+        publish(&s, link.as_ref(), frames).await;
+    }
+}
+
+/// Publishes frames, reporting those the transport could not send.
+async fn publish<K>(s: &StreamShared<K>, link: &dyn Link, frames: Vec<(usize, Arc<[u8]>)>) {
+    if frames.is_empty() {
+        return;
+    }
+    let sent = frames.len();
+    let failed = link.publish(frames).await;
+    if failed > 0 {
+        s.reporter.transport_error(failed, sent);
+    }
+}
+
+/// After a stop: sends every event the outbound buffers hold, then a
+/// heartbeat per partition (so that receivers can tell whether the last
+/// frame arrived), giving up after [`STOP_FLUSH_TIMEOUT`] (what is left is
+/// reported as a transport error).
+async fn flush<K>(s: &StreamShared<K>, outbound: &mut [RingReader<K>], link: &dyn Link)
+where
+    K: Send + Sync + 'static,
+{
+    let mut frames = Vec::new();
+    for (p, ring) in outbound.iter_mut().enumerate() {
+        let mut pending = Vec::new();
+        while let Some(item) = ring.try_next() {
+            s.accept(p, item, &mut pending, &mut frames);
+        }
+        frames.extend(s.seal(p, &mut pending));
+    }
+    frames.extend((0..outbound.len()).filter_map(|p| s.heartbeat(p, false)));
+    let total = frames.len();
+    let deadline = tokio::time::Instant::now() + STOP_FLUSH_TIMEOUT;
+    let mut left = frames.into_iter().peekable();
+    while left.peek().is_some() {
+        let batch: Vec<_> = left.by_ref().take(FLUSH_BATCH).collect();
+        let sent = batch.len();
+        if tokio::time::timeout_at(deadline, publish(s, link, batch)).await.is_err() {
+            let unsent = sent + left.count();
+            tracing::warn!(target: "nebulex_streams", frames = unsent, "stopped before the last frames were sent");
+            s.reporter.transport_error(unsent, total);
+            return;
         }
     }
 }
+
+/// Frames per publish when flushing after a stop.
+const FLUSH_BATCH: usize = 64;
 
 impl<K> StreamShared<K> {
     /// Adds one outbound item of partition `p` to its pending frame. A frame

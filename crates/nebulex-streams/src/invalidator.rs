@@ -2,10 +2,17 @@
 //! other node.
 //!
 //! An invalidator subscribes to every partition of a stream (one worker per
-//! partition) and deletes from the local cache the target of every event in
+//! partition) and deletes from the local cache the target of every change in
 //! its [scope](EventScope) — `Key`, `Keys` or `All` — **without emitting
 //! events**, so nothing echoes back across the cluster. The next read of an
 //! invalidated key goes to the system of record.
+//!
+//! A change is an `Inserted`, `Updated` or `Deleted` event, except the
+//! `Inserted` of a load (`get_or_insert_with`, command `Load`): a load only
+//! read the record, and removing other nodes' copies for it would make nodes
+//! that read one key empty each other's copy on every miss. Expiry and
+//! eviction elsewhere say nothing about the record either. These events are
+//! reported as [`Unhandled`](InvalidatorEvent::Unhandled).
 //!
 //! # Fail safe
 //!
@@ -49,7 +56,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use nebulex::{CacheEntryEvent, EventType};
+use nebulex::{CacheEntryEvent, Command, EventType};
 use tokio::sync::watch;
 
 use crate::error::Error;
@@ -310,6 +317,12 @@ where
     fn apply(&self, partition: u32, event: &CacheEntryEvent<K>) {
         let reporter = &self.shared.reporter;
         match event.kind {
+            // A load elsewhere read the record: nothing changed, and removing
+            // copies for it would make nodes that read one hot key empty
+            // each other's copy on every miss.
+            EventType::Inserted if event.command == Command::Load => {
+                reporter.invalidator(InvalidatorEvent::Unhandled { partition, kind: event.kind });
+            }
             EventType::Inserted | EventType::Updated | EventType::Deleted => {
                 let count = self.shared.cache.invalidate(&event.target);
                 if let Ok(lag) = SystemTime::now().duration_since(event.metadata.timestamp) {

@@ -472,9 +472,41 @@ where
     /// Stops the stream: unregisters its listener and ends every subscription
     /// (each yields `None` once drained). A new stream can then be started on
     /// the cache. Stopping twice does nothing.
+    ///
+    /// With a cluster transport, events already routed are still sent to the
+    /// other nodes (within a few seconds, in the background); await
+    /// [`shutdown`](Self::shutdown) instead to wait for that, e.g. before a
+    /// process exits.
     pub fn stop(&self) {
         self.shared.cache.detach(&self.shared);
         self.shared.close();
+    }
+
+    /// Stops the stream like [`stop`](Self::stop), then waits until the
+    /// events it had routed are sent to the other nodes and its connection
+    /// is closed (at most a few seconds, if the transport cannot take them:
+    /// what is left is then reported as a transport error). At once without
+    /// a cluster transport.
+    ///
+    /// ```
+    /// use nebulex::Cache;
+    /// use nebulex_streams::{MemoryBus, Streams};
+    ///
+    /// # tokio::runtime::Runtime::new().unwrap().block_on(async {
+    /// let bus = MemoryBus::new();
+    /// let cache: Cache<String, u32> = Cache::builder().name("users").build()?;
+    /// let streams = Streams::builder(&cache).pubsub(bus.into()).start()?;
+    /// cache.put("user:1".to_string(), 1);
+    /// streams.shutdown().await; // user:1's event has been published
+    /// assert!(streams.is_stopped());
+    /// # Ok::<(), nebulex_streams::Error>(())
+    /// # }).unwrap();
+    /// ```
+    pub async fn shutdown(&self) {
+        self.stop();
+        if let Some(cluster) = &self.shared.cluster {
+            cluster.finished().await;
+        }
     }
 }
 
@@ -657,7 +689,7 @@ where
         let Some(part) = self.parts.get(p as usize) else { return };
         let kind = event.kind;
         let keep = self.reporter.wants_events();
-        let (kept, local, outbound_full, subscribers_full) = {
+        let (kept, outbound_full, subscribers_full) = {
             let mut state = part.state.lock();
             let state = &mut *state;
             let wanting =
@@ -707,20 +739,19 @@ where
             } else {
                 0
             };
-            (kept, wanting > 0, outbound_full, subscribers_full)
+            (kept, outbound_full, subscribers_full)
         };
         if let Some(capacity) = outbound_full {
             let reason = BroadcastError::Transport(format!("outbound buffer of {capacity} events is full"));
             self.reporter.broadcast_error(part.topic, kept.as_ref(), reason);
         }
-        if !local {
-            return;
-        }
         for _ in 0..subscribers_full {
             let reason = BroadcastError::SubscriberFull { capacity: self.buffer };
             self.reporter.broadcast_error(part.topic, kept.as_ref(), reason);
         }
-        if subscribers_full == 0 {
+        // Every receiver took it: the local subscribers that want it, and
+        // the cluster's outbound buffer.
+        if outbound_full.is_none() && subscribers_full == 0 {
             self.reporter.broadcast_ok(p, part.topic, kind, kept.as_ref());
         }
     }

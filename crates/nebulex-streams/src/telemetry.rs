@@ -16,7 +16,7 @@
 //! | report | observer | metric |
 //! |---|---|---|
 //! | listener registered / unregistered | [`Telemetry::ListenerRegistered`], [`Telemetry::ListenerUnregistered`] | — |
-//! | an event delivered to a partition | [`Telemetry::Broadcast`] with [`BroadcastStatus::Ok`] | `nebulex_streams_events_total{cache, partition, kind}` |
+//! | an event this node routed, taken by every receiver of its partition (the local subscribers that want it; the outbound buffer, with a transport) | [`Telemetry::Broadcast`] with [`BroadcastStatus::Ok`] | `nebulex_streams_events_total{cache, partition, kind}` |
 //! | an event a subscriber's full buffer could not take | [`Telemetry::Broadcast`] with [`BroadcastStatus::Error`] | `nebulex_streams_broadcast_errors_total{cache, reason}` |
 //! | a subscriber learns it missed events | [`Telemetry::Lagged`] | `nebulex_streams_lagged_total{cache, partition}` (events) |
 //! | a jump in a remote node's sequence | [`Telemetry::Gap`] | `nebulex_streams_gaps_total{cache, partition}` |

@@ -1,10 +1,13 @@
 //! Two and three nodes in one process over the in-process bus: events cross,
 //! own echoes are ignored, and injected faults surface as exact lag.
 
+mod support;
+
 use std::time::Duration;
 
 use nebulex::{Cache, EventType, NodeId, Target};
 use nebulex_streams::{Lagged, MemoryBus, PubSub, Streams, StreamsExt, SubscribeOptions, Subscription, Telemetry};
+use support::receive_all;
 
 type Item = Result<std::sync::Arc<nebulex::CacheEntryEvent<String>>, Lagged>;
 
@@ -170,4 +173,22 @@ async fn bad_cluster_options_are_refused_and_leave_nothing_started() {
     // Nothing was left registered: valid options at their lower limits start.
     let streams = builder().outbound_buffer(1).batch_size(1).max_frame_bytes(64).start().expect("start");
     streams.ready().await.expect("ready");
+}
+
+// One thread: the sender task cannot run between the writes and the
+// shutdown, so everything is still buffered when the stream stops.
+#[tokio::test(flavor = "current_thread")]
+async fn a_node_shut_down_right_after_its_writes_has_sent_them_all() {
+    let bus = PubSub::memory();
+    let (a, b) = (node("users", 1), node("users", 2));
+    let sa = start(&a, &bus, 2).await;
+    let _sb = start(&b, &bus, 2).await;
+    let on_b: Vec<_> = (0..2).map(|p| b.subscribe(SubscribeOptions::new().partition(p)).unwrap()).collect();
+    const N: usize = 5_000;
+    for i in 0..N {
+        a.put(format!("user:{i}"), 1);
+    }
+    sa.shutdown().await;
+    assert!(sa.is_stopped());
+    receive_all(on_b, N).await;
 }

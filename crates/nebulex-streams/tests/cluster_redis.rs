@@ -173,3 +173,22 @@ async fn an_unreachable_server_fails_ready_and_a_bad_url_fails_start() {
     let err = Streams::builder(&a).pubsub(PubSub::redis("not a url")).start().unwrap_err();
     assert!(matches!(err, nebulex_streams::Error::Transport(_)), "{err}");
 }
+
+// One thread: the sender task cannot run between the writes and the drop,
+// so everything is still buffered when the stream stops.
+#[tokio::test(flavor = "current_thread")]
+async fn a_cache_dropped_right_after_its_writes_still_sends_them() {
+    let redis = RedisServer::start().expect("redis-server");
+    let pubsub = PubSub::redis(redis.url());
+    let (a, b) = (node("users", 1), node("users", 2));
+    let sa = start(&a, &pubsub, 2).await;
+    let _sb = start(&b, &pubsub, 2).await;
+    let on_b: Vec<_> = (0..2).map(|p| b.subscribe(SubscribeOptions::new().partition(p)).unwrap()).collect();
+    const N: usize = 5_000;
+    for i in 0..N {
+        a.put(format!("user:{i}"), 1);
+    }
+    // Dropping the cache stops its stream; no handle is left to wait on.
+    drop((sa, a));
+    receive_all(on_b, N).await;
+}

@@ -81,6 +81,26 @@ async fn remote_scope_ignores_own_writes_and_removes_other_nodes_changes() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_load_elsewhere_leaves_the_copy_and_a_write_removes_it() {
+    let bus = PubSub::memory();
+    let (a, _sa, _ia, _) = node_with_invalidator(1, &bus, 1, EventScope::Remote, DisconnectPolicy::Flush).await;
+    let (b, _sb, _ib, rb) = node_with_invalidator(2, &bus, 1, EventScope::Remote, DisconnectPolicy::Flush).await;
+    let unhandled =
+        |r: &Reports| r.lock().unwrap().iter().filter(|e| matches!(e, InvalidatorEvent::Unhandled { .. })).count();
+
+    b.put("user:1".into(), 1);
+    // A reads the record through its cache: a load, which B must ignore.
+    assert_eq!(a.get_or_insert_with("user:1".into(), || 1), 1);
+    eventually("B saw A's load", || unhandled(&rb) == 1).await;
+    assert_eq!(invalidations(&rb), 0, "a load is not a change");
+    assert_eq!(b.get("user:1"), Some(1), "B keeps its copy");
+    // A write of the same key on A is a change: B's copy goes.
+    a.put("user:1".into(), 2);
+    eventually("B applied A's write", || invalidations(&rb) == 1).await;
+    assert!(!b.contains_key("user:1"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn local_scope_acts_only_on_own_writes_and_all_on_both() {
     let bus = PubSub::memory();
     let (a, _sa, _ia, ra) = node_with_invalidator(1, &bus, 1, EventScope::Local, DisconnectPolicy::Flush).await;

@@ -116,6 +116,35 @@ fn every_delivered_event_is_a_broadcast_ok_on_its_partition_topic() {
     assert_eq!(events_only(drain(&mut extra)).len(), seen.iter().filter(|b| b.2 == "nbx:topics:0").count());
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_a_transport_and_no_local_subscriber_every_event_is_a_broadcast_ok() {
+    init_tracing();
+    const N: u32 = 2;
+    let cache = cache("sent");
+    let recorded = Recorded::new();
+    let streams = Streams::builder(&cache)
+        .partitions(N)
+        .pubsub(nebulex_streams::PubSub::memory())
+        .observer(recorded.observer())
+        .start()
+        .unwrap();
+    streams.ready().await.unwrap();
+    recorded.clear();
+    for i in 0..10 {
+        cache.put(format!("user:{i}"), 1);
+    }
+    let seen = broadcasts(&recorded);
+    assert_eq!(seen.len(), 10, "each event handed to the cluster is a broadcast: {seen:?}");
+    for (status, reason, topic, target) in &seen {
+        let Target::Key(k) = target else { panic!("{target:?}") };
+        assert_eq!(
+            (*status, reason, topic.clone()),
+            (BroadcastStatus::Ok, &None, format!("nbx:sent:{}", partition_of(k, N)))
+        );
+    }
+    streams.shutdown().await;
+}
+
 #[test]
 fn unpartitioned_broadcasts_are_on_the_cache_topic() {
     init_tracing();

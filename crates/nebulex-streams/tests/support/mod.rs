@@ -65,3 +65,18 @@ pub(crate) async fn until_flowing(writer: &Cache<String, u32>, sub: &mut Subscri
     }
     before
 }
+
+/// Reads `n` events from `subs` together (one per partition, say), failing
+/// on a `Lagged`, an end, or an event that does not come in time.
+pub(crate) async fn receive_all(subs: Vec<Subscription<String>>, n: usize) {
+    use futures::StreamExt;
+    let mut all = futures::stream::select_all(subs);
+    for got in 0..n {
+        match tokio::time::timeout(PATIENCE, all.next()).await {
+            Ok(Some(Ok(_))) => {}
+            Ok(Some(Err(lagged))) => panic!("{lagged:?} after {got} of {n} events"),
+            Ok(None) => panic!("the streams ended after {got} of {n} events"),
+            Err(_) => panic!("only {got} of {n} events arrived within {PATIENCE:?} of the last"),
+        }
+    }
+}
