@@ -65,3 +65,9 @@ pub use streams::{
 };
 pub use subscription::{EventScope, Item, Lagged, SubscribeOptions, Subscription, TryRecvError, MAX_BUSY_POLL};
 pub use telemetry::{BroadcastError, BroadcastStatus, InvalidatorEvent, Telemetry};
+
+/// The README's Rust blocks, compiled and run as doc tests (its quick start
+/// included), so that it cannot drift from the API.
+#[cfg(doctest)]
+#[doc = include_str!("../../../README.md")]
+struct ReadmeDoctests;
