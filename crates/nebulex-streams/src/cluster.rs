@@ -48,7 +48,7 @@ use crate::error::Error;
 use crate::pubsub::{Backoff, Hooks, Link, LinkConfig, LinkState, PubSub};
 use crate::streams::StreamShared;
 use crate::subscription::{Handed, RingReader};
-use crate::wire::{unix_micros, DecodeLimits, Frame, FrameHeader, RejectReason, DEFAULT_MAX_FRAME_BYTES};
+use crate::wire::{clip, unix_micros, DecodeLimits, Frame, FrameHeader, RejectReason, DEFAULT_MAX_FRAME_BYTES};
 
 /// The default most events in one frame.
 pub const DEFAULT_BATCH_SIZE: usize = 512;
@@ -119,6 +119,9 @@ impl ClusterOptions {
         }
         if self.backoff.initial.is_zero() || self.backoff.max < self.backoff.initial {
             return invalid("backoff needs 0 < initial <= max".into());
+        }
+        if self.backoff.max > MAX_BACKOFF {
+            return invalid(format!("backoff max must be at most {MAX_BACKOFF:?}, got {:?}", self.backoff.max));
         }
         if self.heartbeat.is_zero() {
             return invalid("heartbeat must be longer than zero".into());
@@ -286,6 +289,9 @@ where
     rt.spawn(send_loop(shared.clone(), sender, cluster.shutdown.subscribe()));
     Ok(())
 }
+
+/// The longest delay between reconnection attempts [`Backoff`] may ask for.
+pub const MAX_BACKOFF: Duration = Duration::from_secs(3_600);
 
 /// How long a stopping stream may take to send what its buffers hold.
 pub(crate) const STOP_FLUSH_TIMEOUT: Duration = Duration::from_secs(5);
@@ -572,7 +578,7 @@ impl<K> StreamShared<K> {
         }
         let expected = self.partitions.unwrap_or(0);
         let reason = if *h.cache != *self.reporter.cache {
-            Some(RejectReason::ForeignCache { got: h.cache.clone(), expected: self.reporter.cache.to_string() })
+            Some(RejectReason::ForeignCache { got: clip(&h.cache), expected: self.reporter.cache.to_string() })
         } else if h.partitions != expected {
             Some(RejectReason::PartitionCount { got: h.partitions, expected })
         } else if h.partition as usize != index {

@@ -305,7 +305,7 @@ where
                 Some(Err(Lagged(0))) => match self.policy {
                     DisconnectPolicy::Flush => self.resync(partition),
                     DisconnectPolicy::ServeStale { max } => {
-                        flush_at.get_or_insert_with(|| tokio::time::Instant::now() + max);
+                        flush_at.get_or_insert_with(|| later(max));
                     }
                 },
                 Some(Err(Lagged(_))) => self.resync(partition),
@@ -348,6 +348,13 @@ where
         };
         self.shared.reporter.invalidator(InvalidatorEvent::Resync { partition, count: removed });
     }
+}
+
+/// `after` from now, or (if no clock can hold that) so far ahead that it
+/// never comes in practice.
+fn later(after: Duration) -> tokio::time::Instant {
+    const NEVER: Duration = Duration::from_secs(30 * 365 * 24 * 3_600);
+    tokio::time::Instant::now() + after.min(NEVER)
 }
 
 async fn sleep_until(at: Option<tokio::time::Instant>) {

@@ -206,7 +206,8 @@ where
         self
     }
 
-    /// Reconnection delays: `initial`, doubling up to `max`.
+    /// Reconnection delays: `initial`, doubling up to `max` (at most
+    /// [`MAX_BACKOFF`](crate::MAX_BACKOFF), an hour).
     pub fn backoff(mut self, initial: Duration, max: Duration) -> Self {
         self.cluster.backoff = Backoff { initial, max };
         self
@@ -758,10 +759,13 @@ where
 
     /// A custom router answered a partition that does not exist.
     #[cold]
+    /// The report's topic is the stream's own (`{prefix}:{cache}`): names
+    /// are interned for good, and a router's bad answers are unbounded.
     fn misrouted(&self, partition: u32, event: &CacheEntryEvent<K>) {
-        let topic = Name::new(&format!("{}:{}:{partition}", self.prefix, self.reporter.cache));
+        let topic = Name::new(&format!("{}:{}", self.prefix, self.reporter.cache));
         let reason = BroadcastError::PartitionOutOfRange { partition, partitions: self.count };
-        self.reporter.broadcast_error(topic, Some(&Arc::new(event.clone())), reason);
+        let event = self.reporter.wants_events().then(|| Arc::new(event.clone()));
+        self.reporter.broadcast_error(topic, event.as_ref(), reason);
     }
 
     /// What every event of partition `p` has in common.

@@ -374,7 +374,7 @@ impl RingState {
         }
         let _ = self.missed.fetch_update(Ordering::AcqRel, Ordering::Acquire, |m| {
             let unknown = (m | missed) & UNKNOWN;
-            Some(unknown | ((m & !UNKNOWN).saturating_add(missed & !UNKNOWN) & !UNKNOWN))
+            Some(unknown | (m & !UNKNOWN).saturating_add(missed & !UNKNOWN).min(!UNKNOWN))
         });
     }
 
@@ -726,5 +726,25 @@ mod tests {
         let t = SystemTime::UNIX_EPOCH + Duration::new(1_790_000_000, 123_456_789);
         assert_eq!(SystemTime::UNIX_EPOCH + Duration::from_nanos(unix_nanos(t)), t);
         assert_eq!(unix_nanos(SystemTime::UNIX_EPOCH - Duration::from_secs(1)), 0);
+    }
+
+    #[test]
+    fn missed_counts_saturate_and_an_unknown_count_stays_unknown() {
+        let state = RingState {
+            missed: AtomicU64::new(0),
+            waker: AtomicWaker::new(),
+            sleeping: AtomicBool::new(false),
+            closed: AtomicBool::new(false),
+        };
+        state.add_missed(3);
+        state.add_missed(4);
+        assert_eq!(lagged(state.missed.load(Ordering::Relaxed)), Lagged(7));
+        // Two forged gaps of 2^62 would wrap to 0 modulo 2^63: they saturate.
+        state.missed.store(0, Ordering::Relaxed);
+        state.add_missed(1 << 62);
+        state.add_missed(1 << 62);
+        assert_eq!(lagged(state.missed.load(Ordering::Relaxed)), Lagged(!UNKNOWN));
+        state.add_missed(UNKNOWN);
+        assert_eq!(lagged(state.missed.load(Ordering::Relaxed)), Lagged(0));
     }
 }

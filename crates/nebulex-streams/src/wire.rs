@@ -36,6 +36,22 @@ pub const FLAG_SIGNED: u8 = 1;
 pub const TAG_LEN: usize = 32;
 /// The default largest frame accepted, in bytes.
 pub const DEFAULT_MAX_FRAME_BYTES: usize = 1 << 20;
+/// Text from a refused frame, cut to [`MAX_REASON_CHARS`] characters: a
+/// reason is logged and reported for every refused frame, and a frame may
+/// carry a megabyte of text.
+pub(crate) fn clip(text: &str) -> String {
+    match text.char_indices().nth(MAX_REASON_CHARS) {
+        Some((end, _)) => format!("{}…", &text[..end]),
+        None => text.to_string(),
+    }
+}
+
+/// The most characters of a frame's own text a [`RejectReason`] carries.
+pub const MAX_REASON_CHARS: usize = 200;
+
+/// How deep a frame's MessagePack may nest: the frame's own five levels
+/// (body, events, event, target, keys) leave the rest to a key's type.
+pub const MAX_DEPTH: usize = 32;
 
 /// Why a frame from the network was refused.
 ///
@@ -277,7 +293,8 @@ impl<K> Frame<K> {
                     partitions: partitioned.then_some(h.partitions),
                     topic: Some(topic),
                     seq: h.first_seq.wrapping_add(i as u64),
-                    timestamp: UNIX_EPOCH + Duration::from_micros(e.timestamp_us),
+                    // (A time no platform can hold is read as the epoch.)
+                    timestamp: UNIX_EPOCH.checked_add(Duration::from_micros(e.timestamp_us)).unwrap_or(UNIX_EPOCH),
                 },
             })
             .collect()
@@ -477,9 +494,12 @@ pub fn decode<K: DeserializeOwned>(bytes: &[u8], limits: &DecodeLimits<'_>) -> R
     }
     let body = &bytes[2..body_end];
     let mut de = rmp_serde::Deserializer::new(std::io::Cursor::new(body));
+    // The frame nests five levels deep, plus its keys': a deeper frame is
+    // garbage, refused before its nesting can exhaust a thread's stack.
+    de.set_max_depth(MAX_DEPTH);
     type Body<K> = (u64, u64, String, u32, u32, u64, u64, Vec<EventIn<K>>);
     let (origin, epoch, cache, partition, partitions, first_seq, sent_at_us, events): Body<K> =
-        Deserialize::deserialize(&mut de).map_err(|e| RejectReason::Malformed(e.to_string()))?;
+        Deserialize::deserialize(&mut de).map_err(|e| RejectReason::Malformed(clip(&e.to_string())))?;
     if de.position() as usize != body.len() {
         return Err(RejectReason::Malformed(format!("{} trailing bytes", body.len() - de.position() as usize)));
     }
@@ -561,7 +581,8 @@ impl<'de, K: DeserializeOwned> Deserialize<'de> for TargetIn<K> {
                     2 => Target::All,
                     other => return Err(de::Error::custom(format!("unknown target tag {other}"))),
                 };
-                if seq.next_element::<de::IgnoredAny>()?.is_some() {
+                // Refused unread when the format says how many are left.
+                if seq.size_hint().is_some_and(|n| n > 0) || seq.next_element::<de::IgnoredAny>()?.is_some() {
                     return Err(de::Error::custom("target has extra elements"));
                 }
                 Ok(TargetIn(target))
@@ -658,5 +679,81 @@ mod tests {
         assert!(matches!(decode::<String>(&good, &small), Err(RejectReason::TooLarge { .. })));
         // A key of the wrong type.
         assert!(matches!(decode::<u64>(&good, &limits), Err(RejectReason::Malformed(_))));
+    }
+
+    /// A frame whose body is the header's seven fields then `events` (raw
+    /// MessagePack of the events array's elements, `count` of them).
+    fn raw_frame(count: u8, events: &[u8]) -> Vec<u8> {
+        let mut bytes = vec![WIRE_VERSION, 0, 0x98];
+        for part in [
+            rmp_serde::to_vec(&1u64).unwrap(),
+            rmp_serde::to_vec(&1u64).unwrap(),
+            rmp_serde::to_vec("users").unwrap(),
+            rmp_serde::to_vec(&0u32).unwrap(),
+            rmp_serde::to_vec(&1u32).unwrap(),
+            rmp_serde::to_vec(&1u64).unwrap(),
+            rmp_serde::to_vec(&0u64).unwrap(),
+        ] {
+            bytes.extend(part);
+        }
+        bytes.push(0x90 | count);
+        bytes.extend_from_slice(events);
+        bytes
+    }
+
+    /// `depth` nested one-element arrays around an empty one.
+    fn nested(depth: usize) -> Vec<u8> {
+        let mut bytes = vec![0x91; depth];
+        bytes.push(0x90);
+        bytes
+    }
+
+    /// A key type whose values nest: `[[[]]]` is three levels.
+    #[derive(Debug, serde::Deserialize)]
+    struct Nest(#[allow(dead_code)] Vec<Nest>);
+
+    #[test]
+    fn deep_nesting_is_refused_without_exhausting_the_stack() {
+        // A small stack: the MessagePack reader's own depth limit (1,024
+        // levels) would exhaust it in a debug build; ours keeps it small.
+        let decoding = std::thread::Builder::new().stack_size(256 * 1024).spawn(decode_deep_frames).unwrap();
+        decoding.join().unwrap();
+    }
+
+    fn decode_deep_frames() {
+        let limits = DecodeLimits::default();
+        // [kind, command, version, timestamp, target]: five elements.
+        let event_with = |target: &[u8]| [&[0x95, 0, 0, 1, 0][..], target].concat();
+
+        // An `All` target with a deeply nested extra element.
+        let extra = event_with(&[&[0x92, 2][..], &nested(100_000)].concat());
+        let err = decode::<String>(&raw_frame(1, &extra), &limits).unwrap_err();
+        assert!(matches!(&err, RejectReason::Malformed(m) if m.contains("extra elements")), "{err:?}");
+
+        // A key whose type nests, nested deeper than the limit.
+        let deep = event_with(&[&[0x92, 0][..], &nested(100_000)].concat());
+        let err = decode::<Nest>(&raw_frame(1, &deep), &limits).unwrap_err();
+        assert!(matches!(&err, RejectReason::Malformed(m) if m.contains("depth")), "{err:?}");
+
+        // Within the limit, the same key type decodes.
+        let fine = event_with(&[&[0x92, 0][..], &nested(MAX_DEPTH - 8)].concat());
+        let frame = decode::<Nest>(&raw_frame(1, &fine), &limits).unwrap();
+        assert_eq!(frame.events.len(), 1);
+    }
+
+    #[test]
+    fn reasons_carry_at_most_a_clip_of_the_frame_s_text() {
+        assert_eq!(clip("short"), "short");
+        let long = "é".repeat(10_000);
+        let clipped = clip(&long);
+        assert_eq!(clipped.chars().count(), MAX_REASON_CHARS + 1);
+        assert!(clipped.ends_with('…'));
+        // A key of the wrong type that is a long string: the reason is short.
+        let events = vec![event(EventType::Inserted, Target::Key("x".repeat(100_000)))];
+        let frame = encode(&header(), &events, None).unwrap();
+        let RejectReason::Malformed(reason) = decode::<u64>(&frame, &DecodeLimits::default()).unwrap_err() else {
+            panic!("not malformed")
+        };
+        assert!(reason.chars().count() <= MAX_REASON_CHARS + 1, "{} chars", reason.chars().count());
     }
 }

@@ -149,7 +149,7 @@ async fn cluster_options_apply_before_or_after_the_transport() {
 
 #[tokio::test]
 async fn bad_cluster_options_are_refused_and_leave_nothing_started() {
-    use nebulex_streams::{Error, MAX_BUFFER};
+    use nebulex_streams::{Error, MAX_BACKOFF, MAX_BUFFER};
     let bus = PubSub::memory();
     let cache = node("options", 1);
     let builder = || Streams::builder(&cache).pubsub(bus.clone());
@@ -163,6 +163,7 @@ async fn bad_cluster_options_are_refused_and_leave_nothing_started() {
         ("prefix with a space", builder().prefix("a b").start()),
         ("zero backoff", builder().backoff(Duration::ZERO, ms(10)).start()),
         ("max backoff below initial", builder().backoff(ms(10), ms(5)).start()),
+        ("max backoff too long", builder().backoff(ms(10), MAX_BACKOFF + ms(1)).start()),
         ("zero heartbeat", builder().heartbeat(Duration::ZERO).start()),
         ("empty signing key", builder().signing_key([]).start()),
     ];
@@ -171,7 +172,13 @@ async fn bad_cluster_options_are_refused_and_leave_nothing_started() {
     }
     assert!(Streams::lookup(&cache).is_none());
     // Nothing was left registered: valid options at their lower limits start.
-    let streams = builder().outbound_buffer(1).batch_size(1).max_frame_bytes(64).start().expect("start");
+    let streams = builder()
+        .outbound_buffer(1)
+        .batch_size(1)
+        .max_frame_bytes(64)
+        .backoff(MAX_BACKOFF, MAX_BACKOFF)
+        .start()
+        .expect("start");
     streams.ready().await.expect("ready");
 }
 

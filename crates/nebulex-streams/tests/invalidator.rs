@@ -253,6 +253,24 @@ async fn serve_stale_keeps_entries_for_at_most_max_then_flushes() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_stale_for_ever_survives_an_outage_and_keeps_invalidating() {
+    let bus = PubSub::memory();
+    let memory = bus.as_memory().unwrap().clone();
+    let forever = DisconnectPolicy::ServeStale { max: Duration::MAX };
+    let (a, _sa, _ia, _) = node_with_invalidator(1, &bus, 1, EventScope::Remote, DisconnectPolicy::Flush).await;
+    let (b, _sb, ib, rb) = node_with_invalidator(2, &bus, 1, EventScope::Remote, forever).await;
+    b.put("k".into(), 1);
+    memory.cut(NodeId(2));
+    memory.restore(NodeId(2));
+    until_flowing(&a, &mut b.subscribe(SubscribeOptions::new().scope(EventScope::Remote)).unwrap(), "probe").await;
+    assert_eq!(b.get("k"), Some(1), "served stale: no flush within `max`");
+    a.put("k".into(), 2);
+    eventually("B's worker still applies A's writes", || !b.contains_key("k")).await;
+    assert!(!ib.is_stopped());
+    assert!(rb.lock().unwrap().iter().all(|e| !matches!(e, InvalidatorEvent::Resync { .. })));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_load_overtaken_by_a_remote_change_is_returned_but_not_stored() {
     let bus = PubSub::memory();
     let (a, _sa, _ia, _) = node_with_invalidator(1, &bus, 1, EventScope::Remote, DisconnectPolicy::Flush).await;

@@ -328,13 +328,18 @@ fn custom_router_discards_and_reports_out_of_range_routes_without_panicking() {
         .all()
         .into_iter()
         .filter_map(|t| match t {
-            Telemetry::Broadcast { status: BroadcastStatus::Error, reason, event, .. } => Some((reason, event)),
+            Telemetry::Broadcast { status: BroadcastStatus::Error, reason, event, topic } => {
+                Some((reason, event, topic))
+            }
             _ => None,
         })
         .collect();
     assert_eq!(errors.len(), 1, "only the out-of-range route is an error; a discard is not");
     assert_eq!(errors[0].0, Some(BroadcastError::PartitionOutOfRange { partition: 99, partitions: N }));
     assert_eq!(errors[0].1.target, Target::Key("bad:1".to_string()));
+    // Reported on the stream's own topic: no name is made (and kept for good)
+    // for each partition a router wrongly answers.
+    assert_eq!(&*errors[0].2, "nbx:custom");
 
     // The stream still works after a bad route.
     cache.delete(&"user:1".to_string());

@@ -703,6 +703,9 @@ fn builder_rejects_invalid_options_naming_the_option() {
     rejects(Cache::builder().max_entries(2).shards(4), "shards");
     assert!(Cache::<u32, u32>::builder().shards(1).build().is_ok());
     assert!(Cache::<u32, u32>::builder().shards(64).max_entries(64).build().is_ok());
+    // Durations no clock can add mean "never", not a panic.
+    let forever = Cache::<u32, u32>::builder().sweep_interval(Duration::MAX).default_ttl(Duration::MAX).build();
+    forever.unwrap().put(1, 1);
     let err = Cache::<u32, u32>::builder().max_entries(0).build().unwrap_err();
     assert!(err.to_string().contains("max_entries"), "{err}");
 }

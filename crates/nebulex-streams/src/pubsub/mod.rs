@@ -171,7 +171,8 @@ impl Backoff {
     pub fn delay(&self, attempt: u32) -> Duration {
         let base = self.initial.saturating_mul(1u32 << attempt.min(20)).min(self.max);
         let jitter = (NodeId::random().0 % 1024) as u32;
-        base.saturating_sub(base / 4 * jitter / 1024)
+        // Up to a quarter of `base`, without overflowing for any `base`.
+        base.saturating_sub((base / 4096).saturating_mul(jitter))
     }
 }
 
@@ -243,5 +244,14 @@ mod tests {
         assert!(b.delay(0) <= Duration::from_millis(100) && b.delay(0) >= Duration::from_millis(75));
         assert!(b.delay(2) <= Duration::from_millis(400) && b.delay(2) >= Duration::from_millis(300));
         assert!(b.delay(30) <= Duration::from_secs(1));
+    }
+
+    #[test]
+    fn backoff_delays_of_any_size_do_not_overflow() {
+        let b = Backoff { initial: Duration::MAX, max: Duration::MAX };
+        for attempt in [0, 1, 30] {
+            let d = b.delay(attempt);
+            assert!(d <= Duration::MAX && d >= Duration::MAX - Duration::MAX / 4, "{d:?}");
+        }
     }
 }

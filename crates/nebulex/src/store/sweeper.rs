@@ -29,6 +29,9 @@ struct Sweeper {
 
 static SWEEPER: OnceLock<Option<&'static Sweeper>> = OnceLock::new();
 
+/// Longer than any process runs.
+const NEVER: Duration = Duration::from_secs(30 * 365 * 24 * 3_600);
+
 /// Sweeps `target` every `every` until it is dropped.
 pub(crate) fn register(target: Weak<dyn Sweep>, every: Duration) {
     let sweeper = SWEEPER.get_or_init(|| {
@@ -36,6 +39,8 @@ pub(crate) fn register(target: Weak<dyn Sweep>, every: Duration) {
         std::thread::Builder::new().name("nebulex-sweeper".into()).spawn(move || run(sweeper)).ok().map(|_| sweeper)
     });
     if let Some(sweeper) = sweeper {
+        // An interval no clock can add is as good as never.
+        let every = every.min(NEVER);
         sweeper.jobs.lock().push(Job { due: Instant::now() + every, every, target });
         sweeper.changed.notify_one();
     }
