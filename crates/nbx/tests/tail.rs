@@ -257,6 +257,7 @@ fn header(partition: u32, partitions: u32, first_seq: u64) -> FrameHeader {
         partitions,
         first_seq,
         sent_at_us: 0,
+        last: false,
     }
 }
 

@@ -252,6 +252,28 @@ struct Seen {
     /// After a lost connection, the next frame may jump (what was missed is
     /// already reported); older numbers are still replays.
     rebase: bool,
+    /// Its last frame said the origin's stream stopped cleanly (`last`).
+    ended: bool,
+    /// When a frame of it last arrived.
+    heard: Instant,
+    /// Silent too long, and reported as a possible loss already.
+    silent: bool,
+}
+
+impl Seen {
+    fn new(epoch: u64, next: u64, now: Instant) -> Self {
+        Seen { epoch, next, rebase: false, ended: false, heard: now, silent: false }
+    }
+}
+
+/// Heartbeats (of this node's period: a stream's nodes should share it) an
+/// origin may miss before the receiver takes it for gone without stopping,
+/// and reports a possible loss on the partition.
+pub const SILENT_HEARTBEATS: u32 = 5;
+
+/// The milliseconds since the Unix epoch when the stream of `epoch` started.
+fn started_ms(epoch: u64) -> u64 {
+    epoch >> 16
 }
 
 /// Connects a started stream to its transport and starts its sender task.
@@ -337,7 +359,9 @@ where
     let count = outbound.len();
     // Announce every partition at once: nodes already running learn our numbering.
     let mut last_sent: Vec<Option<Instant>> = vec![None; count];
-    let mut tick = tokio::time::interval((heartbeat / 4).max(Duration::from_millis(1)));
+    let quarter = (heartbeat / 4).max(Duration::from_millis(1));
+    let mut tick = tokio::time::interval(quarter);
+    let mut checked = Instant::now();
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         let wake = {
@@ -358,6 +382,11 @@ where
             }
         };
         let mut frames = Vec::new();
+        // (Not on ticks alone: a busy sender's ticks wait behind its items.)
+        if checked.elapsed() >= quarter {
+            checked = Instant::now();
+            s.check_silence();
+        }
         let hello = matches!(wake, Wake::Hello);
         if let Wake::Item(first_p, first) = wake {
             if !cluster.batch_linger.is_zero() {
@@ -380,7 +409,7 @@ where
             if frames.iter().any(|(fp, _)| *fp == p) {
                 *last = Some(now);
             } else if hello || last.is_none_or(|at| now.duration_since(at) >= heartbeat) {
-                if let Some(frame) = s.heartbeat(p, ring.has_stash()) {
+                if let Some(frame) = s.heartbeat(p, ring.has_stash(), false) {
                     frames.push(frame);
                     *last = Some(now);
                 }
@@ -418,7 +447,8 @@ where
         }
         frames.extend(s.seal(p, &mut pending));
     }
-    frames.extend((0..outbound.len()).filter_map(|p| s.heartbeat(p, false)));
+    // Marked last: receivers then know this numbering ended cleanly.
+    frames.extend((0..outbound.len()).filter_map(|p| s.heartbeat(p, false, true)));
     let total = frames.len();
     let deadline = tokio::time::Instant::now() + STOP_FLUSH_TIMEOUT;
     let mut left = frames.into_iter().peekable();
@@ -487,7 +517,7 @@ impl<K> StreamShared<K> {
     /// An empty frame carrying the next sequence number of an idle partition
     /// (none if events are waiting to be sent, in the buffer or set aside by
     /// the sender: their frame will tell).
-    fn heartbeat(&self, p: usize, stashed: bool) -> Option<(usize, Arc<[u8]>)> {
+    fn heartbeat(&self, p: usize, stashed: bool, last: bool) -> Option<(usize, Arc<[u8]>)> {
         let part = self.parts.get(p)?;
         let next = {
             // Writers number and enqueue under this lock: with the buffer
@@ -498,7 +528,7 @@ impl<K> StreamShared<K> {
             }
             state.seq + 1
         };
-        self.encode(p, next, &[])
+        self.encode(p, next, &[], last)
     }
 
     /// Encodes `events` of partition `p` (consecutive sequence numbers) as one frame.
@@ -514,7 +544,7 @@ impl<K> StreamShared<K> {
 
     fn seal_within_limit(&self, p: usize, events: &[Arc<CacheEntryEvent<K>>], frames: &mut Vec<(usize, Arc<[u8]>)>) {
         let (Some(first), Some(cluster)) = (events.first(), self.cluster.as_ref()) else { return };
-        let Some(frame) = self.encode(p, first.metadata.seq, events) else { return };
+        let Some(frame) = self.encode(p, first.metadata.seq, events, false) else { return };
         if frame.1.len() <= cluster.max_frame_bytes {
             frames.push(frame);
         } else if events.len() > 1 {
@@ -531,7 +561,13 @@ impl<K> StreamShared<K> {
     }
 
     /// Encodes a frame of partition `p` starting at `first_seq`.
-    fn encode(&self, p: usize, first_seq: u64, events: &[Arc<CacheEntryEvent<K>>]) -> Option<(usize, Arc<[u8]>)> {
+    fn encode(
+        &self,
+        p: usize,
+        first_seq: u64,
+        events: &[Arc<CacheEntryEvent<K>>],
+        last: bool,
+    ) -> Option<(usize, Arc<[u8]>)> {
         let cluster = self.cluster.as_ref()?;
         let header = FrameHeader {
             origin: self.node,
@@ -541,6 +577,7 @@ impl<K> StreamShared<K> {
             partitions: self.partitions.unwrap_or(0),
             first_seq,
             sent_at_us: unix_micros(SystemTime::now()),
+            last,
         };
         match (cluster.encode)(&header, events, cluster.signing_key.as_deref()) {
             Ok(bytes) => Some((p, Arc::from(bytes))),
@@ -591,12 +628,16 @@ impl<K> StreamShared<K> {
         }
         let partition = h.partition;
         let frame_len = frame.events.len() as u64;
+        let now = Instant::now();
         {
             let mut seen = cluster.seen.lock();
             let entry = seen.entry((h.origin, partition)).or_insert_with(|| {
                 // A node we have not heard from: tell it where we stand.
                 cluster.hello.notify_one();
-                Seen { epoch: h.epoch, next: h.first_seq, rebase: false }
+                // If its stream started after ours, we have listened since
+                // its first number (1): a later one means frames were lost.
+                let first = if started_ms(h.epoch) > started_ms(cluster.epoch) { 1 } else { h.first_seq };
+                Seen::new(h.epoch, first, now)
             });
             if h.epoch < entry.epoch {
                 // Epochs grow with each start of a node's stream: this frame
@@ -606,9 +647,13 @@ impl<K> StreamShared<K> {
                 return self.reporter.frame_rejected(&RejectReason::OldEpoch { epoch: h.epoch, current });
             }
             if h.epoch > entry.epoch {
-                // The origin restarted its stream: a new numbering.
+                // The origin restarted its stream: a new numbering. Unless
+                // the old one ended cleanly, its last events may be lost.
                 cluster.hello.notify_one();
-                *entry = Seen { epoch: h.epoch, next: h.first_seq, rebase: false };
+                if !entry.ended && !entry.silent {
+                    self.lose(partition, Some(h.origin), 0);
+                }
+                *entry = Seen::new(h.epoch, 1, now);
             }
             let next = entry.next;
             if h.first_seq < next {
@@ -621,6 +666,9 @@ impl<K> StreamShared<K> {
             }
             entry.next = h.first_seq.wrapping_add(frame_len);
             entry.rebase = false;
+            entry.heard = now;
+            entry.silent = false;
+            entry.ended = h.last;
         }
         self.deliver_remote(frame);
     }
@@ -630,6 +678,32 @@ impl<K> StreamShared<K> {
     pub(crate) fn lose(&self, partition: u32, origin: Option<NodeId>, missed: u64) {
         self.reporter.gap(partition, origin, missed);
         self.notify_loss(partition, missed);
+    }
+
+    /// Reports a possible loss (`Lagged(0)`), once, on each partition whose
+    /// origin has been silent for [`SILENT_HEARTBEATS`] heartbeats without
+    /// having stopped cleanly: it died, or cannot reach the transport, and
+    /// what it had not sent is lost. (Not while this node's own link is down:
+    /// that loss is reported already.)
+    fn check_silence(&self) {
+        let Some(cluster) = self.cluster.as_ref() else { return };
+        if !cluster.link_up.load(Ordering::Acquire) {
+            return;
+        }
+        let limit = cluster.heartbeat.saturating_mul(SILENT_HEARTBEATS);
+        let now = Instant::now();
+        let mut silent = Vec::new();
+        for (&(origin, partition), e) in cluster.seen.lock().iter_mut() {
+            if !e.ended && !e.silent && now.saturating_duration_since(e.heard) >= limit {
+                e.silent = true;
+                silent.push((origin, partition));
+            }
+        }
+        for (origin, partition) in silent {
+            tracing::warn!(target: "nebulex_streams", cache = %self.reporter.cache, node = %origin, partition,
+                "a node fell silent without stopping: its unsent events are lost");
+            self.lose(partition, Some(origin), 0);
+        }
     }
 
     /// Tells partition `p`'s subscribers of remote events about a loss.
@@ -647,6 +721,12 @@ impl<K> StreamShared<K> {
         match state {
             LinkState::Up => {
                 let was_up = cluster.link_up.swap(true, Ordering::AcqRel);
+                if !was_up {
+                    // Nothing could be heard while the link was down: count
+                    // every origin's silence from now.
+                    let now = Instant::now();
+                    cluster.seen.lock().values_mut().for_each(|e| e.heard = now);
+                }
                 if !was_up && cluster.ever_up.swap(true, Ordering::AcqRel) {
                     // Back after a loss: whatever was published meanwhile is
                     // gone. Say so again, for readers that acted at the loss

@@ -201,6 +201,11 @@ where
 
     /// How often an idle partition tells the other nodes its next sequence
     /// number, so that a lost last frame is seen as a gap within this time.
+    ///
+    /// An origin silent on a partition for
+    /// [`SILENT_HEARTBEATS`](crate::SILENT_HEARTBEATS) of these, without
+    /// having stopped, is taken for gone: its unsent events are reported lost
+    /// (`Lagged(0)`). The nodes of a stream should share this setting.
     pub fn heartbeat(mut self, every: Duration) -> Self {
         self.cluster.heartbeat = every;
         self

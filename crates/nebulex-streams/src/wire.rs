@@ -32,6 +32,9 @@ use sha2::Sha256;
 pub const WIRE_VERSION: u8 = 1;
 /// Flag bit: the frame ends with an HMAC-SHA256 tag.
 pub const FLAG_SIGNED: u8 = 1;
+/// Flag bit: the sender's stream stopped after this frame (a heartbeat), so
+/// its numbering on the partition ended cleanly ([`FrameHeader::last`]).
+pub const FLAG_LAST: u8 = 2;
 /// Length of the tag of a signed frame.
 pub const TAG_LEN: usize = 32;
 /// The default largest frame accepted, in bytes.
@@ -177,6 +180,7 @@ impl RejectReason {
 ///     partitions: 0, // unpartitioned
 ///     first_seq: 42,
 ///     sent_at_us: 0,
+///     last: false,
 /// };
 /// let no_events: Vec<Arc<CacheEntryEvent<String>>> = Vec::new();
 /// let frame = decode::<String>(&encode(&header, &no_events, None)?, &DecodeLimits::default())?;
@@ -200,6 +204,10 @@ pub struct FrameHeader {
     pub first_seq: u64,
     /// When the frame was sent (µs since the Unix epoch).
     pub sent_at_us: u64,
+    /// The sender's stream stopped after this frame: nothing of this epoch
+    /// follows on the partition. (Without it, a new epoch of the same node
+    /// means it restarted without stopping, and may have lost events.)
+    pub last: bool,
 }
 
 /// A decoded frame.
@@ -216,7 +224,7 @@ pub struct FrameHeader {
 /// # });
 /// # let header = FrameHeader {
 /// #     origin: nebulex::NodeId(7), epoch: 1, cache: "users".into(),
-/// #     partition: 1, partitions: 4, first_seq: 100, sent_at_us: 0,
+/// #     partition: 1, partitions: 4, first_seq: 100, sent_at_us: 0, last: false,
 /// # };
 /// let bytes = encode(&header, &[event(100, "a"), event(101, "b")], None)?; // header.first_seq: 100
 /// let frame: Frame<String> = decode(&bytes, &DecodeLimits::default())?;
@@ -249,7 +257,7 @@ pub struct Frame<K> {
 /// # });
 /// # let header = FrameHeader {
 /// #     origin: nebulex::NodeId(7), epoch: 1, cache: "users".into(),
-/// #     partition: 1, partitions: 4, first_seq: 100, sent_at_us: 0,
+/// #     partition: 1, partitions: 4, first_seq: 100, sent_at_us: 0, last: false,
 /// # };
 /// let sent = event(100, "user:1");
 /// let frame = decode::<String>(&encode(&header, &[sent.clone()], None)?, &DecodeLimits::default())?;
@@ -333,6 +341,7 @@ type HmacSha256 = Hmac<Sha256>;
 /// let header = FrameHeader {
 ///     origin: NodeId(7), epoch: 1, cache: "users".into(), partition: 1, partitions: 4, first_seq: 100,
 ///     sent_at_us: unix_micros(SystemTime::now()),
+///     last: false,
 /// };
 /// let bytes = encode(&header, &[event.clone()], None)?;
 /// assert_eq!(bytes[0], WIRE_VERSION);
@@ -358,7 +367,8 @@ pub fn encode<K: Serialize>(
     );
     let mut out = Vec::with_capacity(64 + events.len() * 32);
     out.push(WIRE_VERSION);
-    out.push(if signing_key.is_some() { FLAG_SIGNED } else { 0 });
+    let signed = if signing_key.is_some() { FLAG_SIGNED } else { 0 };
+    out.push(signed | if header.last { FLAG_LAST } else { 0 });
     rmp_serde::encode::write(&mut out, &body).map_err(|e| e.to_string())?;
     if let Some(key) = signing_key {
         let tag = tag_of(key, &out);
@@ -387,7 +397,7 @@ fn tag_of(key: &[u8], bytes: &[u8]) -> [u8; TAG_LEN] {
 /// # use nebulex::{CacheEntryEvent, NodeId};
 /// use nebulex_streams::wire::{encode, peek_origin, FrameHeader};
 /// let header = FrameHeader {
-///     origin: NodeId(7), epoch: 1, cache: "users".into(), partition: 0, partitions: 0, first_seq: 1, sent_at_us: 0,
+///     origin: NodeId(7), epoch: 1, cache: "users".into(), partition: 0, partitions: 0, first_seq: 1, sent_at_us: 0, last: false,
 /// };
 /// let frame = encode::<String>(&header, &[] as &[Arc<CacheEntryEvent<String>>], None)?;
 /// assert_eq!(peek_origin(&frame), Some(NodeId(7)));
@@ -416,7 +426,7 @@ pub fn peek_origin(bytes: &[u8]) -> Option<NodeId> {
 /// # });
 /// # let header = FrameHeader {
 /// #     origin: nebulex::NodeId(7), epoch: 1, cache: "users".into(),
-/// #     partition: 1, partitions: 4, first_seq: 100, sent_at_us: 0,
+/// #     partition: 1, partitions: 4, first_seq: 100, sent_at_us: 0, last: false,
 /// # };
 /// let key = Some(&b"cluster secret"[..]);
 /// let signed = encode(&header, &[event(100, "a")], key)?;
@@ -451,7 +461,7 @@ pub struct DecodeLimits<'a> {
 /// # });
 /// # let header = FrameHeader {
 /// #     origin: nebulex::NodeId(7), epoch: 1, cache: "users".into(),
-/// #     partition: 1, partitions: 4, first_seq: 100, sent_at_us: 0,
+/// #     partition: 1, partitions: 4, first_seq: 100, sent_at_us: 0, last: false,
 /// # };
 /// let key = Some(&b"cluster secret"[..]);
 /// let mut bytes = encode(&header, &[event(100, "user:1")], key)?;
@@ -475,9 +485,10 @@ pub fn decode<K: DeserializeOwned>(bytes: &[u8], limits: &DecodeLimits<'_>) -> R
     if version != WIRE_VERSION {
         return Err(RejectReason::Version(version));
     }
-    if flags & !FLAG_SIGNED != 0 {
+    if flags & !(FLAG_SIGNED | FLAG_LAST) != 0 {
         return Err(RejectReason::Flags(flags));
     }
+    let last = flags & FLAG_LAST != 0;
     let signed = flags & FLAG_SIGNED != 0;
     let body_end = if signed {
         bytes.len().checked_sub(TAG_LEN).filter(|&end| end > 2).ok_or(RejectReason::Truncated { size: bytes.len() })?
@@ -507,7 +518,16 @@ pub fn decode<K: DeserializeOwned>(bytes: &[u8], limits: &DecodeLimits<'_>) -> R
         return Err(RejectReason::Malformed(format!("partition {partition} of {partitions}")));
     }
     Ok(Frame {
-        header: FrameHeader { origin: NodeId(origin), epoch, cache, partition, partitions, first_seq, sent_at_us },
+        header: FrameHeader {
+            origin: NodeId(origin),
+            epoch,
+            cache,
+            partition,
+            partitions,
+            first_seq,
+            sent_at_us,
+            last,
+        },
         events: events.into_iter().map(|e| e.0).collect(),
     })
 }
@@ -624,6 +644,7 @@ mod tests {
             partitions: 4,
             first_seq: 100,
             sent_at_us: 5,
+            last: false,
         }
     }
 

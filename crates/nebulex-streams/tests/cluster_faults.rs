@@ -512,6 +512,7 @@ fn craft(
         partitions,
         first_seq,
         sent_at_us: 0,
+        last: false,
     };
     let events: Vec<Event> = keys
         .iter()
@@ -534,6 +535,23 @@ fn craft(
         })
         .collect();
     wire::encode(&header, &events, None).expect("encode")
+}
+
+/// The heartbeat a stopping stream sends last on a partition of cache
+/// "users": its numbering there ended cleanly at `next - 1`.
+fn last_heartbeat(origin: u64, epoch: u64, partition: u32, partitions: u32, next: u64) -> Vec<u8> {
+    let header = wire::FrameHeader {
+        origin: NodeId(origin),
+        epoch,
+        cache: "users".into(),
+        partition,
+        partitions,
+        first_seq: next,
+        sent_at_us: 0,
+        last: true,
+    };
+    let none: &[Event] = &[];
+    wire::encode(&header, none, None).expect("encode")
 }
 
 /// Frames injected on B's channels, as any client of the engine could: each
@@ -582,16 +600,24 @@ async fn a_receiver_refuses_bad_frames_with_their_reason_and_follows_sequence_nu
     refused(&craft(9, 1, "users", 0, 2, 10, &["c", "d"]), "replay");
     // A heartbeat (no events) carrying the next number: nothing missed.
     memory.publish_raw(ch0, &craft(9, 1, "users", 0, 2, 11, &[]));
-    // A new epoch: numbering restarts, no gap.
+    // The last heartbeat of a stopping stream, then a new epoch: numbering
+    // restarts at 1, no gap.
+    memory.publish_raw(ch0, &last_heartbeat(9, 1, 0, 2, 11));
     memory.publish_raw(ch0, &craft(9, 2, "users", 0, 2, 1, &["e"]));
+    // A new epoch without the last one's end: the node restarted without
+    // stopping, and may have lost what it had not sent (an unknown count).
+    memory.publish_raw(ch0, &craft(9, 3, "users", 0, 2, 1, &["f"]));
+    // A restart whose first frame is not number 1: a gap of what came before.
+    memory.publish_raw(ch0, &last_heartbeat(9, 3, 0, 2, 2));
+    memory.publish_raw(ch0, &craft(9, 4, "users", 0, 2, 3, &["g"]));
     let mut tally = Tally::default();
-    read_until(&mut on_b, &mut tally, |t| t.events.len() == 4).await;
-    assert_eq!(tally.keys(), ["a", "b", "c", "e"]);
-    assert_eq!(tally.lagged, [3]);
+    read_until(&mut on_b, &mut tally, |t| t.events.len() == 6).await;
+    assert_eq!(tally.keys(), ["a", "b", "c", "e", "f", "g"]);
+    assert_eq!(tally.lagged, [3, 0, 2]);
     let seqs: Vec<u64> = tally.events.iter().map(|e| e.metadata.seq).collect();
-    assert_eq!(seqs, [5, 6, 10, 1]);
+    assert_eq!(seqs, [5, 6, 10, 1, 1, 3]);
     assert!(tally.events.iter().all(|e| e.metadata.node == NodeId(9) && e.metadata.partition == Some(0)));
-    assert_eq!(*reports.gaps.lock().unwrap(), [(Some(NodeId(9)), 3)]);
+    assert_eq!(*reports.gaps.lock().unwrap(), [(Some(NodeId(9)), 3), (Some(NodeId(9)), 0), (Some(NodeId(9)), 2)]);
     assert!(matches!(on_b.try_recv(), Err(nebulex_streams::TryRecvError::Empty)));
 }
 
@@ -633,6 +659,7 @@ async fn replays_stay_refused_after_a_lost_connection() {
     let old_epoch = craft(9, 1, "users", 0, 0, 1, &["old"]);
     let seen = craft(9, 2, "users", 0, 0, 1, &["seen"]);
     memory.publish_raw("nbx:users", &old_epoch);
+    memory.publish_raw("nbx:users", &last_heartbeat(9, 1, 0, 0, 2)); // a clean restart
     memory.publish_raw("nbx:users", &seen);
     memory.cut(NodeId(2));
     memory.restore(NodeId(2));
@@ -648,4 +675,59 @@ async fn replays_stay_refused_after_a_lost_connection() {
     let rejected = reports.rejected.lock().unwrap().clone();
     assert_eq!(rejected, ["old_epoch", "replay"]);
     assert!(reports.gaps.lock().unwrap().iter().all(|(origin, _)| origin.is_none()));
+}
+
+/// An epoch of a stream that started `ms_from_now` milliseconds from now.
+fn epoch_from_now(ms_from_now: i64) -> u64 {
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as i64;
+    ((now + ms_from_now) as u64) << 16
+}
+
+/// A node whose stream started after ours: we listened from its number 1,
+/// so a first frame further on is a gap of what came before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_that_started_after_us_is_followed_from_its_first_number() {
+    let bus = PubSub::memory();
+    let memory: MemoryBus = bus.as_memory().expect("memory bus").clone();
+    let b = node("users", 2);
+    let reports = Reports::default();
+    let _sb = ready(builder(&b, &bus).observer(reports.observer()).start().expect("start b")).await;
+    let mut on_b = b.subscribe(SubscribeOptions::new()).expect("subscribe");
+    // Node 9 started before us: its numbering is taken as it comes.
+    memory.publish_raw("nbx:users", &craft(9, epoch_from_now(-60_000), "users", 0, 0, 40, &["older"]));
+    // Node 10 started after us, and its first two frames were lost.
+    memory.publish_raw("nbx:users", &craft(10, epoch_from_now(1_000), "users", 0, 0, 3, &["newer"]));
+    let mut tally = Tally::default();
+    read_until(&mut on_b, &mut tally, |t| t.events.len() == 2).await;
+    assert_eq!(tally.keys(), ["older", "newer"]);
+    assert_eq!(tally.lagged, [2]);
+    assert_eq!(*reports.gaps.lock().unwrap(), [(Some(NodeId(10)), 2)]);
+}
+
+/// A node that falls silent without having stopped is taken for gone after
+/// a few heartbeats: what it had not sent is lost, once reported; a node
+/// whose last frame said it stopped is not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_silent_without_stopping_is_a_possible_loss_reported_once() {
+    let bus = PubSub::memory();
+    let memory: MemoryBus = bus.as_memory().expect("memory bus").clone();
+    let b = node("users", 2);
+    let reports = Reports::default();
+    let _sb = ready(builder(&b, &bus).observer(reports.observer()).start().expect("start b")).await;
+    let mut on_b = b.subscribe(SubscribeOptions::new()).expect("subscribe");
+    let started = Instant::now();
+    memory.publish_raw("nbx:users", &craft(9, 1, "users", 0, 0, 1, &["from 9"]));
+    memory.publish_raw("nbx:users", &craft(10, 1, "users", 0, 0, 1, &["from 10"]));
+    memory.publish_raw("nbx:users", &last_heartbeat(10, 1, 0, 0, 2)); // 10 stopped cleanly
+    let mut tally = Tally::default();
+    read_until(&mut on_b, &mut tally, |t| !t.lagged.is_empty()).await;
+    assert!(started.elapsed() >= HEARTBEAT * nebulex_streams::SILENT_HEARTBEATS, "not before the silence limit");
+    assert_eq!(tally.keys(), ["from 9", "from 10"]);
+    assert_eq!(tally.lagged, [0]);
+    assert_eq!(*reports.gaps.lock().unwrap(), [(Some(NodeId(9)), 0)]);
+    // Once: a marker from 10's next start arrives with nothing before it.
+    tokio::time::sleep(HEARTBEAT * 2 * nebulex_streams::SILENT_HEARTBEATS).await;
+    memory.publish_raw("nbx:users", &craft(10, 2, "users", 0, 0, 1, &["marker"]));
+    read_until(&mut on_b, &mut tally, |t| t.keys().contains(&"marker".to_string())).await;
+    assert_eq!(tally.lagged, [0], "reported once, and 10's clean stop and restart are no loss");
 }

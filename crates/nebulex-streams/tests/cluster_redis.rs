@@ -125,6 +125,7 @@ async fn garbage_and_forged_frames_are_rejected_and_counted() {
         partitions: 0,
         first_seq: 1,
         sent_at_us: 0,
+        last: false,
     };
     let forged_event = Arc::new(nebulex::CacheEntryEvent {
         cache: nebulex::Name::new("carts"),

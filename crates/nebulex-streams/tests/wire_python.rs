@@ -53,7 +53,16 @@ fn header(
     first_seq: u64,
     sent_at_us: u64,
 ) -> FrameHeader {
-    FrameHeader { origin: NodeId(origin), epoch, cache: cache.into(), partition, partitions, first_seq, sent_at_us }
+    FrameHeader {
+        origin: NodeId(origin),
+        epoch,
+        cache: cache.into(),
+        partition,
+        partitions,
+        first_seq,
+        sent_at_us,
+        last: false,
+    }
 }
 
 /// The header of the worked example of `docs/wire-format.md`.
@@ -153,6 +162,11 @@ fn fixtures() -> Vec<(&'static str, Vec<u8>)> {
             )
             .expect("encode"),
         ),
+        ("07-last.frame", {
+            let last = FrameHeader { last: true, ..header(9, 10, "users", 1, 4, 42, 13) };
+            let none: &[Arc<CacheEntryEvent<String>>] = &[];
+            wire::encode(&last, none, None).expect("encode")
+        }),
     ]
 }
 

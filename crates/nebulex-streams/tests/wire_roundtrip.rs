@@ -52,6 +52,7 @@ fn any_header() -> impl Strategy<Value = FrameHeader> {
             partitions,
             first_seq,
             sent_at_us,
+            last: false,
         },
     )
 }
@@ -261,6 +262,7 @@ fn every_change_of_every_byte_of_a_signed_frame_is_refused() {
         partitions: 4,
         first_seq: 100,
         sent_at_us: 1_700_000_000_123_456,
+        last: false,
     };
     let events = vec![
         WireEvent {
@@ -302,7 +304,9 @@ fn every_change_of_every_byte_of_a_signed_frame_is_refused() {
     };
     assert_eq!(reason(0, 0x01), RejectReason::Version(0));
     assert_eq!(reason(1, 0x01), RejectReason::Unsigned);
-    assert_eq!(reason(1, 0x02), RejectReason::Flags(0x03));
+    // The LAST flag is covered by the tag: setting it forges the frame.
+    assert_eq!(reason(1, 0x02), RejectReason::BadSignature);
+    assert_eq!(reason(1, 0x04), RejectReason::Flags(0x05));
     assert_eq!(reason(10, 0x80), RejectReason::BadSignature);
     assert_eq!(reason(bytes.len() - 1, 0x01), RejectReason::BadSignature);
 }

@@ -16,6 +16,8 @@ use sha2::Sha256;
 const WIRE_VERSION: u8 = 1;
 /// Flag bit of a signed frame.
 const FLAG_SIGNED: u8 = 1;
+/// Flag bit of a stopping stream's last frame (a heartbeat).
+const FLAG_LAST: u8 = 2;
 /// Length of a signed frame's tag.
 const TAG_LEN: usize = 32;
 /// MessagePack nesting the decoder accepts (as the nodes' decoder).
@@ -149,7 +151,7 @@ pub(super) fn decode(bytes: &[u8], signing_key: Option<&[u8]>, max_frame_bytes: 
     if version != WIRE_VERSION {
         return Err(Reject::Version(version));
     }
-    if flags & !FLAG_SIGNED != 0 {
+    if flags & !(FLAG_SIGNED | FLAG_LAST) != 0 {
         return Err(Reject::Flags(flags));
     }
     let signed = flags & FLAG_SIGNED != 0;

@@ -769,6 +769,7 @@ mod tests {
             partitions,
             first_seq,
             sent_at_us: 1,
+            last: false,
         }
     }
 
@@ -899,7 +900,7 @@ mod tests {
         foreign.cache = "orders".into();
         t.on_message("nbx:users:1", &frame!(&foreign, &one, Some(b"secret"))).unwrap();
         let mut flagged = frame!(&header(1, 4, 2), &one, None);
-        flagged[1] = 0x02;
+        flagged[1] = 0x04;
         t.on_message("nbx:users:1", &flagged).unwrap();
         t.on_message("nbx:users:x:1", b"not ours").unwrap(); // another cache's channel: ignored
         let lines = out.take();
@@ -913,7 +914,7 @@ mod tests {
             "REJECTED wrong_partition: frame of partition 1 on the channel of partition 2",
             "REJECTED partition_count: frame says 8 partitions, the stream has 4",
             "REJECTED foreign_cache: frame of cache `orders`",
-            "REJECTED flags: unknown flags 0x02",
+            "REJECTED flags: unknown flags 0x04",
         ];
         assert_eq!(lines.len(), expected.len(), "{lines:?}");
         for (line, want) in lines.iter().zip(expected) {

@@ -28,6 +28,7 @@ except ImportError:  # pragma: no cover - the Rust test checks this first
 
 WIRE_VERSION = 1
 FLAG_SIGNED = 0x01
+FLAG_LAST = 0x02
 TAG_LEN = 32
 SIGNING_KEY = b"secret"  # the key tests/wire_python.rs signs with
 
@@ -57,6 +58,8 @@ def split_frame(frame, signing_key=None):
     version, flags = frame[0], frame[1]
     if version != WIRE_VERSION:
         raise Reject("version", version)
+    if flags & ~(FLAG_SIGNED | FLAG_LAST):
+        raise Reject("flags", flags)
     signed = bool(flags & FLAG_SIGNED)
     if signed:
         if len(frame) - TAG_LEN <= 2:
@@ -130,7 +133,7 @@ def decode(frame, signing_key=None):
         "signed": bool(flags & FLAG_SIGNED), "flags": flags, "tag": tag, "body": body,
         "origin": origin, "epoch": epoch, "cache": cache, "partition": partition,
         "partitions": partitions, "first_seq": first_seq, "sent_at_us": sent_at_us,
-        "events": out,
+        "last": bool(flags & FLAG_LAST), "events": out,
     }
 
 
@@ -145,7 +148,8 @@ def encode(header, events, signing_key=None):
           else [TARGET_ALL]]
          for e in events],
     ], use_bin_type=True)
-    head = bytes([WIRE_VERSION, FLAG_SIGNED if signing_key is not None else 0])
+    flags = (FLAG_SIGNED if signing_key is not None else 0) | (FLAG_LAST if header.get("last") else 0)
+    head = bytes([WIRE_VERSION, flags])
     frame = head + body
     if signing_key is not None:
         frame += hmac.new(signing_key, frame, hashlib.sha256).digest()
@@ -156,9 +160,9 @@ def ev(kind, command, version, timestamp_us, target):
     return {"kind": kind, "command": command, "version": version, "timestamp_us": timestamp_us, "target": target}
 
 
-def hdr(origin, epoch, cache, partition, partitions, first_seq, sent_at_us):
+def hdr(origin, epoch, cache, partition, partitions, first_seq, sent_at_us, last=False):
     return {"origin": origin, "epoch": epoch, "cache": cache, "partition": partition,
-            "partitions": partitions, "first_seq": first_seq, "sent_at_us": sent_at_us}
+            "partitions": partitions, "first_seq": first_seq, "sent_at_us": sent_at_us, "last": last}
 
 
 # What each fixture of tests/wire_python.rs holds: (header, events, signed).
@@ -196,6 +200,12 @@ EXPECTED = {
     "06-struct.frame": (
         hdr(9, 10, "profiles", 0, 0, 1, 12),
         [ev("updated", "replace", 3, TS + 8, ("key", [7, "bob"]))],
+        False,
+    ),
+    # The last heartbeat of a stopping stream: no events, flag LAST.
+    "07-last.frame": (
+        hdr(9, 10, "users", 1, 4, 42, 13, last=True),
+        [],
         False,
     ),
 }
@@ -292,7 +302,8 @@ def check_fixture(name, frame):
     key = SIGNING_KEY if signed else None
     got = decode(frame, key)
     check(frame[0] == WIRE_VERSION, f"{name}: version byte {frame[0]}")
-    check(got["flags"] == (FLAG_SIGNED if signed else 0), f"{name}: flags {got['flags']:#04x}")
+    want_flags = (FLAG_SIGNED if signed else 0) | (FLAG_LAST if header["last"] else 0)
+    check(got["flags"] == want_flags, f"{name}: flags {got['flags']:#04x}")
     for field, want in header.items():
         check(same(got[field], want), f"{name}: {field} = {got[field]!r}, expected {want!r}")
     check(len(got["events"]) == len(events), f"{name}: {len(got['events'])} events, expected {len(events)}")
