@@ -593,8 +593,14 @@ impl<K> StreamShared<K> {
     /// A frame arrived on the channel of partition `index`.
     pub(crate) fn on_frame(&self, index: usize, bytes: &[u8]) {
         let Some(cluster) = self.cluster.as_ref() else { return };
-        if crate::wire::peek_origin(bytes) == Some(self.node) {
-            // Our own frame, echoed back: local subscribers already have it.
+        if let Some((_, epoch)) = crate::wire::peek_origin_epoch(bytes).filter(|(o, _)| *o == self.node) {
+            if epoch > cluster.epoch {
+                // Our id, a stream started after ours: another node uses our
+                // id (its events would pass for our echoes). Say so.
+                return self.reporter.frame_rejected(&RejectReason::SameNodeId { epoch });
+            }
+            // Our own frame, echoed back (or from our own earlier stream):
+            // local subscribers already have it.
             return;
         }
         let limits = DecodeLimits {

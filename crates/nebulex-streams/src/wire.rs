@@ -141,6 +141,13 @@ pub enum RejectReason {
         /// The channel's partition.
         expected: u32,
     },
+    /// A frame with this node's own id but another epoch: another node uses
+    /// the same id (each node's id must be its own), or a forgery.
+    #[error("frame of another stream (epoch {epoch:#x}) with this node's own id")]
+    SameNodeId {
+        /// The frame's epoch.
+        epoch: u64,
+    },
 }
 
 impl RejectReason {
@@ -159,6 +166,7 @@ impl RejectReason {
             RejectReason::Replayed { .. } => "replay",
             RejectReason::OldEpoch { .. } => "old_epoch",
             RejectReason::WrongPartition { .. } => "wrong_partition",
+            RejectReason::SameNodeId { .. } => "same_node_id",
         }
     }
 }
@@ -405,12 +413,18 @@ fn tag_of(key: &[u8], bytes: &[u8]) -> [u8; TAG_LEN] {
 /// # Ok::<(), String>(())
 /// ```
 pub fn peek_origin(bytes: &[u8]) -> Option<NodeId> {
+    peek_origin_epoch(bytes).map(|(origin, _)| origin)
+}
+
+/// The origin and epoch of a frame, read without decoding the rest.
+pub(crate) fn peek_origin_epoch(bytes: &[u8]) -> Option<(NodeId, u64)> {
     if bytes.first() != Some(&WIRE_VERSION) {
         return None;
     }
     let mut body = bytes.get(2..)?;
     rmp::decode::read_array_len(&mut body).ok()?;
-    rmp::decode::read_int(&mut body).ok().map(NodeId)
+    let origin = rmp::decode::read_int(&mut body).ok().map(NodeId)?;
+    Some((origin, rmp::decode::read_int(&mut body).ok()?))
 }
 
 /// What a decoder checks beyond the format.

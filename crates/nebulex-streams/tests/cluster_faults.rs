@@ -731,3 +731,20 @@ async fn a_node_silent_without_stopping_is_a_possible_loss_reported_once() {
     read_until(&mut on_b, &mut tally, |t| t.keys().contains(&"marker".to_string())).await;
     assert_eq!(tally.lagged, [0], "reported once, and 10's clean stop and restart are no loss");
 }
+
+/// Frames with this node's own id: its echoes (or its earlier stream's) are
+/// ignored; a stream started later with the same id is another node,
+/// refused and reported rather than taken for echoes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn another_node_with_our_id_is_reported_not_taken_for_our_echo() {
+    let bus = PubSub::memory();
+    let memory: MemoryBus = bus.as_memory().expect("memory bus").clone();
+    let b = node("users", 2);
+    let reports = Reports::default();
+    let _sb = ready(builder(&b, &bus).observer(reports.observer()).start().expect("start b")).await;
+    let before = reports.rejected().len();
+    memory.publish_raw("nbx:users", &craft(2, 1, "users", 0, 0, 1, &["earlier stream"]));
+    assert_eq!(reports.rejected().len(), before, "an earlier stream of ours: ignored");
+    memory.publish_raw("nbx:users", &craft(2, epoch_from_now(60_000), "users", 0, 0, 1, &["impostor"]));
+    assert_eq!(reports.rejected()[before..], ["same_node_id"]);
+}
