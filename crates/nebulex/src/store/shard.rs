@@ -109,8 +109,12 @@ impl<K: Hash + Eq, V: Clone> Shard<K, V> {
     /// `hash`; returns its index.
     #[inline]
     pub(crate) fn insert_hashed(&mut self, hash: u64, key: K, slot: Slot<V>) -> usize {
-        self.expires_hashed(hash, slot.expires_at);
-        self.map.insert_hashed(hash, key, slot)
+        let expires_at = slot.expires_at;
+        // Into the table first: indexing may rebuild the index from the
+        // table, which must then hold the new entry.
+        let index = self.map.insert_hashed(hash, key, slot);
+        self.expires_hashed(hash, expires_at);
+        index
     }
 
     /// Learns that `key`'s entry now expires at `expires_at` (0 = never).
@@ -372,5 +376,19 @@ mod tests {
         assert!(!s.remove_expired_at(|| 10, 700, |k| expired.push(k)), "nothing was due");
         expired.sort_unstable();
         assert_eq!(expired, (1..=1_000).collect::<Vec<_>>(), "each once");
+    }
+
+    #[test]
+    fn an_entry_whose_insert_rebuilds_the_index_is_in_the_rebuilt_index() {
+        let mut s = shard();
+        // Records of entries since gone, up to the rebuild threshold.
+        for key in 0..(EXPIRIES_SLACK as u64 + 2) {
+            put(&mut s, key, 10);
+            let i = s.map.get_full_mut(&key).map(|(i, _, _)| i).unwrap();
+            s.map.remove_index(i);
+        }
+        put(&mut s, 1_000, 10); // one record too many: its insert rebuilds
+        assert!(s.expiries.len() <= 1, "rebuilt: {} records", s.expiries.len());
+        assert_eq!(sweep(&mut s, 10), [1_000], "the new entry kept its record");
     }
 }
