@@ -150,13 +150,27 @@ async fn interactive(name: &str, url: &str) -> Result<(), Error> {
                 let cached = node.cache.get(&key);
                 let value = match cached {
                     Some(v) => format!("{v} (cached)"),
-                    None => match db.hget::<_, _, Option<String>>(table, &key).await? {
-                        Some(v) => {
-                            let v = node.cache.get_or_insert_with(key, || v);
-                            format!("{v} (loaded from the database)")
+                    None => {
+                        // The read runs inside the load: if another node's
+                        // change arrives meanwhile, what it read is not kept.
+                        let read = || {
+                            let (mut db, key) = (db.clone(), key.clone());
+                            async move {
+                                match db.hget::<_, _, Option<String>>(table, &key).await {
+                                    Ok(Some(v)) => Ok(v),
+                                    Ok(None) => Err(None),
+                                    Err(e) => Err(Some(e.to_string())),
+                                }
+                            }
+                        };
+                        match node.cache.try_get_or_insert_with_async(key.clone(), read).await {
+                            Ok(v) => format!("{v} (loaded from the database)"),
+                            Err(e) => match &*e {
+                                None => "(not in the database)".to_string(),
+                                Some(e) => format!("(database error: {e})"),
+                            },
                         }
-                        None => "(not in the database)".to_string(),
-                    },
+                    }
                 };
                 println!("{value}");
             }

@@ -4,6 +4,7 @@
 use std::borrow::Borrow;
 use std::collections::HashMap;
 use std::fmt;
+use std::future::Future;
 use std::hash::{BuildHasher, Hash};
 use std::sync::{Arc, Weak};
 use std::time::Duration;
@@ -489,6 +490,49 @@ where
         E: Send + Sync + 'static,
     {
         self.inner.load(key, load)
+    }
+
+    /// [`get_or_insert_with`](Self::get_or_insert_with) for a loader that is
+    /// async (a database client, another service): the same single flight
+    /// and the same rule for a write or delete that overtakes the load, and
+    /// callers waiting for another's load do not block their thread.
+    ///
+    /// If the future leading a load is dropped before it ends, nothing is
+    /// stored, and the callers waiting on it load for themselves.
+    ///
+    /// ```
+    /// use nebulex::Cache;
+    ///
+    /// # tokio::runtime::Runtime::new().unwrap().block_on(async {
+    /// let cache: Cache<String, String> = Cache::builder().build().unwrap();
+    /// // Stands for a database read.
+    /// async fn read(id: &str) -> String {
+    ///     format!("record {id}")
+    /// }
+    /// let v = cache.get_or_insert_with_async("user:1".to_string(), || read("1")).await;
+    /// assert_eq!(v, "record 1");
+    /// assert_eq!(cache.get("user:1").as_deref(), Some("record 1"));
+    /// # });
+    /// ```
+    pub async fn get_or_insert_with_async<F>(&self, key: K, load: impl FnOnce() -> F) -> V
+    where
+        F: Future<Output = V>,
+    {
+        let loaded = self.inner.load_async::<std::convert::Infallible, _>(key, || async { Ok(load().await) }).await;
+        match loaded {
+            Ok(v) => v,
+            Err(never) => match *never {},
+        }
+    }
+
+    /// [`try_get_or_insert_with`](Self::try_get_or_insert_with) for an async
+    /// loader; see [`get_or_insert_with_async`](Self::get_or_insert_with_async).
+    pub async fn try_get_or_insert_with_async<E, F>(&self, key: K, load: impl FnOnce() -> F) -> Result<V, Arc<E>>
+    where
+        E: Send + Sync + 'static,
+        F: Future<Output = Result<V, E>>,
+    {
+        self.inner.load_async(key, load).await
     }
 
     // ----- invalidation -------------------------------------------------
@@ -1052,48 +1096,85 @@ where
     where
         E: Send + Sync + 'static,
     {
-        let mut load = Some(load);
         loop {
-            let mut guard = self.lock_for(&key);
-            let s = &mut *guard;
-            if let Some((i, _, slot)) = s.map.get_full_mut(&key) {
-                if !slot.is_expired(|| self.clock.now()) {
-                    let value = slot.value.clone();
-                    if s.bounded() {
-                        s.record_use(i);
-                    }
-                    return Ok(value);
-                }
-                self.remove_expired(s, i, Command::Load);
-            }
-            if let Some(running) = s.loads.get(&key).cloned() {
-                drop(guard);
-                match running.wait() {
-                    Outcome::Loaded(v) => return Ok(v),
-                    Outcome::Failed(e) => match e.downcast::<E>() {
-                        Ok(e) => return Err(e),
-                        Err(_) => continue,
-                    },
-                    Outcome::Abandoned => continue,
+            match self.begin_load(&key) {
+                Begin::Hit(value) => return Ok(value),
+                Begin::Wait(running) => match settled(running.wait()) {
+                    Some(result) => return result,
+                    None => continue,
+                },
+                Begin::Lead(running) => {
+                    let flight = Flight { inner: self, key: &key, load: &running, outcome: Outcome::Abandoned };
+                    return self.land(flight, load());
                 }
             }
-            let Some(load) = load.take() else { continue };
-            let running = Arc::new(Load::new());
-            s.loads.insert(key.clone(), running.clone());
-            drop(guard);
-            let mut flight = Flight { inner: self, key: &key, load: &running, outcome: Outcome::Abandoned };
-            return match load() {
-                Ok(value) => {
-                    self.store_loaded(&key, &running, value.clone());
-                    flight.outcome = Outcome::Loaded(value.clone());
-                    Ok(value)
+        }
+    }
+
+    /// [`load`](Self::load) with a loader that is a future: waiting for
+    /// another caller's load does not block the thread. If the future that
+    /// leads a load is dropped, its waiters load for themselves.
+    async fn load_async<E, F>(&self, key: K, load: impl FnOnce() -> F) -> Result<V, Arc<E>>
+    where
+        E: Send + Sync + 'static,
+        F: Future<Output = Result<V, E>>,
+    {
+        loop {
+            match self.begin_load(&key) {
+                Begin::Hit(value) => return Ok(value),
+                Begin::Wait(running) => match settled(running.finished().await) {
+                    Some(result) => return result,
+                    None => continue,
+                },
+                Begin::Lead(running) => {
+                    let flight = Flight { inner: self, key: &key, load: &running, outcome: Outcome::Abandoned };
+                    let loaded = load().await;
+                    return self.land(flight, loaded);
                 }
-                Err(e) => {
-                    let e = Arc::new(e);
-                    flight.outcome = Outcome::Failed(e.clone());
-                    Err(e)
+            }
+        }
+    }
+
+    /// The live value of `key`, or the load to wait for, or a new load for
+    /// this caller to lead (registered: callers from now on wait for it).
+    fn begin_load(&self, key: &K) -> Begin<V> {
+        let mut guard = self.lock_for(key);
+        let s = &mut *guard;
+        if let Some((i, _, slot)) = s.map.get_full_mut(key) {
+            if !slot.is_expired(|| self.clock.now()) {
+                let value = slot.value.clone();
+                if s.bounded() {
+                    s.record_use(i);
                 }
-            };
+                return Begin::Hit(value);
+            }
+            self.remove_expired(s, i, Command::Load);
+        }
+        if let Some(running) = s.loads.get(key).cloned() {
+            return Begin::Wait(running);
+        }
+        let running = Arc::new(Load::new());
+        s.loads.insert(key.clone(), running.clone());
+        Begin::Lead(running)
+    }
+
+    /// Ends a led load with its loader's result: stores a loaded value
+    /// (unless a write overtook it) and hands the outcome to its waiters.
+    fn land<E>(&self, mut flight: Flight<'_, K, V>, loaded: Result<V, E>) -> Result<V, Arc<E>>
+    where
+        E: Send + Sync + 'static,
+    {
+        match loaded {
+            Ok(value) => {
+                self.store_loaded(flight.key, flight.load, value.clone());
+                flight.outcome = Outcome::Loaded(value.clone());
+                Ok(value)
+            }
+            Err(e) => {
+                let e = Arc::new(e);
+                flight.outcome = Outcome::Failed(e.clone());
+                Err(e)
+            }
         }
     }
 
@@ -1108,6 +1189,24 @@ where
         let ttl = self.default_ttl;
         let hash = s.map.hash(key);
         self.insert_new(s, hash, key.clone(), Slot::new(value, ttl, || self.clock.now()), Command::Load);
+    }
+}
+
+/// Where a load starts: see [`Inner::begin_load`].
+enum Begin<V> {
+    Hit(V),
+    Wait(Arc<Load<V>>),
+    Lead(Arc<Load<V>>),
+}
+
+/// What a waiter makes of another caller's load: its result, or `None` to
+/// try again (the loader panicked or was dropped, or failed with an error of
+/// another type than this caller's).
+fn settled<V, E: Send + Sync + 'static>(outcome: Outcome<V>) -> Option<Result<V, Arc<E>>> {
+    match outcome {
+        Outcome::Loaded(v) => Some(Ok(v)),
+        Outcome::Failed(e) => e.downcast::<E>().ok().map(Err),
+        Outcome::Abandoned => None,
     }
 }
 

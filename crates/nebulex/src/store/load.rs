@@ -5,6 +5,7 @@ use std::any::Any;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::task::{Poll, Waker};
 
 use parking_lot::{Condvar, Mutex};
 
@@ -35,6 +36,8 @@ impl<V: Clone> Clone for Outcome<V> {
 pub(crate) struct Load<V> {
     outcome: Mutex<Option<Outcome<V>>>,
     done: Condvar,
+    /// Async callers waiting for the outcome.
+    wakers: Mutex<Vec<Waker>>,
     /// Set (under the shard lock) when a write or delete of the key happened
     /// after the load started: its result is then not stored.
     stale: AtomicBool,
@@ -42,7 +45,12 @@ pub(crate) struct Load<V> {
 
 impl<V: Clone> Load<V> {
     pub(crate) fn new() -> Self {
-        Load { outcome: Mutex::new(None), done: Condvar::new(), stale: AtomicBool::new(false) }
+        Load {
+            outcome: Mutex::new(None),
+            done: Condvar::new(),
+            wakers: Mutex::default(),
+            stale: AtomicBool::new(false),
+        }
     }
 
     pub(crate) fn mark_stale(&self) {
@@ -56,6 +64,27 @@ impl<V: Clone> Load<V> {
     pub(crate) fn finish(&self, outcome: Outcome<V>) {
         *self.outcome.lock() = Some(outcome);
         self.done.notify_all();
+        std::mem::take(&mut *self.wakers.lock()).into_iter().for_each(Waker::wake);
+    }
+
+    /// Waits, without blocking the thread, until the loader finishes.
+    pub(crate) async fn finished(&self) -> Outcome<V> {
+        std::future::poll_fn(|cx| {
+            if let Some(o) = self.outcome.lock().as_ref() {
+                return Poll::Ready(o.clone());
+            }
+            let mut wakers = self.wakers.lock();
+            // Checked again under the wakers' lock: `finish` sets the outcome
+            // before it takes the wakers, so it cannot slip in between.
+            if let Some(o) = self.outcome.lock().as_ref() {
+                return Poll::Ready(o.clone());
+            }
+            if !wakers.iter().any(|w| w.will_wake(cx.waker())) {
+                wakers.push(cx.waker().clone());
+            }
+            Poll::Pending
+        })
+        .await
     }
 
     /// Blocks until the loader finishes.
