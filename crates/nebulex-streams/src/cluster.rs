@@ -271,6 +271,10 @@ impl Seen {
 /// and reports a possible loss on the partition.
 pub const SILENT_HEARTBEATS: u32 = 5;
 
+/// Heartbeats after which a stopped or silent origin is forgotten: if it is
+/// heard again, it is a node heard for the first time.
+const FORGET_HEARTBEATS: u32 = 100;
+
 /// The milliseconds since the Unix epoch when the stream of `epoch` started.
 fn started_ms(epoch: u64) -> u64 {
     epoch >> 16
@@ -697,14 +701,20 @@ impl<K> StreamShared<K> {
             return;
         }
         let limit = cluster.heartbeat.saturating_mul(SILENT_HEARTBEATS);
+        let forget = cluster.heartbeat.saturating_mul(FORGET_HEARTBEATS);
         let now = Instant::now();
         let mut silent = Vec::new();
-        for (&(origin, partition), e) in cluster.seen.lock().iter_mut() {
+        let mut seen = cluster.seen.lock();
+        for (&(origin, partition), e) in seen.iter_mut() {
             if !e.ended && !e.silent && now.saturating_duration_since(e.heard) >= limit {
                 e.silent = true;
                 silent.push((origin, partition));
             }
         }
+        // Origins long gone (stopped, or reported silent) are forgotten, so
+        // that nodes coming and going with new ids do not grow the map.
+        seen.retain(|_, e| !(e.ended || e.silent) || now.saturating_duration_since(e.heard) < forget);
+        drop(seen);
         for (origin, partition) in silent {
             tracing::warn!(target: "nebulex_streams", cache = %self.reporter.cache, node = %origin, partition,
                 "a node fell silent without stopping: its unsent events are lost");

@@ -748,3 +748,27 @@ async fn another_node_with_our_id_is_reported_not_taken_for_our_echo() {
     memory.publish_raw("nbx:users", &craft(2, epoch_from_now(60_000), "users", 0, 0, 1, &["impostor"]));
     assert_eq!(reports.rejected()[before..], ["same_node_id"]);
 }
+
+/// An origin that stopped is forgotten after a while (nodes coming and going
+/// with new ids must not grow a receiver's state): heard again, it is heard
+/// for the first time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopped_origin_is_forgotten_after_a_while() {
+    let bus = PubSub::memory();
+    let memory: MemoryBus = bus.as_memory().expect("memory bus").clone();
+    let b = node("users", 2);
+    let reports = Reports::default();
+    let _sb = ready(builder(&b, &bus).observer(reports.observer()).start().expect("start b")).await;
+    let mut on_b = b.subscribe(SubscribeOptions::new()).expect("subscribe");
+    let epoch = epoch_from_now(1_000); // started after us: followed from 1
+    memory.publish_raw("nbx:users", &craft(9, epoch, "users", 0, 0, 1, &["first"]));
+    memory.publish_raw("nbx:users", &last_heartbeat(9, epoch, 0, 0, 2));
+    // Long after (100 heartbeats), the same numbering goes on at 5: a node
+    // still remembered would miss 2, 3, 4 (3 events); a forgotten one is
+    // followed from its number 1 again (4 events).
+    tokio::time::sleep(HEARTBEAT * 110).await;
+    memory.publish_raw("nbx:users", &craft(9, epoch, "users", 0, 0, 5, &["again"]));
+    let mut tally = Tally::default();
+    read_until(&mut on_b, &mut tally, |t| t.events.len() == 2).await;
+    assert_eq!(tally.lagged, [4], "heard again as for the first time");
+}
