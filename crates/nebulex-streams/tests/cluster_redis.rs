@@ -193,3 +193,30 @@ async fn a_cache_dropped_right_after_its_writes_still_sends_them() {
     drop((sa, a));
     receive_all(on_b, N).await;
 }
+
+#[cfg(feature = "tls")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nodes_exchange_events_over_tls_and_an_untrusted_certificate_fails_ready() {
+    let redis = RedisServer::start_tls().expect("redis-server with TLS");
+    let tls_url = redis.tls_url().expect("a TLS port");
+    let pubsub = PubSub::redis(tls_url.clone());
+    let (a, b) = (node("users", 1), node("users", 2));
+    let _sa = start(&a, &pubsub, 2).await;
+    let _sb = start(&b, &pubsub, 2).await;
+    let on_b: Vec<_> = (0..2).map(|p| b.subscribe(SubscribeOptions::new().partition(p)).unwrap()).collect();
+    const N: usize = 200;
+    for i in 0..N {
+        a.put(format!("user:{i}"), 1);
+    }
+    receive_all(on_b, N).await;
+
+    // The certificate is checked unless the URL says `#insecure`: a
+    // self-signed one is refused, and plain text to the TLS port gets nowhere.
+    let port = tls_url.trim_start_matches("rediss://127.0.0.1:").split('/').next().unwrap().to_owned();
+    for url in [format!("rediss://127.0.0.1:{port}/"), format!("redis://127.0.0.1:{port}/")] {
+        let c = node("users", 3);
+        let s = Streams::builder(&c).pubsub(PubSub::redis(url.clone())).start().unwrap();
+        let err = tokio::time::timeout(PATIENCE, s.ready()).await.expect("answer in time").unwrap_err();
+        assert!(matches!(err, nebulex_streams::Error::Transport(_)), "{url}: {err}");
+    }
+}

@@ -88,11 +88,11 @@ fn wait_until(process: &mut Process, what: &str, mut ready: impl FnMut() -> bool
     Err(io::Error::new(io::ErrorKind::TimedOut, format!("{what} did not answer within {STARTUP:?}")))
 }
 
-type Spawn = fn(u16, &tempfile::TempDir) -> io::Result<Process>;
+type Spawn<'a> = &'a dyn Fn(u16, &tempfile::TempDir) -> io::Result<Process>;
 
 /// Spawns a server on a free port, trying a few ports: another process may
 /// take one between our probe and the server's bind.
-fn start_on_free_port(spawn: Spawn, what: &str) -> io::Result<(u16, tempfile::TempDir, Process)> {
+fn start_on_free_port(spawn: Spawn<'_>, what: &str) -> io::Result<(u16, tempfile::TempDir, Process)> {
     let dir = tempfile::tempdir()?;
     let mut last = None;
     for _ in 0..5 {
@@ -107,7 +107,7 @@ fn start_on_free_port(spawn: Spawn, what: &str) -> io::Result<(u16, tempfile::Te
 
 /// Kills `process` and spawns the server again on the same port, retrying
 /// while the old one releases it.
-fn respawn(process: &mut Process, port: u16, dir: &tempfile::TempDir, spawn: Spawn) -> io::Result<()> {
+fn respawn(process: &mut Process, port: u16, dir: &tempfile::TempDir, spawn: Spawn<'_>) -> io::Result<()> {
     process.kill();
     let deadline = Instant::now() + STARTUP;
     loop {
@@ -125,6 +125,8 @@ fn respawn(process: &mut Process, port: u16, dir: &tempfile::TempDir, spawn: Spa
 /// A throwaway `redis-server`.
 pub struct RedisServer {
     port: u16,
+    /// The TLS port, when started with [`RedisServer::start_tls`].
+    tls_port: Option<u16>,
     dir: tempfile::TempDir,
     process: Process,
 }
@@ -132,26 +134,58 @@ pub struct RedisServer {
 impl RedisServer {
     /// Starts one on a free loopback port and waits until it answers `PING`.
     pub fn start() -> io::Result<Self> {
-        let (port, dir, process) = start_on_free_port(Self::spawn, "redis-server")?;
-        Ok(RedisServer { port, dir, process })
+        let (port, dir, process) = start_on_free_port(&|port, dir| Self::spawn(port, None, dir), "redis-server")?;
+        Ok(RedisServer { port, tls_port: None, dir, process })
     }
 
-    fn spawn(port: u16, dir: &tempfile::TempDir) -> io::Result<Process> {
-        let child = Command::new(find_binary("redis-server")?)
+    /// Starts one that also serves TLS on a second free port, with a
+    /// self-signed certificate for `127.0.0.1` made by `openssl` in its
+    /// temporary directory; [`RedisServer::tls_url`] reaches it.
+    pub fn start_tls() -> io::Result<Self> {
+        // A fresh TLS port on each try, as for the plain one.
+        let tls_port = std::cell::Cell::new(0);
+        let (port, dir, process) = start_on_free_port(
+            &|port, dir| {
+                self_signed_certificate(dir)?;
+                tls_port.set(free_port()?);
+                Self::spawn(port, Some(tls_port.get()), dir)
+            },
+            "redis-server (TLS)",
+        )?;
+        Ok(RedisServer { port, tls_port: Some(tls_port.get()), dir, process })
+    }
+
+    fn spawn(port: u16, tls_port: Option<u16>, dir: &tempfile::TempDir) -> io::Result<Process> {
+        let mut command = Command::new(find_binary("redis-server")?);
+        command
             .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
             .arg("--dir")
-            .arg(dir.path())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()?;
+            .arg(dir.path());
+        if let Some(tls_port) = tls_port {
+            command.args(["--tls-port", &tls_port.to_string(), "--tls-auth-clients", "no"]);
+            command.arg("--tls-cert-file").arg(dir.path().join(CERT_FILE));
+            command.arg("--tls-key-file").arg(dir.path().join(KEY_FILE));
+            command.arg("--tls-ca-cert-file").arg(dir.path().join(CERT_FILE));
+        }
+        let child = command.stdout(Stdio::null()).stderr(Stdio::null()).spawn()?;
         let mut process = Process { child: Some(child) };
-        wait_until(&mut process, "redis-server", || resp(port, &[b"PING"]).is_ok_and(|r| r == "+PONG"))?;
+        wait_until(&mut process, "redis-server", || {
+            resp(port, &[b"PING"]).is_ok_and(|r| r == "+PONG")
+                && tls_port.is_none_or(|tls| TcpStream::connect_timeout(&addr(tls), Duration::from_secs(1)).is_ok())
+        })?;
         Ok(process)
     }
 
     /// The server's URL: `redis://127.0.0.1:PORT/`.
     pub fn url(&self) -> String {
         format!("redis://127.0.0.1:{}/", self.port)
+    }
+
+    /// The server's TLS URL, `rediss://127.0.0.1:PORT/#insecure` (the
+    /// certificate is self-signed), when started with
+    /// [`RedisServer::start_tls`].
+    pub fn tls_url(&self) -> Option<String> {
+        self.tls_port.map(|port| format!("rediss://127.0.0.1:{port}/#insecure"))
     }
 
     /// The server's port.
@@ -178,7 +212,34 @@ impl RedisServer {
 
     /// Kills the server and starts a new one on the same port (its data is lost).
     pub fn restart(&mut self) -> io::Result<()> {
-        respawn(&mut self.process, self.port, &self.dir, Self::spawn)
+        let tls_port = self.tls_port;
+        respawn(&mut self.process, self.port, &self.dir, &|port, dir| Self::spawn(port, tls_port, dir))
+    }
+}
+
+const CERT_FILE: &str = "cert.pem";
+const KEY_FILE: &str = "key.pem";
+
+/// Writes a self-signed certificate and its key for `127.0.0.1` into `dir`
+/// (once), with the `openssl` command.
+fn self_signed_certificate(dir: &tempfile::TempDir) -> io::Result<()> {
+    if dir.path().join(CERT_FILE).is_file() {
+        return Ok(());
+    }
+    let status = Command::new(find_binary("openssl")?)
+        .args(["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=127.0.0.1"])
+        .args(["-addext", "subjectAltName=IP:127.0.0.1"])
+        .arg("-keyout")
+        .arg(dir.path().join(KEY_FILE))
+        .arg("-out")
+        .arg(dir.path().join(CERT_FILE))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()?;
+    if status.success() {
+        Ok(())
+    } else {
+        Err(io::Error::other(format!("openssl could not make a certificate ({status})")))
     }
 }
 
@@ -208,7 +269,7 @@ pub struct NatsServer {
 impl NatsServer {
     /// Starts one on a free loopback port and waits until it greets.
     pub fn start() -> io::Result<Self> {
-        let (port, dir, process) = start_on_free_port(Self::spawn, "nats-server")?;
+        let (port, dir, process) = start_on_free_port(&Self::spawn, "nats-server")?;
         Ok(NatsServer { port, dir, process })
     }
 
@@ -261,7 +322,7 @@ impl NatsServer {
 
     /// Kills the server and starts a new one on the same port.
     pub fn restart(&mut self) -> io::Result<()> {
-        respawn(&mut self.process, self.port, &self.dir, Self::spawn)
+        respawn(&mut self.process, self.port, &self.dir, &Self::spawn)
     }
 }
 

@@ -69,7 +69,9 @@ impl PubSub {
     }
 
     /// Redis Pub/Sub at `url` (`redis://[user:pass@]host:port[/db]`,
-    /// `rediss://` for TLS when the `redis` crate is built with it).
+    /// `rediss://host:port` for TLS with the `tls` feature, on by default;
+    /// `rediss://…/#insecure` skips the certificate check, for self-signed
+    /// test servers only).
     #[cfg(feature = "redis")]
     pub fn redis(url: impl Into<String>) -> Self {
         PubSub { engine: Engine::Redis(url.into()) }

@@ -40,6 +40,10 @@ struct Publisher {
 
 /// Connects to Redis at `url` in background tasks.
 pub(crate) fn open(url: &str, config: LinkConfig) -> Result<Arc<dyn Link>, Error> {
+    // `rediss://` needs a process-wide rustls crypto provider; the
+    // application may have installed its own, which is then kept.
+    #[cfg(feature = "tls")]
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let client =
         redis::Client::open(url).map_err(|e| Error::Transport(format!("invalid Redis URL `{}`: {e}", redact(url))))?;
     let rt = runtime()?;
