@@ -33,6 +33,8 @@ const LOCAL: &[&str] = &[
     "listener_overhead",
     "stream_e2e_events_per_sec",
     "stream_vs_moka",
+    "channel_e2e_events_per_sec",
+    "stream_vs_channel",
     "partitions4_e2e_events_per_sec",
     "hit_ratio_vs_moka",
     "bytes_per_entry",

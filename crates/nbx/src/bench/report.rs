@@ -173,6 +173,8 @@ impl Figures {
             "stream_e2e_events_per_sec": whole(self.stream.one.events_per_sec),
             "stream_e2e_lagged": self.stream.one.lagged,
             "stream_vs_moka": round(self.stream_vs_moka(), 3),
+            "channel_e2e_events_per_sec": whole(self.stream.channel),
+            "stream_vs_channel": round(self.stream.vs_channel, 3),
             "partitions4_e2e_events_per_sec": whole(self.stream.four.events_per_sec),
             "partitions4_e2e_lagged": self.stream.four.lagged,
             "partitions4_vs_1": round(self.partitions4_vs_1(), 3),
@@ -299,6 +301,13 @@ impl Figures {
                 self.stream_vs_moka(),
                 Target::AtLeast(3.0),
             ),
+            Row {
+                figure: "stream e2e events/s vs map + channel".into(),
+                ours: ops(self.stream.one.events_per_sec),
+                peer: ops(self.stream.channel),
+                ratio: Some(self.stream.vs_channel),
+                target: None,
+            },
             vs(
                 "4 partitions e2e vs 1",
                 self.stream.four.events_per_sec,

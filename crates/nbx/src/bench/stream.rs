@@ -47,11 +47,17 @@ pub(crate) struct StreamFigures {
     pub(crate) moka_insert: f64,
     /// `one` over moka's insert rate.
     pub(crate) vs_moka: f64,
+    /// The hardware's reach for the same work, in the same rounds (median):
+    /// see [`channel_e2e_once`].
+    pub(crate) channel: f64,
+    /// `one` over `channel`.
+    pub(crate) vs_channel: f64,
     /// `four` over `one`.
     pub(crate) four_vs_one: f64,
 }
 
-/// Runs `config.e2e_reps` rounds (see [`StreamFigures`]).
+/// Runs `config.e2e_reps` rounds (see [`StreamFigures`]), each also
+/// timing the bare map-and-channel peer.
 ///
 /// In each stream run this thread puts every key while one subscriber
 /// thread per partition receives every event with `recv_blocking`. Fails if
@@ -59,19 +65,22 @@ pub(crate) struct StreamFigures {
 pub(crate) fn measure(config: &Config, keys: &Keys) -> BenchResult<StreamFigures> {
     let (mut one, mut four, mut moka) = (Vec::new(), Vec::new(), Vec::new());
     let (mut vs_moka, mut four_vs_one) = (Vec::new(), Vec::new());
+    let (mut channel, mut vs_channel) = (Vec::new(), Vec::new());
     let (mut lagged_one, mut lagged_four) = (0, 0);
     let rate = |elapsed: Duration| keys.len() as f64 / elapsed.as_secs_f64().max(f64::MIN_POSITIVE);
     for round in 1..=config.e2e_reps {
         let (_, moka_fill) = moka_filled(config, keys, None)?;
         let run_one = e2e_once(config, keys, 1)?;
         let run_four = e2e_once(config, keys, 4)?;
+        let run_channel = channel_e2e_once(config, keys)?;
         note(format!(
             "round {round}: moka inserts {:.0} ms; last event in after {:.0} ms (1 partition, puts done after \
-             {:.0} ms), {:.0} ms (4 partitions); lagged {} / {}",
+             {:.0} ms), {:.0} ms (4 partitions), {:.0} ms (map and channel); lagged {} / {}",
             moka_fill.as_secs_f64() * 1e3,
             run_one.elapsed.as_secs_f64() * 1e3,
             run_one.puts.as_secs_f64() * 1e3,
             run_four.elapsed.as_secs_f64() * 1e3,
+            run_channel.as_secs_f64() * 1e3,
             run_one.lagged,
             run_four.lagged,
         ));
@@ -81,6 +90,9 @@ pub(crate) fn measure(config: &Config, keys: &Keys) -> BenchResult<StreamFigures
         four.push(r_four);
         vs_moka.push(r_one / r_moka);
         four_vs_one.push(r_four / r_one);
+        let r_channel = rate(run_channel);
+        channel.push(r_channel);
+        vs_channel.push(r_one / r_channel);
         lagged_one = lagged_one.max(run_one.lagged);
         lagged_four = lagged_four.max(run_four.lagged);
     }
@@ -90,7 +102,55 @@ pub(crate) fn measure(config: &Config, keys: &Keys) -> BenchResult<StreamFigures
         moka_insert: median(&moka),
         vs_moka: median(&vs_moka),
         four_vs_one: median(&four_vs_one),
+        channel: median(&channel),
+        vs_channel: median(&vs_channel),
     })
+}
+
+/// Shards of the map-and-channel peer.
+const PEER_SHARDS: usize = 64;
+
+/// The peer's map: the standard one (hashbrown) with the hash nebulex uses.
+type PeerMap = std::collections::HashMap<u64, u64, foldhash::fast::FixedState>;
+
+/// The least a cache with a change stream must do, as a peer for the
+/// end-to-end figure: a map sharded behind mutexes, and for every insert a
+/// message (key, value, version, whether it was new) sent under the shard's
+/// lock over a bounded channel (`std::sync::mpsc::sync_channel`, crossbeam's
+/// array queue) to one receiving thread. Returns the time from the first
+/// insert until the receiver has the last message.
+fn channel_e2e_once(config: &Config, keys: &Keys) -> BenchResult<Duration> {
+    let expected = keys.len();
+    let per_shard = config.capacity.div_ceil(PEER_SHARDS);
+    let shards: Vec<std::sync::Mutex<PeerMap>> = (0..PEER_SHARDS)
+        .map(|_| std::sync::Mutex::new(PeerMap::with_capacity_and_hasher(per_shard, Default::default())))
+        .collect();
+    let (tx, rx) = mpsc::sync_channel::<(u64, u64, u64, bool)>(config.stream_buffer);
+    let ready = Arc::new(Barrier::new(2));
+    let receiver = {
+        let ready = Arc::clone(&ready);
+        thread::Builder::new().name("nbx-bench-channel".into()).spawn(move || {
+            ready.wait();
+            let mut got = 0;
+            while got < expected && rx.recv().is_ok() {
+                got += 1;
+            }
+            (got, Instant::now())
+        })?
+    };
+    ready.wait();
+    let start = Instant::now();
+    for (version, &k) in keys.insert.iter().enumerate() {
+        let mut shard = shards[(k >> 58) as usize % PEER_SHARDS].lock().map_err(|_| "a peer shard was poisoned")?;
+        let new = shard.insert(k, k).is_none();
+        tx.send((k, k, version as u64, new)).map_err(|_| "the peer's receiver ended early")?;
+    }
+    drop(tx);
+    let (got, end) = receiver.join().map_err(|_| "the peer's receiver panicked")?;
+    if got != expected {
+        return Err(format!("the peer's receiver got {got} of {expected} messages").into());
+    }
+    Ok(end.duration_since(start))
 }
 
 /// One end-to-end run.
