@@ -291,7 +291,7 @@ where
                 item = sub.recv() => item,
                 _ = sleep_until(flush_at), if flush_at.is_some() => {
                     flush_at = None;
-                    self.resync(partition);
+                    self.guarded(partition, "flushing the partition", || self.resync(partition));
                     continue;
                 }
             };
@@ -301,14 +301,38 @@ where
             match item {
                 // The stream stopped: so did the invalidator.
                 None => return self.inner.finish(),
-                Some(Ok(event)) => self.apply(partition, &event),
+                Some(Ok(event)) => {
+                    // A panic (in the key's `Hash` or `Eq`, say) may have
+                    // left a stale copy: the partition is flushed instead.
+                    if !self.guarded(partition, "removing an event's keys", || self.apply(partition, &event)) {
+                        self.guarded(partition, "flushing the partition", || self.resync(partition));
+                    }
+                }
                 Some(Err(Lagged(0))) => match self.policy {
-                    DisconnectPolicy::Flush => self.resync(partition),
+                    DisconnectPolicy::Flush => {
+                        self.guarded(partition, "flushing the partition", || self.resync(partition));
+                    }
                     DisconnectPolicy::ServeStale { max } => {
                         flush_at.get_or_insert_with(|| later(max));
                     }
                 },
-                Some(Err(Lagged(_))) => self.resync(partition),
+                Some(Err(Lagged(_))) => {
+                    self.guarded(partition, "flushing the partition", || self.resync(partition));
+                }
+            }
+        }
+    }
+
+    /// Runs `f`, catching a panic so that the worker outlives it (a worker
+    /// that died would leave stale copies for good); returns whether `f`
+    /// returned.
+    fn guarded(&self, partition: u32, what: &str, f: impl FnOnce()) -> bool {
+        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
+            Ok(()) => true,
+            Err(panic) => {
+                tracing::error!(target: "nebulex_streams", cache = %self.shared.reporter.cache, partition,
+                    panic = crate::telemetry::panic_message(panic.as_ref()), "the invalidator panicked {what}");
+                false
             }
         }
     }

@@ -148,6 +148,8 @@ where
     }
 
     /// Calls `observer` with every [`Telemetry`] report, inline: keep it fast.
+    /// A panic in it is caught and logged (`tracing`, level error), and the
+    /// stream carries on.
     pub fn observer(mut self, observer: impl Fn(&Telemetry<K>) + Send + Sync + 'static) -> Self {
         self.observer = Some(Box::new(observer));
         self

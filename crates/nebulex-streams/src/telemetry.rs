@@ -346,10 +346,17 @@ impl<K> Reporter<K> {
         }
     }
 
+    /// Calls the observer, if any. A panic in it is caught and logged: it
+    /// runs inside writes, the cluster's tasks and the invalidator, none of
+    /// which may stop half way for it.
     #[inline]
     fn observe(&self, t: impl FnOnce() -> Telemetry<K>) {
         if let Some(observer) = &self.observer {
-            observer(&t());
+            let report = t();
+            if let Err(panic) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| observer(&report))) {
+                tracing::error!(target: "nebulex_streams", cache = %self.cache,
+                    panic = panic_message(panic.as_ref()), "the telemetry observer panicked; carrying on");
+            }
         }
     }
 
@@ -479,4 +486,13 @@ impl<K> fmt::Debug for Reporter<K> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Reporter").field("cache", &self.cache).field("observer", &self.observer.is_some()).finish()
     }
+}
+
+/// What a caught panic said, when it said it with a string.
+pub(crate) fn panic_message(panic: &(dyn std::any::Any + Send)) -> &str {
+    panic
+        .downcast_ref::<&str>()
+        .copied()
+        .or_else(|| panic.downcast_ref::<String>().map(String::as_str))
+        .unwrap_or("(not a string)")
 }

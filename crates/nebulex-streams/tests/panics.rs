@@ -1,0 +1,129 @@
+//! User code that panics inside the stream's machinery — a telemetry
+//! observer, a key's `Eq` — is caught: writes still deliver their events, and
+//! the invalidator outlives it, flushing the copies it could not vouch for.
+
+mod support;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use nebulex::{Cache, NodeId};
+use nebulex_streams::{
+    DisconnectPolicy, EventScope, Invalidator, InvalidatorEvent, PubSub, Streams, StreamsExt, SubscribeOptions,
+};
+use serde::{Deserialize, Serialize};
+use support::PATIENCE;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panicking_observer_does_not_stop_writes_or_their_events() {
+    let cache: Cache<String, u32> = Cache::builder().name("users").build().unwrap();
+    let calls = Arc::new(AtomicBool::new(false));
+    let called = calls.clone();
+    let _streams = Streams::builder(&cache)
+        .observer(move |_| {
+            called.store(true, Ordering::SeqCst);
+            panic!("observer bug");
+        })
+        .start()
+        .unwrap();
+    let mut sub = cache.subscribe(SubscribeOptions::new()).unwrap();
+    for i in 0..3 {
+        cache.put(format!("user:{i}"), i);
+    }
+    for i in 0..3 {
+        let event = tokio::time::timeout(PATIENCE, sub.recv()).await.expect("in time").expect("open").unwrap();
+        assert_eq!(event.target, nebulex::Target::Key(format!("user:{i}")));
+    }
+    assert!(calls.load(Ordering::SeqCst), "the observer was called, and panicked");
+    assert_eq!(cache.len(), 3);
+}
+
+/// While set, comparing the key `"poison"` panics.
+static POISON: AtomicBool = AtomicBool::new(false);
+
+/// A key whose `Eq` panics for `"poison"` while [`POISON`] is set.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(transparent)]
+struct Touchy(String);
+
+impl PartialEq for Touchy {
+    fn eq(&self, other: &Self) -> bool {
+        if POISON.load(Ordering::SeqCst) && self.0 == "poison" {
+            panic!("Eq of a poisoned key");
+        }
+        self.0 == other.0
+    }
+}
+
+impl Eq for Touchy {}
+
+impl std::hash::Hash for Touchy {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.0.hash(state);
+    }
+}
+
+type Reports = Arc<Mutex<Vec<InvalidatorEvent>>>;
+
+async fn node(id: u64, bus: &PubSub) -> (Cache<Touchy, u32>, Streams<Touchy>, Invalidator, Reports) {
+    let cache = Cache::builder().name("users").node_id(NodeId(id)).build().unwrap();
+    let reports: Reports = Arc::default();
+    let seen = reports.clone();
+    let streams = Streams::builder(&cache)
+        .pubsub(bus.clone())
+        .observer(move |t| {
+            if let nebulex_streams::Telemetry::Invalidator { event, .. } = t {
+                seen.lock().unwrap().push(event.clone());
+            }
+        })
+        .start()
+        .unwrap();
+    tokio::time::timeout(PATIENCE, streams.ready()).await.expect("ready in time").unwrap();
+    let invalidator = Invalidator::builder(&streams)
+        .scope(EventScope::Remote)
+        .on_disconnect(DisconnectPolicy::Flush)
+        .start()
+        .unwrap();
+    (cache, streams, invalidator, reports)
+}
+
+async fn eventually(what: &str, cond: impl Fn() -> bool) {
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    while !cond() {
+        assert!(tokio::time::Instant::now() < deadline, "timed out waiting for: {what}");
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+}
+
+fn count(reports: &Reports, pred: impl Fn(&InvalidatorEvent) -> bool) -> usize {
+    reports.lock().unwrap().iter().filter(|e| pred(e)).count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_invalidator_whose_removal_panics_flushes_the_partition_and_keeps_working() {
+    let bus = PubSub::memory();
+    let (a, _sa, _ia, _ra) = node(1, &bus).await;
+    let (b, _sb, _ib, rb) = node(2, &bus).await;
+    let key = |k: &str| Touchy(k.to_owned());
+
+    // B holds two copies; A has none, so A's own writes compare no keys.
+    b.put(key("poison"), 1);
+    b.put(key("other"), 1);
+    POISON.store(true, Ordering::SeqCst);
+    a.put(key("poison"), 2);
+    // B's removal of "poison" panics in `Eq`: B flushes instead.
+    eventually("B flushed after the panic", || count(&rb, |e| matches!(e, InvalidatorEvent::Resync { .. })) == 1).await;
+    POISON.store(false, Ordering::SeqCst);
+    assert_eq!(b.len(), 0, "no copy B could not vouch for is left");
+
+    // The worker is still there: A's next write removes B's copy.
+    b.put(key("after"), 1);
+    let before = count(&rb, |e| matches!(e, InvalidatorEvent::Invalidate { count: 1, .. }));
+    a.put(key("after"), 2);
+    eventually("B removed its copy", || {
+        count(&rb, |e| matches!(e, InvalidatorEvent::Invalidate { count: 1, .. })) == before + 1
+    })
+    .await;
+    assert!(!b.contains_key(&key("after")));
+}
