@@ -41,15 +41,6 @@ async fn node_with_invalidator(
     (cache, streams, invalidator, reports)
 }
 
-/// Waits until `cond` holds, failing the test after [`PATIENCE`].
-async fn eventually(what: &str, cond: impl Fn() -> bool) {
-    let deadline = tokio::time::Instant::now() + PATIENCE;
-    while !cond() {
-        assert!(tokio::time::Instant::now() < deadline, "timed out waiting for: {what}");
-        tokio::time::sleep(Duration::from_millis(2)).await;
-    }
-}
-
 /// Selects frames of `origin` that carry events (not its heartbeats).
 fn from_with_events(origin: NodeId) -> impl Fn(&str, &[u8]) -> bool + Send + Sync + 'static {
     move |_, bytes| {

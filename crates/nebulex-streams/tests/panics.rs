@@ -6,14 +6,13 @@ mod support;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use nebulex::{Cache, NodeId};
 use nebulex_streams::{
     DisconnectPolicy, EventScope, Invalidator, InvalidatorEvent, PubSub, Streams, StreamsExt, SubscribeOptions,
 };
 use serde::{Deserialize, Serialize};
-use support::PATIENCE;
+use support::{eventually, PATIENCE};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_panicking_observer_does_not_stop_writes_or_their_events() {
@@ -86,14 +85,6 @@ async fn node(id: u64, bus: &PubSub) -> (Cache<Touchy, u32>, Streams<Touchy>, In
         .start()
         .unwrap();
     (cache, streams, invalidator, reports)
-}
-
-async fn eventually(what: &str, cond: impl Fn() -> bool) {
-    let deadline = tokio::time::Instant::now() + PATIENCE;
-    while !cond() {
-        assert!(tokio::time::Instant::now() < deadline, "timed out waiting for: {what}");
-        tokio::time::sleep(Duration::from_millis(2)).await;
-    }
 }
 
 fn count(reports: &Reports, pred: impl Fn(&InvalidatorEvent) -> bool) -> usize {

@@ -80,3 +80,12 @@ pub(crate) async fn receive_all(subs: Vec<Subscription<String>>, n: usize) {
         }
     }
 }
+
+/// Waits until `cond` holds, failing the test after [`PATIENCE`].
+pub(crate) async fn eventually(what: &str, cond: impl Fn() -> bool) {
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    while !cond() {
+        assert!(tokio::time::Instant::now() < deadline, "timed out waiting for: {what}");
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+}
