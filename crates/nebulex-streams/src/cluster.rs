@@ -243,10 +243,17 @@ fn new_epoch() -> u64 {
     (millis << 16) | (NodeId::random().0 & 0xffff)
 }
 
+/// Earlier epochs of an origin that a receiver remembers besides its
+/// current one: frames of those stay refused as replays, even after the
+/// origin came back with a lower epoch (its clock was set back).
+const EARLIER_EPOCHS: usize = 4;
+
 /// Where an origin's numbering on a partition stands, for a receiver.
 #[derive(Clone, Copy)]
 struct Seen {
     epoch: u64,
+    /// The epochs it left, latest first (the current one, until it restarts).
+    earlier: [u64; EARLIER_EPOCHS],
     /// The next sequence number expected.
     next: u64,
     /// After a lost connection, the next frame may jump (what was missed is
@@ -262,7 +269,20 @@ struct Seen {
 
 impl Seen {
     fn new(epoch: u64, next: u64, now: Instant) -> Self {
-        Seen { epoch, next, rebase: false, ended: false, heard: now, silent: false }
+        Seen { epoch, earlier: [epoch; EARLIER_EPOCHS], next, rebase: false, ended: false, heard: now, silent: false }
+    }
+
+    /// Whether the origin's stream is gone: it stopped cleanly, or fell silent.
+    fn gone(&self) -> bool {
+        self.ended || self.silent
+    }
+
+    /// The origin's stream started again in `epoch`, numbered from 1.
+    fn restart(&mut self, epoch: u64, now: Instant) {
+        let mut earlier = self.earlier;
+        earlier.rotate_right(1);
+        earlier[0] = self.epoch;
+        *self = Seen { earlier, ..Seen::new(epoch, 1, now) };
     }
 }
 
@@ -649,21 +669,27 @@ impl<K> StreamShared<K> {
                 let first = if started_ms(h.epoch) > started_ms(cluster.epoch) { 1 } else { h.first_seq };
                 Seen::new(h.epoch, first, now)
             });
-            if h.epoch < entry.epoch {
-                // Epochs grow with each start of a node's stream: this frame
-                // is from before its restart (a replay).
-                let current = entry.epoch;
-                drop(seen);
-                return self.reporter.frame_rejected(&RejectReason::OldEpoch { epoch: h.epoch, current });
-            }
-            if h.epoch > entry.epoch {
+            if h.epoch != entry.epoch {
+                // Epochs grow with each start of a node's stream (its start
+                // time is in them): a lower one is from before its restart,
+                // a replay. Unless the stream it would replace is gone and
+                // the epoch was never seen: a node whose clock was set back
+                // restarted, and refusing it would leave its writes unheard.
+                // An epoch it already left stays a replay either way.
+                let left = entry.earlier.contains(&h.epoch);
+                if left || (h.epoch < entry.epoch && !entry.gone()) {
+                    let current = entry.epoch;
+                    drop(seen);
+                    return self.reporter.frame_rejected(&RejectReason::OldEpoch { epoch: h.epoch, current });
+                }
                 // The origin restarted its stream: a new numbering. Unless
-                // the old one ended cleanly, its last events may be lost.
+                // the old one ended cleanly (or its loss was reported when
+                // it fell silent), its last events may be lost.
                 cluster.hello.notify_one();
-                if !entry.ended && !entry.silent {
+                if !entry.gone() {
                     self.lose(partition, Some(h.origin), 0);
                 }
-                *entry = Seen::new(h.epoch, 1, now);
+                entry.restart(h.epoch, now);
             }
             let next = entry.next;
             if h.first_seq < next {
@@ -706,14 +732,14 @@ impl<K> StreamShared<K> {
         let mut silent = Vec::new();
         let mut seen = cluster.seen.lock();
         for (&(origin, partition), e) in seen.iter_mut() {
-            if !e.ended && !e.silent && now.saturating_duration_since(e.heard) >= limit {
+            if !e.gone() && now.saturating_duration_since(e.heard) >= limit {
                 e.silent = true;
                 silent.push((origin, partition));
             }
         }
         // Origins long gone (stopped, or reported silent) are forgotten, so
         // that nodes coming and going with new ids do not grow the map.
-        seen.retain(|_, e| !(e.ended || e.silent) || now.saturating_duration_since(e.heard) < forget);
+        seen.retain(|_, e| !e.gone() || now.saturating_duration_since(e.heard) < forget);
         drop(seen);
         for (origin, partition) in silent {
             tracing::warn!(target: "nebulex_streams", cache = %self.reporter.cache, node = %origin, partition,

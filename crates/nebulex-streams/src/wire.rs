@@ -118,7 +118,11 @@ pub enum RejectReason {
         expected: u64,
     },
     /// A frame of an origin's earlier epoch (before it restarted): a replay.
-    #[error("frame of epoch {epoch:#x}, older than the origin's current epoch {current:#x}")]
+    /// Refused while the origin's current stream runs, and always for an
+    /// epoch the origin already left. A lower epoch never seen, once the
+    /// current stream stopped or fell silent, is the origin restarted with
+    /// its clock set back, and is followed.
+    #[error("frame of epoch {epoch:#x}, which its origin left for its current epoch {current:#x}")]
     OldEpoch {
         /// The frame's epoch.
         epoch: u64,

@@ -645,6 +645,56 @@ async fn a_frame_of_an_earlier_epoch_is_refused() {
     assert!(reports.rejected.lock().unwrap().contains(&"old_epoch"), "{:?}", reports.rejected.lock().unwrap());
 }
 
+/// A node restarted with its clock set back starts a lower epoch. While its
+/// earlier stream runs, such a frame is a replay; once that stream stopped
+/// cleanly or fell silent, a lower epoch never seen is the node again, and
+/// is followed (refusing it would leave its writes unheard: an invalidator
+/// would keep the copies they made stale). The epoch it left stays refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_restarted_with_its_clock_set_back_is_followed_once_its_stream_is_gone() {
+    let bus = PubSub::memory();
+    let memory: MemoryBus = bus.as_memory().expect("memory bus").clone();
+    let b = node("users", 2);
+    let reports = Reports::default();
+    let _sb = ready(builder(&b, &bus).observer(reports.observer()).start().expect("start b")).await;
+    let mut on_b = b.subscribe(SubscribeOptions::new()).expect("subscribe");
+    let (later, set_back, further_back) = (epoch_from_now(-1_000), epoch_from_now(-60_000), epoch_from_now(-120_000));
+
+    // Node 9 stops cleanly, then restarts with its clock a minute back.
+    let before = craft(9, later, "users", 0, 0, 1, &["before"]);
+    memory.publish_raw("nbx:users", &before);
+    memory.publish_raw("nbx:users", &last_heartbeat(9, later, 0, 0, 2));
+    memory.publish_raw("nbx:users", &craft(9, set_back, "users", 0, 0, 1, &["after a clean stop"]));
+    // Its frames of the epoch it left are replays, although that epoch is
+    // the greater one now.
+    memory.publish_raw("nbx:users", &before);
+    memory.publish_raw("nbx:users", &craft(9, later, "users", 0, 0, 2, &["replayed"]));
+    memory.publish_raw("nbx:users", &craft(9, set_back, "users", 0, 0, 2, &["marker"]));
+    memory.publish_raw("nbx:users", &last_heartbeat(9, set_back, 0, 0, 3));
+    let mut tally = Tally::default();
+    read_until(&mut on_b, &mut tally, |t| t.keys().contains(&"marker".to_string())).await;
+    assert_eq!(tally.keys(), ["before", "after a clean stop", "marker"]);
+    assert!(tally.lagged.is_empty(), "a clean stop and restart lose nothing: {:?}", tally.lagged);
+    assert_eq!(reports.rejected(), ["old_epoch", "old_epoch"]);
+
+    // Node 10 crashes (no LAST), then restarts with its clock set back: its
+    // frames are replays while its earlier stream may still run, and are
+    // followed once that fell silent (the loss of what it had not sent is
+    // reported then, once).
+    memory.publish_raw("nbx:users", &craft(10, later, "users", 0, 0, 1, &["from 10"]));
+    read_until(&mut on_b, &mut tally, |t| t.events.len() == 4).await;
+    memory.publish_raw("nbx:users", &craft(10, further_back, "users", 0, 0, 1, &["too early"]));
+    assert_eq!(reports.rejected().len(), 3, "{:?}", reports.rejected());
+    read_until(&mut on_b, &mut tally, |t| !t.lagged.is_empty()).await;
+    assert_eq!(tally.lagged, [0], "10's silence is a possible loss");
+    memory.publish_raw("nbx:users", &craft(10, further_back, "users", 0, 0, 2, &["after a crash"]));
+    read_until(&mut on_b, &mut tally, |t| t.keys().contains(&"after a crash".to_string())).await;
+    assert_eq!(tally.keys(), ["before", "after a clean stop", "marker", "from 10", "after a crash"]);
+    assert_eq!(tally.lagged, [0, 1], "number 1 of the new stream was refused, and is a gap");
+    assert_eq!(reports.rejected(), ["old_epoch"; 3]);
+    assert_eq!(*reports.gaps.lock().unwrap(), [(Some(NodeId(10)), 0), (Some(NodeId(10)), 1)]);
+}
+
 /// A lost connection forgets nothing that guards against replays: after it,
 /// an origin's next frame may jump (the loss was reported as unknown), but
 /// frames it already sent, or frames of its older epochs, stay refused.
