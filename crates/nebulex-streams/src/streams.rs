@@ -665,10 +665,18 @@ where
             return;
         }
         if let Some(router) = &self.router {
-            match router(event) {
-                Route::Discard => {}
-                Route::Partition(p) if p < self.count => self.deliver(p, event, || event.target.clone()),
-                Route::Partition(p) => self.misrouted(p, event),
+            match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| router(event))) {
+                Ok(Route::Discard) => {}
+                Ok(Route::Partition(p)) if p < self.count => self.deliver(p, event, || event.target.clone()),
+                Ok(Route::Partition(p)) => {
+                    self.misrouted(BroadcastError::PartitionOutOfRange { partition: p, partitions: self.count }, event)
+                }
+                Err(panic) => {
+                    let message = crate::telemetry::panic_message(panic.as_ref()).to_owned();
+                    tracing::error!(target: "nebulex_streams", cache = %self.reporter.cache,
+                        panic = %message, "the router panicked; the event goes to no partition");
+                    self.misrouted(BroadcastError::RouterPanicked(message), event)
+                }
             }
             return;
         }
@@ -764,13 +772,12 @@ where
         }
     }
 
-    /// A custom router answered a partition that does not exist.
+    /// A custom router answered a partition that does not exist, or panicked.
     #[cold]
     /// The report's topic is the stream's own (`{prefix}:{cache}`): names
     /// are interned for good, and a router's bad answers are unbounded.
-    fn misrouted(&self, partition: u32, event: &CacheEntryEvent<K>) {
+    fn misrouted(&self, reason: BroadcastError, event: &CacheEntryEvent<K>) {
         let topic = Name::new(&format!("{}:{}", self.prefix, self.reporter.cache));
-        let reason = BroadcastError::PartitionOutOfRange { partition, partitions: self.count };
         let event = self.reporter.wants_events().then(|| Arc::new(event.clone()));
         self.reporter.broadcast_error(topic, event.as_ref(), reason);
     }

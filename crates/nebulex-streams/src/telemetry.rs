@@ -209,6 +209,10 @@ pub enum BroadcastError {
     /// The cluster transport could not take the event.
     #[error("transport: {0}")]
     Transport(String),
+    /// A custom router panicked on the event (with this message): the event
+    /// went to no partition, as with `Route::Discard`.
+    #[error("the router panicked: {0}")]
+    RouterPanicked(String),
 }
 
 /// What an invalidator reports.
@@ -409,7 +413,9 @@ impl<K> Reporter<K> {
     pub(crate) fn broadcast_error(&self, topic: Name, event: Option<&Arc<CacheEntryEvent<K>>>, reason: BroadcastError) {
         #[cfg(feature = "metrics")]
         match reason {
-            BroadcastError::PartitionOutOfRange { .. } => self.metrics.bad_route.increment(1),
+            BroadcastError::PartitionOutOfRange { .. } | BroadcastError::RouterPanicked(_) => {
+                self.metrics.bad_route.increment(1)
+            }
             BroadcastError::Transport(_) => self.metrics.transport.increment(1),
             _ => self.metrics.subscriber_full.increment(1),
         }

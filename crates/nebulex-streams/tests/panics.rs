@@ -1,6 +1,7 @@
 //! User code that panics inside the stream's machinery — a telemetry
-//! observer, a key's `Eq` — is caught: writes still deliver their events, and
-//! the invalidator outlives it, flushing the copies it could not vouch for.
+//! observer, a router, a key's `Eq` — is caught: writes still deliver their
+//! events, a router's failure is reported, and the invalidator outlives it,
+//! flushing the copies it could not vouch for.
 
 mod support;
 
@@ -9,7 +10,8 @@ use std::sync::{Arc, Mutex};
 
 use nebulex::{Cache, NodeId};
 use nebulex_streams::{
-    DisconnectPolicy, EventScope, Invalidator, InvalidatorEvent, PubSub, Streams, StreamsExt, SubscribeOptions,
+    BroadcastError, BroadcastStatus, DisconnectPolicy, EventScope, Invalidator, InvalidatorEvent, PubSub, Route,
+    Streams, StreamsExt, SubscribeOptions, Telemetry,
 };
 use serde::{Deserialize, Serialize};
 use support::{eventually, PATIENCE};
@@ -36,6 +38,37 @@ async fn a_panicking_observer_does_not_stop_writes_or_their_events() {
     }
     assert!(calls.load(Ordering::SeqCst), "the observer was called, and panicked");
     assert_eq!(cache.len(), 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panicking_router_is_reported_and_the_stream_routes_the_next_events() {
+    let cache: Cache<String, u32> = Cache::builder().name("users").build().unwrap();
+    let errors = Arc::new(Mutex::new(Vec::new()));
+    let log = errors.clone();
+    let _streams = Streams::builder(&cache)
+        .partitions(2)
+        .hash(|e| match &e.target {
+            nebulex::Target::Key(k) if k.starts_with("bad") => panic!("router bug on {k}"),
+            _ => Route::Partition(1),
+        })
+        .observer(move |t| {
+            if let Telemetry::Broadcast { status: BroadcastStatus::Error, reason: Some(reason), event, .. } = t {
+                log.lock().unwrap().push((reason.clone(), event.target.clone()));
+            }
+        })
+        .start()
+        .unwrap();
+    let mut sub = cache.subscribe(SubscribeOptions::new().partition(1)).unwrap();
+    cache.put("bad:1".to_string(), 1);
+    cache.put("user:1".to_string(), 2);
+    let event = tokio::time::timeout(PATIENCE, sub.recv()).await.expect("in time").expect("open").unwrap();
+    assert_eq!(event.target, nebulex::Target::Key("user:1".to_string()), "the next event is routed");
+    assert_eq!(cache.len(), 2, "the write whose event the router failed on stands");
+    let errors = errors.lock().unwrap();
+    let [(BroadcastError::RouterPanicked(message), nebulex::Target::Key(key))] = &errors[..] else {
+        panic!("{errors:?}")
+    };
+    assert_eq!((message.as_str(), key.as_str()), ("router bug on bad:1", "bad:1"));
 }
 
 /// While set, comparing the key `"poison"` panics.

@@ -14,8 +14,10 @@ use crate::event::NodeId;
 pub const DEFAULT_NAME: &str = "nebulex";
 /// The default period of the expiry sweep.
 pub const DEFAULT_SWEEP_INTERVAL: Duration = Duration::from_secs(1);
-/// The most shards a cache uses.
+/// The most shards a cache uses by default.
 const MAX_SHARDS: usize = 64;
+/// The most shards a cache can be asked for: each is a lock and a table.
+pub const MAX_SHARDS_OPTION: usize = 4096;
 /// A bounded shard keeps at least this many entries, so that small caches use
 /// fewer shards and eviction still has entries to choose from.
 const MIN_SHARD_CAPACITY: usize = 64;
@@ -29,7 +31,7 @@ const MIN_SHARD_CAPACITY: usize = 64;
 /// | [`default_ttl`](Self::default_ttl) | none (entries never expire) | zero |
 /// | [`sweep_interval`](Self::sweep_interval) | 1 s | zero |
 /// | [`node_id`](Self::node_id) | random | — |
-/// | [`shards`](Self::shards) | up to 64, by core count and `max_entries` | `0`, not a power of two |
+/// | [`shards`](Self::shards) | up to 64, by core count and `max_entries` | `0`, not a power of two, above [`MAX_SHARDS_OPTION`], above `max_entries` |
 /// | [`clock`](Self::clock) | the system's monotonic clock | — |
 ///
 /// ```
@@ -133,8 +135,9 @@ where
         self
     }
 
-    /// How many shards (independent locks) the store uses; a power of two.
-    /// The default suits most uses.
+    /// How many shards (independent locks) the store uses: a power of two,
+    /// at most [`MAX_SHARDS_OPTION`] and, in a bounded cache, at most
+    /// `max_entries`. The default suits most uses.
     pub fn shards(mut self, shards: usize) -> Self {
         self.shards = Some(shards);
         self
@@ -166,6 +169,12 @@ where
                 return Err(Error::InvalidOption {
                     option: "shards",
                     reason: format!("must be a power of two, got {n}"),
+                })
+            }
+            Some(n) if n > MAX_SHARDS_OPTION => {
+                return Err(Error::InvalidOption {
+                    option: "shards",
+                    reason: format!("must be at most {MAX_SHARDS_OPTION}, got {n}"),
                 })
             }
             Some(n) => n,

@@ -6,6 +6,7 @@ use std::collections::HashMap;
 use std::fmt;
 use std::future::Future;
 use std::hash::{BuildHasher, Hash};
+use std::panic::AssertUnwindSafe;
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
@@ -474,7 +475,11 @@ where
     /// Concurrent callers for one key run `load` once: the others wait for its
     /// value. `load` runs without any lock held. If a write or delete of the
     /// key happens while `load` runs, the loaded value is returned but not
-    /// stored, since it may be older than what that write said.
+    /// stored, since it may be older than what that write said; a caller
+    /// arriving after that write or delete does not wait for that load.
+    ///
+    /// `load` must not load `key` itself from this cache: it would wait for
+    /// its own load.
     pub fn get_or_insert_with(&self, key: K, load: impl FnOnce() -> V) -> V {
         match self.inner.load::<std::convert::Infallible>(key, || Ok(load())) {
             Ok(v) => v,
@@ -557,10 +562,10 @@ where
         let mut removed = 0;
         for shard in self.inner.shards.iter() {
             let mut s = shard.0.lock();
+            s.mark_loads_stale();
             let before = s.map.len();
             s.map.retain(|k, _| !pred(k));
             removed += before - s.map.len();
-            s.loads.values().for_each(|l| l.mark_stale());
         }
         removed
     }
@@ -570,10 +575,15 @@ where
     /// Calls `f` with every event whose type `filter` wants, until
     /// [`unregister_event_listener`](Self::unregister_event_listener).
     ///
-    /// `f` runs **inline on the writing thread, while the key's shard is
-    /// locked**: that is what gives per-key order. So it must be fast, must not
-    /// block, and must not call back into this cache (it would deadlock).
+    /// `f` runs **inline on the thread whose call made the change (a write, a
+    /// read that found its entry expired, the sweeper), while the key's shard
+    /// is locked**: that is what gives per-key order. So it must be fast, must
+    /// not block, and must not call back into this cache (it would deadlock).
     /// Hand events to another thread (as streams do) for anything more.
+    ///
+    /// If `f` panics, the panic is caught once the panic hook has printed it:
+    /// the call that emitted the event completes, and the other listeners
+    /// still get the event.
     ///
     /// When no listener wants an event type, writes do not even build those
     /// events; a filter can be changed at any time with [`EventFilter::set`].
@@ -718,7 +728,10 @@ where
             },
         };
         for l in listeners.iter().filter(|l| l.filter.contains(kind)) {
-            (l.f)(&event);
+            // A listener that panics loses nothing of the write, whose lock
+            // this is held under, nor of the other listeners: its panic is
+            // printed by the panic hook, as usual, and the write carries on.
+            let _ = std::panic::catch_unwind(AssertUnwindSafe(|| (l.f)(&event)));
         }
     }
 
@@ -986,7 +999,7 @@ where
                     self.remove_all_expired(s, Command::DeleteAll);
                     removed += s.map.len();
                     s.clear();
-                    s.loads.values().for_each(|l| l.mark_stale());
+                    s.mark_loads_stale();
                 }
                 let version = Self::shared_version(&mut guards);
                 self.emit(&guards[0].listeners, EventType::Deleted, Command::DeleteAll, version, || Target::All);
@@ -1020,16 +1033,32 @@ where
             Query::Filter(f) => {
                 let (mut guards, _) = self.lock_shards(0..self.shards.len());
                 let mut removed = Vec::new();
+                // A predicate that panics stops the call where it stands: what
+                // it removed so far still has its event, then the panic goes on.
+                let mut panicked = None;
                 for s in guards.iter_mut() {
                     self.remove_all_expired(s, Command::DeleteAll);
                     s.map.retain(|k, slot| {
-                        let hit = f(k, &slot.value);
-                        if hit {
-                            removed.push(k.clone());
+                        if panicked.is_some() {
+                            return true;
                         }
-                        !hit
+                        match std::panic::catch_unwind(AssertUnwindSafe(|| f(k, &slot.value))) {
+                            Ok(hit) => {
+                                if hit {
+                                    removed.push(k.clone());
+                                }
+                                !hit
+                            }
+                            Err(panic) => {
+                                panicked = Some(panic);
+                                true
+                            }
+                        }
                     });
-                    s.loads.values().for_each(|l| l.mark_stale());
+                    s.mark_loads_stale();
+                    if panicked.is_some() {
+                        break;
+                    }
                 }
                 let count = removed.len();
                 if count > 0 {
@@ -1037,6 +1066,10 @@ where
                     self.emit(&guards[0].listeners, EventType::Deleted, Command::DeleteAll, version, || {
                         Target::Keys(removed)
                     });
+                }
+                if let Some(panic) = panicked {
+                    drop(guards);
+                    std::panic::resume_unwind(panic);
                 }
                 count
             }

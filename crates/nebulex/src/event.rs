@@ -272,7 +272,8 @@ pub enum Command {
     Sweep,
     /// The size bound removed the entry.
     Evict,
-    /// `get_or_insert_with` / `try_get_or_insert_with` stored a loaded value.
+    /// `get_or_insert_with` and its kin stored a loaded value, or found the
+    /// key's entry expired (the `Expired` event before the load).
     Load,
 }
 

@@ -701,6 +701,9 @@ fn builder_rejects_invalid_options_naming_the_option() {
     rejects(Cache::builder().shards(3), "shards");
     rejects(Cache::builder().shards(12), "shards");
     rejects(Cache::builder().max_entries(2).shards(4), "shards");
+    rejects(Cache::builder().shards(nebulex::MAX_SHARDS_OPTION * 2), "shards");
+    rejects(Cache::builder().shards(1 << (usize::BITS - 1)), "shards");
+    assert!(Cache::<u32, u32>::builder().shards(nebulex::MAX_SHARDS_OPTION).build().is_ok());
     assert!(Cache::<u32, u32>::builder().shards(1).build().is_ok());
     assert!(Cache::<u32, u32>::builder().shards(64).max_entries(64).build().is_ok());
     // Durations no clock can add mean "never", not a panic.
@@ -827,4 +830,56 @@ fn put_with_zero_ttl_expires_as_soon_as_the_clock_moves() {
     clock.advance(Duration::from_nanos(1));
     assert_eq!(c.get(&1), None);
     assert_eq!(r.take_brief(), [(Inserted, Key(1), C::Put), (Expired, Key(1), C::Get)]);
+}
+
+// ----- panics ------------------------------------------------------------------------
+
+#[test]
+fn a_panicking_listener_loses_the_write_nothing_and_the_other_listeners_no_event() {
+    let clock = ManualClock::new();
+    let c: Cache<u32, i32> =
+        Cache::builder().max_entries(4).shards(1).sweep_interval(NO_SWEEP).clock(clock.clone()).build().unwrap();
+    c.register_event_listener("panics", EventFilter::all(), |e| panic!("listener fails on {:?}", e.kind)).unwrap();
+    let r = Recorder::attach(&c);
+    for k in 0..8 {
+        c.put(k, 0);
+    }
+    assert_eq!(c.len(), 4, "each write kept the bound: its trim ran after the failing listener");
+    let events = r.take_brief();
+    assert_eq!(events.iter().filter(|(k, _, _)| *k == Inserted).count(), 8, "{events:?}");
+    assert_eq!(events.iter().filter(|(k, _, _)| *k == Evicted).count(), 4, "{events:?}");
+    let present: Vec<u32> = (0..8).filter(|k| c.contains_key(k)).collect();
+    c.put_all(present.iter().map(|&k| (k, 1)).chain([(100, 1)]));
+    let events = r.take_brief();
+    assert!(events.contains(&(Inserted, Keys(vec![100]), C::PutAll)), "{events:?}");
+    assert!(events.contains(&(Updated, Keys(present), C::PutAll)), "{events:?}");
+    c.delete_all(Query::All);
+    for k in 200..204 {
+        c.put_with_ttl(k, 0, ms(10));
+    }
+    r.take();
+    clock.advance(ms(10));
+    assert_eq!(c.sweep_expired(), 4);
+    assert_eq!(r.take_brief().iter().filter(|(k, _, _)| *k == Expired).count(), 4, "every expired entry's event");
+    assert_eq!(c.len(), 0);
+}
+
+#[test]
+fn a_panicking_delete_all_predicate_reaches_its_caller_after_the_event_of_what_it_removed() {
+    let c: Cache<u32, i32> = Cache::builder().shards(1).sweep_interval(NO_SWEEP).build().unwrap();
+    c.put_all((0..10).map(|k| (k, k as i32)));
+    let r = Recorder::attach(&c);
+    let seen = Arc::new(AtomicUsize::new(0));
+    let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        c.delete_all(Query::filter(move |_, _| {
+            assert!(seen.fetch_add(1, Ordering::Relaxed) < 5, "the predicate fails on its sixth entry");
+            true
+        }))
+    }));
+    assert!(outcome.is_err(), "the predicate's panic reaches the caller");
+    let events = r.take_brief();
+    let [(Deleted, Keys(removed), C::DeleteAll)] = &events[..] else { panic!("{events:?}") };
+    assert_eq!(removed.len(), 5, "{events:?}");
+    assert_eq!(c.len(), 5, "what the predicate did not judge stays");
+    assert!(removed.iter().all(|k| !c.contains_key(k)), "the event names exactly what was removed");
 }

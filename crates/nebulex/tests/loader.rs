@@ -249,3 +249,43 @@ fn delete_all_and_invalidate_during_a_load_keep_it_from_storing() {
         assert_eq!(cache.get(&1), None, "{how}: the overtaken load stored its value");
     }
 }
+
+#[test]
+fn a_caller_after_a_delete_or_invalidation_loads_afresh_instead_of_waiting_for_the_overtaken_load() {
+    for how in ["delete", "delete_all All", "delete_all Keys", "delete_all filter", "invalidate", "invalidate_where"] {
+        let cache = cache();
+        let (load, release) = blocked_load(&cache);
+        match how {
+            "delete" => {
+                cache.delete(&1);
+            }
+            "delete_all All" => {
+                cache.delete_all(Query::All);
+            }
+            "delete_all Keys" => {
+                cache.delete_all(Query::Keys(vec![1]));
+            }
+            "delete_all filter" => {
+                cache.delete_all(Query::filter(|_, _| true));
+            }
+            "invalidate" => {
+                cache.invalidate(&1);
+            }
+            _ => {
+                cache.invalidate_where(|k| *k == 1);
+            }
+        }
+        // The overtaken load is still blocked: a caller that joined it would
+        // wait for it, and get its stale value once it is released.
+        let (late_tx, late_rx) = mpsc::channel();
+        let late_cache = cache.clone();
+        let late = thread::spawn(move || late_tx.send(late_cache.get_or_insert_with(1, || 30)).unwrap());
+        let fresh = late_rx.recv_timeout(Duration::from_secs(10));
+        release.send(()).unwrap();
+        let fresh = fresh.or_else(|_| late_rx.recv());
+        late.join().unwrap();
+        assert_eq!(fresh, Ok(30), "{how}: a caller after the change got the overtaken load's value");
+        assert_eq!(load.join().unwrap(), 10, "{how}");
+        assert_eq!(cache.get(&1), Some(30), "{how}: the fresh load's value is the one stored");
+    }
+}

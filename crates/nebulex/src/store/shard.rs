@@ -4,8 +4,9 @@
 //!
 //! When a bounded shard grows past its share of `max_entries`, it samples
 //! [`SAMPLES`] entries at random (random buckets of its table) and evicts the one used least often (each
-//! entry keeps a small saturating use counter, incremented on every hit and
-//! every overwrite). All counters are halved every `AGING_FACTOR × capacity`
+//! entry keeps a small saturating use counter, incremented by every `get` of
+//! it, overwrite of it by `put` or `update`, and load that finds it; the bulk
+//! calls `get_all` and `put_all` do not count). All counters are halved every `AGING_FACTOR × capacity`
 //! uses, so entries that were popular long ago make room for what is popular
 //! now. This approximates LFU with aging, like Redis's `allkeys-lfu`, in O(1)
 //! per write, with no per-entry links or global lists.
@@ -218,18 +219,25 @@ impl<K: Hash + Eq, V: Clone> Shard<K, V> {
         }
     }
 
-    /// Tells a load in flight for `key` that a write or delete overtook it.
+    /// Tells a load in flight for `key` that a write or delete overtook it,
+    /// and forgets it: a caller from now on does not wait for a value that
+    /// the change made stale, but loads afresh.
     #[inline]
-    pub(crate) fn mark_load_stale<Q>(&self, key: &Q)
+    pub(crate) fn mark_load_stale<Q>(&mut self, key: &Q)
     where
         K: Borrow<Q>,
         Q: Hash + Eq + ?Sized,
     {
         if !self.loads.is_empty() {
-            if let Some(load) = self.loads.get(key) {
+            if let Some(load) = self.loads.remove(key) {
                 load.mark_stale();
             }
         }
+    }
+
+    /// [`mark_load_stale`](Self::mark_load_stale) for every load in flight.
+    pub(crate) fn mark_loads_stale(&mut self) {
+        self.loads.drain().for_each(|(_, load)| load.mark_stale());
     }
 
     /// Forgets the load in flight for `key` if it is `load`.
