@@ -32,7 +32,7 @@
 //! and dropped. Own frames are ignored. A jump in an origin's sequence
 //! numbers is a gap: the partition's subscribers get `Lagged(n)` and `Gap`
 //! telemetry fires. A lost connection is a gap of unknown size on every
-//! partition (`Lagged(0)`).
+//! partition (`Lagged(0)`), and each origin's next jump is still counted.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -256,9 +256,6 @@ struct Seen {
     earlier: [u64; EARLIER_EPOCHS],
     /// The next sequence number expected.
     next: u64,
-    /// After a lost connection, the next frame may jump (what was missed is
-    /// already reported); older numbers are still replays.
-    rebase: bool,
     /// Its last frame said the origin's stream stopped cleanly (`last`).
     ended: bool,
     /// When a frame of it last arrived.
@@ -269,7 +266,7 @@ struct Seen {
 
 impl Seen {
     fn new(epoch: u64, next: u64, now: Instant) -> Self {
-        Seen { epoch, earlier: [epoch; EARLIER_EPOCHS], next, rebase: false, ended: false, heard: now, silent: false }
+        Seen { epoch, earlier: [epoch; EARLIER_EPOCHS], next, ended: false, heard: now, silent: false }
     }
 
     /// Whether the origin's stream is gone: it stopped cleanly, or fell silent.
@@ -291,9 +288,15 @@ impl Seen {
 /// and reports a possible loss on the partition.
 pub const SILENT_HEARTBEATS: u32 = 5;
 
-/// Heartbeats after which a stopped or silent origin is forgotten: if it is
-/// heard again, it is a node heard for the first time.
+/// Heartbeats after which an origin that stopped cleanly is forgotten: if it
+/// is heard again, it is a node heard for the first time.
 const FORGET_HEARTBEATS: u32 = 100;
+
+/// How long an origin that fell silent without stopping is remembered (at
+/// least [`FORGET_HEARTBEATS`] heartbeats): if it is heard again meanwhile,
+/// with the same epoch, what it sent while unheard is a gap of known size.
+/// (Forgetting it sooner would take its next frame for a first one.)
+const FORGET_SILENT: Duration = Duration::from_secs(24 * 3600);
 
 /// The milliseconds since the Unix epoch when the stream of `epoch` started.
 fn started_ms(epoch: u64) -> u64 {
@@ -696,12 +699,14 @@ impl<K> StreamShared<K> {
                 drop(seen);
                 return self.reporter.frame_rejected(&RejectReason::Replayed { seq: h.first_seq, expected: next });
             }
-            if h.first_seq > next && !entry.rebase {
+            if h.first_seq > next {
+                // Also after this node's connection was lost: what the origin
+                // published meanwhile was told as `Lagged(0)`, but the jump
+                // may include more, lost since, so its count is told too.
                 let missed = h.first_seq - next;
                 self.lose(partition, Some(h.origin), missed);
             }
             entry.next = h.first_seq.wrapping_add(frame_len);
-            entry.rebase = false;
             entry.heard = now;
             entry.silent = false;
             entry.ended = h.last;
@@ -728,6 +733,7 @@ impl<K> StreamShared<K> {
         }
         let limit = cluster.heartbeat.saturating_mul(SILENT_HEARTBEATS);
         let forget = cluster.heartbeat.saturating_mul(FORGET_HEARTBEATS);
+        let forget_silent = forget.max(FORGET_SILENT);
         let now = Instant::now();
         let mut silent = Vec::new();
         let mut seen = cluster.seen.lock();
@@ -737,9 +743,12 @@ impl<K> StreamShared<K> {
                 silent.push((origin, partition));
             }
         }
-        // Origins long gone (stopped, or reported silent) are forgotten, so
-        // that nodes coming and going with new ids do not grow the map.
-        seen.retain(|_, e| !e.gone() || now.saturating_duration_since(e.heard) < forget);
+        // Origins long gone are forgotten, so that nodes coming and going
+        // with new ids do not grow the map.
+        seen.retain(|_, e| {
+            let quiet = now.saturating_duration_since(e.heard);
+            (!e.ended || quiet < forget) && (!e.silent || quiet < forget_silent)
+        });
         drop(seen);
         for (origin, partition) in silent {
             tracing::warn!(target: "nebulex_streams", cache = %self.reporter.cache, node = %origin, partition,
@@ -782,10 +791,8 @@ impl<K> StreamShared<K> {
                 if cluster.link_up.swap(false, Ordering::AcqRel) {
                     tracing::warn!(target: "nebulex_streams", cache = %self.reporter.cache, %reason,
                         "cluster connection lost: every partition has a gap");
-                    // What was published meanwhile is gone (and reported as an
-                    // unknown loss): each origin's next frame may jump. Older
-                    // numbers and epochs stay refused.
-                    cluster.seen.lock().values_mut().for_each(|s| s.rebase = true);
+                    // What was published meanwhile is gone: an unknown loss
+                    // now, and each origin's jump, counted, at its next frame.
                     for p in 0..self.count {
                         self.lose(p, None, 0);
                     }
