@@ -140,3 +140,41 @@ async fn an_unreachable_server_fails_ready_then_a_server_that_comes_up_is_joined
     }
     s.stop();
 }
+
+/// A link whose server never answers keeps trying while its stream runs, and
+/// stops trying once the stream is shut down.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shut_down_stream_stops_trying_an_unreachable_server() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::time::Duration;
+    // A port that takes connections and closes them at once: no NATS there.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let attempts = Arc::new(AtomicUsize::new(0));
+    let counted = attempts.clone();
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            counted.fetch_add(1, Ordering::SeqCst);
+            drop(conn);
+        }
+    });
+    let a = node("x", 1);
+    let fast = Duration::from_millis(10);
+    let s = Streams::builder(&a)
+        .pubsub(PubSub::nats(format!("nats://127.0.0.1:{port}")))
+        .backoff(fast, fast * 2)
+        .start()
+        .unwrap();
+    assert!(tokio::time::timeout(PATIENCE, s.ready()).await.expect("answer in time").is_err());
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    while attempts.load(Ordering::SeqCst) < 3 {
+        assert!(tokio::time::Instant::now() < deadline, "the link does not keep trying");
+        tokio::time::sleep(fast).await;
+    }
+    s.shutdown().await;
+    let after = attempts.load(Ordering::SeqCst);
+    // Retrying every 20 ms, a link still trying would try about 25 times.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let more = attempts.load(Ordering::SeqCst) - after;
+    assert!(more <= 1, "{more} attempts after shutdown");
+}

@@ -178,6 +178,11 @@ impl Backoff {
     }
 }
 
+/// How long a connection attempt to a server may take before it counts as
+/// failed.
+#[cfg(any(feature = "redis", feature = "nats"))]
+const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// A connection change a transport reports.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum LinkState {

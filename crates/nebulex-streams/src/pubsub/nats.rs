@@ -1,19 +1,23 @@
 //! The NATS transport: core NATS publish/subscribe, one subject per partition.
 //!
 //! One client connection per node publishes and subscribes. The client
-//! reconnects by itself and resubscribes; its connection events are turned
-//! into the stream's link state (a lost connection is a gap on every
+//! reconnects by itself a few times and resubscribes; past those, the link
+//! starts over with a new client, until it is closed. Connection events are
+//! turned into the stream's link state (a lost connection is a gap on every
 //! partition). Delays between reconnection attempts follow the stream's
 //! backoff.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
+
+use async_nats::ConnectOptions;
 
 use futures::future::BoxFuture;
 use futures::StreamExt;
 use tokio::sync::watch;
 
-use super::{redact, runtime, Backoff, Hooks, Link, LinkConfig, LinkState, Ready};
+use super::{redact, runtime, Backoff, Hooks, Link, LinkConfig, LinkState, CONNECT_TIMEOUT};
 use crate::error::Error;
 
 struct NatsLink {
@@ -37,41 +41,42 @@ pub(crate) fn open(url: &str, config: LinkConfig) -> Result<Arc<dyn Link>, Error
     Ok(link)
 }
 
-/// The client's options. It keeps trying to connect from the start; the first
-/// failed attempt is reported to `ready` (as Redis's first failure is), so
-/// that an unreachable server does not leave `ready()` waiting.
-fn options(backoff: Backoff, hooks: Arc<Hooks>, ready: Ready) -> async_nats::ConnectOptions {
-    async_nats::ConnectOptions::new()
+/// How long connecting, subscribing every channel and the server's answer
+/// may take before the attempt counts as failed.
+const SESSION_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The client's options. The client reconnects by itself a few times (one
+/// attempt per server, twice), then gives up; the link then starts over with
+/// a new client, on its own backoff, until it is closed. So a closed link
+/// stops trying soon, even with the server unreachable. `subscribed` says
+/// when the link has subscribed every channel: from then on, the client's
+/// own reconnections (which resubscribe) report the link up.
+fn options(backoff: Backoff, hooks: Arc<Hooks>, servers: usize, subscribed: Arc<AtomicBool>) -> ConnectOptions {
+    ConnectOptions::new()
         // Our own frames need not come back.
         .no_echo()
-        .connection_timeout(Duration::from_secs(2))
-        .retry_on_initial_connect()
+        .connection_timeout(CONNECT_TIMEOUT)
+        .max_reconnects(servers.max(1) * 2)
         .reconnect_delay_callback(move |attempts| backoff.delay(attempts.saturating_sub(1) as u32))
         .event_callback(move |event| {
-            let (hooks, ready) = (hooks.clone(), ready.clone());
+            let (hooks, subscribed) = (hooks.clone(), subscribed.clone());
             async move {
                 match event {
-                    async_nats::Event::ClientError(e) => {
-                        tracing::debug!(target: "nebulex_streams", error = %e, "NATS");
-                        ready.send_if_modified(|r| {
-                            let first = r.is_none();
-                            if first {
-                                *r = Some(Err(Error::Transport(format!("cannot connect to NATS: {e}"))));
-                            }
-                            first
-                        });
-                    }
                     async_nats::Event::Disconnected => {
                         tracing::warn!(target: "nebulex_streams", "NATS connection lost; reconnecting");
                         (hooks.on_state)(LinkState::Down("NATS connection lost".into()));
                     }
-                    async_nats::Event::Connected => (hooks.on_state)(LinkState::Up),
+                    async_nats::Event::Connected if subscribed.load(Ordering::Acquire) => {
+                        (hooks.on_state)(LinkState::Up)
+                    }
                     other => tracing::debug!(target: "nebulex_streams", event = %other, "NATS"),
                 }
             }
         })
 }
 
+/// Connects, subscribes every channel and hands frames to the stream,
+/// starting over with a new client when one gives up, until shut down.
 async fn run(
     addrs: Vec<async_nats::ServerAddr>,
     config: LinkConfig,
@@ -79,33 +84,66 @@ async fn run(
     mut stop: watch::Receiver<bool>,
 ) {
     let LinkConfig { channels, backoff, hooks, ready, .. } = config;
-    let connecting = options(backoff, hooks.clone(), ready.clone()).connect(addrs.as_slice());
-    let client = tokio::select! {
-        c = connecting => match c {
-            Ok(c) => c,
-            Err(e) => {
-                ready.send_replace(Some(Err(Error::Transport(format!("cannot connect to NATS: {e}")))));
-                return;
+    let mut attempt = 0u32;
+    loop {
+        let subscribed = Arc::new(AtomicBool::new(false));
+        let options = options(backoff, hooks.clone(), addrs.len(), subscribed.clone());
+        let started = tokio::select! {
+            r = tokio::time::timeout(SESSION_TIMEOUT, session(options, &addrs, &channels)) => {
+                r.unwrap_or_else(|_| Err(format!("no answer from NATS within {SESSION_TIMEOUT:?}")))
             }
-        },
-        _ = stop.changed() => return,
-    };
-    let mut subscribers = Vec::with_capacity(channels.len());
-    for channel in &channels {
-        match client.subscribe(channel.clone()).await {
-            Ok(s) => subscribers.push(s),
+            _ = stop.changed() => return,
+        };
+        match started {
+            Ok((client, subscribers)) => {
+                attempt = 0;
+                subscribed.store(true, Ordering::Release);
+                client_tx.send_replace(Some(client));
+                ready.send_replace(Some(Ok(())));
+                (hooks.on_state)(LinkState::Up);
+                let stopped = pump(subscribers, &hooks, &mut stop).await;
+                // Dropping the last handle of the client ends its connection.
+                client_tx.send_replace(None);
+                if stopped {
+                    return;
+                }
+                tracing::warn!(target: "nebulex_streams", "NATS client gave up reconnecting; starting over");
+                (hooks.on_state)(LinkState::Down("NATS connection lost".into()));
+            }
             Err(e) => {
-                ready.send_replace(Some(Err(Error::Transport(format!("cannot subscribe to NATS `{channel}`: {e}")))));
-                return;
+                tracing::warn!(target: "nebulex_streams", error = %e, attempt, "cannot join NATS");
+                if ready.borrow().is_none() {
+                    ready.send_replace(Some(Err(Error::Transport(e))));
+                }
             }
         }
+        tokio::select! {
+            _ = tokio::time::sleep(backoff.delay(attempt)) => {}
+            _ = stop.changed() => return,
+        }
+        attempt = attempt.saturating_add(1);
     }
-    // The subscriptions are registered once the server has seen them.
-    if let Err(e) = client.flush().await {
-        tracing::warn!(target: "nebulex_streams", error = %e, "NATS flush failed");
+}
+
+/// A connected client with every channel subscribed, once the server has
+/// seen the subscriptions.
+async fn session(
+    options: ConnectOptions,
+    addrs: &[async_nats::ServerAddr],
+    channels: &[String],
+) -> Result<(async_nats::Client, Vec<async_nats::Subscriber>), String> {
+    let client = options.connect(addrs).await.map_err(|e| format!("cannot connect to NATS: {e}"))?;
+    let mut subscribers = Vec::with_capacity(channels.len());
+    for channel in channels {
+        let subscriber = client.subscribe(channel.clone()).await;
+        subscribers.push(subscriber.map_err(|e| format!("cannot subscribe to NATS `{channel}`: {e}"))?);
     }
-    client_tx.send_replace(Some(client));
-    ready.send_replace(Some(Ok(())));
+    client.flush().await.map_err(|e| format!("NATS flush failed: {e}"))?;
+    Ok((client, subscribers))
+}
+
+/// Reads frames until the client gives up (`false`) or shutdown (`true`).
+async fn pump(subscribers: Vec<async_nats::Subscriber>, hooks: &Hooks, stop: &mut watch::Receiver<bool>) -> bool {
     let mut merged = futures::stream::select_all(
         subscribers.into_iter().enumerate().map(|(index, s)| s.map(move |msg| (index, msg)).boxed()),
     );
@@ -113,9 +151,9 @@ async fn run(
         tokio::select! {
             next = merged.next() => match next {
                 Some((index, msg)) => (hooks.on_frame)(index, &msg.payload),
-                None => return,
+                None => return false,
             },
-            _ = stop.changed() => return,
+            _ = stop.changed() => return true,
         }
     }
 }

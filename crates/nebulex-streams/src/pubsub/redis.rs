@@ -8,18 +8,15 @@
 //! (Pub/Sub does not replay what was published meanwhile).
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use futures::future::BoxFuture;
 use futures::StreamExt;
 use redis::aio::MultiplexedConnection;
 use tokio::sync::watch;
 
-use super::{redact, runtime, Backoff, Hooks, Link, LinkConfig, LinkState};
+use super::{redact, runtime, Backoff, Hooks, Link, LinkConfig, LinkState, CONNECT_TIMEOUT};
 use crate::error::Error;
-
-/// How long a connection attempt may take before it counts as failed.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 
 struct RedisLink {
     client: redis::Client,
