@@ -283,6 +283,10 @@ impl Seen {
     }
 }
 
+/// About how many frames a sender's pass publishes at most, shared between
+/// the partitions.
+const FRAMES_PER_PASS: usize = 64;
+
 /// Heartbeats (of this node's period: a stream's nodes should share it) an
 /// origin may miss before the receiver takes it for gone without stopping,
 /// and reports a possible loss on the partition.
@@ -390,11 +394,16 @@ where
     let mut tick = tokio::time::interval(quarter);
     let mut checked = Instant::now();
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // Each pass starts at the next partition and takes at most a share of
+    // the frames from each: a busy partition does not starve the others.
+    let share = (FRAMES_PER_PASS / count.max(1)).max(1);
+    let mut start = 0;
     loop {
+        start = (start + 1) % count.max(1);
         let wake = {
             let any = std::future::poll_fn(|cx| {
-                for (p, ring) in outbound.iter_mut().enumerate() {
-                    if let Poll::Ready(Some(item)) = ring.poll_recv(cx) {
+                for p in (start..count).chain(0..start) {
+                    if let Poll::Ready(Some(item)) = outbound[p].poll_recv(cx) {
                         return Poll::Ready((p, item));
                     }
                 }
@@ -421,9 +430,10 @@ where
             }
             let mut pending: Vec<Vec<Arc<CacheEntryEvent<K>>>> = vec![Vec::new(); count];
             s.accept(first_p, first, &mut pending[first_p], &mut frames);
-            for (p, ring) in outbound.iter_mut().enumerate() {
-                while frames.len() < 64 {
-                    let Some(item) = ring.try_next() else { break };
+            for p in (start..count).chain(0..start) {
+                let before = frames.len();
+                while frames.len() - before < share {
+                    let Some(item) = outbound[p].try_next() else { break };
                     s.accept(p, item, &mut pending[p], &mut frames);
                 }
             }

@@ -12,8 +12,8 @@ use std::time::Duration;
 use nebulex::{Cache, CacheEntryEvent, NodeId, Target};
 use nebulex_streams::wire::{self, DecodeLimits};
 use nebulex_streams::{
-    BroadcastError, Lagged, MemoryBus, PubSub, Streams, StreamsBuilder, StreamsExt, SubscribeOptions, Subscription,
-    Telemetry,
+    BroadcastError, Lagged, MemoryBus, PubSub, Route, Streams, StreamsBuilder, StreamsExt, SubscribeOptions,
+    Subscription, Telemetry,
 };
 use tokio::time::{timeout, timeout_at, Instant};
 
@@ -878,4 +878,50 @@ async fn a_stopped_origin_is_forgotten_after_a_while() {
     let mut tally = Tally::default();
     read_until(&mut on_b, &mut tally, |t| t.events.len() == 2).await;
     assert_eq!(tally.lagged, [4], "heard again as for the first time");
+}
+
+/// A partition flooded with events does not hold back another's: each of
+/// the sender's passes takes a share of frames from every partition.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_busy_partition_does_not_starve_the_others_on_the_way_out() {
+    let bus = PubSub::memory();
+    let memory: MemoryBus = bus.as_memory().expect("memory bus").clone();
+    // The order event frames take on the bus: (partition channel, key).
+    let order = Arc::new(Mutex::new(Vec::new()));
+    let log = order.clone();
+    memory.drop_frames_where(u64::MAX, move |channel, bytes| {
+        if let Ok(f) = wire::decode::<String>(bytes, &DecodeLimits::default()) {
+            for e in &f.events {
+                if let Target::Key(k) = &e.target {
+                    log.lock().unwrap().push((channel.to_string(), k.clone()));
+                }
+            }
+        }
+        false
+    });
+    let a = node("users", 1);
+    let _sa = ready(
+        builder(&a, &bus)
+            .partitions(2)
+            .hash(|e| match &e.target {
+                Target::Key(k) if k == "lone" => Route::Partition(1),
+                _ => Route::Partition(0),
+            })
+            .batch_size(1)
+            // The sender waits after its first event: all below are queued by then.
+            .batch_linger(Duration::from_millis(100))
+            .start()
+            .expect("start a"),
+    )
+    .await;
+    const FLOOD: usize = 300;
+    for i in 0..FLOOD {
+        a.put(format!("flood:{i}"), 0);
+    }
+    a.put("lone".to_string(), 0);
+    wait_for("every event on the bus", || order.lock().unwrap().len() == FLOOD + 1).await;
+    let order = order.lock().unwrap();
+    let lone = order.iter().position(|(_, k)| k == "lone").expect("sent");
+    assert_eq!(order[lone].0, "nbx:users:1");
+    assert!(lone < FLOOD / 2, "the lone event waited behind {lone} flood events");
 }
