@@ -728,9 +728,9 @@ where
             },
         };
         for l in listeners.iter().filter(|l| l.filter.contains(kind)) {
-            // A listener that panics loses nothing of the write, whose lock
-            // this is held under, nor of the other listeners: its panic is
-            // printed by the panic hook, as usual, and the write carries on.
+            // A listener's panic (printed by the panic hook) is caught: the
+            // call, under whose lock this runs, completes, and the other
+            // listeners still hear the event.
             let _ = std::panic::catch_unwind(AssertUnwindSafe(|| (l.f)(&event)));
         }
     }

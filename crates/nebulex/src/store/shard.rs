@@ -3,11 +3,12 @@
 //! # Eviction
 //!
 //! When a bounded shard grows past its share of `max_entries`, it samples
-//! [`SAMPLES`] entries at random (random buckets of its table) and evicts the one used least often (each
-//! entry keeps a small saturating use counter, incremented by every `get` of
-//! it, overwrite of it by `put` or `update`, and load that finds it; the bulk
-//! calls `get_all` and `put_all` do not count). All counters are halved every `AGING_FACTOR × capacity`
-//! uses, so entries that were popular long ago make room for what is popular
+//! [`SAMPLES`] entries at random (random buckets of its table) and evicts the
+//! one used least often (each entry keeps a small saturating use counter,
+//! incremented by every `get` of it, overwrite of it by `put` or `update`,
+//! and load that finds it; the bulk calls `get_all` and `put_all` do not
+//! count). All counters are halved every `AGING_FACTOR × capacity` uses, so
+//! entries that were popular long ago make room for what is popular
 //! now. This approximates LFU with aging, like Redis's `allkeys-lfu`, in O(1)
 //! per write, with no per-entry links or global lists.
 
