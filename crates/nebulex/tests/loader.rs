@@ -222,28 +222,41 @@ fn a_put_during_a_load_wins_over_the_loaded_value() {
     assert_eq!(rec.take_brief(), [(EventType::Inserted, Target::Key(1), Command::Put)]);
 }
 
+/// Removes key 1 by the call `how` names (one of [`REMOVALS`]).
+fn remove_key_1(cache: &Cache<u32, u64>, how: &str) {
+    match how {
+        "delete" => {
+            cache.delete(&1);
+        }
+        "delete_all All" => {
+            cache.delete_all(Query::All);
+        }
+        "delete_all Keys" => {
+            cache.delete_all(Query::Keys(vec![1]));
+        }
+        "delete_all filter" => {
+            cache.delete_all(Query::filter(|_, _| true));
+        }
+        "invalidate" => {
+            cache.invalidate(&1);
+        }
+        "invalidate_where" => {
+            cache.invalidate_where(|k| *k == 1);
+        }
+        other => panic!("no removal named {other:?}"),
+    }
+}
+
+/// The calls that remove a key (and overtake a load of it).
+const REMOVALS: [&str; 6] =
+    ["delete", "delete_all All", "delete_all Keys", "delete_all filter", "invalidate", "invalidate_where"];
+
 #[test]
 fn delete_all_and_invalidate_during_a_load_keep_it_from_storing() {
-    for how in ["delete_all All", "delete_all Keys", "delete_all filter", "invalidate", "invalidate_where"] {
+    for how in &REMOVALS[1..] {
         let cache = cache();
         let (load, release) = blocked_load(&cache);
-        match how {
-            "delete_all All" => {
-                cache.delete_all(Query::All);
-            }
-            "delete_all Keys" => {
-                cache.delete_all(Query::Keys(vec![1]));
-            }
-            "delete_all filter" => {
-                cache.delete_all(Query::filter(|_, _| true));
-            }
-            "invalidate" => {
-                cache.invalidate(&1);
-            }
-            _ => {
-                cache.invalidate_where(|k| *k == 1);
-            }
-        }
+        remove_key_1(&cache, how);
         release.send(()).unwrap();
         assert_eq!(load.join().unwrap(), 10, "{how}");
         assert_eq!(cache.get(&1), None, "{how}: the overtaken load stored its value");
@@ -252,29 +265,10 @@ fn delete_all_and_invalidate_during_a_load_keep_it_from_storing() {
 
 #[test]
 fn a_caller_after_a_delete_or_invalidation_loads_afresh_instead_of_waiting_for_the_overtaken_load() {
-    for how in ["delete", "delete_all All", "delete_all Keys", "delete_all filter", "invalidate", "invalidate_where"] {
+    for how in REMOVALS {
         let cache = cache();
         let (load, release) = blocked_load(&cache);
-        match how {
-            "delete" => {
-                cache.delete(&1);
-            }
-            "delete_all All" => {
-                cache.delete_all(Query::All);
-            }
-            "delete_all Keys" => {
-                cache.delete_all(Query::Keys(vec![1]));
-            }
-            "delete_all filter" => {
-                cache.delete_all(Query::filter(|_, _| true));
-            }
-            "invalidate" => {
-                cache.invalidate(&1);
-            }
-            _ => {
-                cache.invalidate_where(|k| *k == 1);
-            }
-        }
+        remove_key_1(&cache, how);
         // The overtaken load is still blocked: a caller that joined it would
         // wait for it, and get its stale value once it is released.
         let (late_tx, late_rx) = mpsc::channel();
