@@ -300,19 +300,22 @@ where
             cluster,
             prefix: Name::new(&prefix),
         });
-        if self.cache.extensions().try_insert(Arc::new(StreamSlot(shared.clone()))).is_err() {
+        if self.cache.extensions().get::<StreamSlot<K>>().is_some() {
             return Err(Error::AlreadyStarted);
         }
+        // The listener first (its filter lets nothing through yet), then the
+        // slot: once the slot makes the stream visible to `lookup`, a `stop`
+        // from another thread finds the listener registered and removes it.
+        // (A start racing this one to the slot unregisters its listener.)
         let listener = shared.clone();
-        if let Err(e) = self
-            .cache
-            .register_event_listener(shared.listener_id(), shared.filter.clone(), move |e| listener.dispatch(e))
-        {
-            shared.cache.detach(&shared);
-            return Err(e.into());
-        }
+        self.cache
+            .register_event_listener(shared.listener_id(), shared.filter.clone(), move |e| listener.dispatch(e))?;
         shared.registered.store(true, Ordering::Release);
         shared.reporter.listener_registered();
+        if self.cache.extensions().try_insert(Arc::new(StreamSlot(shared.clone()))).is_err() {
+            shared.cache.detach(&shared);
+            return Err(Error::AlreadyStarted);
+        }
         if let Err(e) = cluster::start_link(&shared) {
             shared.cache.detach(&shared);
             return Err(e);

@@ -80,6 +80,54 @@ fn second_start_fails_with_already_started_and_a_new_start_is_allowed_after_stop
     assert_eq!(event(&mut sub2).kind, EventType::Updated);
 }
 
+/// Sets its flag when dropped: what holds it was freed.
+struct DropFlag(Arc<std::sync::atomic::AtomicBool>);
+
+impl Drop for DropFlag {
+    fn drop(&mut self) {
+        self.0.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+#[test]
+fn a_stream_stopped_by_another_thread_while_it_starts_leaves_no_listener_behind() {
+    use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
+    // A stopper thread stops the stream as soon as `lookup` shows it, racing
+    // the start. Once it did, the stream's state (its observer with it) must
+    // be freed: a listener left registered with the cache would hold it for
+    // the cache's life.
+    let cache = cache("start-stop-race");
+    let stopper_cache = cache.clone();
+    let done = Arc::new(AtomicBool::new(false));
+    let stopper_done = done.clone();
+    let stopper = std::thread::spawn(move || {
+        while !stopper_done.load(SeqCst) {
+            if let Some(streams) = Streams::lookup(&stopper_cache) {
+                streams.stop();
+            }
+        }
+    });
+    for round in 0..5_000 {
+        let freed = Arc::new(AtomicBool::new(false));
+        let flag = DropFlag(freed.clone());
+        let streams = Streams::builder(&cache)
+            .observer(move |_| {
+                let _ = &flag;
+            })
+            .start();
+        // The stopper stops it, whether it saw it during the start or after;
+        // the start's caller does not (it may find its stream stopped).
+        drop(streams.unwrap_or_else(|e| panic!("round {round}: {e}")));
+        let deadline = Instant::now() + PATIENCE;
+        while !freed.load(SeqCst) {
+            assert!(Instant::now() < deadline, "round {round}: the stopped stream's state is still held");
+            std::thread::yield_now();
+        }
+    }
+    done.store(true, SeqCst);
+    stopper.join().unwrap();
+}
+
 #[test]
 fn empty_event_filter_is_refused() {
     let cache = cache("empty-filter");
