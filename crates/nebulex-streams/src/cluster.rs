@@ -505,6 +505,13 @@ where
 const FLUSH_BATCH: usize = 64;
 
 impl<K> StreamShared<K> {
+    /// While this node's cluster connection is down (or not yet up): the
+    /// heartbeat period, within which what it misses should be acted on.
+    pub(crate) fn outage(&self) -> Option<Duration> {
+        let cluster = self.cluster.as_ref()?;
+        (!cluster.link_up.load(Ordering::Acquire)).then_some(cluster.heartbeat)
+    }
+
     /// Adds one outbound item of partition `p` to its pending frame. A frame
     /// holds consecutive sequence numbers: it is sealed when full, and before
     /// a jump (events the outbound buffer dropped), which receivers then see

@@ -24,11 +24,19 @@
 //! [`Resync`](InvalidatorEvent::Resync).
 //!
 //! A lost connection is told twice: when it is lost, and when it is back
-//! (what was published in between is gone, and entries read meanwhile may
-//! be stale). The [`DisconnectPolicy`] says what to do at the first:
+//! (what was published in between is gone). While it is down, what the node
+//! reads from the record misses the other nodes' changes too, so the worker
+//! flushes its partition again every heartbeat of the stream for as long as
+//! the outage lasts — and likewise before the stream first connects. The
+//! [`DisconnectPolicy`] says when the flushing starts:
 //! [`Flush`](DisconnectPolicy::Flush) at once (the default), or
-//! [`ServeStale`](DisconnectPolicy::ServeStale) for at most `max`, then
-//! flush — for near caches that prefer availability during a short outage.
+//! [`ServeStale`](DisconnectPolicy::ServeStale) after at most `max` — for
+//! near caches that prefer availability during a short outage.
+//!
+//! `ServeStale` applies to every loss of unknown size (`Lagged(0)`): this
+//! node's connection lost or back, and another node fallen silent or
+//! restarted without stopping its stream. A counted loss (a full buffer, a
+//! gap in a node's sequence) is flushed at once under either policy.
 //!
 //! # The load race
 //!
@@ -94,15 +102,20 @@ use crate::telemetry::InvalidatorEvent;
 /// ```
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
 pub enum DisconnectPolicy {
-    /// Delete the partition's local entries at once (and again when the
-    /// connection is back): nothing stale is ever served.
+    /// Delete the partition's local entries at once, again every heartbeat
+    /// of the stream while the connection is down (what is read meanwhile
+    /// misses the other nodes' changes), and again when it is back: nothing
+    /// is served stale for longer than a heartbeat.
     #[default]
     Flush,
     /// Keep serving local entries for at most `max` after the loss, then
-    /// delete them (and again when the connection is back): a bounded
-    /// staleness window in exchange for availability.
+    /// delete them, and again every `max` while the connection is down: a
+    /// bounded staleness window in exchange for availability. What is read
+    /// just before the connection comes back is deleted by the next of
+    /// these flushes, not at once.
     ServeStale {
-        /// The longest a possibly stale entry is served.
+        /// The longest a possibly stale entry is served (at least the
+        /// stream's heartbeat, while the connection is down).
         max: Duration,
     },
 }
@@ -283,15 +296,20 @@ where
 {
     async fn run(self, mut sub: Subscription<K>, mut stop: watch::Receiver<bool>) {
         let partition = sub.partition();
-        let mut flush_at: Option<tokio::time::Instant> = None;
+        // The next flush: a loss's, deferred by `ServeStale`, or the next
+        // one of an outage. Not yet connected is an outage too: what is read
+        // meanwhile misses the other nodes' changes.
+        let mut flush_at = self.shared.outage().map(|heartbeat| later(self.refresh(heartbeat)));
         loop {
             let item = tokio::select! {
                 biased;
                 _ = stop.wait_for(|s| *s) => return,
                 item = sub.recv() => item,
                 _ = sleep_until(flush_at), if flush_at.is_some() => {
-                    flush_at = None;
                     self.guarded(partition, "flushing the partition", || self.resync(partition));
+                    // While the connection stays down, what was read since is
+                    // missing changes too: flush it again, and again.
+                    flush_at = self.shared.outage().map(|heartbeat| later(self.refresh(heartbeat)));
                     continue;
                 }
             };
@@ -311,7 +329,9 @@ where
                 Some(Err(Lagged(0))) => match self.policy {
                     DisconnectPolicy::Flush => {
                         self.guarded(partition, "flushing the partition", || self.resync(partition));
+                        flush_at = self.shared.outage().map(|heartbeat| later(self.refresh(heartbeat)));
                     }
+                    // A flush already due covers this loss too.
                     DisconnectPolicy::ServeStale { max } => {
                         flush_at.get_or_insert_with(|| later(max));
                     }
@@ -320,6 +340,15 @@ where
                     self.guarded(partition, "flushing the partition", || self.resync(partition));
                 }
             }
+        }
+    }
+
+    /// How often the partition is flushed while the connection is down: every
+    /// heartbeat, or every `max` if longer with `ServeStale`.
+    fn refresh(&self, heartbeat: Duration) -> Duration {
+        match self.policy {
+            DisconnectPolicy::Flush => heartbeat,
+            DisconnectPolicy::ServeStale { max } => max.max(heartbeat),
         }
     }
 

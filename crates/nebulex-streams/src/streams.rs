@@ -207,7 +207,9 @@ where
     /// An origin silent on a partition for
     /// [`SILENT_HEARTBEATS`](crate::SILENT_HEARTBEATS) of these, without
     /// having stopped, is taken for gone: its unsent events are reported lost
-    /// (`Lagged(0)`). The nodes of a stream should share this setting.
+    /// (`Lagged(0)`). While this node's connection is down, an
+    /// [`Invalidator`](crate::Invalidator) flushes again every heartbeat.
+    /// The nodes of a stream should share this setting.
     pub fn heartbeat(mut self, every: Duration) -> Self {
         self.cluster.heartbeat = every;
         self

@@ -207,20 +207,90 @@ async fn a_lost_last_frame_is_revealed_by_the_next_heartbeat() {
     assert!(!b.contains_key("cached"), "B flushed after A's heartbeat");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn flush_policy_flushes_at_the_cut_and_again_at_the_restore() {
+/// Lets the single-threaded runtime run every task that can run.
+async fn settle() {
+    for _ in 0..100 {
+        tokio::task::yield_now().await;
+    }
+}
+
+/// The heartbeat of the streams `node_with_invalidator` starts (the default).
+const HEARTBEAT: Duration = Duration::from_secs(1);
+
+#[tokio::test(start_paused = true)]
+async fn flush_policy_flushes_at_the_cut_every_heartbeat_of_the_outage_and_at_the_restore() {
     let bus = PubSub::memory();
     let memory = bus.as_memory().unwrap().clone();
     let (b, _sb, _ib, rb) = node_with_invalidator(2, &bus, 2, EventScope::Remote, DisconnectPolicy::Flush).await;
     let resyncs = || rb.lock().unwrap().iter().filter(|e| matches!(e, InvalidatorEvent::Resync { .. })).count();
     b.put("a".into(), 1);
     memory.cut(NodeId(2));
-    eventually("both partitions flushed", || resyncs() == 2).await;
+    settle().await;
+    assert_eq!(resyncs(), 2, "both partitions flushed at the cut");
     assert!(b.is_empty());
+
+    // What is read during the outage misses the other nodes' changes: it is
+    // flushed again within a heartbeat, for as long as the outage lasts.
     b.put("read-during-outage".into(), 1);
+    tokio::time::sleep(HEARTBEAT / 2).await;
+    settle().await;
+    assert!(b.contains_key("read-during-outage"), "served until the next heartbeat");
+    tokio::time::sleep(HEARTBEAT).await;
+    settle().await;
+    assert!(!b.contains_key("read-during-outage"), "flushed again a heartbeat into the outage");
+    b.put("read-later".into(), 1);
+    tokio::time::sleep(HEARTBEAT * 10).await;
+    settle().await;
+    assert!(!b.contains_key("read-later"), "and again, while the outage lasts");
+
+    b.put("read-last".into(), 1);
     memory.restore(NodeId(2));
-    eventually("flushed again on restore", || resyncs() == 4).await;
-    assert!(!b.contains_key("read-during-outage"), "what was read during the outage may be stale");
+    settle().await;
+    assert!(!b.contains_key("read-last"), "flushed at once on restore");
+    let after = resyncs();
+    b.put("read-after".into(), 1);
+    tokio::time::sleep(HEARTBEAT * 5).await;
+    settle().await;
+    assert_eq!(resyncs(), after, "no more flushes once the connection is back");
+    assert!(b.contains_key("read-after"));
+}
+
+#[tokio::test(start_paused = true)]
+async fn serve_stale_flushes_what_was_read_during_a_long_outage_within_max() {
+    let bus = PubSub::memory();
+    let memory = bus.as_memory().unwrap().clone();
+    let max = Duration::from_secs(30);
+    let (b, _sb, _ib, _rb) =
+        node_with_invalidator(2, &bus, 1, EventScope::Remote, DisconnectPolicy::ServeStale { max }).await;
+    memory.cut(NodeId(2));
+    tokio::time::sleep(max + HEARTBEAT).await;
+    settle().await;
+    // Read after the outage's first flush: it may go stale at once, unheard.
+    b.put("read-during-outage".into(), 1);
+    tokio::time::sleep(max / 2).await;
+    settle().await;
+    assert!(b.contains_key("read-during-outage"), "served within the window");
+    tokio::time::sleep(max / 2 + HEARTBEAT).await;
+    settle().await;
+    assert!(!b.contains_key("read-during-outage"), "flushed within max, though the outage goes on");
+    memory.restore(NodeId(2));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_invalidator_started_before_the_first_connection_flushes_what_is_read_meanwhile() {
+    // No server listens here: the stream keeps trying, and never connects.
+    let port = nebulex_testkit::free_port().unwrap();
+    let b = node("users", 2);
+    let heartbeat = Duration::from_millis(50);
+    let streams = Streams::builder(&b)
+        .pubsub(PubSub::redis(format!("redis://127.0.0.1:{port}/")))
+        .heartbeat(heartbeat)
+        .start()
+        .unwrap();
+    let _invalidator = Invalidator::builder(&streams).start().unwrap();
+    b.put("read-before-connecting".into(), 1);
+    eventually("flushed within a heartbeat or so", || !b.contains_key("read-before-connecting")).await;
+    streams.stop();
 }
 
 #[tokio::test(start_paused = true)]
