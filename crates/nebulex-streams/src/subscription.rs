@@ -10,6 +10,9 @@
 //! Nothing is lost silently: per subscriber, events received plus the sum of
 //! `Lagged` counts equals the events published to it.
 //!
+//! Events of other nodes lost on the way are counted from that node's
+//! sequence numbers, which number its events of every type: a subscriber
+//! that filters by type is told the whole jump, at least what it missed.
 //! A `Lagged(0)` means "an unknown number" (a lost cluster connection): treat
 //! every `Lagged` as loss.
 //!
@@ -93,7 +96,8 @@ const BUSY_POLL_PAUSES: u32 = 4;
 /// One item of a subscription: an event, or how many were missed.
 ///
 /// Per subscriber, events received plus the sum of `Lagged` counts equals the
-/// events published to it:
+/// events published to it (for other nodes' events lost on the way, at least
+/// that: see [the module docs](crate::subscription)):
 ///
 /// ```
 /// use nebulex::Cache;

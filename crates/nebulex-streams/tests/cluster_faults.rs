@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use nebulex::{Cache, CacheEntryEvent, NodeId, Target};
+use nebulex::{Cache, CacheEntryEvent, EventType, NodeId, Target};
 use nebulex_streams::wire::{self, DecodeLimits};
 use nebulex_streams::{
     BroadcastError, Lagged, MemoryBus, PubSub, Route, Streams, StreamsBuilder, StreamsExt, SubscribeOptions,
@@ -760,6 +760,28 @@ async fn frames_lost_after_a_reconnection_are_counted() {
     read_until(&mut on_b, &mut tally, |t| !t.events.is_empty()).await;
     assert_eq!(tally.keys(), ["k2"]);
     assert_eq!(tally.lagged, [0, 1], "k1's loss, counted");
+}
+
+/// A gap is counted in the origin's sequence numbers, which number its events
+/// of every type: a subscriber that filters by type is told the whole jump,
+/// at least what it missed (here, none of its type) — never less.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_filtered_subscriber_is_told_the_whole_gap_of_events_of_every_type() {
+    let bus = PubSub::memory();
+    let memory: MemoryBus = bus.as_memory().expect("memory bus").clone();
+    let (a, b) = (node("users", 1), node("users", 2));
+    let _sa = ready(builder(&a, &bus).start().expect("start a")).await;
+    let _sb = ready(builder(&b, &bus).start().expect("start b")).await;
+    let mut deletes = b.subscribe(SubscribeOptions::new().events([EventType::Deleted])).expect("subscribe");
+    let lost = Arc::new(AtomicU64::new(0));
+    memory.drop_frames_where(1, event_frames_of(NodeId(1), lost.clone()));
+    a.put("k".to_string(), 1); // an insert, lost on the way
+    wait_for("the insert's frame to be dropped", || lost.load(Ordering::SeqCst) == 1).await;
+    a.delete("k");
+    let mut tally = Tally::default();
+    read_until(&mut deletes, &mut tally, |t| !t.events.is_empty()).await;
+    assert_eq!(tally.lagged, [1], "the lost insert, counted though not of its type");
+    assert_eq!((tally.events[0].kind, key_of(&tally.events[0])), (EventType::Deleted, "k".to_string()));
 }
 
 /// An origin that fell silent (its loss told) and is heard again long after,
