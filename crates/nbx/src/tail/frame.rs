@@ -90,6 +90,8 @@ pub(super) struct RawFrame {
     pub(super) partition: u32,
     pub(super) partitions: u32,
     pub(super) first_seq: u64,
+    /// The origin's stream stopped: its last frame (a heartbeat).
+    pub(super) last: bool,
     pub(super) events: Vec<RawEvent>,
 }
 
@@ -189,6 +191,7 @@ pub(super) fn decode(bytes: &[u8], signing_key: Option<&[u8]>, max_frame_bytes: 
         partition: uint32(&fields[3], "partition")?,
         partitions: uint32(&fields[4], "partitions")?,
         first_seq: uint(&fields[5], "first_seq")?,
+        last: flags & FLAG_LAST != 0,
         events: array(&fields[7], None, "events")?.iter().map(decode_event).collect::<Result<_, _>>()?,
     };
     uint(&fields[6], "sent_at_us")?;

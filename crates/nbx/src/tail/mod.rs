@@ -19,7 +19,7 @@ mod frame;
 use std::collections::HashMap;
 use std::fmt;
 use std::io::{self, Write};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crate::dates::civil_from_days;
 use futures::StreamExt;
@@ -313,6 +313,7 @@ async fn redis_loop(url: &str, plan: &Plan, tail: &mut Tail) -> Result<(), TailE
                         }
                         attempt = attempt.saturating_add(1);
                     };
+                    tail.connection_back();
                     eprintln!("nbx tail: subscribed again to {} on Redis at {addr}", plan.describe());
                 }
             },
@@ -376,6 +377,7 @@ async fn nats_loop(url: &str, plan: &Plan, tail: &mut Tail) -> Result<(), TailEr
                 }
                 async_nats::Event::Connected if !connected => {
                     connected = true;
+                    tail.connection_back();
                     eprintln!("nbx tail: reconnected to NATS at {shown}");
                 }
                 async_nats::Event::SlowConsumer(_) => {
@@ -418,17 +420,49 @@ fn now_us() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX))
 }
 
-/// What the tail remembers of one (origin, stream, partition).
-#[derive(Debug, Default)]
+/// Earlier epochs of an origin the tail remembers, as the nodes do: frames
+/// of those stay refused as replays, even after the origin came back with a
+/// lower epoch (its clock was set back).
+const EARLIER_EPOCHS: usize = 4;
+
+/// How long an origin may be unheard before the tail takes its stream for
+/// gone, as the nodes do with their default heartbeat of 1 s.
+const SILENT: Duration = Duration::from_secs(nebulex_streams::SILENT_HEARTBEATS as u64);
+
+/// What the tail remembers of one (origin, stream, partition), following the
+/// nodes' rules (`docs/wire-format.md`).
+#[derive(Debug)]
 struct Numbering {
-    /// The origin's current epoch (epochs grow across its restarts).
+    /// The origin's current epoch (epochs grow across its restarts, unless
+    /// its clock was set back).
     epoch: u64,
-    /// The next sequence number expected (none at first and after a lost
-    /// connection: numbering restarts at the next frame).
+    /// The epochs it left, latest first.
+    earlier: [u64; EARLIER_EPOCHS],
+    /// The next sequence number expected (none before its first frame).
     next: Option<u64>,
-    /// After a lost connection: the number expected before the loss. A frame
-    /// of this epoch below it was seen already (a replay), whatever was lost.
-    floor: u64,
+    /// Its last frame said its stream stopped cleanly.
+    ended: bool,
+    /// When a frame of it last arrived (or the tail's connection came back).
+    heard: Instant,
+}
+
+impl Numbering {
+    fn new(epoch: u64, now: Instant) -> Self {
+        Numbering { epoch, earlier: [epoch; EARLIER_EPOCHS], next: None, ended: false, heard: now }
+    }
+
+    /// Whether the origin's stream is gone: it stopped cleanly, or fell silent.
+    fn gone(&self, now: Instant) -> bool {
+        self.ended || now.saturating_duration_since(self.heard) >= SILENT
+    }
+
+    /// The origin's stream started again in `epoch`, numbered from 1.
+    fn restart(&mut self, epoch: u64, now: Instant) {
+        let mut earlier = self.earlier;
+        earlier.rotate_right(1);
+        earlier[0] = self.epoch;
+        *self = Numbering { earlier, next: Some(1), ..Numbering::new(epoch, now) };
+    }
 }
 
 /// The decoding, checking, numbering and printing of frames, apart from the
@@ -488,8 +522,13 @@ impl Tail {
 
     /// Handles one message of the transport.
     fn on_message(&mut self, channel: &str, payload: &[u8]) -> io::Result<()> {
+        self.on_message_at(channel, payload, Instant::now())
+    }
+
+    /// Handles one message of the transport, arrived at `now`.
+    fn on_message_at(&mut self, channel: &str, payload: &[u8], now: Instant) -> io::Result<()> {
         let Some(kind) = self.channel_kind(channel) else { return Ok(()) };
-        match self.accept(kind, payload) {
+        match self.accept(kind, payload, now) {
             Ok((frame, gap)) => {
                 if let Some(missed) = gap {
                     self.print_gap(Some(frame.origin), kind, Some(missed), channel, None)?;
@@ -502,7 +541,12 @@ impl Tail {
 
     /// Decodes and checks a frame, and updates the numbering: the frame and
     /// the number of events missed before it, if any.
-    fn accept(&mut self, channel: ChannelKind, payload: &[u8]) -> Result<(RawFrame, Option<u64>), Reject> {
+    fn accept(
+        &mut self,
+        channel: ChannelKind,
+        payload: &[u8],
+        now: Instant,
+    ) -> Result<(RawFrame, Option<u64>), Reject> {
         let frame = decode(payload, self.signing_key.as_deref(), self.max_frame_bytes)?;
         if frame.cache != self.cache {
             return Err(Reject::ForeignCache(frame.cache));
@@ -546,28 +590,32 @@ impl Tail {
             }
         }
         let n = frame.events.len() as u64;
-        let entry = self.numbering.entry((frame.origin, frame.partitions, frame.partition)).or_default();
-        if frame.epoch < entry.epoch {
-            // From before the origin restarted: a replay.
-            return Err(Reject::OldEpoch { epoch: frame.epoch, current: entry.epoch });
-        }
-        let gap = match entry.next {
-            // First frame, or the origin restarted its stream: a new numbering.
-            _ if frame.epoch > entry.epoch => None,
-            None if frame.first_seq < entry.floor => {
-                return Err(Reject::Replayed { first_seq: frame.first_seq, next: entry.floor });
+        let entry = self
+            .numbering
+            .entry((frame.origin, frame.partitions, frame.partition))
+            .or_insert_with(|| Numbering::new(frame.epoch, now));
+        if frame.epoch != entry.epoch {
+            // An epoch it left is a replay; so is a lower one while its
+            // current stream lives. Otherwise the origin restarted its
+            // stream (a lower epoch: with its clock set back).
+            let left = entry.earlier.contains(&frame.epoch);
+            if left || (frame.epoch < entry.epoch && !entry.gone(now)) {
+                return Err(Reject::OldEpoch { epoch: frame.epoch, current: entry.epoch });
             }
+            entry.restart(frame.epoch, now);
+        }
+        // (After this tail's connection was lost, too: the jump counts what
+        // was published meanwhile.)
+        let gap = match entry.next {
             None => None,
             Some(next) if frame.first_seq < next => {
                 return Err(Reject::Replayed { first_seq: frame.first_seq, next });
             }
             Some(next) => (frame.first_seq > next).then(|| frame.first_seq - next),
         };
-        if frame.epoch > entry.epoch {
-            entry.floor = 0;
-        }
-        entry.epoch = frame.epoch;
         entry.next = Some(frame.first_seq.wrapping_add(n));
+        entry.ended = frame.last;
+        entry.heard = now;
         Ok((frame, gap))
     }
 
@@ -697,14 +745,18 @@ impl Tail {
         self.line(&line)
     }
 
-    /// The connection was lost: whatever was published meanwhile is gone,
-    /// and numbering restarts with the next frames.
+    /// The connection was lost: whatever is published meanwhile is gone (an
+    /// unknown number now; each origin's jump, counted, at its next frame).
     fn connection_lost(&mut self, reason: &str) -> io::Result<()> {
-        for numbering in self.numbering.values_mut() {
-            numbering.floor = numbering.next.take().unwrap_or(numbering.floor);
-        }
         let base = self.base.clone();
         self.print_gap(None, ChannelKind::Plain, None, &base, Some(reason))
+    }
+
+    /// The connection is back: nothing could be heard while it was down, so
+    /// every origin's silence counts from now.
+    fn connection_back(&mut self) {
+        let now = Instant::now();
+        self.numbering.values_mut().for_each(|n| n.heard = now);
     }
 
     fn line(&mut self, line: &str) -> io::Result<()> {
@@ -866,18 +918,56 @@ mod tests {
         assert!(lines[5].contains("p2   seq 1 "), "{}", lines[5]);
         assert!(lines[6].contains("REJECTED old_epoch: frame of epoch 0000000000000007, older"), "{}", lines[6]);
         t.connection_lost("connection to Redis lost").unwrap();
+        t.connection_back();
         t.on_message("nbx:users:2", &frame!(&restarted, &one, None)).unwrap(); // seen before the loss
         restarted.first_seq = 50;
-        t.on_message("nbx:users:2", &frame!(&restarted, &one, None)).unwrap(); // numbering restarts, no gap
+        t.on_message("nbx:users:2", &frame!(&restarted, &one, None)).unwrap(); // the jump, counted
         let lines = out.take();
-        assert_eq!(lines.len(), 3, "{lines:?}");
+        assert_eq!(lines.len(), 4, "{lines:?}");
         assert!(lines[0].contains("GAP unknown number of events missed"), "{}", lines[0]);
         assert!(
             lines[1].contains("REJECTED replay: replayed frame: sequence 1 already seen (expected 2)"),
             "{}",
             lines[1]
         );
-        assert!(lines[2].contains("seq 50 "), "{}", lines[2]);
+        assert!(lines[2].ends_with("GAP 48 events missed from 0000000000000abc on partition 2"), "{}", lines[2]);
+        assert!(lines[3].contains("seq 50 "), "{}", lines[3]);
+    }
+
+    #[test]
+    fn a_node_restarted_with_its_clock_set_back_is_followed_once_its_stream_is_gone() {
+        let (mut t, out) = tail(&["--redis", "redis://x/", "--cache", "users"]);
+        let one = vec![event(EventType::Inserted, Target::Key("k".to_string()))];
+        let at = |epoch, first_seq, last| FrameHeader { epoch, first_seq, last, ..header(1, 4, 0) };
+        let now = Instant::now();
+        t.on_message_at("nbx:users:1", &frame!(&at(7, 1, false), &one, None), now).unwrap();
+        // A lower epoch while epoch 7 lives: a replay.
+        t.on_message_at("nbx:users:1", &frame!(&at(5, 1, false), &one, None), now).unwrap();
+        // Epoch 7 falls silent: the origin is taken for gone, and its lower
+        // epoch (a restart with the clock set back) is followed.
+        let later = now + SILENT;
+        t.on_message_at("nbx:users:1", &frame!(&at(5, 1, false), &one, None), later).unwrap();
+        t.on_message_at("nbx:users:1", &frame!(&at(5, 3, false), &one, None), later).unwrap();
+        // Epoch 5 stops cleanly; a restart with a still lower epoch is
+        // followed at once, and an epoch it left stays a replay.
+        let none: Vec<Arc<CacheEntryEvent<String>>> = Vec::new();
+        t.on_message_at("nbx:users:1", &frame!(&at(5, 4, true), &none, None), later).unwrap();
+        t.on_message_at("nbx:users:1", &frame!(&at(4, 1, false), &one, None), later).unwrap();
+        t.on_message_at("nbx:users:1", &frame!(&at(7, 2, false), &one, None), later).unwrap();
+        let lines = out.take();
+        let expected = [
+            "p1   seq 1 ",
+            "REJECTED old_epoch: frame of epoch 0000000000000005",
+            "p1   seq 1 ",
+            "GAP 1 events missed",
+            "p1   seq 3 ",
+            "p1   seq 1 ",
+            "REJECTED old_epoch: frame of epoch 0000000000000007",
+        ];
+        assert_eq!(lines.len(), expected.len(), "{lines:?}");
+        for (line, want) in lines.iter().zip(expected) {
+            assert!(line.contains(want), "{line:?} lacks {want:?}");
+        }
     }
 
     #[test]
