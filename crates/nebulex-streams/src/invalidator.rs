@@ -275,7 +275,10 @@ where
         });
         for sub in subscriptions {
             let worker = Worker { shared: shared.clone(), policy: self.policy, inner: inner.clone() };
-            rt.spawn(worker.run(sub, stopped.clone()));
+            // Not yet connected is an outage too: what is read meanwhile
+            // misses the other nodes' changes.
+            let flush_at = shared.outage().map(|heartbeat| later(worker.refresh(heartbeat)));
+            rt.spawn(worker.run(sub, stopped.clone(), flush_at));
         }
         shared.reporter.invalidator(InvalidatorEvent::Started);
         Ok(Invalidator { inner })
@@ -294,12 +297,16 @@ impl<K> Worker<K>
 where
     K: Eq + Hash + Clone + Send + Sync + 'static,
 {
-    async fn run(self, mut sub: Subscription<K>, mut stop: watch::Receiver<bool>) {
+    /// Applies the partition's events until the invalidator or its stream
+    /// stops. `flush_at`: the next flush, a loss's (deferred by
+    /// `ServeStale`) or the next one of an outage.
+    async fn run(
+        self,
+        mut sub: Subscription<K>,
+        mut stop: watch::Receiver<bool>,
+        mut flush_at: Option<tokio::time::Instant>,
+    ) {
         let partition = sub.partition();
-        // The next flush: a loss's, deferred by `ServeStale`, or the next
-        // one of an outage. Not yet connected is an outage too: what is read
-        // meanwhile misses the other nodes' changes.
-        let mut flush_at = self.shared.outage().map(|heartbeat| later(self.refresh(heartbeat)));
         loop {
             let item = tokio::select! {
                 biased;
@@ -331,9 +338,10 @@ where
                         self.guarded(partition, "flushing the partition", || self.resync(partition));
                         flush_at = self.shared.outage().map(|heartbeat| later(self.refresh(heartbeat)));
                     }
-                    // A flush already due covers this loss too.
+                    // A flush due sooner covers this loss too.
                     DisconnectPolicy::ServeStale { max } => {
-                        flush_at.get_or_insert_with(|| later(max));
+                        let due = later(max);
+                        flush_at = Some(flush_at.map_or(due, |at| at.min(due)));
                     }
                 },
                 Some(Err(Lagged(_))) => {

@@ -276,6 +276,25 @@ async fn serve_stale_flushes_what_was_read_during_a_long_outage_within_max() {
     memory.restore(NodeId(2));
 }
 
+#[tokio::test(start_paused = true)]
+async fn serve_stale_flushes_within_max_of_a_loss_though_an_outage_flush_is_due_later() {
+    let bus = PubSub::memory();
+    let memory = bus.as_memory().unwrap().clone();
+    let b = node("users", 2);
+    let streams = Streams::builder(&b).pubsub(bus.clone()).start().unwrap();
+    streams.ready().await.unwrap();
+    memory.cut(NodeId(2));
+    // Started during the outage: its next flush is a heartbeat away.
+    let max = HEARTBEAT / 5;
+    let _ib = Invalidator::builder(&streams).on_disconnect(DisconnectPolicy::ServeStale { max }).start().unwrap();
+    settle().await;
+    b.put("read-during-outage".into(), 1);
+    memory.restore(NodeId(2)); // told as a loss: flushed within max
+    tokio::time::sleep(max + max / 2).await;
+    settle().await;
+    assert!(!b.contains_key("read-during-outage"), "flushed within max of the loss, not at the outage's next flush");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_invalidator_started_before_the_first_connection_flushes_what_is_read_meanwhile() {
     // No server listens here: the stream keeps trying, and never connects.
