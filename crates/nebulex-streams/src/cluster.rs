@@ -411,7 +411,8 @@ where
             });
             tokio::select! {
                 biased;
-                _ = stop.changed() => return flush(&s, &mut outbound, link.as_ref()).await,
+                // (Not `changed`: a stop before this task subscribed counts too.)
+                () = stopped(&mut stop) => return flush(&s, &mut outbound, link.as_ref()).await,
                 (p, item) = any => Wake::Item(p, item),
                 _ = hello.notified() => Wake::Hello,
                 _ = tick.tick() => Wake::Tick,
@@ -454,6 +455,11 @@ where
         }
         publish(&s, link.as_ref(), frames).await;
     }
+}
+
+/// Until the stream stops (or its stop signal is gone).
+async fn stopped(stop: &mut watch::Receiver<bool>) {
+    let _ = stop.wait_for(|stopped| *stopped).await;
 }
 
 /// Publishes frames, reporting those the transport could not send.
