@@ -36,7 +36,13 @@
 //! `ServeStale` applies to every loss of unknown size (`Lagged(0)`): this
 //! node's connection lost or back, and another node fallen silent or
 //! restarted without stopping its stream. A counted loss (a full buffer, a
-//! gap in a node's sequence) is flushed at once under either policy.
+//! gap in a node's sequence) is flushed at once under either policy, unless
+//! the worker is told of it together with a loss of unknown size (one
+//! `Lagged(0)` for both).
+//!
+//! A lost connection is known when the transport reports it; one that hangs
+//! without closing shows as every other node falling silent, after
+//! [`SILENT_HEARTBEATS`](crate::SILENT_HEARTBEATS) heartbeats.
 //!
 //! # The load race
 //!
@@ -104,8 +110,8 @@ use crate::telemetry::InvalidatorEvent;
 pub enum DisconnectPolicy {
     /// Delete the partition's local entries at once, again every heartbeat
     /// of the stream while the connection is down (what is read meanwhile
-    /// misses the other nodes' changes), and again when it is back: nothing
-    /// is served stale for longer than a heartbeat.
+    /// misses the other nodes' changes), and again when it is back: once a
+    /// loss is known, nothing is served stale for longer than a heartbeat.
     #[default]
     Flush,
     /// Keep serving local entries for at most `max` after the loss, then
@@ -274,10 +280,15 @@ where
             on_stop: Box::new(move || reporter.reporter.invalidator(InvalidatorEvent::Stopped)),
         });
         for sub in subscriptions {
-            let worker = Worker { shared: shared.clone(), policy: self.policy, inner: inner.clone() };
+            let worker = Worker {
+                shared: shared.clone(),
+                policy: self.policy,
+                remote: self.scope.remote(),
+                inner: inner.clone(),
+            };
             // Not yet connected is an outage too: what is read meanwhile
             // misses the other nodes' changes.
-            let flush_at = shared.outage().map(|heartbeat| later(worker.refresh(heartbeat)));
+            let flush_at = worker.outage_flush();
             rt.spawn(worker.run(sub, stopped.clone(), flush_at));
         }
         shared.reporter.invalidator(InvalidatorEvent::Started);
@@ -289,6 +300,8 @@ where
 struct Worker<K> {
     shared: Arc<StreamShared<K>>,
     policy: DisconnectPolicy,
+    /// Whether it acts on other nodes' changes (which an outage hides).
+    remote: bool,
     /// The invalidator: its stop signal, and where to say the stream ended.
     inner: Arc<Inner>,
 }
@@ -308,17 +321,21 @@ where
     ) {
         let partition = sub.partition();
         loop {
+            // A busy partition neither holds back a flush that is due nor
+            // keeps its runtime thread from other tasks.
+            tokio::task::coop::consume_budget().await;
             let item = tokio::select! {
                 biased;
                 _ = stop.wait_for(|s| *s) => return,
-                item = sub.recv() => item,
-                _ = sleep_until(flush_at), if flush_at.is_some() => {
+                // Before the buffer: a flush that is due comes first.
+                () = sleep_until(flush_at), if flush_at.is_some() => {
                     self.guarded(partition, "flushing the partition", || self.resync(partition));
                     // While the connection stays down, what was read since is
                     // missing changes too: flush it again, and again.
-                    flush_at = self.shared.outage().map(|heartbeat| later(self.refresh(heartbeat)));
+                    flush_at = self.outage_flush();
                     continue;
                 }
+                item = sub.recv() => item,
             };
             if *stop.borrow() {
                 return;
@@ -336,7 +353,7 @@ where
                 Some(Err(Lagged(0))) => match self.policy {
                     DisconnectPolicy::Flush => {
                         self.guarded(partition, "flushing the partition", || self.resync(partition));
-                        flush_at = self.shared.outage().map(|heartbeat| later(self.refresh(heartbeat)));
+                        flush_at = self.outage_flush();
                     }
                     // A flush due sooner covers this loss too.
                     DisconnectPolicy::ServeStale { max } => {
@@ -351,13 +368,15 @@ where
         }
     }
 
-    /// How often the partition is flushed while the connection is down: every
-    /// heartbeat, or every `max` if longer with `ServeStale`.
-    fn refresh(&self, heartbeat: Duration) -> Duration {
-        match self.policy {
+    /// While the connection is down, when to flush the partition next:
+    /// a heartbeat from now, or `max` if longer with `ServeStale`. (Never
+    /// for an invalidator of this node's own changes alone.)
+    fn outage_flush(&self) -> Option<tokio::time::Instant> {
+        let heartbeat = self.shared.outage().filter(|_| self.remote)?;
+        Some(later(match self.policy {
             DisconnectPolicy::Flush => heartbeat,
             DisconnectPolicy::ServeStale { max } => max.max(heartbeat),
-        }
+        }))
     }
 
     /// Runs `f`, catching a panic so that the worker outlives it (a worker
@@ -418,8 +437,10 @@ fn later(after: Duration) -> tokio::time::Instant {
     tokio::time::Instant::now() + after.min(NEVER)
 }
 
+/// Until `at` (at once if the clock has passed it), or for ever.
 async fn sleep_until(at: Option<tokio::time::Instant>) {
     match at {
+        Some(at) if at <= tokio::time::Instant::now() => {}
         Some(at) => tokio::time::sleep_until(at).await,
         None => std::future::pending().await,
     }

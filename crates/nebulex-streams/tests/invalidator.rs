@@ -295,6 +295,94 @@ async fn serve_stale_flushes_within_max_of_a_loss_though_an_outage_flush_is_due_
     assert!(!b.contains_key("read-during-outage"), "flushed within max of the loss, not at the outage's next flush");
 }
 
+#[tokio::test(start_paused = true)]
+async fn an_invalidator_of_its_own_changes_does_not_flush_during_an_outage() {
+    let bus = PubSub::memory();
+    let memory = bus.as_memory().unwrap().clone();
+    let b = node("users", 2);
+    let rb: Reports = Arc::default();
+    let seen = rb.clone();
+    let streams = Streams::builder(&b)
+        .pubsub(bus.clone())
+        .observer(move |t| {
+            if let Telemetry::Invalidator { event, .. } = t {
+                seen.lock().unwrap().push(event.clone());
+            }
+        })
+        .start()
+        .unwrap();
+    streams.ready().await.unwrap();
+    memory.cut(NodeId(2));
+    // Started during the outage.
+    let _ib = Invalidator::builder(&streams).scope(EventScope::Local).start().unwrap();
+    settle().await;
+    b.put("k".into(), 1); // its own change: removed at once
+    settle().await;
+    assert!(!b.contains_key("k"));
+    // What it reads during the outage is no other node's business.
+    b.get_or_insert_with("read-during-outage".into(), || 1); // a load: no change to act on
+    tokio::time::sleep(HEARTBEAT * 5).await;
+    settle().await;
+    assert!(b.contains_key("read-during-outage"), "an outage hides nothing from a Local invalidator");
+    assert!(rb.lock().unwrap().iter().all(|e| !matches!(e, InvalidatorEvent::Resync { .. })));
+    memory.restore(NodeId(2));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_flush_that_is_due_is_not_held_back_by_a_busy_partition() {
+    let bus = PubSub::memory();
+    let memory = bus.as_memory().unwrap().clone();
+    let max = HEARTBEAT;
+    let (b, _sb, _ib, rb) =
+        node_with_invalidator(2, &bus, 1, EventScope::Remote, DisconnectPolicy::ServeStale { max }).await;
+    memory.cut(NodeId(2));
+    memory.restore(NodeId(2));
+    settle().await; // the loss is read: a flush is due in `max`
+    b.put("read-before-the-flush".into(), 1);
+    // 500 events of another node wait in the worker's buffer when the flush
+    // comes due (the bus delivers at once; the worker has not run since).
+    let events: Vec<_> = (0..500)
+        .map(|i| {
+            Arc::new(nebulex::CacheEntryEvent {
+                cache: "users".into(),
+                kind: nebulex::EventType::Updated,
+                target: nebulex::Target::Key(format!("k{i}")),
+                command: nebulex::Command::Put,
+                version: 2,
+                metadata: nebulex::EventMetadata {
+                    node: NodeId(9),
+                    partition: None,
+                    partitions: None,
+                    topic: None,
+                    seq: 0,
+                    timestamp: std::time::SystemTime::now(),
+                },
+            })
+        })
+        .collect();
+    let millis = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as u64;
+    let header = nebulex_streams::wire::FrameHeader {
+        origin: NodeId(9),
+        epoch: millis << 16,
+        cache: "users".into(),
+        partition: 0,
+        partitions: 1,
+        first_seq: 1,
+        sent_at_us: 0,
+        last: false,
+    };
+    memory.publish_raw("nbx:users:0", &nebulex_streams::wire::encode(&header, &events, None).unwrap());
+    tokio::time::advance(max * 2).await; // the clock passes the flush, then the worker runs
+    settle().await;
+    let reports = rb.lock().unwrap().clone();
+    let resync = reports.iter().position(|e| matches!(e, InvalidatorEvent::Resync { .. })).expect("a flush");
+    let before = reports[..resync].iter().filter(|e| matches!(e, InvalidatorEvent::Invalidate { .. })).count();
+    // (The one the worker was already waiting for may come first.)
+    assert!(before <= 1, "the due flush waited for {before} of the 500 events");
+    assert_eq!(invalidations(&rb), 500, "the flood was applied");
+    assert!(!b.contains_key("read-before-the-flush"));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_invalidator_started_before_the_first_connection_flushes_what_is_read_meanwhile() {
     // No server listens here: the stream keeps trying, and never connects.
