@@ -874,6 +874,10 @@ impl<K> StreamShared<K> {
         if self.stopped.swap(true, Ordering::AcqRel) {
             return;
         }
+        // Closed with its cache (not by `detach`): the listener went with it.
+        if self.registered.swap(false, Ordering::AcqRel) {
+            self.reporter.listener_unregistered();
+        }
         self.filter.set_mask(0);
         if let Some(cluster) = &self.cluster {
             cluster.close();

@@ -75,6 +75,26 @@ fn observer_gets_listener_registered_at_start_and_listener_unregistered_at_stop(
 }
 
 #[test]
+fn dropping_the_cache_reports_its_listener_unregistered() {
+    init_tracing();
+    let cache = cache("dropped");
+    let recorded = Recorded::new();
+    let streams = Streams::builder(&cache).observer(recorded.observer()).start().unwrap();
+    drop(cache); // the listener goes with it, and the stream stops
+    assert!(streams.is_stopped());
+    assert!(
+        matches!(
+            recorded.all().as_slice(),
+            [Telemetry::ListenerRegistered { .. }, Telemetry::ListenerUnregistered { .. }]
+        ),
+        "{:?}",
+        recorded.all()
+    );
+    streams.stop(); // reports nothing more
+    assert_eq!(recorded.all().len(), 2);
+}
+
+#[test]
 fn every_delivered_event_is_a_broadcast_ok_on_its_partition_topic() {
     init_tracing();
     const N: u32 = 4;
