@@ -557,12 +557,13 @@ where
     }
 
     /// Removes, without events, every entry whose key `pred` selects; returns
-    /// how many. Loads in flight will not store their results.
+    /// how many. Loads in flight of the keys it selects will not store their
+    /// results.
     pub fn invalidate_where(&self, mut pred: impl FnMut(&K) -> bool) -> usize {
         let mut removed = 0;
         for shard in self.inner.shards.iter() {
             let mut s = shard.0.lock();
-            s.mark_loads_stale();
+            s.mark_loads_stale_where(&mut pred);
             let before = s.map.len();
             s.map.retain(|k, _| !pred(k));
             removed += before - s.map.len();

@@ -241,6 +241,18 @@ impl<K: Hash + Eq, V: Clone> Shard<K, V> {
         self.loads.drain().for_each(|(_, load)| load.mark_stale());
     }
 
+    /// [`mark_load_stale`](Self::mark_load_stale) for every load in flight
+    /// whose key `pred` selects.
+    pub(crate) fn mark_loads_stale_where(&mut self, pred: &mut impl FnMut(&K) -> bool) {
+        self.loads.retain(|k, load| {
+            let stale = pred(k);
+            if stale {
+                load.mark_stale();
+            }
+            !stale
+        });
+    }
+
     /// Forgets the load in flight for `key` if it is `load`.
     pub(crate) fn forget_load(&mut self, key: &K, load: &Arc<Load<V>>) {
         if self.loads.get(key).is_some_and(|l| Arc::ptr_eq(l, load)) {
