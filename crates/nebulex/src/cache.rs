@@ -474,9 +474,12 @@ where
     ///
     /// Concurrent callers for one key run `load` once: the others wait for its
     /// value. `load` runs without any lock held. If a write or delete of the
-    /// key happens while `load` runs, the loaded value is returned but not
-    /// stored, since it may be older than what that write said; a caller
-    /// arriving after that write or delete does not wait for that load.
+    /// key happens while `load` runs (a `delete_all` with a filter counts for
+    /// every key: it cannot judge a value not stored yet), the loaded value
+    /// is returned but not stored, since it may be older than what that
+    /// write said; a caller arriving after that write or delete does not
+    /// wait for that load. A call that changes nothing (a `replace` that
+    /// finds no entry) leaves it be.
     ///
     /// `load` must not load `key` itself from this cache: it would wait for
     /// its own load.
@@ -772,9 +775,10 @@ where
         let now = || self.clock.now();
         let mut guard = self.lock_for(&key);
         let s = &mut *guard;
-        s.mark_load_stale(&key);
         let bounded = s.bounded();
         let hash = s.map.hash(&key);
+        // A load of the key in flight is overtaken only by a write that
+        // happens (not by a `put_new` or `replace` that does nothing).
         match s.map.get_full_mut_hashed(hash, &key) {
             Some((_, _, slot)) if !slot.is_expired(now) => {
                 if mode == Mode::OnlyNew {
@@ -785,6 +789,7 @@ where
                 if bounded {
                     slot.used();
                 }
+                s.mark_load_stale(&key);
                 s.expires_hashed(hash, expires_at);
                 s.age();
                 let version = s.next_version();
@@ -796,6 +801,7 @@ where
                 if mode == Mode::OnlyExisting {
                     return false;
                 }
+                s.mark_load_stale(&key);
                 self.insert_new(s, hash, key, Slot::new(value, ttl, now), command);
                 true
             }
@@ -803,6 +809,7 @@ where
                 if mode == Mode::OnlyExisting {
                     return false;
                 }
+                s.mark_load_stale(&key);
                 self.insert_new(s, hash, key, Slot::new(value, ttl, now), command);
                 true
             }
@@ -887,7 +894,6 @@ where
         let now = || self.clock.now();
         let mut guard = self.lock_for(&key);
         let s = &mut *guard;
-        s.mark_load_stale(&key);
         let bounded = s.bounded();
         let hash = s.map.hash(&key);
         match s.map.get_full_mut_hashed(hash, &key) {
@@ -897,6 +903,7 @@ where
                 if bounded {
                     slot.used();
                 }
+                s.mark_load_stale(&key);
                 s.age();
                 let version = s.next_version();
                 self.emit(&s.listeners, EventType::Updated, command, version, || Target::Key(key));
@@ -906,6 +913,7 @@ where
                 if let Some((i, _, _)) = found {
                     self.remove_expired(s, i, command);
                 }
+                s.mark_load_stale(&key);
                 self.insert_new(s, hash, key, Slot::new(default.clone(), ttl, now), command);
                 default
             }
@@ -1056,6 +1064,8 @@ where
                             }
                         }
                     });
+                    // A load in flight has no value the filter could judge
+                    // yet: it is overtaken, to be safe.
                     s.mark_loads_stale();
                     if panicked.is_some() {
                         break;

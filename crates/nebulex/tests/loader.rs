@@ -264,6 +264,20 @@ fn delete_all_and_invalidate_during_a_load_keep_it_from_storing() {
 }
 
 #[test]
+fn a_replace_that_finds_no_entry_leaves_a_load_in_flight_be() {
+    let cache = cache();
+    let (load, release) = blocked_load(&cache); // of key 1
+    assert!(!cache.replace(1, 20), "nothing to replace: nothing changed");
+    // A caller of key 1 still shares the load in flight, which stores.
+    let late_cache = cache.clone();
+    let late = thread::spawn(move || late_cache.get_or_insert_with(1, || 30));
+    release.send(()).unwrap();
+    assert_eq!(load.join().unwrap(), 10);
+    assert_eq!(late.join().unwrap(), 10, "the caller of key 1 loaded again");
+    assert_eq!(cache.get(&1), Some(10), "the load of key 1 did not store");
+}
+
+#[test]
 fn invalidate_where_leaves_the_loads_of_keys_it_does_not_select_alone() {
     let cache = cache();
     let (load, release) = blocked_load(&cache); // of key 1
