@@ -18,6 +18,9 @@ pub const DEFAULT_SWEEP_INTERVAL: Duration = Duration::from_secs(1);
 const MAX_SHARDS: usize = 64;
 /// The most shards a cache can be asked for: each is a lock and a table.
 pub const MAX_SHARDS_OPTION: usize = 4096;
+/// The shortest [`sweep_interval`](CacheBuilder::sweep_interval) allowed: a
+/// shorter one would keep the shared sweeper thread busy for good.
+pub const MIN_SWEEP_INTERVAL: Duration = Duration::from_millis(1);
 /// A bounded shard keeps at least this many entries, so that small caches use
 /// fewer shards and eviction still has entries to choose from.
 const MIN_SHARD_CAPACITY: usize = 64;
@@ -29,7 +32,7 @@ const MIN_SHARD_CAPACITY: usize = 64;
 /// | [`name`](Self::name) | `"nebulex"` | empty |
 /// | [`max_entries`](Self::max_entries) | unbounded | `0` |
 /// | [`default_ttl`](Self::default_ttl) | none (entries never expire) | zero |
-/// | [`sweep_interval`](Self::sweep_interval) | 1 s | zero |
+/// | [`sweep_interval`](Self::sweep_interval) | 1 s | below [`MIN_SWEEP_INTERVAL`] (1 ms) |
 /// | [`node_id`](Self::node_id) | random | — |
 /// | [`shards`](Self::shards) | up to 64, by core count and `max_entries` | `0`, not a power of two, above [`MAX_SHARDS_OPTION`], above `max_entries` |
 /// | [`clock`](Self::clock) | the system's monotonic clock | — |
@@ -102,9 +105,11 @@ where
         self
     }
 
-    /// The most entries the cache holds. Past it, writes evict entries (each
-    /// with an [`Evicted`](crate::EventType::Evicted) event); `len()` never
-    /// exceeds it.
+    /// The most entries the cache holds: `len()` never exceeds it. The bound
+    /// is kept per shard (each holds `max / shards` entries), so a write
+    /// into a full shard evicts one of its entries (with an
+    /// [`Evicted`](crate::EventType::Evicted) event) even while the cache as
+    /// a whole holds a little less than `max`.
     pub fn max_entries(mut self, max: usize) -> Self {
         self.max_entries = Some(max);
         self
@@ -161,8 +166,8 @@ where
         if self.default_ttl == Some(Duration::ZERO) {
             return invalid("default_ttl", "must be longer than zero");
         }
-        if self.sweep_interval.is_zero() {
-            return invalid("sweep_interval", "must be longer than zero");
+        if self.sweep_interval < MIN_SWEEP_INTERVAL {
+            return invalid("sweep_interval", "must be at least 1 ms");
         }
         let shards = match self.shards {
             Some(n) if n == 0 || !n.is_power_of_two() => {

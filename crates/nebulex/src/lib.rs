@@ -45,7 +45,7 @@ mod listener;
 mod query;
 mod store;
 
-pub use builder::{CacheBuilder, DEFAULT_NAME, DEFAULT_SWEEP_INTERVAL, MAX_SHARDS_OPTION};
+pub use builder::{CacheBuilder, DEFAULT_NAME, DEFAULT_SWEEP_INTERVAL, MAX_SHARDS_OPTION, MIN_SWEEP_INTERVAL};
 pub use cache::{Cache, WeakCache};
 pub use clock::ManualClock;
 pub use error::Error;

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::{assert_versions_increase, replay, Recorder};
-use nebulex::{Cache, Command, Error, EventFilter, EventType, ManualClock, NodeId, Query, Target};
+use nebulex::{Cache, Command, Error, EventFilter, EventType, ManualClock, NodeId, Query, Target, MIN_SWEEP_INTERVAL};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
@@ -695,6 +695,8 @@ fn builder_rejects_invalid_options_naming_the_option() {
     }
     rejects(Cache::builder().max_entries(0), "max_entries");
     rejects(Cache::builder().sweep_interval(Duration::ZERO), "sweep_interval");
+    rejects(Cache::builder().sweep_interval(MIN_SWEEP_INTERVAL - Duration::from_nanos(1)), "sweep_interval");
+    assert!(Cache::<u32, u32>::builder().sweep_interval(MIN_SWEEP_INTERVAL).build().is_ok());
     rejects(Cache::builder().default_ttl(Duration::ZERO), "default_ttl");
     rejects(Cache::builder().name(""), "name");
     rejects(Cache::builder().shards(0), "shards");
