@@ -1,6 +1,7 @@
 //! Two and three nodes in one process over the in-process bus: events cross,
 //! own echoes are ignored, and injected faults surface as exact lag.
 
+mod common;
 mod support;
 
 use std::time::Duration;
@@ -202,29 +203,16 @@ async fn a_node_shut_down_right_after_its_writes_has_sent_them_all() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stream_stopped_by_another_thread_while_it_starts_still_shuts_down() {
-    use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
-    use std::sync::Arc;
-    // A stopper thread stops the stream as soon as `lookup` shows it, racing
-    // the start (its connection and sender task included). However the race
+    // The stopper stops the stream as soon as `lookup` shows it, racing the
+    // start (its connection and sender task included). However the race
     // goes, the stream's shutdown must end: its sender saw the stop.
     let bus = PubSub::memory();
     let cache = node("users", 1);
-    let stopper_cache = cache.clone();
-    let done = Arc::new(AtomicBool::new(false));
-    let stopper_done = done.clone();
-    let stopper = std::thread::spawn(move || {
-        while !stopper_done.load(SeqCst) {
-            if let Some(streams) = Streams::lookup(&stopper_cache) {
-                streams.stop();
-            }
-        }
-    });
+    let _stopper = common::Stopper::spawn(&cache);
     for round in 0..300 {
         let streams = Streams::builder(&cache).pubsub(bus.clone()).start().expect("start");
         tokio::time::timeout(Duration::from_secs(10), streams.shutdown())
             .await
             .unwrap_or_else(|_| panic!("round {round}: shutdown never ended"));
     }
-    done.store(true, SeqCst);
-    stopper.join().unwrap();
 }

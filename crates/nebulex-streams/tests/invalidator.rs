@@ -15,14 +15,9 @@ use support::*;
 
 type Reports = Arc<Mutex<Vec<InvalidatorEvent>>>;
 
-/// A node whose invalidator reports land in the returned list.
-async fn node_with_invalidator(
-    id: u64,
-    bus: &PubSub,
-    partitions: u32,
-    scope: EventScope,
-    policy: DisconnectPolicy,
-) -> (Cache<String, u32>, Streams<String>, Invalidator, Reports) {
+/// A node on the bus, connected, whose invalidators' reports land in the
+/// returned list.
+async fn node_recording(id: u64, bus: &PubSub, partitions: u32) -> (Cache<String, u32>, Streams<String>, Reports) {
     let cache = node("users", id);
     let reports: Reports = Arc::default();
     let seen = reports.clone();
@@ -37,6 +32,18 @@ async fn node_with_invalidator(
         .start()
         .unwrap();
     streams.ready().await.unwrap();
+    (cache, streams, reports)
+}
+
+/// A node whose invalidator reports land in the returned list.
+async fn node_with_invalidator(
+    id: u64,
+    bus: &PubSub,
+    partitions: u32,
+    scope: EventScope,
+    policy: DisconnectPolicy,
+) -> (Cache<String, u32>, Streams<String>, Invalidator, Reports) {
+    let (cache, streams, reports) = node_recording(id, bus, partitions).await;
     let invalidator = Invalidator::builder(&streams).scope(scope).on_disconnect(policy).start().unwrap();
     (cache, streams, invalidator, reports)
 }
@@ -280,9 +287,7 @@ async fn serve_stale_flushes_what_was_read_during_a_long_outage_within_max() {
 async fn serve_stale_flushes_within_max_of_a_loss_though_an_outage_flush_is_due_later() {
     let bus = PubSub::memory();
     let memory = bus.as_memory().unwrap().clone();
-    let b = node("users", 2);
-    let streams = Streams::builder(&b).pubsub(bus.clone()).start().unwrap();
-    streams.ready().await.unwrap();
+    let (b, streams, _) = node_recording(2, &bus, 1).await;
     memory.cut(NodeId(2));
     // Started during the outage: its next flush is a heartbeat away.
     let max = HEARTBEAT / 5;
@@ -299,19 +304,7 @@ async fn serve_stale_flushes_within_max_of_a_loss_though_an_outage_flush_is_due_
 async fn an_invalidator_of_its_own_changes_does_not_flush_during_an_outage() {
     let bus = PubSub::memory();
     let memory = bus.as_memory().unwrap().clone();
-    let b = node("users", 2);
-    let rb: Reports = Arc::default();
-    let seen = rb.clone();
-    let streams = Streams::builder(&b)
-        .pubsub(bus.clone())
-        .observer(move |t| {
-            if let Telemetry::Invalidator { event, .. } = t {
-                seen.lock().unwrap().push(event.clone());
-            }
-        })
-        .start()
-        .unwrap();
-    streams.ready().await.unwrap();
+    let (b, streams, rb) = node_recording(2, &bus, 1).await;
     memory.cut(NodeId(2));
     // Started during the outage.
     let _ib = Invalidator::builder(&streams).scope(EventScope::Local).start().unwrap();

@@ -17,7 +17,7 @@ use nebulex_streams::{
     Telemetry, TryRecvError, MAX_BUSY_POLL,
 };
 
-use common::{drain, event, events_only, recv_within, Recorded, PATIENCE};
+use common::{drain, event, events_only, recv_within, Recorded, Stopper, PATIENCE};
 
 fn cache(name: &str) -> Cache<String, u32> {
     Cache::builder().name(name).build().unwrap()
@@ -92,21 +92,12 @@ impl Drop for DropFlag {
 #[test]
 fn a_stream_stopped_by_another_thread_while_it_starts_leaves_no_listener_behind() {
     use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
-    // A stopper thread stops the stream as soon as `lookup` shows it, racing
-    // the start. Once it did, the stream's state (its observer with it) must
-    // be freed: a listener left registered with the cache would hold it for
+    // The stopper stops the stream as soon as `lookup` shows it, racing the
+    // start. Once it did, the stream's state (its observer with it) must be
+    // freed: a listener left registered with the cache would hold it for
     // the cache's life.
     let cache = cache("start-stop-race");
-    let stopper_cache = cache.clone();
-    let done = Arc::new(AtomicBool::new(false));
-    let stopper_done = done.clone();
-    let stopper = std::thread::spawn(move || {
-        while !stopper_done.load(SeqCst) {
-            if let Some(streams) = Streams::lookup(&stopper_cache) {
-                streams.stop();
-            }
-        }
-    });
+    let _stopper = Stopper::spawn(&cache);
     for round in 0..5_000 {
         let freed = Arc::new(AtomicBool::new(false));
         let flag = DropFlag(freed.clone());
@@ -124,8 +115,6 @@ fn a_stream_stopped_by_another_thread_while_it_starts_leaves_no_listener_behind(
             std::thread::yield_now();
         }
     }
-    done.store(true, SeqCst);
-    stopper.join().unwrap();
 }
 
 #[test]

@@ -263,12 +263,13 @@ fn delete_all_and_invalidate_during_a_load_keep_it_from_storing() {
     }
 }
 
-#[test]
-fn a_replace_that_finds_no_entry_leaves_a_load_in_flight_be() {
+/// Runs `call` while a load of key 1 is in flight; then a caller of key 1
+/// must still share that load, and the load must store.
+#[track_caller]
+fn assert_the_load_survives(call: impl FnOnce(&Cache<u32, u64>)) {
     let cache = cache();
-    let (load, release) = blocked_load(&cache); // of key 1
-    assert!(!cache.replace(1, 20), "nothing to replace: nothing changed");
-    // A caller of key 1 still shares the load in flight, which stores.
+    let (load, release) = blocked_load(&cache);
+    call(&cache);
     let late_cache = cache.clone();
     let late = thread::spawn(move || late_cache.get_or_insert_with(1, || 30));
     release.send(()).unwrap();
@@ -278,17 +279,13 @@ fn a_replace_that_finds_no_entry_leaves_a_load_in_flight_be() {
 }
 
 #[test]
+fn a_replace_that_finds_no_entry_leaves_a_load_in_flight_be() {
+    assert_the_load_survives(|cache| assert!(!cache.replace(1, 20), "nothing to replace: nothing changed"));
+}
+
+#[test]
 fn invalidate_where_leaves_the_loads_of_keys_it_does_not_select_alone() {
-    let cache = cache();
-    let (load, release) = blocked_load(&cache); // of key 1
-    assert_eq!(cache.invalidate_where(|k| *k == 2), 0);
-    // A caller of key 1 still shares the load in flight, which stores.
-    let late_cache = cache.clone();
-    let late = thread::spawn(move || late_cache.get_or_insert_with(1, || 30));
-    release.send(()).unwrap();
-    assert_eq!(load.join().unwrap(), 10);
-    assert_eq!(late.join().unwrap(), 10, "the caller of key 1 loaded again");
-    assert_eq!(cache.get(&1), Some(10), "the load of key 1 did not store");
+    assert_the_load_survives(|cache| assert_eq!(cache.invalidate_where(|k| *k == 2), 0));
 }
 
 #[test]

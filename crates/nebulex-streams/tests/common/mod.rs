@@ -1,11 +1,14 @@
 //! Helpers shared by the integration tests.
 #![allow(dead_code, unreachable_pub)]
 
+use std::hash::Hash;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use nebulex::CacheEntryEvent;
-use nebulex_streams::{Item, Lagged, Subscription, Telemetry, TryRecvError};
+use nebulex::{Cache, CacheEntryEvent};
+use nebulex_streams::{Item, Lagged, Streams, Subscription, Telemetry, TryRecvError};
 
 /// How long a test waits for something that should happen at once.
 pub const PATIENCE: Duration = Duration::from_secs(10);
@@ -82,5 +85,40 @@ impl<K: Clone + Send + Sync + 'static> Recorded<K> {
     /// Forgets what was recorded.
     pub fn clear(&self) {
         self.0.lock().unwrap().clear();
+    }
+}
+
+/// A thread that stops the stream of a cache as soon as `lookup` shows one,
+/// again and again until dropped: to race a stream's start.
+pub struct Stopper {
+    done: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Stopper {
+    pub fn spawn<K, V>(cache: &Cache<K, V>) -> Self
+    where
+        K: Eq + Hash + Clone + Send + Sync + 'static,
+        V: Clone + Send + Sync + 'static,
+    {
+        let (cache, done) = (cache.clone(), Arc::new(AtomicBool::new(false)));
+        let stop = done.clone();
+        let thread = std::thread::spawn(move || {
+            while !stop.load(Ordering::SeqCst) {
+                if let Some(streams) = Streams::lookup(&cache) {
+                    streams.stop();
+                }
+            }
+        });
+        Stopper { done, thread: Some(thread) }
+    }
+}
+
+impl Drop for Stopper {
+    fn drop(&mut self) {
+        self.done.store(true, Ordering::SeqCst);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
     }
 }
