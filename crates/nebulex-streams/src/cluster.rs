@@ -333,6 +333,7 @@ where
         channels: cluster.channels.clone(),
         backoff: cluster.backoff,
         hooks,
+        liveness: cluster.heartbeat.saturating_mul(SILENT_HEARTBEATS),
         ready: cluster.ready_tx.clone(),
     })?;
     let _ = cluster.link.set(link.clone());

@@ -40,9 +40,11 @@
 //! the worker is told of it together with a loss of unknown size (one
 //! `Lagged(0)` for both).
 //!
-//! A lost connection is known when the transport reports it; one that hangs
-//! without closing shows as every other node falling silent, after
-//! [`SILENT_HEARTBEATS`](crate::SILENT_HEARTBEATS) heartbeats.
+//! A lost connection is known when the transport reports it. One that hangs
+//! without closing is found out after
+//! [`SILENT_HEARTBEATS`](crate::SILENT_HEARTBEATS) heartbeats: over Redis,
+//! this node's own frames stop coming back, and the link makes its
+//! connection again; the other nodes fall silent too.
 //!
 //! # The load race
 //!

@@ -7,10 +7,11 @@ mod support;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use nebulex::{EventType, NodeId, Target};
 use nebulex_streams::wire::{encode, FrameHeader};
-use nebulex_streams::{partition_of, PubSub, Streams, StreamsExt, SubscribeOptions, Telemetry, TryRecvError};
+use nebulex_streams::{partition_of, Lagged, PubSub, Streams, StreamsExt, SubscribeOptions, Telemetry, TryRecvError};
 use nebulex_testkit::RedisServer;
 use support::*;
 
@@ -91,6 +92,28 @@ async fn killed_pubsub_connections_and_a_restart_are_gaps_then_events_flow() {
     redis.restart().expect("restart");
     let before = until_flowing(&a, &mut on_b, "after-restart").await;
     assert!(before.iter().any(|i| i.is_err()), "a Lagged notice after the restart: {before:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_that_hangs_without_closing_is_a_gap_then_events_flow() {
+    let redis = RedisServer::start().expect("redis-server");
+    let pubsub = PubSub::redis(redis.url());
+    let fast = |c| Streams::builder(c).pubsub(pubsub.clone()).heartbeat(Duration::from_millis(50));
+    // Alone on the server: no other node whose silence could tell the loss.
+    let a = node("users", 1);
+    let sa = fast(&a).start().expect("start a");
+    tokio::time::timeout(PATIENCE, sa.ready()).await.expect("ready in time").expect("ready");
+    let mut on_a = a.subscribe(SubscribeOptions::new()).unwrap();
+    // Frozen, the server keeps every connection open and answers nothing.
+    redis.freeze().expect("freeze");
+    let lost = tokio::time::timeout(PATIENCE, on_a.recv()).await;
+    redis.thaw().expect("thaw");
+    assert!(matches!(lost, Ok(Some(Err(Lagged(0))))), "the hung connection, told: {lost:?}");
+    let back = next(&mut on_a).await;
+    assert_eq!(back.unwrap_err(), Lagged(0), "the connection made again, told");
+    let b = node("users", 2);
+    let _sb = fast(&b).start().expect("start b");
+    until_flowing(&b, &mut on_a, "after-the-hang").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -62,6 +62,17 @@ impl Process {
         }
     }
 
+    /// Sends `signal` (`STOP`, `CONT`) to the process, with `kill`.
+    fn signal(&self, signal: &str) -> io::Result<()> {
+        let child = self.child.as_ref().ok_or_else(|| io::Error::other("the process is not running"))?;
+        let status = Command::new("kill").arg(format!("-{signal}")).arg(child.id().to_string()).status()?;
+        if status.success() {
+            Ok(())
+        } else {
+            Err(io::Error::other(format!("kill -{signal} failed: {status}")))
+        }
+    }
+
     fn exited(&mut self) -> bool {
         self.child.as_mut().is_none_or(|c| c.try_wait().ok().flatten().is_some())
     }
@@ -208,6 +219,17 @@ impl RedisServer {
     /// Kills the server.
     pub fn stop(&mut self) {
         self.process.kill();
+    }
+
+    /// Freezes the server (`SIGSTOP`): its connections stay open, and
+    /// nothing is answered or delivered until [`thaw`](Self::thaw).
+    pub fn freeze(&self) -> io::Result<()> {
+        self.process.signal("STOP")
+    }
+
+    /// Lets a frozen server run again (`SIGCONT`).
+    pub fn thaw(&self) -> io::Result<()> {
+        self.process.signal("CONT")
     }
 
     /// Kills the server and starts a new one on the same port (its data is lost).

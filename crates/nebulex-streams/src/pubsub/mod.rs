@@ -213,6 +213,11 @@ pub(crate) struct LinkConfig {
     #[cfg_attr(not(any(feature = "redis", feature = "nats")), allow(dead_code))]
     pub(crate) backoff: Backoff,
     pub(crate) hooks: Arc<Hooks>,
+    /// How long a subscription that hears this node's own frames may hear
+    /// nothing at all (its heartbeats come back once a heartbeat at least)
+    /// before its connection is taken for hung, and made again.
+    #[cfg_attr(not(feature = "redis"), allow(dead_code))]
+    pub(crate) liveness: Duration,
     /// Set to `Some(Ok)` once subscribed; `Some(Err)` if the first attempt
     /// fails (the link keeps trying, and sets `Some(Ok)` once it is in).
     pub(crate) ready: Ready,

@@ -8,7 +8,7 @@
 //! (Pub/Sub does not replay what was published meanwhile).
 
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use futures::future::BoxFuture;
 use futures::StreamExt;
@@ -59,7 +59,7 @@ pub(crate) fn open(url: &str, config: LinkConfig) -> Result<Arc<dyn Link>, Error
 /// Subscribes every channel and hands frames to the stream, reconnecting
 /// until shut down.
 async fn subscribe_loop(client: redis::Client, config: LinkConfig, mut stop: watch::Receiver<bool>) {
-    let LinkConfig { channels, backoff, hooks, ready, .. } = config;
+    let LinkConfig { channels, backoff, hooks, liveness, ready, .. } = config;
     let mut attempt = 0u32;
     loop {
         let connected = tokio::select! {
@@ -73,7 +73,7 @@ async fn subscribe_loop(client: redis::Client, config: LinkConfig, mut stop: wat
                 attempt = 0;
                 ready.send_replace(Some(Ok(())));
                 (hooks.on_state)(LinkState::Up);
-                if !pump(stream, &channels, &hooks, &mut stop).await {
+                if !pump(stream, &channels, &hooks, liveness, &mut stop).await {
                     return;
                 }
                 tracing::warn!(target: "nebulex_streams", "Redis Pub/Sub connection lost; reconnecting");
@@ -101,21 +101,32 @@ async fn subscribe(client: &redis::Client, channels: &[String]) -> Result<redis:
 }
 
 /// Reads frames until the connection ends (`true`) or shutdown (`false`).
+///
+/// A connection that hangs without closing (a frozen server, a lost route)
+/// would wait for ever: Redis sends this node's own frames back, and it
+/// sends one on every partition at least once a heartbeat, so hearing
+/// nothing at all for `liveness` ends it too.
 async fn pump(
     mut stream: redis::aio::PubSubStream,
     channels: &[String],
     hooks: &Hooks,
+    liveness: Duration,
     stop: &mut watch::Receiver<bool>,
 ) -> bool {
     loop {
         tokio::select! {
-            msg = stream.next() => match msg {
-                Some(msg) => {
+            msg = tokio::time::timeout(liveness, stream.next()) => match msg {
+                Ok(Some(msg)) => {
                     if let Some(index) = channels.iter().position(|c| c == msg.get_channel_name()) {
                         (hooks.on_frame)(index, msg.get_payload_bytes());
                     }
                 }
-                None => return true,
+                Ok(None) => return true,
+                Err(_) => {
+                    tracing::warn!(target: "nebulex_streams", ?liveness,
+                        "Redis Pub/Sub heard nothing, not even this node's own heartbeats: the connection hangs");
+                    return true;
+                }
             },
             _ = stop.changed() => return false,
         }
