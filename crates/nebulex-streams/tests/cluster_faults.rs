@@ -183,7 +183,9 @@ async fn writes_complete_with_the_writers_transport_cut_and_the_loss_is_counted(
     read_until(&mut on_b, &mut tally, |t| t.accounted() >= u64::from(WRITES)).await;
     assert_eq!(tally.accounted(), u64::from(WRITES), "lagged {:?}", tally.lagged);
     assert!(tally.lost() > 0, "the cut lost nothing?");
-    assert!(!tally.lagged.contains(&0), "a known loss is reported with its size: {:?}", tally.lagged);
+    // (A burst slower than A's silence limit also has B tell A's silence,
+    // as `Lagged(0)`; the loss itself is still told with its size.)
+    assert!(tally.lagged.iter().any(|&n| n > 0), "a known loss is reported with its size: {:?}", tally.lagged);
     eprintln!("of {WRITES}: {} got through, {} lost in the cut", tally.events.len(), tally.lost());
     // The stream goes on.
     a.put("after".into(), 1);
