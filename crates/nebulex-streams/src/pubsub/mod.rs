@@ -183,6 +183,62 @@ impl Backoff {
 #[cfg(any(feature = "redis", feature = "nats"))]
 const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
 
+/// How a session of a network transport ended.
+#[cfg(any(feature = "redis", feature = "nats"))]
+enum Ended {
+    /// Its connection was lost, or given up on: the link starts over.
+    Lost,
+    /// The link was closed.
+    Stopped,
+}
+
+/// The loop of both network transports, until the link is closed: makes a
+/// session (`connect`: a connection with every channel subscribed, within
+/// `timeout`), says the link is in (`ready`, and up), hands the session to
+/// `run` until it ends, says a lost one is down (`lost` says why), and after
+/// a failed or lost session starts over on the backoff.
+#[cfg(any(feature = "redis", feature = "nats"))]
+async fn keep_subscribed<S>(
+    config: &LinkConfig,
+    (server, timeout, lost): (&str, Duration, &str),
+    mut stop: watch::Receiver<bool>,
+    mut connect: impl FnMut() -> BoxFuture<'static, Result<S, String>>,
+    mut run: impl FnMut(S, watch::Receiver<bool>) -> BoxFuture<'static, Ended>,
+) {
+    let mut attempt = 0u32;
+    loop {
+        let connected = tokio::select! {
+            r = tokio::time::timeout(timeout, connect()) => {
+                r.unwrap_or_else(|_| Err(format!("no answer from {server} within {timeout:?}")))
+            }
+            _ = stop.changed() => return,
+        };
+        match connected {
+            Ok(session) => {
+                attempt = 0;
+                config.ready.send_replace(Some(Ok(())));
+                (config.hooks.on_state)(LinkState::Up);
+                if let Ended::Stopped = run(session, stop.clone()).await {
+                    return;
+                }
+                tracing::warn!(target: "nebulex_streams", "{lost}; reconnecting");
+                (config.hooks.on_state)(LinkState::Down(lost.into()));
+            }
+            Err(e) => {
+                tracing::warn!(target: "nebulex_streams", error = %e, attempt, "cannot join {server}");
+                if config.ready.borrow().is_none() {
+                    config.ready.send_replace(Some(Err(Error::Transport(e))));
+                }
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(config.backoff.delay(attempt)) => {}
+            _ = stop.changed() => return,
+        }
+        attempt = attempt.saturating_add(1);
+    }
+}
+
 /// A connection change a transport reports.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum LinkState {

@@ -14,10 +14,10 @@ use std::time::Duration;
 use async_nats::ConnectOptions;
 
 use futures::future::BoxFuture;
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 use tokio::sync::watch;
 
-use super::{redact, runtime, Backoff, Hooks, Link, LinkConfig, LinkState, CONNECT_TIMEOUT};
+use super::{keep_subscribed, redact, runtime, Backoff, Ended, Hooks, Link, LinkConfig, LinkState, CONNECT_TIMEOUT};
 use crate::error::Error;
 
 struct NatsLink {
@@ -81,48 +81,34 @@ async fn run(
     addrs: Vec<async_nats::ServerAddr>,
     config: LinkConfig,
     client_tx: watch::Sender<Option<async_nats::Client>>,
-    mut stop: watch::Receiver<bool>,
+    stop: watch::Receiver<bool>,
 ) {
-    let LinkConfig { channels, backoff, hooks, ready, .. } = config;
-    let mut attempt = 0u32;
-    loop {
+    let (addrs, channels): (Arc<[_]>, Arc<[String]>) = (addrs.into(), config.channels.clone().into());
+    let (backoff, hooks) = (config.backoff, config.hooks.clone());
+    let connect = || {
         let subscribed = Arc::new(AtomicBool::new(false));
         let options = options(backoff, hooks.clone(), addrs.len(), subscribed.clone());
-        let started = tokio::select! {
-            r = tokio::time::timeout(SESSION_TIMEOUT, session(options, &addrs, &channels)) => {
-                r.unwrap_or_else(|_| Err(format!("no answer from NATS within {SESSION_TIMEOUT:?}")))
-            }
-            _ = stop.changed() => return,
-        };
-        match started {
-            Ok((client, subscribers)) => {
-                attempt = 0;
-                subscribed.store(true, Ordering::Release);
-                client_tx.send_replace(Some(client));
-                ready.send_replace(Some(Ok(())));
-                (hooks.on_state)(LinkState::Up);
-                let stopped = pump(subscribers, &hooks, &mut stop).await;
-                // Dropping the last handle of the client ends its connection.
-                client_tx.send_replace(None);
-                if stopped {
-                    return;
-                }
-                tracing::warn!(target: "nebulex_streams", "NATS client gave up reconnecting; starting over");
-                (hooks.on_state)(LinkState::Down("NATS connection lost".into()));
-            }
-            Err(e) => {
-                tracing::warn!(target: "nebulex_streams", error = %e, attempt, "cannot join NATS");
-                if ready.borrow().is_none() {
-                    ready.send_replace(Some(Err(Error::Transport(e))));
-                }
-            }
+        let (addrs, channels, client_tx) = (addrs.clone(), channels.clone(), client_tx.clone());
+        async move {
+            let (client, subscribers) = session(options, &addrs, &channels).await?;
+            subscribed.store(true, Ordering::Release);
+            client_tx.send_replace(Some(client));
+            Ok(subscribers)
         }
-        tokio::select! {
-            _ = tokio::time::sleep(backoff.delay(attempt)) => {}
-            _ = stop.changed() => return,
+        .boxed()
+    };
+    let run = |subscribers, stop| {
+        let (hooks, client_tx) = (hooks.clone(), client_tx.clone());
+        async move {
+            let ended = pump(subscribers, &hooks, stop).await;
+            // Dropping the last handle of the client ends its connection.
+            client_tx.send_replace(None);
+            ended
         }
-        attempt = attempt.saturating_add(1);
-    }
+        .boxed()
+    };
+    let server = ("NATS", SESSION_TIMEOUT, "NATS connection lost, and the client gave up reconnecting");
+    keep_subscribed(&config, server, stop, connect, run).await;
 }
 
 /// A connected client with every channel subscribed, once the server has
@@ -142,8 +128,8 @@ async fn session(
     Ok((client, subscribers))
 }
 
-/// Reads frames until the client gives up (`false`) or shutdown (`true`).
-async fn pump(subscribers: Vec<async_nats::Subscriber>, hooks: &Hooks, stop: &mut watch::Receiver<bool>) -> bool {
+/// Reads frames until the client gives up or the link is closed.
+async fn pump(subscribers: Vec<async_nats::Subscriber>, hooks: &Hooks, mut stop: watch::Receiver<bool>) -> Ended {
     let mut merged = futures::stream::select_all(
         subscribers.into_iter().enumerate().map(|(index, s)| s.map(move |msg| (index, msg)).boxed()),
     );
@@ -151,9 +137,9 @@ async fn pump(subscribers: Vec<async_nats::Subscriber>, hooks: &Hooks, stop: &mu
         tokio::select! {
             next = merged.next() => match next {
                 Some((index, msg)) => (hooks.on_frame)(index, &msg.payload),
-                None => return false,
+                None => return Ended::Lost,
             },
-            _ = stop.changed() => return true,
+            _ = stop.changed() => return Ended::Stopped,
         }
     }
 }

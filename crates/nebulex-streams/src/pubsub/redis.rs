@@ -11,11 +11,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::future::BoxFuture;
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 use redis::aio::MultiplexedConnection;
 use tokio::sync::watch;
 
-use super::{redact, runtime, Backoff, Hooks, Link, LinkConfig, LinkState, CONNECT_TIMEOUT};
+use super::{keep_subscribed, redact, runtime, Backoff, Ended, Hooks, Link, LinkConfig, CONNECT_TIMEOUT};
 use crate::error::Error;
 
 struct RedisLink {
@@ -58,40 +58,17 @@ pub(crate) fn open(url: &str, config: LinkConfig) -> Result<Arc<dyn Link>, Error
 
 /// Subscribes every channel and hands frames to the stream, reconnecting
 /// until shut down.
-async fn subscribe_loop(client: redis::Client, config: LinkConfig, mut stop: watch::Receiver<bool>) {
-    let LinkConfig { channels, backoff, hooks, liveness, ready, .. } = config;
-    let mut attempt = 0u32;
-    loop {
-        let connected = tokio::select! {
-            r = tokio::time::timeout(CONNECT_TIMEOUT, subscribe(&client, &channels)) => {
-                r.unwrap_or_else(|_| Err(format!("no answer within {CONNECT_TIMEOUT:?}")))
-            }
-            _ = stop.changed() => return,
-        };
-        match connected {
-            Ok(stream) => {
-                attempt = 0;
-                ready.send_replace(Some(Ok(())));
-                (hooks.on_state)(LinkState::Up);
-                if !pump(stream, &channels, &hooks, liveness, &mut stop).await {
-                    return;
-                }
-                tracing::warn!(target: "nebulex_streams", "Redis Pub/Sub connection lost; reconnecting");
-                (hooks.on_state)(LinkState::Down("Redis Pub/Sub connection lost".into()));
-            }
-            Err(e) => {
-                tracing::warn!(target: "nebulex_streams", error = %e, attempt, "cannot subscribe to Redis");
-                if ready.borrow().is_none() {
-                    ready.send_replace(Some(Err(Error::Transport(format!("cannot subscribe to Redis: {e}")))));
-                }
-            }
-        }
-        tokio::select! {
-            _ = tokio::time::sleep(backoff.delay(attempt)) => {}
-            _ = stop.changed() => return,
-        }
-        attempt = attempt.saturating_add(1);
-    }
+async fn subscribe_loop(client: redis::Client, config: LinkConfig, stop: watch::Receiver<bool>) {
+    let channels: Arc<[String]> = config.channels.clone().into();
+    let (hooks, liveness) = (config.hooks.clone(), config.liveness);
+    let connect = || {
+        let (client, channels) = (client.clone(), channels.clone());
+        async move { subscribe(&client, &channels).await.map_err(|e| format!("cannot subscribe to Redis: {e}")) }
+            .boxed()
+    };
+    let run = |stream, stop| pump(stream, channels.clone(), hooks.clone(), liveness, stop).boxed();
+    let server = ("Redis", CONNECT_TIMEOUT, "Redis Pub/Sub connection lost");
+    keep_subscribed(&config, server, stop, connect, run).await;
 }
 
 async fn subscribe(client: &redis::Client, channels: &[String]) -> Result<redis::aio::PubSubStream, String> {
@@ -100,7 +77,7 @@ async fn subscribe(client: &redis::Client, channels: &[String]) -> Result<redis:
     Ok(pubsub.into_on_message())
 }
 
-/// Reads frames until the connection ends (`true`) or shutdown (`false`).
+/// Reads frames until the connection ends or the link is closed.
 ///
 /// A connection that hangs without closing (a frozen server, a lost route)
 /// would wait for ever: Redis sends this node's own frames back, and it
@@ -108,11 +85,11 @@ async fn subscribe(client: &redis::Client, channels: &[String]) -> Result<redis:
 /// nothing at all for `liveness` ends it too.
 async fn pump(
     mut stream: redis::aio::PubSubStream,
-    channels: &[String],
-    hooks: &Hooks,
+    channels: Arc<[String]>,
+    hooks: Arc<Hooks>,
     liveness: Duration,
-    stop: &mut watch::Receiver<bool>,
-) -> bool {
+    mut stop: watch::Receiver<bool>,
+) -> Ended {
     loop {
         tokio::select! {
             msg = tokio::time::timeout(liveness, stream.next()) => match msg {
@@ -121,14 +98,14 @@ async fn pump(
                         (hooks.on_frame)(index, msg.get_payload_bytes());
                     }
                 }
-                Ok(None) => return true,
+                Ok(None) => return Ended::Lost,
                 Err(_) => {
                     tracing::warn!(target: "nebulex_streams", ?liveness,
                         "Redis Pub/Sub heard nothing, not even this node's own heartbeats: the connection hangs");
-                    return true;
+                    return Ended::Lost;
                 }
             },
-            _ = stop.changed() => return false,
+            _ = stop.changed() => return Ended::Stopped,
         }
     }
 }
