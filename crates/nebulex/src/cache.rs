@@ -285,6 +285,10 @@ where
     /// Stores every pair (the last value of a repeated key wins), emitting one
     /// `Inserted` event naming the new keys and one `Updated` event naming
     /// the existing ones.
+    ///
+    /// A key whose `Hash`, `Eq` or `Clone` panics stops the call where it
+    /// stands: the events name what it stored before, then the panic reaches
+    /// the caller.
     pub fn put_all(&self, entries: impl IntoIterator<Item = (K, V)>) {
         self.inner.write_all(entries, false);
     }
@@ -428,6 +432,10 @@ where
     /// once) always — whether or not the keys had entries — and with
     /// `Keys(removed)` for a filter that removed any. An empty key list
     /// removes nothing and emits nothing.
+    ///
+    /// A panic in the filter or in a key's `Hash`, `Eq` or `Clone` stops the
+    /// call where it stands: the event names the keys it got to (for a
+    /// filter, exactly the removed ones), then the panic reaches the caller.
     pub fn delete_all(&self, query: Query<K, V>) -> usize {
         self.inner.delete_all(query)
     }
@@ -855,26 +863,30 @@ where
             }
         }
         let (mut inserted, mut updated) = (Vec::new(), Vec::new());
-        for (key, value) in batch {
-            let s = &mut *guards[shard_of(&key)];
-            s.mark_load_stale(&key);
-            let hash = s.map.hash(&key);
-            match s.map.get_full_mut_hashed(hash, &key) {
-                Some((_, _, slot)) if !slot.is_expired(now) => {
-                    slot.value = value;
-                    let expires_at = slot.set_ttl(ttl, now);
-                    s.expires_hashed(hash, expires_at);
-                    updated.push(key);
-                }
-                found => {
-                    if let Some((i, _, _)) = found {
-                        self.remove_expired(s, i, command);
+        // A key's `Hash`, `Eq` or `Clone` that panics stops the call where it
+        // stands: what it stored so far still has its events.
+        let written = hold_panic(|| {
+            for (key, value) in batch {
+                let s = &mut *guards[shard_of(&key)];
+                s.mark_load_stale(&key);
+                let hash = s.map.hash(&key);
+                match s.map.get_full_mut_hashed(hash, &key) {
+                    Some((_, _, slot)) if !slot.is_expired(now) => {
+                        slot.value = value;
+                        let expires_at = slot.set_ttl(ttl, now);
+                        s.expires_hashed(hash, expires_at);
+                        updated.push(key);
                     }
-                    s.insert_hashed(hash, key.clone(), Slot::new(value, ttl, now));
-                    inserted.push(key);
+                    found => {
+                        if let Some((i, _, _)) = found {
+                            self.remove_expired(s, i, command);
+                        }
+                        s.insert_hashed(hash, key.clone(), Slot::new(value, ttl, now));
+                        inserted.push(key);
+                    }
                 }
             }
-        }
+        });
         let version = Self::shared_version(&mut guards);
         let listeners = guards[0].listeners.clone();
         if !inserted.is_empty() {
@@ -886,6 +898,8 @@ where
         for g in guards.iter_mut() {
             self.trim(g, command);
         }
+        drop(guards);
+        written.resume();
         true
     }
 
@@ -1022,21 +1036,34 @@ where
                 let mut seen = std::collections::HashSet::with_capacity_and_hasher(keys.len(), self.selector);
                 let keys: Vec<K> = keys.into_iter().filter(|k| seen.insert(k.clone())).collect();
                 let (mut guards, slots) = self.lock_shards(keys.iter().map(|k| self.shard_index(k)));
-                let mut removed = 0;
-                for k in &keys {
-                    let s = &mut *guards[slots[self.shard_index(k)].unwrap_or(0)];
-                    s.mark_load_stale(k);
-                    if let Some((i, _, slot)) = s.map.get_full_mut(k) {
-                        if slot.is_expired(|| self.clock.now()) {
-                            self.remove_expired(s, i, Command::DeleteAll);
-                        } else {
-                            s.map.remove_index(i);
-                            removed += 1;
+                let (mut removed, mut judged) = (0, 0);
+                // A key's `Hash` or `Eq` that panics stops the call where it
+                // stands: the event names the keys judged before it.
+                let deleted = hold_panic(|| {
+                    for k in &keys {
+                        let s = &mut *guards[slots[self.shard_index(k)].unwrap_or(0)];
+                        s.mark_load_stale(k);
+                        if let Some((i, _, slot)) = s.map.get_full_mut(k) {
+                            if slot.is_expired(|| self.clock.now()) {
+                                self.remove_expired(s, i, Command::DeleteAll);
+                            } else {
+                                s.map.remove_index(i);
+                                removed += 1;
+                            }
                         }
+                        judged += 1;
                     }
+                });
+                let mut keys = keys;
+                keys.truncate(judged);
+                if !keys.is_empty() {
+                    let version = Self::shared_version(&mut guards);
+                    self.emit(&guards[0].listeners, EventType::Deleted, Command::DeleteAll, version, || {
+                        Target::Keys(keys)
+                    });
                 }
-                let version = Self::shared_version(&mut guards);
-                self.emit(&guards[0].listeners, EventType::Deleted, Command::DeleteAll, version, || Target::Keys(keys));
+                drop(guards);
+                deleted.resume();
                 removed
             }
             Query::Filter(f) => {
@@ -1051,13 +1078,17 @@ where
                         if panicked.is_some() {
                             return true;
                         }
-                        match std::panic::catch_unwind(AssertUnwindSafe(|| f(k, &slot.value))) {
-                            Ok(hit) => {
-                                if hit {
-                                    removed.push(k.clone());
-                                }
-                                !hit
+                        // The key is copied for the event before the entry
+                        // goes: a `Clone` that panics leaves its entry be.
+                        let judged = std::panic::catch_unwind(AssertUnwindSafe(|| {
+                            let hit = f(k, &slot.value);
+                            if hit {
+                                removed.push(k.clone());
                             }
+                            hit
+                        }));
+                        match judged {
+                            Ok(hit) => !hit,
                             Err(panic) => {
                                 panicked = Some(panic);
                                 true
@@ -1078,10 +1109,8 @@ where
                         Target::Keys(removed)
                     });
                 }
-                if let Some(panic) = panicked {
-                    drop(guards);
-                    std::panic::resume_unwind(panic);
-                }
+                drop(guards);
+                Held(panicked).resume();
                 count
             }
         }
@@ -1237,6 +1266,24 @@ where
 }
 
 /// Where a load starts: see [`Inner::begin_load`].
+/// A panic held back while a bulk call announces what it changed before it.
+struct Held(Option<Box<dyn std::any::Any + Send>>);
+
+impl Held {
+    /// Raises the held panic again, if there is one.
+    fn resume(self) {
+        if let Some(panic) = self.0 {
+            std::panic::resume_unwind(panic);
+        }
+    }
+}
+
+/// Runs `f`, holding a panic from it (a key's `Hash`, `Eq` or `Clone`)
+/// until the caller has emitted the events of what `f` did before it.
+fn hold_panic(f: impl FnOnce()) -> Held {
+    Held(std::panic::catch_unwind(AssertUnwindSafe(f)).err())
+}
+
 enum Begin<V> {
     Hit(V),
     Wait(Arc<Load<V>>),

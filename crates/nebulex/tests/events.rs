@@ -885,3 +885,100 @@ fn a_panicking_delete_all_predicate_reaches_its_caller_after_the_event_of_what_i
     assert_eq!(c.len(), 5, "what the predicate did not judge stays");
     assert!(removed.iter().all(|k| !c.contains_key(k)), "the event names exactly what was removed");
 }
+
+/// A key whose `Clone` or `Eq` panics on one value, once armed on this thread
+/// (the calls of these tests run on it).
+#[derive(Debug)]
+struct Touchy(u32);
+
+thread_local! {
+    static CLONE_PANICS_ON: std::cell::Cell<Option<u32>> = const { std::cell::Cell::new(None) };
+    static EQ_PANICS_ON: std::cell::Cell<Option<u32>> = const { std::cell::Cell::new(None) };
+}
+
+impl Clone for Touchy {
+    fn clone(&self) -> Self {
+        assert_ne!(CLONE_PANICS_ON.get(), Some(self.0), "a touchy key's clone");
+        Touchy(self.0)
+    }
+}
+
+impl PartialEq for Touchy {
+    fn eq(&self, other: &Self) -> bool {
+        assert!(![self.0, other.0].contains(&EQ_PANICS_ON.get().unwrap_or(u32::MAX)), "a touchy key's eq");
+        self.0 == other.0
+    }
+}
+
+impl Eq for Touchy {}
+
+impl std::hash::Hash for Touchy {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.0.hash(state);
+    }
+}
+
+/// Runs `call` with `cell` armed on `on`, expecting it to panic; disarms.
+fn panics_with_armed(cell: &'static std::thread::LocalKey<std::cell::Cell<Option<u32>>>, on: u32, call: impl FnOnce()) {
+    cell.set(Some(on));
+    let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(call));
+    cell.set(None);
+    assert!(outcome.is_err(), "the key's panic reaches the caller");
+}
+
+fn touchy_cache() -> Cache<Touchy, u32> {
+    Cache::builder().shards(1).sweep_interval(NO_SWEEP).build().unwrap()
+}
+
+#[test]
+fn a_put_all_stopped_by_a_panicking_key_clone_emits_the_events_of_what_it_stored() {
+    let c = touchy_cache();
+    c.put(Touchy(1), 0);
+    let r = Recorder::attach(&c);
+    // Keys are stored in order; the new key 5's copy for the table panics.
+    panics_with_armed(&CLONE_PANICS_ON, 5, || c.put_all((0..10).map(|k| (Touchy(k), k))));
+    let events = r.take_brief();
+    let [(Inserted, Keys(inserted), C::PutAll), (Updated, Keys(updated), C::PutAll)] = &events[..] else {
+        panic!("{events:?}")
+    };
+    assert_eq!(inserted, &[0, 2, 3, 4].map(Touchy));
+    assert_eq!(updated, &[Touchy(1)]);
+    let mut held: Vec<u32> = (0..10).filter(|k| c.contains_key(&Touchy(*k))).collect();
+    held.sort_unstable();
+    assert_eq!(held, [0, 1, 2, 3, 4], "what the events name is exactly what is stored");
+    assert_eq!(c.get(&Touchy(1)), Some(1));
+}
+
+#[test]
+fn a_delete_all_of_keys_stopped_by_a_panicking_key_eq_names_the_keys_it_judged() {
+    let c = touchy_cache();
+    c.put_all((0..10).map(|k| (Touchy(k), k)));
+    let r = Recorder::attach(&c);
+    // Key 5 is stored, so looking it up compares it, and that panics.
+    panics_with_armed(&EQ_PANICS_ON, 5, || {
+        c.delete_all(Query::Keys([0, 1, 20, 5, 7].map(Touchy).into()));
+    });
+    let events = r.take_brief();
+    let [(Deleted, Keys(deleted), C::DeleteAll)] = &events[..] else { panic!("{events:?}") };
+    assert_eq!(deleted, &[0, 1, 20].map(Touchy));
+    let held: Vec<u32> = (0..10).filter(|k| c.contains_key(&Touchy(*k))).collect();
+    assert_eq!(held, [2, 3, 4, 5, 6, 7, 8, 9], "what the call did not reach stays");
+}
+
+#[test]
+fn a_delete_all_filter_stopped_by_a_panicking_key_clone_names_exactly_what_it_removed() {
+    let c = touchy_cache();
+    c.put_all((0..10).map(|k| (Touchy(k), k)));
+    let r = Recorder::attach(&c);
+    panics_with_armed(&CLONE_PANICS_ON, 5, || {
+        c.delete_all(Query::filter(|_, _| true));
+    });
+    let events = r.take_brief();
+    let [(Deleted, Keys(deleted), C::DeleteAll)] = &events[..] else { panic!("{events:?}") };
+    assert!(c.contains_key(&Touchy(5)), "the entry whose key could not be copied for the event stays");
+    let mut gone: Vec<u32> = (0..10).filter(|k| !c.contains_key(&Touchy(*k))).collect();
+    let mut named: Vec<u32> = deleted.iter().map(|k| k.0).collect();
+    gone.sort_unstable();
+    named.sort_unstable();
+    assert_eq!(named, gone, "the event names exactly what was removed");
+}
