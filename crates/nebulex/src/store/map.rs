@@ -165,4 +165,11 @@ impl<K: Hash + Eq, V> EntryMap<K, V> {
     pub(crate) fn buckets(&self) -> usize {
         self.table.num_buckets()
     }
+
+    /// Shrinks the table to the fewest buckets that hold its entries (and at
+    /// least `min` entries); bucket indices change.
+    pub(crate) fn shrink_to(&mut self, min: usize) {
+        let hasher = &self.hasher;
+        self.table.shrink_to(min, |e| hasher.hash_one(&e.key));
+    }
 }

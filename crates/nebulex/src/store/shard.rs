@@ -23,6 +23,9 @@ use crate::store::map::EntryMap;
 
 /// How many entries an eviction compares.
 pub(crate) const SAMPLES: usize = 24;
+/// A table with more buckets than this many per entry is shrunk before an
+/// eviction samples it.
+const SPARSE_BUCKETS: usize = 8;
 /// Counters halve after this many uses per unit of capacity.
 const AGING_FACTOR: usize = 16;
 /// The expiry index is rebuilt from the entries when it holds more than
@@ -272,6 +275,13 @@ impl<K: Hash + Eq, V: Clone> Shard<K, V> {
     /// expired (`true`): it is removed as expired, not evicted. The clock is
     /// read only if some entry can expire.
     pub(crate) fn evict_one(&mut self, now: impl FnOnce() -> u64) -> Option<(K, bool)> {
+        // A bulk write far past the bound leaves the table mostly empty as it
+        // is trimmed: it is shrunk, so that a sample finds entries in a few
+        // probes. Each shrink cuts the table more than threefold, so all the
+        // shrinks of one trim cost about one pass over the grown table.
+        if self.map.buckets() > SPARSE_BUCKETS * (self.map.len() + 1) {
+            self.map.shrink_to(self.cap.min(self.map.len()));
+        }
         let buckets = self.map.buckets();
         let now = (!self.expiries.is_empty()).then(now);
         let mut victim: Option<(usize, u8)> = None;
@@ -325,6 +335,23 @@ mod tests {
         assert!(!s.remove_expired_at(|| now, usize::MAX, |k| expired.push(k)));
         expired.sort_unstable();
         expired
+    }
+
+    #[test]
+    fn trimming_a_shard_far_past_its_bound_leaves_a_table_of_its_size() {
+        let cap = 1_000;
+        let mut s = Shard::new(cap, no_listeners(), 1, MapHasher::with_seed(7));
+        for key in 0..50_000 {
+            put(&mut s, key, 0);
+        }
+        let grown = s.map.buckets();
+        while s.over_capacity() {
+            assert!(s.evict_one(|| 0).is_some());
+        }
+        assert_eq!(s.map.len(), cap);
+        let buckets = s.map.buckets();
+        assert!(buckets <= SPARSE_BUCKETS * (cap + 2), "{buckets} buckets for {cap} entries (grown to {grown})");
+        assert!((0..50_000).filter(|k| s.map.contains_key(k)).count() == cap, "every entry left is findable");
     }
 
     #[test]
