@@ -34,7 +34,7 @@
 //! telemetry fires. A lost connection is a gap of unknown size on every
 //! partition (`Lagged(0)`), and each origin's next jump is still counted.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::task::Poll;
@@ -152,8 +152,8 @@ pub(crate) struct Cluster<K> {
     link: OnceLock<Arc<dyn Link>>,
     ready: watch::Receiver<Option<Result<(), Error>>>,
     ready_tx: crate::pubsub::Ready,
-    /// Per (origin, partition): where its numbering stands.
-    seen: Mutex<HashMap<(NodeId, u32), Seen>>,
+    /// Where each origin's numbering stands.
+    seen: Mutex<Origins>,
     link_up: AtomicBool,
     /// How often an idle partition sends a heartbeat.
     heartbeat: Duration,
@@ -192,7 +192,7 @@ impl<K> Cluster<K> {
             link: OnceLock::new(),
             ready,
             ready_tx,
-            seen: Mutex::new(HashMap::new()),
+            seen: Mutex::new(Origins::default()),
             link_up: AtomicBool::new(false),
             heartbeat: options.heartbeat,
             hello: Arc::default(),
@@ -283,6 +283,64 @@ impl Seen {
     }
 }
 
+/// An origin on one partition.
+type OriginKey = (NodeId, u32);
+
+/// Where a receiver stands with the origins it heard.
+#[derive(Default)]
+struct Origins {
+    /// Per (origin, partition): where its numbering stands.
+    heard: HashMap<OriginKey, Seen>,
+    /// The last [`FORGOTTEN_ORIGINS`] forgotten, each with the number it was
+    /// forgotten as (only the latest of a key counts in `order`). An origin
+    /// heard again is judged from where it stood, so a frame of it captured
+    /// earlier is still a replay once it is forgotten.
+    forgotten: HashMap<OriginKey, (Seen, u64)>,
+    /// The forgotten keys, oldest first, with their numbers.
+    order: VecDeque<(OriginKey, u64)>,
+    /// Numbers handed to the forgotten, in order.
+    forgets: u64,
+}
+
+impl Origins {
+    /// Where `key` stands, if it is heard or among the last forgotten (then
+    /// heard again).
+    fn recall(&mut self, key: OriginKey) -> Option<&mut Seen> {
+        if let Some((seen, _)) = self.forgotten.remove(&key) {
+            self.heard.insert(key, seen);
+        }
+        self.heard.get_mut(&key)
+    }
+
+    /// Forgets the origins that `keep` does not keep, remembering the last
+    /// [`FORGOTTEN_ORIGINS`] of them.
+    fn forget(&mut self, mut keep: impl FnMut(&Seen) -> bool) {
+        let Origins { heard, forgotten, order, forgets } = self;
+        heard.retain(|&key, seen| {
+            if keep(seen) {
+                return true;
+            }
+            *forgets += 1;
+            forgotten.insert(key, (*seen, *forgets));
+            order.push_back((key, *forgets));
+            false
+        });
+        while forgotten.len() > FORGOTTEN_ORIGINS || order.len() > 2 * FORGOTTEN_ORIGINS {
+            let Some((key, number)) = order.pop_front() else { break };
+            if forgotten.get(&key).is_some_and(|&(_, n)| n == number) {
+                forgotten.remove(&key);
+            }
+        }
+    }
+}
+
+/// How many forgotten (origin, partition) pairs a receiver keeps on (about
+/// 90 bytes each), the last forgotten: heard again, one of those is judged
+/// from where it stood, so a frame of it captured earlier and replayed is
+/// still refused. An origin forgotten before these is heard again as for
+/// the first time.
+pub const FORGOTTEN_ORIGINS: usize = 4096;
+
 /// About how many frames a sender's pass publishes at most, shared between
 /// the partitions.
 const FRAMES_PER_PASS: usize = 64;
@@ -292,8 +350,8 @@ const FRAMES_PER_PASS: usize = 64;
 /// and reports a possible loss on the partition.
 pub const SILENT_HEARTBEATS: u32 = 5;
 
-/// Heartbeats after which an origin that stopped cleanly is forgotten: if it
-/// is heard again, it is a node heard for the first time.
+/// Heartbeats after which an origin that stopped cleanly is forgotten (and
+/// kept on among the last [`FORGOTTEN_ORIGINS`] forgotten).
 const FORGET_HEARTBEATS: u32 = 100;
 
 /// How long an origin that fell silent without stopping is remembered (at
@@ -688,14 +746,20 @@ impl<K> StreamShared<K> {
         let now = Instant::now();
         {
             let mut seen = cluster.seen.lock();
-            let entry = seen.entry((h.origin, partition)).or_insert_with(|| {
-                // A node we have not heard from: tell it where we stand.
+            let key = (h.origin, partition);
+            if !seen.heard.contains_key(&key) {
+                // A node we have not heard from lately: tell it where we stand.
                 cluster.hello.notify_one();
-                // If its stream started after ours, we have listened since
-                // its first number (1): a later one means frames were lost.
-                let first = if started_ms(h.epoch) > started_ms(cluster.epoch) { 1 } else { h.first_seq };
-                Seen::new(h.epoch, first, now)
-            });
+            }
+            let entry = match seen.recall(key) {
+                Some(entry) => entry,
+                None => {
+                    // If its stream started after ours, we have listened since
+                    // its first number (1): a later one means frames were lost.
+                    let first = if started_ms(h.epoch) > started_ms(cluster.epoch) { 1 } else { h.first_seq };
+                    seen.heard.entry(key).or_insert(Seen::new(h.epoch, first, now))
+                }
+            };
             if h.epoch != entry.epoch {
                 // Epochs grow with each start of a node's stream (its start
                 // time is in them): a lower one is from before its restart,
@@ -761,7 +825,7 @@ impl<K> StreamShared<K> {
         let now = Instant::now();
         let mut silent = Vec::new();
         let mut seen = cluster.seen.lock();
-        for (&(origin, partition), e) in seen.iter_mut() {
+        for (&(origin, partition), e) in seen.heard.iter_mut() {
             if !e.gone() && now.saturating_duration_since(e.heard) >= limit {
                 e.silent = true;
                 silent.push((origin, partition));
@@ -769,7 +833,7 @@ impl<K> StreamShared<K> {
         }
         // Origins long gone are forgotten, so that nodes coming and going
         // with new ids do not grow the map.
-        seen.retain(|_, e| {
+        seen.forget(|e| {
             let quiet = now.saturating_duration_since(e.heard);
             (!e.ended || quiet < forget) && (!e.silent || quiet < forget_silent)
         });
@@ -800,7 +864,7 @@ impl<K> StreamShared<K> {
                     // Nothing could be heard while the link was down: count
                     // every origin's silence from now.
                     let now = Instant::now();
-                    cluster.seen.lock().values_mut().for_each(|e| e.heard = now);
+                    cluster.seen.lock().heard.values_mut().for_each(|e| e.heard = now);
                 }
                 if !was_up && cluster.ever_up.swap(true, Ordering::AcqRel) {
                     // Back after a loss: whatever was published meanwhile is

@@ -55,7 +55,9 @@ pub mod subscription;
 pub mod telemetry;
 pub mod wire;
 
-pub use cluster::{DEFAULT_BATCH_SIZE, DEFAULT_HEARTBEAT, DEFAULT_OUTBOUND_BUFFER, MAX_BACKOFF, SILENT_HEARTBEATS};
+pub use cluster::{
+    DEFAULT_BATCH_SIZE, DEFAULT_HEARTBEAT, DEFAULT_OUTBOUND_BUFFER, FORGOTTEN_ORIGINS, MAX_BACKOFF, SILENT_HEARTBEATS,
+};
 pub use error::Error;
 pub use invalidator::{DisconnectPolicy, Invalidator, InvalidatorBuilder};
 pub use pubsub::{Backoff, MemoryBus, PubSub};

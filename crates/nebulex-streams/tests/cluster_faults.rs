@@ -13,7 +13,7 @@ use nebulex::{Cache, CacheEntryEvent, EventType, NodeId, Target};
 use nebulex_streams::wire::{self, DecodeLimits};
 use nebulex_streams::{
     BroadcastError, Lagged, MemoryBus, PubSub, Route, Streams, StreamsBuilder, StreamsExt, SubscribeOptions,
-    Subscription, Telemetry,
+    Subscription, Telemetry, FORGOTTEN_ORIGINS,
 };
 use tokio::time::{timeout, timeout_at, Instant};
 
@@ -881,10 +881,11 @@ async fn another_node_with_our_id_is_reported_not_taken_for_our_echo() {
 }
 
 /// An origin that stopped is forgotten after a while (nodes coming and going
-/// with new ids must not grow a receiver's state): heard again, it is heard
-/// for the first time.
+/// with new ids must not grow a receiver's state), but the last ones
+/// forgotten are still judged from where they stood: a frame of one captured
+/// earlier and replayed is refused, and a later one is a gap from there.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_stopped_origin_is_forgotten_after_a_while() {
+async fn a_stopped_origin_is_forgotten_after_a_while_and_its_captured_frames_stay_refused() {
     let bus = PubSub::memory();
     let memory: MemoryBus = bus.as_memory().expect("memory bus").clone();
     let b = node("users", 2);
@@ -892,16 +893,49 @@ async fn a_stopped_origin_is_forgotten_after_a_while() {
     let _sb = ready(builder(&b, &bus).observer(reports.observer()).start().expect("start b")).await;
     let mut on_b = b.subscribe(SubscribeOptions::new()).expect("subscribe");
     let epoch = epoch_from_now(1_000); // started after us: followed from 1
-    memory.publish_raw("nbx:users", &craft(9, epoch, "users", 0, 0, 1, &["first"]));
+    let captured = craft(9, epoch, "users", 0, 0, 1, &["first"]);
+    memory.publish_raw("nbx:users", &captured);
     memory.publish_raw("nbx:users", &last_heartbeat(9, epoch, 0, 0, 2));
-    // Long after (100 heartbeats), the same numbering goes on at 5: a node
-    // still remembered would miss 2, 3, 4 (3 events); a forgotten one is
-    // followed from its number 1 again (4 events).
+    // Long after (100 heartbeats), its first frame comes again, then the
+    // same numbering goes on at 5: 2, 3 and 4 were lost (heard as for the
+    // first time, it would be 1 to 4).
     tokio::time::sleep(HEARTBEAT * 110).await;
+    memory.publish_raw("nbx:users", &captured);
     memory.publish_raw("nbx:users", &craft(9, epoch, "users", 0, 0, 5, &["again"]));
     let mut tally = Tally::default();
     read_until(&mut on_b, &mut tally, |t| t.events.len() == 2).await;
-    assert_eq!(tally.lagged, [4], "heard again as for the first time");
+    assert_eq!(tally.keys(), ["first", "again"], "the captured frame, refused");
+    assert_eq!(tally.lagged, [3], "judged from where it stood");
+    assert_eq!(reports.rejected(), ["replay"]);
+}
+
+/// Only the last [`FORGOTTEN_ORIGINS`] forgotten origins are kept on: one
+/// forgotten before them is heard again as for the first time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_the_last_forgotten_origins_are_kept_on() {
+    let bus = PubSub::memory();
+    let memory: MemoryBus = bus.as_memory().expect("memory bus").clone();
+    let b = node("users", 2);
+    let reports = Reports::default();
+    let _sb = ready(builder(&b, &bus).observer(reports.observer()).start().expect("start b")).await;
+    let mut on_b = b.subscribe(SubscribeOptions::new()).expect("subscribe");
+    // Started before us: first heard at 3, each stops there.
+    let epoch = epoch_from_now(-60_000);
+    let stopped = |origin: u64| memory.publish_raw("nbx:users", &last_heartbeat(origin, epoch, 0, 0, 3));
+    stopped(9);
+    tokio::time::sleep(HEARTBEAT * 110).await; // 9 is forgotten, then as many others
+    let others = 1_000..1_000 + FORGOTTEN_ORIGINS as u64;
+    others.clone().for_each(stopped);
+    tokio::time::sleep(HEARTBEAT * 110).await;
+    // Each goes on at 5: from where it stood, 3 and 4 are lost; heard as for
+    // the first time, the numbering is taken as it comes.
+    memory.publish_raw("nbx:users", &craft(9, epoch, "users", 0, 0, 5, &["nine"]));
+    memory.publish_raw("nbx:users", &craft(others.start, epoch, "users", 0, 0, 5, &["other"]));
+    let mut tally = Tally::default();
+    read_until(&mut on_b, &mut tally, |t| t.events.len() == 2).await;
+    assert_eq!(tally.keys(), ["nine", "other"]);
+    assert_eq!(tally.lagged, [2], "only the origin still kept on has a gap");
+    assert_eq!(*reports.gaps.lock().unwrap(), [(Some(NodeId(others.start)), 2)]);
 }
 
 /// A partition flooded with events does not hold back another's: each of
