@@ -161,6 +161,9 @@ pub(crate) struct Cluster<K> {
     hello: Arc<tokio::sync::Notify>,
     /// Whether the link was ever up (its first `Up` is no recovery).
     ever_up: AtomicBool,
+    /// When the link first came up (or a frame first came): this node has
+    /// listened since.
+    first_up: OnceLock<Instant>,
     shutdown: watch::Sender<bool>,
     /// Ends (its sender dropped) once the sender task has finished: flushed
     /// and closed the link after a stop, or was dropped with its runtime.
@@ -197,6 +200,7 @@ impl<K> Cluster<K> {
             heartbeat: options.heartbeat,
             hello: Arc::default(),
             ever_up: AtomicBool::new(false),
+            first_up: OnceLock::new(),
             shutdown: watch::channel(false).0,
             sender_done: OnceLock::new(),
             pubsub: transport.pubsub,
@@ -363,6 +367,24 @@ const FORGET_SILENT: Duration = Duration::from_secs(24 * 3600);
 /// The milliseconds since the Unix epoch when the stream of `epoch` started.
 fn started_ms(epoch: u64) -> u64 {
     epoch >> 16
+}
+
+impl<K> Cluster<K> {
+    /// Whether this node has listened since the stream that sent a frame
+    /// started. Judged by two durations, each on its own node's clock, so
+    /// that clocks set apart do not matter: that stream has run for less
+    /// (the frame's send time less its epoch's start, by the origin's clock)
+    /// than this node has listened (by its own). A frame without a usable
+    /// send time (0, or before its epoch's start) is judged by the two
+    /// streams' start times instead.
+    fn listened_since_start(&self, h: &FrameHeader, now: Instant) -> bool {
+        let (started, sent) = (started_ms(h.epoch), h.sent_at_us / 1_000);
+        if h.sent_at_us == 0 || sent < started {
+            return started > started_ms(self.epoch);
+        }
+        let listened = now.saturating_duration_since(*self.first_up.get_or_init(|| now));
+        Duration::from_millis(sent - started) < listened
+    }
 }
 
 /// Connects a started stream to its transport and starts its sender task.
@@ -754,9 +776,10 @@ impl<K> StreamShared<K> {
             let entry = match seen.recall(key) {
                 Some(entry) => entry,
                 None => {
-                    // If its stream started after ours, we have listened since
-                    // its first number (1): a later one means frames were lost.
-                    let first = if started_ms(h.epoch) > started_ms(cluster.epoch) { 1 } else { h.first_seq };
+                    // If we have listened since its stream started, we heard
+                    // from its first number (1): a later one means frames
+                    // were lost.
+                    let first = if cluster.listened_since_start(h, now) { 1 } else { h.first_seq };
                     seen.heard.entry(key).or_insert(Seen::new(h.epoch, first, now))
                 }
             };
@@ -859,6 +882,7 @@ impl<K> StreamShared<K> {
         let Some(cluster) = self.cluster.as_ref() else { return };
         match state {
             LinkState::Up => {
+                cluster.first_up.get_or_init(Instant::now);
                 let was_up = cluster.link_up.swap(true, Ordering::AcqRel);
                 if !was_up {
                     // Nothing could be heard while the link was down: count

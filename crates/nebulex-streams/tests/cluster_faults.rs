@@ -516,6 +516,28 @@ fn craft(
         sent_at_us: 0,
         last: false,
     };
+    encode_frame(&header, keys)
+}
+
+/// [`craft`] for cache "users", unpartitioned, with a send time: `sent_ms`
+/// milliseconds after its epoch's start, by the origin's clock.
+fn craft_sent(origin: u64, epoch: u64, sent_ms: u64, first_seq: u64, keys: &[&str]) -> Vec<u8> {
+    let header = wire::FrameHeader {
+        origin: NodeId(origin),
+        epoch,
+        cache: "users".into(),
+        partition: 0,
+        partitions: 0,
+        first_seq,
+        sent_at_us: ((epoch >> 16) + sent_ms) * 1_000,
+        last: false,
+    };
+    encode_frame(&header, keys)
+}
+
+/// A frame with `header` and one `Inserted` event per key.
+fn encode_frame(header: &wire::FrameHeader, keys: &[&str]) -> Vec<u8> {
+    let (origin, cache) = (header.origin, header.cache.as_str());
     let events: Vec<Event> = keys
         .iter()
         .map(|k| {
@@ -526,7 +548,7 @@ fn craft(
                 command: nebulex::Command::Put,
                 version: 1,
                 metadata: nebulex::EventMetadata {
-                    node: NodeId(origin),
+                    node: origin,
                     partition: None,
                     partitions: None,
                     topic: None,
@@ -536,7 +558,7 @@ fn craft(
             })
         })
         .collect();
-    wire::encode(&header, &events, None).expect("encode")
+    wire::encode(header, &events, None).expect("encode")
 }
 
 /// The heartbeat a stopping stream sends last on a partition of cache
@@ -907,6 +929,31 @@ async fn a_stopped_origin_is_forgotten_after_a_while_and_its_captured_frames_sta
     assert_eq!(tally.keys(), ["first", "again"], "the captured frame, refused");
     assert_eq!(tally.lagged, [3], "judged from where it stood");
     assert_eq!(reports.rejected(), ["replay"]);
+}
+
+/// Whether a node's stream started after ours is judged by how long each
+/// has run, by its own clock: clocks set apart do not matter.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn whether_a_node_started_after_us_is_judged_by_how_long_each_ran_not_by_clocks_set_apart() {
+    let bus = PubSub::memory();
+    let memory: MemoryBus = bus.as_memory().expect("memory bus").clone();
+    let b = node("users", 2);
+    let reports = Reports::default();
+    let _sb = ready(builder(&b, &bus).observer(reports.observer()).start().expect("start b")).await;
+    let mut on_b = b.subscribe(SubscribeOptions::new()).expect("subscribe");
+    // Node 9's clock is a minute behind ours: its stream seems to have
+    // started before ours, but this frame was sent as it started. We have
+    // listened since its number 1: its frames 1 and 2 were lost.
+    memory.publish_raw("nbx:users", &craft_sent(9, epoch_from_now(-60_000), 0, 3, &["behind"]));
+    // Node 10's clock is a minute ahead: its stream seems to have started
+    // after ours, but it has run for two minutes: its numbering is taken as
+    // it comes.
+    memory.publish_raw("nbx:users", &craft_sent(10, epoch_from_now(60_000), 120_000, 40, &["ahead"]));
+    let mut tally = Tally::default();
+    read_until(&mut on_b, &mut tally, |t| t.events.len() == 2).await;
+    assert_eq!(tally.keys(), ["behind", "ahead"]);
+    assert_eq!(tally.lagged, [2]);
+    assert_eq!(*reports.gaps.lock().unwrap(), [(Some(NodeId(9)), 2)]);
 }
 
 /// Only the last [`FORGOTTEN_ORIGINS`] forgotten origins are kept on: one
