@@ -496,6 +496,29 @@ async fn a_different_partition_count_rejects_frames() {
 
 // (f) What a receiver checks, frame by frame.
 
+/// Node B of cache "users" alone on a memory bus, with a subscriber: frames
+/// crafted here and published raw on its channel are what it hears.
+struct Lone {
+    memory: MemoryBus,
+    /// B's telemetry.
+    reports: Reports,
+    on_b: Subscription<String>,
+    /// B and its stream, held for the test's length.
+    _held: (Cache<String, u32>, Streams<String>),
+}
+
+impl Lone {
+    async fn start() -> Lone {
+        let bus = PubSub::memory();
+        let memory = bus.as_memory().expect("memory bus").clone();
+        let cache = node("users", 2);
+        let reports = Reports::default();
+        let streams = ready(builder(&cache, &bus).observer(reports.observer()).start().expect("start b")).await;
+        let on_b = cache.subscribe(SubscribeOptions::new()).expect("subscribe");
+        Lone { memory, reports, on_b, _held: (cache, streams) }
+    }
+}
+
 /// A frame of `origin` with one `Inserted` event per key.
 fn craft(
     origin: u64,
@@ -650,12 +673,7 @@ async fn a_receiver_refuses_bad_frames_with_their_reason_and_follows_sequence_nu
 /// a replay (or a very late duplicate).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_frame_of_an_earlier_epoch_is_refused() {
-    let bus = PubSub::memory();
-    let memory: MemoryBus = bus.as_memory().expect("memory bus").clone();
-    let b = node("users", 2);
-    let reports = Reports::default();
-    let _sb = ready(builder(&b, &bus).observer(reports.observer()).start().expect("start b")).await;
-    let mut on_b = b.subscribe(SubscribeOptions::new()).expect("subscribe");
+    let Lone { memory, reports, mut on_b, _held } = Lone::start().await;
     let old = craft(9, 1, "users", 0, 0, 1, &["old"]);
     memory.publish_raw("nbx:users", &old);
     // Node 9 restarts: epoch 2.
@@ -676,12 +694,7 @@ async fn a_frame_of_an_earlier_epoch_is_refused() {
 /// would keep the copies they made stale). The epoch it left stays refused.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_restarted_with_its_clock_set_back_is_followed_once_its_stream_is_gone() {
-    let bus = PubSub::memory();
-    let memory: MemoryBus = bus.as_memory().expect("memory bus").clone();
-    let b = node("users", 2);
-    let reports = Reports::default();
-    let _sb = ready(builder(&b, &bus).observer(reports.observer()).start().expect("start b")).await;
-    let mut on_b = b.subscribe(SubscribeOptions::new()).expect("subscribe");
+    let Lone { memory, reports, mut on_b, _held } = Lone::start().await;
     let (later, set_back, further_back) = (epoch_from_now(-1_000), epoch_from_now(-60_000), epoch_from_now(-120_000));
 
     // Node 9 stops cleanly, then restarts with its clock a minute back.
@@ -724,12 +737,7 @@ async fn a_node_restarted_with_its_clock_set_back_is_followed_once_its_stream_is
 /// frames it already sent, or frames of its older epochs, stay refused.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replays_stay_refused_after_a_lost_connection() {
-    let bus = PubSub::memory();
-    let memory: MemoryBus = bus.as_memory().expect("memory bus").clone();
-    let b = node("users", 2);
-    let reports = Reports::default();
-    let _sb = ready(builder(&b, &bus).observer(reports.observer()).start().expect("start b")).await;
-    let mut on_b = b.subscribe(SubscribeOptions::new()).expect("subscribe");
+    let Lone { memory, reports, mut on_b, _held } = Lone::start().await;
     let old_epoch = craft(9, 1, "users", 0, 0, 1, &["old"]);
     let seen = craft(9, 2, "users", 0, 0, 1, &["seen"]);
     memory.publish_raw("nbx:users", &old_epoch);
@@ -812,11 +820,7 @@ async fn a_filtered_subscriber_is_told_the_whole_gap_of_events_of_every_type() {
 /// with the same epoch, has what it sent meanwhile counted as a gap.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_origin_heard_again_long_after_falling_silent_has_its_gap_counted() {
-    let bus = PubSub::memory();
-    let memory: MemoryBus = bus.as_memory().expect("memory bus").clone();
-    let b = node("users", 2);
-    let _sb = ready(builder(&b, &bus).start().expect("start b")).await;
-    let mut on_b = b.subscribe(SubscribeOptions::new()).expect("subscribe");
+    let Lone { memory, mut on_b, _held, .. } = Lone::start().await;
     let epoch = epoch_from_now(-60_000); // started before us
     memory.publish_raw("nbx:users", &craft(9, epoch, "users", 0, 0, 1, &["first"]));
     let mut tally = Tally::default();
@@ -840,12 +844,7 @@ fn epoch_from_now(ms_from_now: i64) -> u64 {
 /// so a first frame further on is a gap of what came before.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_that_started_after_us_is_followed_from_its_first_number() {
-    let bus = PubSub::memory();
-    let memory: MemoryBus = bus.as_memory().expect("memory bus").clone();
-    let b = node("users", 2);
-    let reports = Reports::default();
-    let _sb = ready(builder(&b, &bus).observer(reports.observer()).start().expect("start b")).await;
-    let mut on_b = b.subscribe(SubscribeOptions::new()).expect("subscribe");
+    let Lone { memory, reports, mut on_b, _held } = Lone::start().await;
     // Node 9 started before us: its numbering is taken as it comes.
     memory.publish_raw("nbx:users", &craft(9, epoch_from_now(-60_000), "users", 0, 0, 40, &["older"]));
     // Node 10 started after us, and its first two frames were lost.
@@ -862,12 +861,7 @@ async fn a_node_that_started_after_us_is_followed_from_its_first_number() {
 /// whose last frame said it stopped is not.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_silent_without_stopping_is_a_possible_loss_reported_once() {
-    let bus = PubSub::memory();
-    let memory: MemoryBus = bus.as_memory().expect("memory bus").clone();
-    let b = node("users", 2);
-    let reports = Reports::default();
-    let _sb = ready(builder(&b, &bus).observer(reports.observer()).start().expect("start b")).await;
-    let mut on_b = b.subscribe(SubscribeOptions::new()).expect("subscribe");
+    let Lone { memory, reports, mut on_b, _held } = Lone::start().await;
     let started = Instant::now();
     memory.publish_raw("nbx:users", &craft(9, 1, "users", 0, 0, 1, &["from 9"]));
     memory.publish_raw("nbx:users", &craft(10, 1, "users", 0, 0, 1, &["from 10"]));
@@ -908,12 +902,7 @@ async fn another_node_with_our_id_is_reported_not_taken_for_our_echo() {
 /// earlier and replayed is refused, and a later one is a gap from there.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stopped_origin_is_forgotten_after_a_while_and_its_captured_frames_stay_refused() {
-    let bus = PubSub::memory();
-    let memory: MemoryBus = bus.as_memory().expect("memory bus").clone();
-    let b = node("users", 2);
-    let reports = Reports::default();
-    let _sb = ready(builder(&b, &bus).observer(reports.observer()).start().expect("start b")).await;
-    let mut on_b = b.subscribe(SubscribeOptions::new()).expect("subscribe");
+    let Lone { memory, reports, mut on_b, _held } = Lone::start().await;
     let epoch = epoch_from_now(1_000); // started after us: followed from 1
     let captured = craft(9, epoch, "users", 0, 0, 1, &["first"]);
     memory.publish_raw("nbx:users", &captured);
@@ -935,12 +924,7 @@ async fn a_stopped_origin_is_forgotten_after_a_while_and_its_captured_frames_sta
 /// has run, by its own clock: clocks set apart do not matter.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn whether_a_node_started_after_us_is_judged_by_how_long_each_ran_not_by_clocks_set_apart() {
-    let bus = PubSub::memory();
-    let memory: MemoryBus = bus.as_memory().expect("memory bus").clone();
-    let b = node("users", 2);
-    let reports = Reports::default();
-    let _sb = ready(builder(&b, &bus).observer(reports.observer()).start().expect("start b")).await;
-    let mut on_b = b.subscribe(SubscribeOptions::new()).expect("subscribe");
+    let Lone { memory, reports, mut on_b, _held } = Lone::start().await;
     // Node 9's clock is a minute behind ours: its stream seems to have
     // started before ours, but this frame was sent as it started. We have
     // listened since its number 1: its frames 1 and 2 were lost.
@@ -960,12 +944,7 @@ async fn whether_a_node_started_after_us_is_judged_by_how_long_each_ran_not_by_c
 /// forgotten before them is heard again as for the first time.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn only_the_last_forgotten_origins_are_kept_on() {
-    let bus = PubSub::memory();
-    let memory: MemoryBus = bus.as_memory().expect("memory bus").clone();
-    let b = node("users", 2);
-    let reports = Reports::default();
-    let _sb = ready(builder(&b, &bus).observer(reports.observer()).start().expect("start b")).await;
-    let mut on_b = b.subscribe(SubscribeOptions::new()).expect("subscribe");
+    let Lone { memory, reports, mut on_b, _held } = Lone::start().await;
     // Started before us: first heard at 3, each stops there.
     let epoch = epoch_from_now(-60_000);
     let stopped = |origin: u64| memory.publish_raw("nbx:users", &last_heartbeat(origin, epoch, 0, 0, 3));
