@@ -524,10 +524,13 @@ where
             }
         }
         let now = Instant::now();
+        // No heartbeats while the link is down: no node would hear them, and
+        // every partition is announced again once it is up.
+        let beat = cluster.link_up.load(Ordering::Acquire);
         for ((p, last), ring) in last_sent.iter_mut().enumerate().zip(&outbound) {
             if frames.iter().any(|(fp, _)| *fp == p) {
                 *last = Some(now);
-            } else if hello || last.is_none_or(|at| now.duration_since(at) >= heartbeat) {
+            } else if beat && (hello || last.is_none_or(|at| now.duration_since(at) >= heartbeat)) {
                 if let Some(frame) = s.heartbeat(p, ring.has_stash(), false) {
                     frames.push(frame);
                     *last = Some(now);
@@ -585,6 +588,10 @@ where
             s.reporter.transport_error(unsent, total);
             return;
         }
+    }
+    // What the transport's client still holds would go with the connection.
+    if tokio::time::timeout_at(deadline, link.flush()).await.is_err() {
+        tracing::warn!(target: "nebulex_streams", frames = total, "stopped before the last frames were written");
     }
 }
 
@@ -889,6 +896,8 @@ impl<K> StreamShared<K> {
                     // every origin's silence from now.
                     let now = Instant::now();
                     cluster.seen.lock().heard.values_mut().for_each(|e| e.heard = now);
+                    // And nothing was announced: every partition, at once.
+                    cluster.hello.notify_one();
                 }
                 if !was_up && cluster.ever_up.swap(true, Ordering::AcqRel) {
                     // Back after a loss: whatever was published meanwhile is

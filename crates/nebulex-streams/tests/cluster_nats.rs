@@ -178,3 +178,11 @@ async fn a_shut_down_stream_stops_trying_an_unreachable_server() {
     let more = attempts.load(Ordering::SeqCst) - after;
     assert!(more <= 1, "{more} attempts after shutdown");
 }
+
+/// A node that shuts its stream down and exits at once: its last events and
+/// its last frames reach the other nodes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_that_shuts_down_and_exits_at_once_delivers_its_last_events() {
+    let nats = NatsServer::start().expect("nats-server");
+    a_node_that_shuts_down_and_exits_delivers_its_last_events(PubSub::nats(nats.url())).await;
+}

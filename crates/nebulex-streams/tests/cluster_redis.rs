@@ -243,3 +243,11 @@ async fn nodes_exchange_events_over_tls_and_an_untrusted_certificate_fails_ready
         assert!(matches!(err, nebulex_streams::Error::Transport(_)), "{url}: {err}");
     }
 }
+
+/// A node that shuts its stream down and exits at once: its last events and
+/// its last frames reach the other nodes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_that_shuts_down_and_exits_at_once_delivers_its_last_events() {
+    let redis = RedisServer::start().expect("redis-server");
+    a_node_that_shuts_down_and_exits_delivers_its_last_events(PubSub::redis(redis.url())).await;
+}

@@ -287,6 +287,12 @@ pub(crate) trait Link: Send + Sync {
     /// Sends frames `(channel index, bytes)`, in order. Returns how many could
     /// not be sent.
     fn publish(&self, frames: Vec<(usize, Arc<[u8]>)>) -> BoxFuture<'_, usize>;
+    /// Waits until what was published is written out, for a client that
+    /// holds frames back after [`publish`](Self::publish) returned (before a
+    /// close, which would drop them).
+    fn flush(&self) -> BoxFuture<'_, ()> {
+        Box::pin(async {})
+    }
     /// Closes the connection and stops its tasks.
     fn close(&self);
 }

@@ -167,6 +167,17 @@ impl Link for NatsLink {
         })
     }
 
+    /// The client writes published messages in the background: waits for
+    /// the server's answer to a ping sent after them.
+    fn flush(&self) -> BoxFuture<'_, ()> {
+        Box::pin(async move {
+            let Some(client) = self.client.borrow().clone() else { return };
+            if let Err(e) = client.flush().await {
+                tracing::warn!(target: "nebulex_streams", error = %e, "NATS: frames may not have been written");
+            }
+        })
+    }
+
     fn close(&self) {
         self.shutdown.send_replace(true);
     }

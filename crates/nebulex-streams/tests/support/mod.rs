@@ -69,16 +69,7 @@ pub(crate) async fn until_flowing(writer: &Cache<String, u32>, sub: &mut Subscri
 /// Reads `n` events from `subs` together (one per partition, say), failing
 /// on a `Lagged`, an end, or an event that does not come in time.
 pub(crate) async fn receive_all(subs: Vec<Subscription<String>>, n: usize) {
-    use futures::StreamExt;
-    let mut all = futures::stream::select_all(subs);
-    for got in 0..n {
-        match tokio::time::timeout(PATIENCE, all.next()).await {
-            Ok(Some(Ok(_))) => {}
-            Ok(Some(Err(lagged))) => panic!("{lagged:?} after {got} of {n} events"),
-            Ok(None) => panic!("the streams ended after {got} of {n} events"),
-            Err(_) => panic!("only {got} of {n} events arrived within {PATIENCE:?} of the last"),
-        }
-    }
+    receive_from(&mut futures::stream::select_all(subs), n).await;
 }
 
 /// Waits until `cond` holds, failing the test after [`PATIENCE`].
@@ -87,5 +78,77 @@ pub(crate) async fn eventually(what: &str, cond: impl Fn() -> bool) {
     while !cond() {
         assert!(tokio::time::Instant::now() < deadline, "timed out waiting for: {what}");
         tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+}
+
+/// A node that writes, shuts its stream down and is gone at once (its
+/// runtime dropped, as at a process's exit): another node over `pubsub`
+/// gets every one of its events, and no loss, for its last frames said that
+/// its stream stopped (a node gone without them is reported silent after
+/// `SILENT_HEARTBEATS` heartbeats).
+pub(crate) async fn a_node_that_shuts_down_and_exits_delivers_its_last_events(pubsub: PubSub) {
+    use nebulex_streams::{EventScope, StreamsExt, SubscribeOptions, SILENT_HEARTBEATS};
+    const HEARTBEAT: Duration = Duration::from_millis(50);
+    const PARTITIONS: u32 = 4;
+    const EVENTS: u32 = 40;
+    // What could not be published, per node.
+    let failed = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let started = {
+        let failed = failed.clone();
+        move |cache: &Cache<String, u32>, pubsub: &PubSub| {
+            let failed = failed.clone();
+            Streams::builder(cache)
+                .partitions(PARTITIONS)
+                .pubsub(pubsub.clone())
+                .heartbeat(HEARTBEAT)
+                .observer(move |t: &nebulex_streams::Telemetry<String>| {
+                    if let nebulex_streams::Telemetry::PublishFailed { frames, .. } = t {
+                        failed.fetch_add(*frames, std::sync::atomic::Ordering::SeqCst);
+                    }
+                })
+                .start()
+        }
+    };
+    let b = node("users", 2);
+    let streams = started(&b, &pubsub).expect("start b");
+    tokio::time::timeout(PATIENCE, streams.ready()).await.expect("ready in time").expect("ready");
+    let subs: Vec<_> = (0..PARTITIONS)
+        .map(|p| b.subscribe(SubscribeOptions::new().partition(p).scope(EventScope::Remote)).expect("subscribe"))
+        .collect();
+    let writer = std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().expect("runtime");
+        rt.block_on(async {
+            let a = node("users", 1);
+            let streams = started(&a, &pubsub).expect("start a");
+            tokio::time::timeout(PATIENCE, streams.ready()).await.expect("ready in time").expect("ready");
+            for i in 0..EVENTS {
+                a.put(format!("k{i}"), i);
+            }
+            streams.shutdown().await;
+        });
+        drop(rt);
+    });
+    tokio::task::spawn_blocking(move || writer.join()).await.expect("join").expect("the writer");
+    let mut all = futures::stream::select_all(subs);
+    receive_from(&mut all, EVENTS as usize).await;
+    // Past the time a node gone without its last frames is reported silent.
+    let quiet = HEARTBEAT * (SILENT_HEARTBEATS + 3);
+    if let Ok(item) = tokio::time::timeout(quiet, futures::StreamExt::next(&mut all)).await {
+        panic!("nothing more was due, got {item:?}");
+    }
+    assert_eq!(failed.load(std::sync::atomic::Ordering::SeqCst), 0, "frames not published");
+}
+
+/// Reads `n` events from `all`, failing on a `Lagged`, an end, or an event
+/// that does not come in time.
+async fn receive_from(all: &mut futures::stream::SelectAll<Subscription<String>>, n: usize) {
+    use futures::StreamExt;
+    for got in 0..n {
+        match tokio::time::timeout(PATIENCE, all.next()).await {
+            Ok(Some(Ok(_))) => {}
+            Ok(Some(Err(lagged))) => panic!("{lagged:?} after {got} of {n} events"),
+            Ok(None) => panic!("the streams ended after {got} of {n} events"),
+            Err(_) => panic!("only {got} of {n} events arrived within {PATIENCE:?} of the last"),
+        }
     }
 }
