@@ -212,8 +212,11 @@ fn write_loop(cache: &Cache<String, u64>, keys: u64, rate: u64, seed: u64, stop:
     let mut rng = StdRng::seed_from_u64(0x6e62_7864_656d_6f00 ^ seed);
     let started = Instant::now();
     let mut done = 0u64;
+    // Paced: about 10 ms of operations at a time, so that a slow rate is
+    // kept too.
+    let chunk = if rate > 0 { (rate / 100).clamp(1, CHUNK) } else { CHUNK };
     while !stop.load(Ordering::Acquire) {
-        for _ in 0..CHUNK {
+        for _ in 0..chunk {
             let key = format!("user:{}", rng.gen_range(0..keys));
             let value = rng.gen::<u64>() % 1_000;
             match rng.gen_range(0..100u32) {
@@ -233,17 +236,24 @@ fn write_loop(cache: &Cache<String, u64>, keys: u64, rate: u64, seed: u64, stop:
                 }
             }
         }
-        done += CHUNK;
-        ops.fetch_add(CHUNK, Ordering::Relaxed);
+        done += chunk;
+        ops.fetch_add(chunk, Ordering::Relaxed);
         if rate > 0 {
-            let due = Duration::from_secs_f64(done as f64 / rate as f64);
-            let elapsed = started.elapsed();
-            if due > elapsed {
-                std::thread::sleep(due - elapsed);
+            let due = started + Duration::from_secs_f64(done as f64 / rate as f64);
+            // In short naps, so that a stop is seen soon.
+            while !stop.load(Ordering::Acquire) {
+                let now = Instant::now();
+                if now >= due {
+                    break;
+                }
+                std::thread::sleep((due - now).min(STOP_CHECK));
             }
         }
     }
 }
+
+/// The longest a paced writer sleeps before it looks whether to stop.
+const STOP_CHECK: Duration = Duration::from_millis(20);
 
 /// The live view.
 struct View {

@@ -436,3 +436,17 @@ fn demo_runs_and_prints_totals() {
     assert!(count > 0, "{text}");
     assert!(out.iter().any(|l| l.trim_start().starts_with("inserted")), "{text}");
 }
+
+#[test]
+fn demo_keeps_a_slow_rate_and_stops_when_due() {
+    // 2 writers at 1 operation a second each, for 1 second.
+    let mut demo = Nbx::spawn(&["demo", "--seconds", "1", "--rate", "1", "--writers", "2"]);
+    let status = demo.wait(Instant::now() + Duration::from_secs(15));
+    assert!(status.success(), "{status:?}");
+    let out = demo.rest();
+    let text = out.join("\n");
+    let operations = out.iter().find(|l| l.trim_start().starts_with("operations")).unwrap_or_else(|| panic!("{text}"));
+    let count: u64 = operations.split_whitespace().nth(1).unwrap().replace(',', "").parse().unwrap();
+    // One at the start and one a second later, per writer, at the most.
+    assert!((1..=4).contains(&count), "{text}");
+}
