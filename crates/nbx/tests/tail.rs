@@ -326,6 +326,15 @@ fn tail_text_shows_any_key_type_gaps_and_filters() {
             && rejected.ends_with("bytes) on nbx:users:3"),
         "{rejected}"
     );
+    // Then 0xfeed says nothing more, without having stopped: after 5 s, what
+    // it had not sent is taken for lost, as the nodes take it.
+    let silent = tail.line(deadline);
+    assert!(
+        silent.ends_with(
+            "GAP unknown number of events missed from 000000000000feed on partition 1 (fell silent without stopping)"
+        ),
+        "{silent}"
+    );
 }
 
 #[test]

@@ -42,6 +42,11 @@ const MAX_BACKOFF: Duration = Duration::from_secs(5);
 Output (one line per item, flushed at once, so it can be piped to jq):
   TIME  ORIGIN  pPARTITION  seq SEQ  KIND  COMMAND  vVERSION  KEYS
   TIME  GAP n events missed from ORIGIN on partition P
+  TIME  GAP unknown number of events missed from ORIGIN on partition P (fell
+        silent without stopping: no frame for 5 s, the nodes' default
+        heartbeat times SILENT_HEARTBEATS)
+  TIME  GAP unknown number of events missed on every partition (connection
+        lost)
   TIME  REJECTED reason: detail (N bytes) on CHANNEL
 TIME is the event's time on its origin (UTC); ORIGIN is the sending node's id
 in hex; partition `-` is an unpartitioned stream. Keys are decoded generically:
@@ -49,10 +54,12 @@ strings quoted, tuples and structs as (1, \"a\"), maps as {k: v}, binary as 0x..
 `*` for every entry (delete_all). Status messages go to stderr.
 
 With --json, each line is one object with a \"type\" of \"event\", \"gap\" or
-\"rejected\"; events have time, origin, epoch, cache, channel, partition (null
-when unpartitioned), partitions, seq, kind, command, version, target (\"key\",
+\"rejected\"; events have time, timestamp_us (the same time, in microseconds
+since the Unix epoch), origin, epoch, cache, channel, partition (null when
+unpartitioned), partitions, seq, kind, command, version, target (\"key\",
 \"keys\" or \"all\") and keys (JSON values: binary as {\"bin\": hex}, maps with
-non-string keys as [[k, v], ...]).
+non-string keys as [[k, v], ...]); gaps have time, origin (null for a lost
+connection), channel, partition, missed (null: unknown) and reason.
 
 Ctrl-C stops it (exit code 0).")]
 pub(crate) struct TailArgs {
@@ -289,8 +296,10 @@ async fn redis_loop(url: &str, plan: &Plan, tail: &mut Tail) -> Result<(), TailE
         _ = tokio::signal::ctrl_c() => return Ok(()),
     };
     eprintln!("nbx tail: subscribed to {} on Redis at {addr} (Ctrl-C to stop)", plan.describe());
+    let mut silence = silence_ticks();
     loop {
         tokio::select! {
+            _ = silence.tick() => tail.check_silence()?,
             msg = stream.next() => match msg {
                 Some(msg) => tail.on_message(msg.get_channel_name(), msg.get_payload_bytes())?,
                 None => {
@@ -363,8 +372,11 @@ async fn nats_loop(url: &str, plan: &Plan, tail: &mut Tail) -> Result<(), TailEr
     eprintln!("nbx tail: subscribed to {} on NATS at {shown} (Ctrl-C to stop)", plan.describe());
     let mut merged = futures::stream::select_all(subscribers);
     let mut connected = true;
+    let mut silence = silence_ticks();
     loop {
         tokio::select! {
+            // (Not while the connection is down: then nothing can be heard.)
+            _ = silence.tick(), if connected => tail.check_silence()?,
             msg = merged.next() => match msg {
                 Some(msg) => tail.on_message(msg.subject.as_str(), &msg.payload)?,
                 None => return Err(format!("the NATS connection to {shown} was closed").into()),
@@ -390,6 +402,13 @@ async fn nats_loop(url: &str, plan: &Plan, tail: &mut Tail) -> Result<(), TailEr
             _ = tokio::signal::ctrl_c() => return Ok(()),
         }
     }
+}
+
+/// When to look for origins fallen silent.
+fn silence_ticks() -> tokio::time::Interval {
+    let mut ticks = tokio::time::interval(Duration::from_millis(500));
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    ticks
 }
 
 /// Which channel a message came on.
@@ -429,6 +448,9 @@ const EARLIER_EPOCHS: usize = 4;
 /// gone, as the nodes do with their default heartbeat of 1 s.
 const SILENT: Duration = Duration::from_secs(nebulex_streams::SILENT_HEARTBEATS as u64);
 
+/// Why an origin's unsent events are taken for lost when it falls silent.
+const SILENT_REASON: &str = "fell silent without stopping";
+
 /// What the tail remembers of one (origin, stream, partition), following the
 /// nodes' rules (`docs/wire-format.md`).
 #[derive(Debug)]
@@ -444,11 +466,13 @@ struct Numbering {
     ended: bool,
     /// When a frame of it last arrived (or the tail's connection came back).
     heard: Instant,
+    /// Shown as fallen silent, until heard again.
+    silent: bool,
 }
 
 impl Numbering {
     fn new(epoch: u64, now: Instant) -> Self {
-        Numbering { epoch, earlier: [epoch; EARLIER_EPOCHS], next: None, ended: false, heard: now }
+        Numbering { epoch, earlier: [epoch; EARLIER_EPOCHS], next: None, ended: false, heard: now, silent: false }
     }
 
     /// Whether the origin's stream is gone: it stopped cleanly, or fell silent.
@@ -616,6 +640,7 @@ impl Tail {
         entry.next = Some(frame.first_seq.wrapping_add(n));
         entry.ended = frame.last;
         entry.heard = now;
+        entry.silent = false;
         Ok((frame, gap))
     }
 
@@ -717,6 +742,11 @@ impl Tail {
                 (Some(n), Some(o)) => {
                     format!("{}  GAP {n} events missed from {o:016x} on partition {part}", clock(now))
                 }
+                (None, Some(o)) => format!(
+                    "{}  GAP unknown number of events missed from {o:016x} on partition {part} ({})",
+                    clock(now),
+                    reason.unwrap_or("fell silent")
+                ),
                 _ => format!(
                     "{}  GAP unknown number of events missed on every partition ({})",
                     clock(now),
@@ -750,6 +780,37 @@ impl Tail {
     fn connection_lost(&mut self, reason: &str) -> io::Result<()> {
         let base = self.base.clone();
         self.print_gap(None, ChannelKind::Plain, None, &base, Some(reason))
+    }
+
+    /// Shows, once, each origin unheard for [`SILENT`] on a partition
+    /// whose stream there did not stop cleanly: it died, or lost its way to
+    /// the server, and what it had not sent is lost (the nodes report it as
+    /// a loss of unknown size too).
+    fn check_silence(&mut self) -> io::Result<()> {
+        self.check_silence_at(Instant::now())
+    }
+
+    /// [`check_silence`](Self::check_silence) at `now`.
+    fn check_silence_at(&mut self, now: Instant) -> io::Result<()> {
+        let mut silent: Vec<(u64, u32, u32)> = self
+            .numbering
+            .iter_mut()
+            .filter(|(_, n)| !n.ended && !n.silent && now.saturating_duration_since(n.heard) >= SILENT)
+            .map(|(&key, n)| {
+                n.silent = true;
+                key
+            })
+            .collect();
+        silent.sort_unstable();
+        for (origin, partitions, partition) in silent {
+            let (kind, channel) = if partitions == 0 {
+                (ChannelKind::Plain, self.base.clone())
+            } else {
+                (ChannelKind::Partition(partition), format!("{}:{partition}", self.base))
+            };
+            self.print_gap(Some(origin), kind, None, &channel, Some(SILENT_REASON))?;
+        }
+        Ok(())
     }
 
     /// The connection is back: nothing could be heard while it was down, so
@@ -968,6 +1029,43 @@ mod tests {
         for (line, want) in lines.iter().zip(expected) {
             assert!(line.contains(want), "{line:?} lacks {want:?}");
         }
+    }
+
+    #[test]
+    fn an_origin_fallen_silent_without_stopping_is_shown_once_as_a_gap_of_unknown_size() {
+        let (mut t, out) = tail(&["--redis", "redis://x/", "--cache", "users", "--json"]);
+        let one = vec![event(EventType::Inserted, Target::Key("k".to_string()))];
+        let none: Vec<Arc<CacheEntryEvent<String>>> = Vec::new();
+        let from = |origin, partition, first_seq, last| FrameHeader {
+            origin: NodeId(origin),
+            first_seq,
+            last,
+            ..header(partition, 4, 0)
+        };
+        let now = Instant::now();
+        t.on_message_at("nbx:users:1", &frame!(&from(0xa, 1, 1, false), &one, None), now).unwrap();
+        // 0xb stops cleanly: its silence is no loss.
+        t.on_message_at("nbx:users:2", &frame!(&from(0xb, 2, 1, true), &none, None), now).unwrap();
+        out.take();
+        t.check_silence_at(now + SILENT / 2).unwrap();
+        assert_eq!(out.take(), Vec::<String>::new(), "not silent yet");
+        t.check_silence_at(now + SILENT).unwrap();
+        let lines = out.take();
+        let [line] = &lines[..] else { panic!("{lines:?}") };
+        let gap: serde_json::Value = serde_json::from_str(line).unwrap();
+        assert_eq!(gap["type"], "gap");
+        assert_eq!(gap["origin"], "000000000000000a");
+        assert_eq!((gap["channel"].as_str(), gap["partition"].as_u64()), (Some("nbx:users:1"), Some(1)));
+        assert!(gap["missed"].is_null(), "{gap}");
+        assert_eq!(gap["reason"], SILENT_REASON);
+        t.check_silence_at(now + SILENT * 3).unwrap();
+        assert_eq!(out.take(), Vec::<String>::new(), "shown once");
+        // Heard again, then silent again: shown again.
+        let back = now + SILENT * 4;
+        t.on_message_at("nbx:users:1", &frame!(&from(0xa, 1, 2, false), &one, None), back).unwrap();
+        out.take();
+        t.check_silence_at(back + SILENT).unwrap();
+        assert_eq!(out.take().len(), 1);
     }
 
     #[test]
