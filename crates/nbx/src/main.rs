@@ -39,7 +39,7 @@ enum Command {
     /// Print a cluster's cache entry events as they cross Redis or NATS:
     /// gaps in sequence numbers and refused frames included. Read-only.
     Tail(tail::TailArgs),
-    /// Benchmark nebulex against moka and quick_cache, measured in one run.
+    /// Benchmark nebulex against moka, quick_cache and raw Redis/NATS, measured in one run.
     Bench(bench::BenchArgs),
 }
 

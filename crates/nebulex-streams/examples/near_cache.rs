@@ -11,7 +11,8 @@
 //! cargo run --release --example near_cache
 //! ```
 //!
-//! Or one node per process, the database being a Redis hash both share: run
+//! Or one node per process, the database being a Redis hash both share
+//! (`nbx:near_cache:db`, kept between runs: `del KEY` removes a record): run
 //! this in two terminals, then type `set user:1 Alice` and `get user:1` in
 //! one (cached), `set user:1 Bob` in the other, and `get user:1` again in the
 //! first (its copy was invalidated: it reloads `Bob`):
@@ -66,12 +67,19 @@ async fn node(name: &str, url: &str, show: bool) -> Result<Node, Error> {
 }
 
 #[tokio::main]
-async fn main() -> Result<(), Error> {
+async fn main() -> std::process::ExitCode {
     let url = std::env::var("NBX_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379/".to_string());
     let args: Vec<String> = std::env::args().collect();
-    match args.iter().position(|a| a == "--node") {
+    let outcome = match args.iter().position(|a| a == "--node") {
         Some(i) => interactive(args.get(i + 1).map_or("node", String::as_str), &url).await,
         None => two_nodes(&url).await,
+    };
+    match outcome {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("near_cache: {e}");
+            std::process::ExitCode::FAILURE
+        }
     }
 }
 

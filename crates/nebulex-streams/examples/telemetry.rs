@@ -1,5 +1,6 @@
 //! Telemetry: an observer that logs broadcast errors (here, a subscriber whose
-//! small buffer overflows), next to `tracing` output of the same reports.
+//! small buffer overflows), next to `tracing` output of the same reports (the
+//! lag they add up to, at level warn; each failed broadcast, at level trace).
 //!
 //! Run with `cargo run --release --example telemetry`.
 
@@ -7,8 +8,10 @@ use nebulex::Cache;
 use nebulex_streams::{BroadcastStatus, Streams, StreamsExt, SubscribeOptions, Telemetry};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    // `tracing` reports go to stderr (RUST_LOG=nebulex_streams=debug for more).
+    // `tracing` reports go to stderr (RUST_LOG=nebulex_streams=trace adds each
+    // failed broadcast).
     tracing_subscriber::fmt()
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("nebulex_streams=warn")),

@@ -266,18 +266,26 @@ fn redact(url: &str) -> String {
     }
 }
 
+/// A Redis error on one line; an answer that is not Redis's says so.
+fn one_line(e: &redis::RedisError) -> String {
+    if e.kind() == redis::ErrorKind::Parse {
+        return "its answer is not Redis's (is this a Redis server?)".into();
+    }
+    e.to_string().split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
 /// The next pause before reconnecting.
 fn backoff(attempt: u32) -> Duration {
     Duration::from_millis(100u64.saturating_mul(1 << attempt.min(10))).min(MAX_BACKOFF)
 }
 
 async fn redis_subscribe(client: &redis::Client, plan: &Plan) -> Result<redis::aio::PubSubStream, String> {
-    let mut pubsub = client.get_async_pubsub().await.map_err(|e| e.to_string())?;
+    let mut pubsub = client.get_async_pubsub().await.map_err(|e| one_line(&e))?;
     if !plan.channels.is_empty() {
-        pubsub.subscribe(&plan.channels).await.map_err(|e| format!("SUBSCRIBE failed: {e}"))?;
+        pubsub.subscribe(&plan.channels).await.map_err(|e| format!("SUBSCRIBE failed: {}", one_line(&e)))?;
     }
     if let Some(pattern) = &plan.redis_pattern {
-        pubsub.psubscribe(pattern).await.map_err(|e| format!("PSUBSCRIBE failed: {e}"))?;
+        pubsub.psubscribe(pattern).await.map_err(|e| format!("PSUBSCRIBE failed: {}", one_line(&e)))?;
     }
     Ok(pubsub.into_on_message())
 }

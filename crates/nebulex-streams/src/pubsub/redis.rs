@@ -72,9 +72,17 @@ async fn subscribe_loop(client: redis::Client, config: LinkConfig, stop: watch::
 }
 
 async fn subscribe(client: &redis::Client, channels: &[String]) -> Result<redis::aio::PubSubStream, String> {
-    let mut pubsub = client.get_async_pubsub().await.map_err(|e| e.to_string())?;
-    pubsub.subscribe(channels).await.map_err(|e| e.to_string())?;
+    let mut pubsub = client.get_async_pubsub().await.map_err(|e| one_line(&e))?;
+    pubsub.subscribe(channels).await.map_err(|e| one_line(&e))?;
     Ok(pubsub.into_on_message())
+}
+
+/// A Redis error on one line; an answer that is not Redis's says so.
+fn one_line(e: &redis::RedisError) -> String {
+    if e.kind() == redis::ErrorKind::Parse {
+        return "its answer is not Redis's (is this a Redis server?)".into();
+    }
+    e.to_string().split_whitespace().collect::<Vec<_>>().join(" ")
 }
 
 /// Reads frames until the connection ends or the link is closed.
