@@ -376,10 +376,14 @@ fn a_lost_connection_is_a_gap_of_unknown_size_and_the_tail_resubscribes() {
 
 #[test]
 fn an_unreachable_server_or_a_bad_url_fails_fast_with_one_clear_line() {
+    // A server that is not Redis, at a Redis URL.
+    let nats = NatsServer::start().expect("nats-server");
+    let not_redis = format!("redis://127.0.0.1:{}/", nats.port());
     for (args, expected) in [
         (&["tail", "--redis", "redis://127.0.0.1:1/", "--cache", "x"][..], "cannot connect to Redis at 127.0.0.1:1"),
         (&["tail", "--redis", "http://127.0.0.1/", "--cache", "x"][..], "invalid Redis URL"),
         (&["tail", "--nats", "nats://127.0.0.1:1", "--cache", "x"][..], "cannot connect to NATS at 127.0.0.1:1"),
+        (&["tail", "--redis", &not_redis, "--cache", "x"][..], "its answer is not Redis's (is this a Redis server?)"),
     ] {
         let mut nbx = Nbx::spawn(args);
         // Fast: exited within this deadline.
@@ -389,7 +393,7 @@ fn an_unreachable_server_or_a_bad_url_fails_fast_with_one_clear_line() {
         assert_eq!(err.len(), 1, "one line on stderr: {err:?}");
         assert!(err[0].starts_with("nbx: error: ") && err[0].contains(expected), "{args:?}: {}", err[0]);
         assert!(nbx.rest().is_empty());
-        if expected.starts_with("cannot connect to Redis") {
+        if expected.starts_with("cannot connect to Redis at 127.0.0.1:1") {
             assert!(err[0].to_lowercase().contains("refused"), "{}", err[0]);
         }
     }
