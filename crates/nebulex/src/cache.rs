@@ -1265,7 +1265,6 @@ where
     }
 }
 
-/// Where a load starts: see [`Inner::begin_load`].
 /// A panic held back while a bulk call announces what it changed before it.
 struct Held(Option<Box<dyn std::any::Any + Send>>);
 
@@ -1284,6 +1283,7 @@ fn hold_panic(f: impl FnOnce()) -> Held {
     Held(std::panic::catch_unwind(AssertUnwindSafe(f)).err())
 }
 
+/// Where a load starts: see [`Inner::begin_load`].
 enum Begin<V> {
     Hit(V),
     Wait(Arc<Load<V>>),
