@@ -53,6 +53,7 @@
 //! it read may be older than the change that was announced.
 //!
 //! ```no_run
+//! # #[cfg(feature = "redis")]
 //! # async fn run() -> Result<(), nebulex_streams::Error> {
 //! use nebulex::Cache;
 //! use nebulex_streams::{EventScope, Invalidator, PubSub, Streams};

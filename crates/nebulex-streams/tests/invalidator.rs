@@ -376,6 +376,7 @@ async fn a_flush_that_is_due_is_not_held_back_by_a_busy_partition() {
     assert!(!b.contains_key("read-before-the-flush"));
 }
 
+#[cfg(feature = "redis")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_invalidator_started_before_the_first_connection_flushes_what_is_read_meanwhile() {
     // No server listens here: the stream keeps trying, and never connects.

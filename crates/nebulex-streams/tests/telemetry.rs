@@ -4,10 +4,9 @@
 
 mod common;
 
-use std::collections::HashMap;
 use std::sync::Arc;
 
-use nebulex::{Cache, EventType, Target};
+use nebulex::{Cache, Target};
 use nebulex_streams::{
     partition_of, BroadcastError, BroadcastStatus, Lagged, Streams, StreamsExt, SubscribeOptions, Telemetry,
 };
@@ -16,11 +15,6 @@ use common::{drain, event, events_only, Recorded};
 
 fn cache(name: &str) -> Cache<String, u32> {
     Cache::builder().name(name).build().unwrap()
-}
-
-/// A key of `partition` out of `partitions`, by the default router.
-fn key_in(partition: u32, partitions: u32, nth: usize) -> String {
-    (0..).map(|i| format!("key:{i}")).filter(|k| partition_of(k, partitions) == partition).nth(nth).unwrap()
 }
 
 /// The broadcasts recorded: (status, reason, topic, event target).
@@ -220,9 +214,17 @@ fn a_full_subscriber_buffer_is_a_broadcast_error() {
 
 #[cfg(feature = "metrics")]
 mod with_metrics {
+    use std::collections::HashMap;
+
     use super::*;
     use metrics_util::debugging::{DebugValue, DebuggingRecorder, Snapshotter};
     use metrics_util::MetricKind;
+    use nebulex::EventType;
+
+    /// A key of `partition` out of `partitions`, by the default router.
+    fn key_in(partition: u32, partitions: u32, nth: usize) -> String {
+        (0..).map(|i| format!("key:{i}")).filter(|k| partition_of(k, partitions) == partition).nth(nth).unwrap()
+    }
 
     /// Counter values by name and sorted labels.
     fn counters(snapshotter: &Snapshotter) -> HashMap<(String, Vec<(String, String)>), u64> {

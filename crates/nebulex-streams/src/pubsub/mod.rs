@@ -41,10 +41,13 @@ pub use memory::MemoryBus;
 /// use nebulex_streams::PubSub;
 ///
 /// let bus = PubSub::memory(); // clones share one in-process bus
+/// # #[cfg(all(feature = "redis", feature = "nats"))] {
 /// let redis = PubSub::redis("redis://127.0.0.1:6379/");
 /// let nats = PubSub::nats("nats://127.0.0.1:4222");
 /// assert_eq!(redis.describe(), "redis://127.0.0.1:6379/");
-/// # let _ = (bus, nats);
+/// # let _ = nats;
+/// # }
+/// # let _ = bus;
 /// ```
 #[derive(Clone)]
 pub struct PubSub {
