@@ -463,3 +463,17 @@ fn demo_keeps_a_slow_rate_and_stops_when_due() {
     // One at the start and one a second later, per writer, at the most.
     assert!((1..=4).contains(&count), "{text}");
 }
+
+#[test]
+fn tail_over_nats_logs_in_with_the_credentials_of_its_url() {
+    let nats = NatsServer::start_with_user("alice", "p@ss").expect("nats-server");
+    let url = format!("nats://alice:p%40ss@127.0.0.1:{}", nats.port());
+    let mut tail = Nbx::spawn(&["tail", "--nats", &url, "--cache", "users"]);
+    let line = tail.stderr_line("subscribed", deadline());
+    assert!(!line.contains("p%40ss") && !line.contains("alice"), "no credentials shown: {line}");
+    let mut anonymous = Nbx::spawn(&["tail", "--nats", &nats.url(), "--cache", "users"]);
+    let status = anonymous.wait(deadline());
+    assert!(!status.success());
+    let err: Vec<String> = anonymous.stderr.iter().collect();
+    assert!(err.iter().any(|l| l.contains("authorization violation")), "{err:?}");
+}

@@ -5,6 +5,7 @@
 mod support;
 
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use nebulex::{NodeId, Target};
 use nebulex_streams::{PubSub, Streams, StreamsExt, SubscribeOptions, Telemetry};
@@ -185,4 +186,53 @@ async fn a_shut_down_stream_stops_trying_an_unreachable_server() {
 async fn a_node_that_shuts_down_and_exits_at_once_delivers_its_last_events() {
     let nats = NatsServer::start().expect("nats-server");
     a_node_that_shuts_down_and_exits_delivers_its_last_events(PubSub::nats(nats.url())).await;
+}
+
+/// A server that requires a login is joined with the user and password of
+/// its URL; without them, `ready` fails with the server's refusal.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_credentials_of_the_url_log_in() {
+    let nats = NatsServer::start_with_user("alice", "p@ss").expect("nats-server");
+    let url = format!("nats://alice:p%40ss@127.0.0.1:{}", nats.port());
+    let pubsub = PubSub::nats(url);
+    assert_eq!(pubsub.describe(), format!("nats://127.0.0.1:{}", nats.port()), "no credentials shown");
+    let (a, b) = (node("users", 1), node("users", 2));
+    let _sa = start(&a, &pubsub, 1).await;
+    let _sb = start(&b, &pubsub, 1).await;
+    let mut on_b = b.subscribe(SubscribeOptions::new()).unwrap();
+    a.put("user:1".into(), 1);
+    let e = next(&mut on_b).await.unwrap();
+    assert_eq!(e.target, Target::Key("user:1".to_string()));
+
+    let c = node("users", 3);
+    let anonymous = Streams::builder(&c).pubsub(PubSub::nats(nats.url())).start().unwrap();
+    let refused = tokio::time::timeout(PATIENCE, anonymous.ready()).await.expect("an answer in time");
+    let message = refused.expect_err("refused").to_string();
+    assert!(message.contains("authorization violation"), "{message}");
+}
+
+/// A connection that hangs without closing (a frozen server) is found out
+/// within a few heartbeats, told as a loss, and made again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_that_hangs_without_closing_is_a_gap_then_events_flow() {
+    let nats = NatsServer::start().expect("nats-server");
+    let pubsub = PubSub::nats(nats.url());
+    let fast = |c| {
+        Streams::builder(c)
+            .pubsub(pubsub.clone())
+            .heartbeat(Duration::from_millis(50))
+            .backoff(Duration::from_millis(20), Duration::from_millis(200))
+    };
+    let a = node("users", 1);
+    let sa = fast(&a).start().expect("start a");
+    tokio::time::timeout(PATIENCE, sa.ready()).await.expect("ready in time").expect("ready");
+    let mut on_a = a.subscribe(SubscribeOptions::new().scope(nebulex_streams::EventScope::Remote)).unwrap();
+    // Frozen, the server keeps every connection open and answers nothing.
+    nats.freeze().expect("freeze");
+    let lost = tokio::time::timeout(PATIENCE, on_a.recv()).await;
+    nats.thaw().expect("thaw");
+    assert!(matches!(lost, Ok(Some(Err(nebulex_streams::Lagged(0))))), "the hung connection, told: {lost:?}");
+    let b = node("users", 2);
+    let _sb = fast(&b).start().expect("start b");
+    until_flowing(&b, &mut on_a, "after-the-hang").await;
 }

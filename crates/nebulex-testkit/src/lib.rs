@@ -286,25 +286,47 @@ pub struct NatsServer {
     port: u16,
     dir: tempfile::TempDir,
     process: Process,
+    /// The user and password it requires, if any.
+    user: Option<(String, String)>,
 }
 
 impl NatsServer {
     /// Starts one on a free loopback port and waits until it greets.
     pub fn start() -> io::Result<Self> {
-        let (port, dir, process) = start_on_free_port(&Self::spawn, "nats-server")?;
-        Ok(NatsServer { port, dir, process })
+        let (port, dir, process) = start_on_free_port(&|port, dir| Self::spawn(port, None, dir), "nats-server")?;
+        Ok(NatsServer { port, dir, process, user: None })
     }
 
-    fn spawn(port: u16, dir: &tempfile::TempDir) -> io::Result<Process> {
-        let child = Command::new(find_binary("nats-server")?)
-            .args(["-a", "127.0.0.1", "-p", &port.to_string()])
-            .current_dir(dir.path())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()?;
+    /// [`start`](Self::start), requiring clients to log in as `user` with
+    /// `password`.
+    pub fn start_with_user(user: &str, password: &str) -> io::Result<Self> {
+        let login = Some((user.to_string(), password.to_string()));
+        let (port, dir, process) =
+            start_on_free_port(&|port, dir| Self::spawn(port, login.as_ref(), dir), "nats-server")?;
+        Ok(NatsServer { port, dir, process, user: login })
+    }
+
+    fn spawn(port: u16, user: Option<&(String, String)>, dir: &tempfile::TempDir) -> io::Result<Process> {
+        let mut command = Command::new(find_binary("nats-server")?);
+        command.args(["-a", "127.0.0.1", "-p", &port.to_string()]);
+        if let Some((user, password)) = user {
+            command.args(["--user", user, "--pass", password]);
+        }
+        let child = command.current_dir(dir.path()).stdout(Stdio::null()).stderr(Stdio::null()).spawn()?;
         let mut process = Process { child: Some(child) };
         wait_until(&mut process, "nats-server", || greets(port))?;
         Ok(process)
+    }
+
+    /// Freezes the server (`SIGSTOP`): its connections stay open, and it
+    /// answers nothing, as a hung server or a lost route.
+    pub fn freeze(&self) -> io::Result<()> {
+        self.process.signal("STOP")
+    }
+
+    /// Lets a frozen server run again (`SIGCONT`).
+    pub fn thaw(&self) -> io::Result<()> {
+        self.process.signal("CONT")
     }
 
     /// The server's URL: `nats://127.0.0.1:PORT`.
@@ -344,7 +366,8 @@ impl NatsServer {
 
     /// Kills the server and starts a new one on the same port.
     pub fn restart(&mut self) -> io::Result<()> {
-        respawn(&mut self.process, self.port, &self.dir, &Self::spawn)
+        let user = self.user.clone();
+        respawn(&mut self.process, self.port, &self.dir, &|port, dir| Self::spawn(port, user.as_ref(), dir))
     }
 }
 

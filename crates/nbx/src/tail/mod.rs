@@ -347,15 +347,19 @@ async fn nats_loop(url: &str, plan: &Plan, tail: &mut Tail) -> Result<(), TailEr
         .map_err(|e| format!("invalid NATS URL `{}`: {e}", redact(url)))?;
     let shown = addrs.iter().map(|a| format!("{}:{}", a.host(), a.port())).collect::<Vec<_>>().join(", ");
     let (events_tx, mut events) = tokio::sync::mpsc::unbounded_channel();
-    let options = async_nats::ConnectOptions::new()
-        .name("nbx tail")
-        .connection_timeout(CONNECT_TIMEOUT)
-        .event_callback(move |event| {
-            let tx = events_tx.clone();
-            async move {
-                let _ = tx.send(event);
-            }
-        });
+    // Credentials of the URL: `user:pass@` or `token@`.
+    let decoded = |s: &str| percent_encoding::percent_decode_str(s).decode_utf8_lossy().into_owned();
+    let options = match addrs.iter().find_map(|a| Some((a.username()?, a.password()))) {
+        Some((user, Some(pass))) => async_nats::ConnectOptions::with_user_and_password(decoded(user), decoded(pass)),
+        Some((token, None)) => async_nats::ConnectOptions::with_token(decoded(token)),
+        None => async_nats::ConnectOptions::new(),
+    };
+    let options = options.name("nbx tail").connection_timeout(CONNECT_TIMEOUT).event_callback(move |event| {
+        let tx = events_tx.clone();
+        async move {
+            let _ = tx.send(event);
+        }
+    });
     let client = tokio::select! {
         c = options.connect(addrs.as_slice()) => c.map_err(|e| format!("cannot connect to NATS at {shown}: {e}"))?,
         _ = tokio::signal::ctrl_c() => return Ok(()),

@@ -80,7 +80,9 @@ impl PubSub {
         PubSub { engine: Engine::Redis(url.into()) }
     }
 
-    /// NATS core publish/subscribe at `url` (`nats://[user:pass@]host:port`).
+    /// NATS core publish/subscribe at `url` (`nats://[user:pass@]host:port`
+    /// or `nats://token@host:port`, percent-encoded; several servers:
+    /// comma-separated).
     #[cfg(feature = "nats")]
     pub fn nats(url: impl Into<String>) -> Self {
         PubSub { engine: Engine::Nats(url.into()) }
@@ -275,7 +277,7 @@ pub(crate) struct LinkConfig {
     /// How long a subscription that hears this node's own frames may hear
     /// nothing at all (its heartbeats come back once a heartbeat at least)
     /// before its connection is taken for hung, and made again.
-    #[cfg_attr(not(feature = "redis"), allow(dead_code))]
+    #[cfg_attr(not(any(feature = "redis", feature = "nats")), allow(dead_code))]
     pub(crate) liveness: Duration,
     /// Set to `Some(Ok)` once subscribed; `Some(Err)` if the first attempt
     /// fails (the link keeps trying, and sets `Some(Ok)` once it is in).

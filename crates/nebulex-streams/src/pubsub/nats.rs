@@ -17,7 +17,7 @@ use futures::future::BoxFuture;
 use futures::{FutureExt, StreamExt};
 use tokio::sync::watch;
 
-use super::{keep_subscribed, redact, runtime, Backoff, Ended, Hooks, Link, LinkConfig, LinkState, CONNECT_TIMEOUT};
+use super::{keep_subscribed, redact, runtime, Ended, Hooks, Link, LinkConfig, LinkState, CONNECT_TIMEOUT};
 use crate::error::Error;
 
 struct NatsLink {
@@ -41,6 +41,33 @@ pub(crate) fn open(url: &str, config: LinkConfig) -> Result<Arc<dyn Link>, Error
     Ok(link)
 }
 
+/// The shortest time between two pings of the server.
+const MIN_PING_INTERVAL: Duration = Duration::from_millis(100);
+
+/// Credentials given in a server URL.
+#[derive(Debug, PartialEq)]
+enum Credentials {
+    UserPassword(String, String),
+    Token(String),
+}
+
+/// The credentials of the first server URL that has any: `user:pass@` or
+/// `token@`, percent-decoded.
+fn credentials(addrs: &[async_nats::ServerAddr]) -> Option<Credentials> {
+    addrs.iter().find_map(|a| {
+        let user = percent_decoded(a.username()?);
+        Some(match a.password() {
+            Some(pass) => Credentials::UserPassword(user, percent_decoded(pass)),
+            None => Credentials::Token(user),
+        })
+    })
+}
+
+/// `s` with its `%XX` escapes decoded.
+fn percent_decoded(s: &str) -> String {
+    percent_encoding::percent_decode_str(s).decode_utf8_lossy().into_owned()
+}
+
 /// How long connecting, subscribing every channel and the server's answer
 /// may take before the attempt counts as failed.
 const SESSION_TIMEOUT: Duration = Duration::from_secs(10);
@@ -51,12 +78,29 @@ const SESSION_TIMEOUT: Duration = Duration::from_secs(10);
 /// stops trying soon, even with the server unreachable. `subscribed` says
 /// when the link has subscribed every channel: from then on, the client's
 /// own reconnections (which resubscribe) report the link up.
-fn options(backoff: Backoff, hooks: Arc<Hooks>, servers: usize, subscribed: Arc<AtomicBool>) -> ConnectOptions {
-    ConnectOptions::new()
+///
+/// Credentials in the URL (`nats://user:pass@host`, `nats://token@host`)
+/// are the client's. The client pings the server twice per `liveness`, and
+/// takes the connection for lost after two pings unanswered: a hung
+/// connection is found out about as soon as with Redis.
+fn options(
+    addrs: &[async_nats::ServerAddr],
+    config: &LinkConfig,
+    hooks: Arc<Hooks>,
+    subscribed: Arc<AtomicBool>,
+) -> ConnectOptions {
+    let backoff = config.backoff;
+    let options = match credentials(addrs) {
+        Some(Credentials::UserPassword(user, pass)) => ConnectOptions::with_user_and_password(user, pass),
+        Some(Credentials::Token(token)) => ConnectOptions::with_token(token),
+        None => ConnectOptions::new(),
+    };
+    options
         // Our own frames need not come back.
         .no_echo()
+        .ping_interval((config.liveness / 2).max(MIN_PING_INTERVAL))
         .connection_timeout(CONNECT_TIMEOUT)
-        .max_reconnects(servers.max(1) * 2)
+        .max_reconnects(addrs.len().max(1) * 2)
         .reconnect_delay_callback(move |attempts| backoff.delay(attempts.saturating_sub(1) as u32))
         .event_callback(move |event| {
             let (hooks, subscribed) = (hooks.clone(), subscribed.clone());
@@ -84,10 +128,10 @@ async fn run(
     stop: watch::Receiver<bool>,
 ) {
     let (addrs, channels): (Arc<[_]>, Arc<[String]>) = (addrs.into(), config.channels.clone().into());
-    let (backoff, hooks) = (config.backoff, config.hooks.clone());
+    let hooks = config.hooks.clone();
     let connect = || {
         let subscribed = Arc::new(AtomicBool::new(false));
-        let options = options(backoff, hooks.clone(), addrs.len(), subscribed.clone());
+        let options = options(&addrs, &config, hooks.clone(), subscribed.clone());
         let (addrs, channels, client_tx) = (addrs.clone(), channels.clone(), client_tx.clone());
         async move {
             let (client, subscribers) = session(options, &addrs, &channels).await?;
@@ -180,5 +224,23 @@ impl Link for NatsLink {
 
     fn close(&self) {
         self.shutdown.send_replace(true);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn of(urls: &[&str]) -> Option<Credentials> {
+        let addrs: Vec<async_nats::ServerAddr> = urls.iter().map(|u| u.parse().expect("a NATS URL")).collect();
+        credentials(&addrs)
+    }
+
+    #[test]
+    fn credentials_come_from_the_first_url_that_has_any_percent_decoded() {
+        assert_eq!(of(&["nats://127.0.0.1:4222"]), None);
+        let alice = Credentials::UserPassword("alice".into(), "p@ss:w/rd".into());
+        assert_eq!(of(&["nats://127.0.0.1:1", "nats://alice:p%40ss%3Aw%2Frd@127.0.0.1:2"]), Some(alice));
+        assert_eq!(of(&["nats://s3cr%65t@127.0.0.1:4222"]), Some(Credentials::Token("s3cret".into())));
     }
 }
