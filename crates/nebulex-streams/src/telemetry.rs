@@ -286,10 +286,40 @@ pub enum InvalidatorEvent {
 
 pub(crate) type ObserverFn<K> = dyn Fn(&Telemetry<K>) + Send + Sync;
 
+/// How often the same warning may be logged by a stream that keeps hitting
+/// it (a server down while writes go on).
+const WARN_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Counts what a repeated warning is about, and says when to log it: at
+/// most once per [`WARN_EVERY`].
+#[derive(Default)]
+struct Throttle {
+    /// Counted since the last warning.
+    count: usize,
+    /// When that was.
+    warned: Option<std::time::Instant>,
+}
+
+impl Throttle {
+    /// Adds `n`; if a warning is due, the count it should give (all since
+    /// the last one).
+    fn add(&mut self, n: usize, now: std::time::Instant) -> Option<usize> {
+        self.count += n;
+        if self.warned.is_some_and(|at| now.saturating_duration_since(at) < WARN_EVERY) {
+            return None;
+        }
+        self.warned = Some(now);
+        Some(std::mem::take(&mut self.count))
+    }
+}
+
 /// Where a stream sends its reports.
 pub(crate) struct Reporter<K> {
     pub(crate) cache: CacheName,
     observer: Option<Box<ObserverFn<K>>>,
+    /// Frames not published: the `tracing` warning comes at most once a
+    /// second (the observer and the metric hear of every failure).
+    unpublished: parking_lot::Mutex<Throttle>,
     #[cfg(feature = "metrics")]
     metrics: Metrics,
 }
@@ -347,6 +377,7 @@ impl<K> Reporter<K> {
             metrics: Metrics::new(&cache, partitions),
             cache,
             observer,
+            unpublished: parking_lot::Mutex::new(Throttle::default()),
         }
     }
 
@@ -461,7 +492,14 @@ impl<K> Reporter<K> {
     pub(crate) fn transport_error(&self, failed: usize, sent: usize) {
         #[cfg(feature = "metrics")]
         self.metrics.transport.increment(failed as u64);
-        tracing::warn!(target: "nebulex_streams", cache = %self.cache, failed, sent, "frames not published");
+        let due = self.unpublished.lock().add(failed, std::time::Instant::now());
+        match due {
+            Some(failed) => tracing::warn!(target: "nebulex_streams", cache = %self.cache, failed,
+                "frames not published (since the last such warning)"),
+            None => {
+                tracing::debug!(target: "nebulex_streams", cache = %self.cache, failed, sent, "frames not published")
+            }
+        }
         self.observe(|| Telemetry::PublishFailed { cache: self.cache, frames: failed });
     }
 
@@ -501,4 +539,21 @@ pub(crate) fn panic_message(panic: &(dyn std::any::Any + Send)) -> &str {
         .copied()
         .or_else(|| panic.downcast_ref::<String>().map(String::as_str))
         .unwrap_or("(not a string)")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_repeated_warning_comes_at_most_once_per_period_with_all_it_counted() {
+        let start = std::time::Instant::now();
+        let mut t = Throttle::default();
+        assert_eq!(t.add(2, start), Some(2), "the first one at once");
+        assert_eq!(t.add(3, start + WARN_EVERY / 2), None);
+        assert_eq!(t.add(4, start + WARN_EVERY / 2), None);
+        assert_eq!(t.add(1, start + WARN_EVERY), Some(8), "then all since");
+        assert_eq!(t.add(5, start + WARN_EVERY * 3 / 2), None);
+        assert_eq!(t.add(0, start + WARN_EVERY * 3), Some(5));
+    }
 }
