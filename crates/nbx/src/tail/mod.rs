@@ -44,7 +44,7 @@ Output (one line per item, flushed at once, so it can be piped to jq):
   TIME  GAP n events missed from ORIGIN on partition P
   TIME  GAP unknown number of events missed from ORIGIN on partition P (fell
         silent without stopping: no frame for 5 s, the nodes' default
-        heartbeat times SILENT_HEARTBEATS)
+        heartbeat times SILENT_HEARTBEATS; or restarted without stopping)
   TIME  GAP unknown number of events missed on every partition (connection
         lost)
   TIME  REJECTED reason: detail (N bytes) on CHANNEL
@@ -462,6 +462,19 @@ const SILENT: Duration = Duration::from_secs(nebulex_streams::SILENT_HEARTBEATS 
 
 /// Why an origin's unsent events are taken for lost when it falls silent.
 const SILENT_REASON: &str = "fell silent without stopping";
+/// Why they are when it starts a new stream without having stopped the last.
+const RESTART_REASON: &str = "restarted without stopping";
+
+/// A frame that passed the checks, and what its numbering says was lost
+/// before it.
+struct Accepted {
+    frame: RawFrame,
+    /// Its origin started a new stream without having stopped the last one
+    /// (an unknown number of that one's events may be lost).
+    restarted_unstopped: bool,
+    /// Events missed before it, in its stream.
+    gap: Option<u64>,
+}
 
 /// What the tail remembers of one (origin, stream, partition), following the
 /// nodes' rules (`docs/wire-format.md`).
@@ -565,7 +578,10 @@ impl Tail {
     fn on_message_at(&mut self, channel: &str, payload: &[u8], now: Instant) -> io::Result<()> {
         let Some(kind) = self.channel_kind(channel) else { return Ok(()) };
         match self.accept(kind, payload, now) {
-            Ok((frame, gap)) => {
+            Ok(Accepted { frame, restarted_unstopped, gap }) => {
+                if restarted_unstopped {
+                    self.print_gap(Some(frame.origin), kind, None, channel, Some(RESTART_REASON))?;
+                }
                 if let Some(missed) = gap {
                     self.print_gap(Some(frame.origin), kind, Some(missed), channel, None)?;
                 }
@@ -575,14 +591,8 @@ impl Tail {
         }
     }
 
-    /// Decodes and checks a frame, and updates the numbering: the frame and
-    /// the number of events missed before it, if any.
-    fn accept(
-        &mut self,
-        channel: ChannelKind,
-        payload: &[u8],
-        now: Instant,
-    ) -> Result<(RawFrame, Option<u64>), Reject> {
+    /// Decodes and checks a frame, and updates the numbering.
+    fn accept(&mut self, channel: ChannelKind, payload: &[u8], now: Instant) -> Result<Accepted, Reject> {
         let frame = decode(payload, self.signing_key.as_deref(), self.max_frame_bytes)?;
         if frame.cache != self.cache {
             return Err(Reject::ForeignCache(frame.cache));
@@ -626,6 +636,7 @@ impl Tail {
             }
         }
         let n = frame.events.len() as u64;
+        let mut restarted_unstopped = false;
         let entry = self
             .numbering
             .entry((frame.origin, frame.partitions, frame.partition))
@@ -638,6 +649,9 @@ impl Tail {
             if left || (frame.epoch < entry.epoch && !entry.gone(now)) {
                 return Err(Reject::OldEpoch { epoch: frame.epoch, current: entry.epoch });
             }
+            // Without a LAST frame (or its silence shown), its last events
+            // may be lost, as the nodes report it.
+            restarted_unstopped = !entry.ended && !entry.silent;
             entry.restart(frame.epoch, now);
         }
         // (After this tail's connection was lost, too: the jump counts what
@@ -653,7 +667,7 @@ impl Tail {
         entry.ended = frame.last;
         entry.heard = now;
         entry.silent = false;
-        Ok((frame, gap))
+        Ok(Accepted { frame, restarted_unstopped, gap })
     }
 
     /// Whether an event passes the `--events` and `--key-prefix` filters.
@@ -979,17 +993,24 @@ mod tests {
         t.on_message("nbx:users:3", &frame!(&header(3, 4, 100), &one, None)).unwrap(); // other partition
         let mut restarted = header(2, 4, 1);
         restarted.epoch = 8;
-        t.on_message("nbx:users:2", &frame!(&restarted, &one, None)).unwrap(); // new epoch: no gap
+        t.on_message("nbx:users:2", &frame!(&restarted, &one, None)).unwrap(); // new epoch, unstopped
         t.on_message("nbx:users:2", &frame!(&header(2, 4, 10), &one, None)).unwrap(); // old epoch
         let lines = out.take();
-        assert_eq!(lines.len(), 7, "{lines:?}");
+        assert_eq!(lines.len(), 8, "{lines:?}");
         assert!(lines[0].contains("seq 5 "), "{}", lines[0]);
         assert!(lines[1].ends_with("GAP 3 events missed from 0000000000000abc on partition 2"), "{}", lines[1]);
         assert!(lines[2].contains("seq 9 "), "{}", lines[2]);
         assert!(lines[3].contains("REJECTED replay: replayed frame: sequence 9 already seen (expected 10)"));
         assert!(lines[4].contains("p3   seq 100"), "{}", lines[4]);
-        assert!(lines[5].contains("p2   seq 1 "), "{}", lines[5]);
-        assert!(lines[6].contains("REJECTED old_epoch: frame of epoch 0000000000000007, older"), "{}", lines[6]);
+        assert!(
+            lines[5].ends_with(
+                "GAP unknown number of events missed from 0000000000000abc on partition 2 (restarted without stopping)"
+            ),
+            "{}",
+            lines[5]
+        );
+        assert!(lines[6].contains("p2   seq 1 "), "{}", lines[6]);
+        assert!(lines[7].contains("REJECTED old_epoch: frame of epoch 0000000000000007, older"), "{}", lines[7]);
         t.connection_lost("connection to Redis lost").unwrap();
         t.connection_back();
         t.on_message("nbx:users:2", &frame!(&restarted, &one, None)).unwrap(); // seen before the loss
@@ -1019,6 +1040,7 @@ mod tests {
         // Epoch 7 falls silent: the origin is taken for gone, and its lower
         // epoch (a restart with the clock set back) is followed.
         let later = now + SILENT;
+        t.check_silence_at(later).unwrap();
         t.on_message_at("nbx:users:1", &frame!(&at(5, 1, false), &one, None), later).unwrap();
         t.on_message_at("nbx:users:1", &frame!(&at(5, 3, false), &one, None), later).unwrap();
         // Epoch 5 stops cleanly; a restart with a still lower epoch is
@@ -1031,6 +1053,7 @@ mod tests {
         let expected = [
             "p1   seq 1 ",
             "REJECTED old_epoch: frame of epoch 0000000000000005",
+            "GAP unknown number of events missed from 0000000000000abc on partition 1 (fell silent without stopping)",
             "p1   seq 1 ",
             "GAP 1 events missed",
             "p1   seq 3 ",
