@@ -599,6 +599,20 @@ where
 const FLUSH_BATCH: usize = 64;
 
 impl<K> StreamShared<K> {
+    /// While another node is silent on partition `p` without having stopped
+    /// (for at most [`FORGET_HEARTBEATS`] heartbeats): it may be alive and
+    /// writing, cut off from the transport, so what this node reads misses
+    /// its changes. The heartbeat period, as for an outage.
+    pub(crate) fn silence(&self, p: u32) -> Option<Duration> {
+        let cluster = self.cluster.as_ref()?;
+        let limit = cluster.heartbeat.saturating_mul(FORGET_HEARTBEATS);
+        let now = Instant::now();
+        let silent = cluster.seen.lock().heard.iter().any(|(&(_, partition), e)| {
+            partition == p && e.silent && !e.ended && now.saturating_duration_since(e.heard) < limit
+        });
+        silent.then_some(cluster.heartbeat)
+    }
+
     /// While this node's cluster connection is down (or not yet up): the
     /// heartbeat period, within which what it misses should be acted on.
     pub(crate) fn outage(&self) -> Option<Duration> {

@@ -27,7 +27,10 @@
 //! (what was published in between is gone). While it is down, what the node
 //! reads from the record misses the other nodes' changes too, so the worker
 //! flushes its partition again every heartbeat of the stream for as long as
-//! the outage lasts — and likewise before the stream first connects. The
+//! the outage lasts — and likewise before the stream first connects, and
+//! while another node is silent on the partition without having stopped
+//! (for up to 100 heartbeats): it may be alive and writing its record, cut
+//! off from the transport, its changes unheard. The
 //! [`DisconnectPolicy`] says when the flushing starts:
 //! [`Flush`](DisconnectPolicy::Flush) at once (the default), or
 //! [`ServeStale`](DisconnectPolicy::ServeStale) after at most `max` — for
@@ -112,13 +115,15 @@ use crate::telemetry::InvalidatorEvent;
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
 pub enum DisconnectPolicy {
     /// Delete the partition's local entries at once, again every heartbeat
-    /// of the stream while the connection is down (what is read meanwhile
-    /// misses the other nodes' changes), and again when it is back: once a
-    /// loss is known, nothing is served stale for longer than a heartbeat.
+    /// of the stream while the connection is down or another node is silent
+    /// without having stopped (what is read meanwhile misses the other
+    /// nodes' changes), and again when it is back: once a loss is known,
+    /// nothing is served stale for longer than a heartbeat.
     #[default]
     Flush,
     /// Keep serving local entries for at most `max` after the loss, then
-    /// delete them, and again every `max` while the connection is down: a
+    /// delete them, and again every `max` while the connection is down (or
+    /// another node silent): a
     /// bounded staleness window in exchange for availability. What is read
     /// just before the connection comes back is deleted by the next of
     /// these flushes, not at once.
@@ -291,7 +296,7 @@ where
             };
             // Not yet connected is an outage too: what is read meanwhile
             // misses the other nodes' changes.
-            let flush_at = worker.outage_flush();
+            let flush_at = worker.outage_flush(sub.partition());
             rt.spawn(worker.run(sub, stopped.clone(), flush_at));
         }
         shared.reporter.invalidator(InvalidatorEvent::Started);
@@ -335,7 +340,7 @@ where
                     self.guarded(partition, "flushing the partition", || self.resync(partition));
                     // While the connection stays down, what was read since is
                     // missing changes too: flush it again, and again.
-                    flush_at = self.outage_flush();
+                    flush_at = self.outage_flush(partition);
                     continue;
                 }
                 item = sub.recv() => item,
@@ -356,7 +361,7 @@ where
                 Some(Err(Lagged(0))) => match self.policy {
                     DisconnectPolicy::Flush => {
                         self.guarded(partition, "flushing the partition", || self.resync(partition));
-                        flush_at = self.outage_flush();
+                        flush_at = self.outage_flush(partition);
                     }
                     // A flush due sooner covers this loss too.
                     DisconnectPolicy::ServeStale { max } => {
@@ -371,11 +376,15 @@ where
         }
     }
 
-    /// While the connection is down, when to flush the partition next:
+    /// While the connection is down, or another node is silent on the
+    /// partition without having stopped, when to flush the partition next:
     /// a heartbeat from now, or `max` if longer with `ServeStale`. (Never
     /// for an invalidator of this node's own changes alone.)
-    fn outage_flush(&self) -> Option<tokio::time::Instant> {
-        let heartbeat = self.shared.outage().filter(|_| self.remote)?;
+    fn outage_flush(&self, partition: u32) -> Option<tokio::time::Instant> {
+        if !self.remote {
+            return None;
+        }
+        let heartbeat = self.shared.outage().or_else(|| self.shared.silence(partition))?;
         Some(later(match self.policy {
             DisconnectPolicy::Flush => heartbeat,
             DisconnectPolicy::ServeStale { max } => max.max(heartbeat),

@@ -484,3 +484,55 @@ async fn stopping_the_stream_stops_the_invalidator() {
     ib.stop(); // and stopping it again does nothing
     assert_eq!(rb.lock().unwrap().iter().filter(|e| matches!(e, InvalidatorEvent::Stopped)).count(), 1);
 }
+
+/// A node fallen silent without stopping may be alive and writing its
+/// record, cut off from the transport: while it stays silent, what this node
+/// reads misses its changes, so it is flushed every heartbeat as during an
+/// outage of this node's own; once the node is heard again, no more.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn while_another_node_is_silent_without_stopping_what_is_read_is_flushed_every_heartbeat() {
+    let bus = PubSub::memory();
+    let memory = bus.as_memory().unwrap().clone();
+    let heartbeat = Duration::from_millis(25);
+    let started = |cache: &Cache<String, u32>, reports: Option<Reports>| {
+        let builder = Streams::builder(cache).pubsub(bus.clone()).heartbeat(heartbeat);
+        match reports {
+            Some(seen) => builder.observer(move |t| {
+                if let Telemetry::Invalidator { event, .. } = t {
+                    seen.lock().unwrap().push(event.clone());
+                }
+            }),
+            None => builder,
+        }
+        .start()
+        .unwrap()
+    };
+    let (a, b) = (node("users", 1), node("users", 2));
+    let reports: Reports = Arc::default();
+    let sa = started(&a, None);
+    let sb = started(&b, Some(reports.clone()));
+    sa.ready().await.unwrap();
+    sb.ready().await.unwrap();
+    let _invalidator = Invalidator::builder(&sb).scope(EventScope::Remote).start().unwrap();
+    let resyncs = || reports.lock().unwrap().iter().filter(|e| matches!(e, InvalidatorEvent::Resync { .. })).count();
+    a.put("heard".into(), 1);
+    eventually("B hears A", || invalidations(&reports) == 1).await;
+
+    // A is cut off from the transport, and goes on writing its record.
+    memory.cut(NodeId(1));
+    eventually("A's silence flushed", || resyncs() >= 1).await;
+    b.put("read-while-a-is-silent".into(), 1);
+    eventually("flushed again while A stays silent", || !b.contains_key("read-while-a-is-silent")).await;
+    b.put("read-later".into(), 1);
+    eventually("and again", || !b.contains_key("read-later")).await;
+
+    // A is back: its next frame is a counted gap, flushed; then no more.
+    memory.restore(NodeId(1));
+    b.put("probe".into(), 1);
+    a.put("probe".into(), 2);
+    eventually("A's changes flow again", || !b.contains_key("probe")).await;
+    tokio::time::sleep(heartbeat * 2).await; // a flush planned while A was silent may still come
+    b.put("read-after".into(), 1);
+    tokio::time::sleep(heartbeat * 10).await;
+    assert!(b.contains_key("read-after"), "no more flushes once A is heard again");
+}
