@@ -248,7 +248,10 @@ impl Invalidator {
     }
 
     /// Whether it was stopped, by [`stop`](Self::stop) or by its stream
-    /// stopping (which ends its workers, and reports `Stopped` too).
+    /// stopping (which ends its workers, and reports `Stopped` too). After
+    /// the stream stops, this turns true once a worker has seen the end of
+    /// its subscription: soon, in the runtime's tasks, not necessarily by
+    /// the time `stop()` or `shutdown().await` returns.
     pub fn is_stopped(&self) -> bool {
         self.inner.stopped.load(Ordering::Acquire)
     }
