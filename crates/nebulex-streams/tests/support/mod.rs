@@ -88,7 +88,7 @@ pub(crate) async fn eventually(what: &str, cond: impl Fn() -> bool) {
 /// `SILENT_HEARTBEATS` heartbeats).
 pub(crate) async fn a_node_that_shuts_down_and_exits_delivers_its_last_events(pubsub: PubSub) {
     use nebulex_streams::{EventScope, StreamsExt, SubscribeOptions, SILENT_HEARTBEATS};
-    const HEARTBEAT: Duration = Duration::from_millis(50);
+    const HEARTBEAT: Duration = Duration::from_millis(100);
     const PARTITIONS: u32 = 4;
     const EVENTS: u32 = 40;
     // What could not be published, per node.
