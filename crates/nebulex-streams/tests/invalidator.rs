@@ -20,19 +20,24 @@ type Reports = Arc<Mutex<Vec<InvalidatorEvent>>>;
 async fn node_recording(id: u64, bus: &PubSub, partitions: u32) -> (Cache<String, u32>, Streams<String>, Reports) {
     let cache = node("users", id);
     let reports: Reports = Arc::default();
-    let seen = reports.clone();
     let streams = Streams::builder(&cache)
         .partitions(partitions)
         .pubsub(bus.clone())
-        .observer(move |t| {
-            if let Telemetry::Invalidator { event, .. } = t {
-                seen.lock().unwrap().push(event.clone());
-            }
-        })
+        .observer(recording(&reports))
         .start()
         .unwrap();
     streams.ready().await.unwrap();
     (cache, streams, reports)
+}
+
+/// An observer that adds the invalidators' reports to `reports`.
+fn recording(reports: &Reports) -> impl Fn(&Telemetry<String>) + Send + Sync + 'static {
+    let seen = reports.clone();
+    move |t| {
+        if let Telemetry::Invalidator { event, .. } = t {
+            seen.lock().unwrap().push(event.clone());
+        }
+    }
 }
 
 /// A node whose invalidator reports land in the returned list.
@@ -495,23 +500,13 @@ async fn while_another_node_is_silent_without_stopping_what_is_read_is_flushed_e
     let memory = bus.as_memory().unwrap().clone();
     // Long enough that a busy machine does not make A fall silent by itself.
     let heartbeat = Duration::from_millis(100);
-    let started = |cache: &Cache<String, u32>, reports: Option<Reports>| {
-        let builder = Streams::builder(cache).pubsub(bus.clone()).heartbeat(heartbeat);
-        match reports {
-            Some(seen) => builder.observer(move |t| {
-                if let Telemetry::Invalidator { event, .. } = t {
-                    seen.lock().unwrap().push(event.clone());
-                }
-            }),
-            None => builder,
-        }
-        .start()
-        .unwrap()
+    let started = |cache: &Cache<String, u32>, reports: &Reports| {
+        Streams::builder(cache).pubsub(bus.clone()).heartbeat(heartbeat).observer(recording(reports)).start().unwrap()
     };
     let (a, b) = (node("users", 1), node("users", 2));
     let reports: Reports = Arc::default();
-    let sa = started(&a, None);
-    let sb = started(&b, Some(reports.clone()));
+    let sa = started(&a, &Reports::default());
+    let sb = started(&b, &reports);
     sa.ready().await.unwrap();
     sb.ready().await.unwrap();
     let _invalidator = Invalidator::builder(&sb).scope(EventScope::Remote).start().unwrap();

@@ -1034,7 +1034,7 @@ where
                 }
                 // The event names each key once, in first-seen order.
                 let mut seen = std::collections::HashSet::with_capacity_and_hasher(keys.len(), self.selector);
-                let keys: Vec<K> = keys.into_iter().filter(|k| seen.insert(k.clone())).collect();
+                let mut keys: Vec<K> = keys.into_iter().filter(|k| seen.insert(k.clone())).collect();
                 let (mut guards, slots) = self.lock_shards(keys.iter().map(|k| self.shard_index(k)));
                 let (mut removed, mut judged) = (0, 0);
                 // A key's `Hash` or `Eq` that panics stops the call where it
@@ -1054,7 +1054,6 @@ where
                         judged += 1;
                     }
                 });
-                let mut keys = keys;
                 keys.truncate(judged);
                 if !keys.is_empty() {
                     let version = Self::shared_version(&mut guards);
