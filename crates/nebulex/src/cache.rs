@@ -73,6 +73,12 @@ const SWEEP_BATCH: usize = 256;
 /// events reach listeners in the order the writes took effect, and each
 /// event's `version` is greater than the key's previous one.
 ///
+/// A key whose `Clone` panics leaves a single-key call's entry as it was, with
+/// no event (the key is copied for the event before anything changes); a
+/// bulk call stops at such a key, or at one whose `Hash` or `Eq` panics, and
+/// announces what it changed before it. Either way the panic reaches the
+/// caller.
+///
 /// # Expiry and eviction
 ///
 /// An expired entry is never returned. It is removed, with exactly one
@@ -412,6 +418,9 @@ where
     {
         let mut guard = self.inner.lock_for(key);
         let s = &mut *guard;
+        // The key is copied for the event first: a `Clone` that panics
+        // leaves the entry be.
+        let event_key = listens(&s.listeners, EventType::Deleted).then(|| key.to_owned());
         s.mark_load_stale(key);
         let mut removed = false;
         if let Some((i, _, slot)) = s.map.get_full_mut(key) {
@@ -423,7 +432,9 @@ where
             }
         }
         let version = s.next_version();
-        self.inner.emit(&s.listeners, EventType::Deleted, Command::Delete, version, || Target::Key(key.to_owned()));
+        if let Some(key) = event_key {
+            self.inner.emit(&s.listeners, EventType::Deleted, Command::Delete, version, || Target::Key(key));
+        }
         removed
     }
 
@@ -747,14 +758,6 @@ where
         }
     }
 
-    /// Emits an event about the key at `index` of the shard.
-    #[inline]
-    fn emit_at(&self, s: &Shard<K, V>, index: usize, kind: EventType, command: Command, version: u64) {
-        if let Some((k, _)) = s.map.get_index(index) {
-            self.emit(&s.listeners, kind, command, version, || Target::Key(k.clone()));
-        }
-    }
-
     /// Removes the expired entry at `index`, with its `Expired` event.
     fn remove_expired(&self, s: &mut Shard<K, V>, index: usize, command: Command) {
         if let Some((k, _)) = s.map.remove_index(index) {
@@ -980,16 +983,21 @@ where
     {
         let mut guard = self.lock_for(key);
         let s = &mut *guard;
-        let Some((i, _, slot)) = s.map.get_full_mut(key) else { return false };
+        let Some((i, k, slot)) = s.map.get_full_mut(key) else { return false };
         if slot.is_expired(|| self.clock.now()) {
             self.remove_expired(s, i, command);
             return false;
         }
+        // The key is copied for the event first: a `Clone` that panics
+        // leaves the entry as it was.
+        let event_key = listens(&s.listeners, EventType::Updated).then(|| k.clone());
         let expires_at = set_ttl(slot);
         s.expires(key, expires_at);
         s.mark_load_stale(key);
         let version = s.next_version();
-        self.emit_at(s, i, EventType::Updated, command, version);
+        if let Some(k) = event_key {
+            self.emit(&s.listeners, EventType::Updated, command, version, || Target::Key(k));
+        }
         true
     }
 

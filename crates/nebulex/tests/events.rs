@@ -982,3 +982,24 @@ fn a_delete_all_filter_stopped_by_a_panicking_key_clone_names_exactly_what_it_re
     named.sort_unstable();
     assert_eq!(named, gone, "the event names exactly what was removed");
 }
+
+#[test]
+fn single_key_calls_stopped_by_a_panicking_key_clone_change_nothing_unannounced() {
+    let c = touchy_cache();
+    c.put(Touchy(1), 1);
+    let r = Recorder::attach(&c);
+    // The key is copied for the event before anything changes.
+    panics_with_armed(&CLONE_PANICS_ON, 1, || {
+        c.expire(&Touchy(1), Duration::from_secs(5));
+    });
+    panics_with_armed(&CLONE_PANICS_ON, 1, || {
+        c.delete(&Touchy(1));
+    });
+    assert_eq!(r.take_brief(), [], "nothing changed, so nothing is announced");
+    assert_eq!(c.ttl(&Touchy(1)), Some(None), "the entry keeps its time to live");
+    assert_eq!(c.get(&Touchy(1)), Some(1), "and stays");
+    // Disarmed, the same calls change the entry and say so.
+    assert!(c.touch(&Touchy(1)));
+    assert!(c.delete(&Touchy(1)));
+    assert_eq!(r.take_brief(), [(Updated, Key(Touchy(1)), C::Touch), (Deleted, Key(Touchy(1)), C::Delete)]);
+}
