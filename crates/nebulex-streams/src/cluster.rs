@@ -358,6 +358,13 @@ pub const SILENT_HEARTBEATS: u32 = 5;
 /// kept on among the last [`FORGOTTEN_ORIGINS`] forgotten).
 const FORGET_HEARTBEATS: u32 = 100;
 
+/// Heartbeats, from when a node that fell silent without stopping was last
+/// heard, for which an [`Invalidator`](crate::Invalidator) goes on flushing
+/// the partitions it was heard on, unless
+/// [`silent_node_window`](crate::InvalidatorBuilder::silent_node_window)
+/// says otherwise.
+pub const SILENT_NODE_HEARTBEATS: u32 = 100;
+
 /// How long an origin that fell silent without stopping is remembered (at
 /// least [`FORGET_HEARTBEATS`] heartbeats): if it is heard again meanwhile,
 /// with the same epoch, what it sent while unheard is a gap of known size.
@@ -599,13 +606,14 @@ where
 const FLUSH_BATCH: usize = 64;
 
 impl<K> StreamShared<K> {
-    /// While another node is silent on partition `p` without having stopped
-    /// (for at most [`FORGET_HEARTBEATS`] heartbeats): it may be alive and
-    /// writing, cut off from the transport, so what this node reads misses
-    /// its changes. The heartbeat period, as for an outage.
-    pub(crate) fn silence(&self, p: u32) -> Option<Duration> {
+    /// While another node is silent on partition `p` without having stopped,
+    /// for at most `window` since it was last heard (by default
+    /// [`SILENT_NODE_HEARTBEATS`] heartbeats): it may be alive and writing,
+    /// cut off from the transport, so what this node reads misses its
+    /// changes. The heartbeat period, as for an outage.
+    pub(crate) fn silence(&self, p: u32, window: Option<Duration>) -> Option<Duration> {
         let cluster = self.cluster.as_ref()?;
-        let limit = cluster.heartbeat.saturating_mul(FORGET_HEARTBEATS);
+        let limit = window.unwrap_or(cluster.heartbeat.saturating_mul(SILENT_NODE_HEARTBEATS));
         let now = Instant::now();
         let silent = cluster.seen.lock().heard.iter().any(|(&(_, partition), e)| {
             partition == p && e.silent && !e.ended && now.saturating_duration_since(e.heard) < limit

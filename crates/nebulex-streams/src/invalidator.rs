@@ -29,8 +29,11 @@
 //! flushes its partition again every heartbeat of the stream for as long as
 //! the outage lasts — and likewise before the stream first connects, and
 //! while another node is silent on the partition without having stopped
-//! (for up to 100 heartbeats): it may be alive and writing its record, cut
-//! off from the transport, its changes unheard. The
+//! (for up to [`SILENT_NODE_HEARTBEATS`](crate::SILENT_NODE_HEARTBEATS)
+//! heartbeats since it was last heard, or the
+//! [`silent_node_window`](InvalidatorBuilder::silent_node_window)): it may
+//! be alive and writing its record, cut off from the transport, its changes
+//! unheard. The
 //! [`DisconnectPolicy`] says when the flushing starts:
 //! [`Flush`](DisconnectPolicy::Flush) at once (the default), or
 //! [`ServeStale`](DisconnectPolicy::ServeStale) after at most `max` — for
@@ -140,6 +143,7 @@ pub enum DisconnectPolicy {
 /// |---|---|
 /// | [`scope`](Self::scope) | [`EventScope::Remote`]: other nodes' changes |
 /// | [`on_disconnect`](Self::on_disconnect) | [`DisconnectPolicy::Flush`] |
+/// | [`silent_node_window`](Self::silent_node_window) | [`SILENT_NODE_HEARTBEATS`](crate::SILENT_NODE_HEARTBEATS) heartbeats |
 ///
 /// ```
 /// use std::time::Duration;
@@ -164,11 +168,16 @@ pub struct InvalidatorBuilder<'a, K> {
     streams: &'a Streams<K>,
     scope: EventScope,
     policy: DisconnectPolicy,
+    silent_node_window: Option<Duration>,
 }
 
 impl<K> fmt::Debug for InvalidatorBuilder<'_, K> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("InvalidatorBuilder").field("scope", &self.scope).field("policy", &self.policy).finish()
+        f.debug_struct("InvalidatorBuilder")
+            .field("scope", &self.scope)
+            .field("policy", &self.policy)
+            .field("silent_node_window", &self.silent_node_window)
+            .finish()
     }
 }
 
@@ -237,7 +246,12 @@ impl fmt::Debug for Invalidator {
 impl Invalidator {
     /// Starts building an invalidator over `streams`' events.
     pub fn builder<K>(streams: &Streams<K>) -> InvalidatorBuilder<'_, K> {
-        InvalidatorBuilder { streams, scope: EventScope::Remote, policy: DisconnectPolicy::Flush }
+        InvalidatorBuilder {
+            streams,
+            scope: EventScope::Remote,
+            policy: DisconnectPolicy::Flush,
+            silent_node_window: None,
+        }
     }
 
     /// Stops every worker: once it returns, no further event is applied (a
@@ -274,6 +288,39 @@ where
         self
     }
 
+    /// For how long, since it was last heard, another node that fell silent
+    /// without stopping keeps this one flushing the partitions it was heard
+    /// on, every heartbeat (or every `max` with
+    /// [`ServeStale`](DisconnectPolicy::ServeStale)). By default
+    /// [`SILENT_NODE_HEARTBEATS`](crate::SILENT_NODE_HEARTBEATS) heartbeats
+    /// of the stream: 100 s with the default heartbeat.
+    ///
+    /// A silent node may be cut off from the transport and still writing its
+    /// record: its changes go unheard until it is heard again (then its gap
+    /// is flushed). A shorter window keeps more of the cache after a node
+    /// crashes, and serves stale copies sooner in such a cut: past the
+    /// window, what is read stays until the node is heard again. With
+    /// `Duration::ZERO`, the partition is flushed once, when the node falls
+    /// silent.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use nebulex::Cache;
+    /// use nebulex_streams::{Invalidator, Streams};
+    ///
+    /// let cache: Cache<String, u32> = Cache::builder().build()?;
+    /// let streams = Streams::builder(&cache).heartbeat(Duration::from_millis(500)).start()?;
+    /// let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    /// let _in_runtime = rt.enter();
+    /// // A node that crashed costs the others 10 s of flushes, not 50 s.
+    /// let _invalidator = Invalidator::builder(&streams).silent_node_window(Duration::from_secs(10)).start()?;
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn silent_node_window(mut self, window: Duration) -> Self {
+        self.silent_node_window = Some(window);
+        self
+    }
+
     /// Starts one worker per partition, as tasks on the ambient tokio runtime
     /// ([`Error::NoRuntime`] outside one; [`Error::StreamNotStarted`] if the
     /// stream was stopped).
@@ -294,6 +341,7 @@ where
             let worker = Worker {
                 shared: shared.clone(),
                 policy: self.policy,
+                silent_node_window: self.silent_node_window,
                 remote: self.scope.remote(),
                 inner: inner.clone(),
             };
@@ -311,6 +359,9 @@ where
 struct Worker<K> {
     shared: Arc<StreamShared<K>>,
     policy: DisconnectPolicy,
+    /// How long a silent node keeps the partition flushing; `None`: the
+    /// stream's default.
+    silent_node_window: Option<Duration>,
     /// Whether it acts on other nodes' changes (which an outage hides).
     remote: bool,
     /// The invalidator: its stop signal, and where to say the stream ended.
@@ -387,7 +438,7 @@ where
         if !self.remote {
             return None;
         }
-        let heartbeat = self.shared.outage().or_else(|| self.shared.silence(partition))?;
+        let heartbeat = self.shared.outage().or_else(|| self.shared.silence(partition, self.silent_node_window))?;
         Some(later(match self.policy {
             DisconnectPolicy::Flush => heartbeat,
             DisconnectPolicy::ServeStale { max } => max.max(heartbeat),

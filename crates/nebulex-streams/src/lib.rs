@@ -57,6 +57,7 @@ pub mod wire;
 
 pub use cluster::{
     DEFAULT_BATCH_SIZE, DEFAULT_HEARTBEAT, DEFAULT_OUTBOUND_BUFFER, FORGOTTEN_ORIGINS, MAX_BACKOFF, SILENT_HEARTBEATS,
+    SILENT_NODE_HEARTBEATS,
 };
 pub use error::Error;
 pub use invalidator::{DisconnectPolicy, Invalidator, InvalidatorBuilder};

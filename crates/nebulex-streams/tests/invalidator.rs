@@ -4,7 +4,7 @@
 mod support;
 
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use nebulex::{Cache, NodeId, Query};
 use nebulex_streams::{
@@ -531,4 +531,54 @@ async fn while_another_node_is_silent_without_stopping_what_is_read_is_flushed_e
     b.put("read-after".into(), 1);
     tokio::time::sleep(heartbeat * 10).await;
     assert!(b.contains_key("read-after"), "no more flushes once A is heard again");
+}
+
+/// `silent_node_window` bounds how long a node fallen silent without
+/// stopping keeps the partition flushing: it flushes while the window runs,
+/// then what is read stays (for a node that crashed, the cache is whole
+/// again), though the node is still silent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_node_keeps_the_partition_flushing_only_for_the_silent_node_window() {
+    let bus = PubSub::memory();
+    let memory = bus.as_memory().unwrap().clone();
+    let heartbeat = Duration::from_millis(100);
+    // Silence is noticed 5 heartbeats after A was last heard: the window
+    // leaves about 10 more of flushing. The default (100) would flush on
+    // for 10 s, longer than this test waits.
+    let window = heartbeat * 15;
+    let started = |cache: &Cache<String, u32>, reports: &Reports| {
+        Streams::builder(cache).pubsub(bus.clone()).heartbeat(heartbeat).observer(recording(reports)).start().unwrap()
+    };
+    let (a, b) = (node("users", 1), node("users", 2));
+    let reports: Reports = Arc::default();
+    let _sa = started(&a, &Reports::default());
+    let sb = started(&b, &reports);
+    sb.ready().await.unwrap();
+    let _invalidator = Invalidator::builder(&sb).scope(EventScope::Remote).silent_node_window(window).start().unwrap();
+    let resyncs = || reports.lock().unwrap().iter().filter(|e| matches!(e, InvalidatorEvent::Resync { .. })).count();
+    a.put("heard".into(), 1);
+    eventually("B hears A", || invalidations(&reports) == 1).await;
+
+    memory.cut(NodeId(1));
+    let cut = Instant::now();
+    eventually("A's silence flushed", || resyncs() >= 1).await;
+    b.put("read-while-a-is-silent".into(), 1);
+    eventually("flushed again within the window", || !b.contains_key("read-while-a-is-silent")).await;
+
+    // Past the window, a read survives several heartbeats though A is still
+    // silent.
+    let mut probe = 0;
+    loop {
+        assert!(cut.elapsed() < heartbeat * 60, "B still flushes {:?} after A fell silent", cut.elapsed());
+        let key = format!("probe-{probe}");
+        b.put(key.clone(), 1);
+        tokio::time::sleep(heartbeat * 4).await;
+        if b.contains_key(&key) {
+            break;
+        }
+        probe += 1;
+    }
+    let flushes = resyncs();
+    tokio::time::sleep(heartbeat * 5).await;
+    assert_eq!(resyncs(), flushes, "no more flushes past the window");
 }
