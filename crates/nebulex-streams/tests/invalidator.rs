@@ -8,8 +8,8 @@ use std::time::{Duration, Instant};
 
 use nebulex::{Cache, NodeId, Query};
 use nebulex_streams::{
-    partition_of, DisconnectPolicy, EventScope, Invalidator, InvalidatorEvent, PubSub, Streams, StreamsExt,
-    SubscribeOptions, Telemetry,
+    partition_of, DisconnectPolicy, EventScope, Invalidator, InvalidatorBuilder, InvalidatorEvent, MemoryBus, PubSub,
+    Streams, StreamsExt, SubscribeOptions, Telemetry,
 };
 use support::*;
 
@@ -490,40 +490,69 @@ async fn stopping_the_stream_stops_the_invalidator() {
     assert_eq!(rb.lock().unwrap().iter().filter(|e| matches!(e, InvalidatorEvent::Stopped)).count(), 1);
 }
 
+/// Two nodes, A and B, on one memory bus with heartbeats of 100 ms (long
+/// enough that a busy machine does not make A fall silent by itself), and
+/// B's invalidator made by `invalidator`, whose reports land in `reports`:
+/// returned once B has heard a change of A's.
+struct SilencePair {
+    memory: MemoryBus,
+    heartbeat: Duration,
+    a: Cache<String, u32>,
+    b: Cache<String, u32>,
+    reports: Reports,
+    _streams: (Streams<String>, Streams<String>),
+    _invalidator: Invalidator,
+}
+
+impl SilencePair {
+    async fn start(invalidator: impl FnOnce(InvalidatorBuilder<'_, String>) -> InvalidatorBuilder<'_, String>) -> Self {
+        let bus = PubSub::memory();
+        let memory = bus.as_memory().unwrap().clone();
+        let heartbeat = Duration::from_millis(100);
+        let started = |cache: &Cache<String, u32>, reports: &Reports| {
+            Streams::builder(cache)
+                .pubsub(bus.clone())
+                .heartbeat(heartbeat)
+                .observer(recording(reports))
+                .start()
+                .unwrap()
+        };
+        let (a, b) = (node("users", 1), node("users", 2));
+        let reports: Reports = Arc::default();
+        let sa = started(&a, &Reports::default());
+        let sb = started(&b, &reports);
+        sa.ready().await.unwrap();
+        sb.ready().await.unwrap();
+        let _invalidator = invalidator(Invalidator::builder(&sb).scope(EventScope::Remote)).start().unwrap();
+        a.put("heard".into(), 1);
+        eventually("B hears A", || invalidations(&reports) == 1).await;
+        SilencePair { memory, heartbeat, a, b, reports, _streams: (sa, sb), _invalidator }
+    }
+
+    fn resyncs(&self) -> usize {
+        self.reports.lock().unwrap().iter().filter(|e| matches!(e, InvalidatorEvent::Resync { .. })).count()
+    }
+}
+
 /// A node fallen silent without stopping may be alive and writing its
 /// record, cut off from the transport: while it stays silent, what this node
 /// reads misses its changes, so it is flushed every heartbeat as during an
 /// outage of this node's own; once the node is heard again, no more.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn while_another_node_is_silent_without_stopping_what_is_read_is_flushed_every_heartbeat() {
-    let bus = PubSub::memory();
-    let memory = bus.as_memory().unwrap().clone();
-    // Long enough that a busy machine does not make A fall silent by itself.
-    let heartbeat = Duration::from_millis(100);
-    let started = |cache: &Cache<String, u32>, reports: &Reports| {
-        Streams::builder(cache).pubsub(bus.clone()).heartbeat(heartbeat).observer(recording(reports)).start().unwrap()
-    };
-    let (a, b) = (node("users", 1), node("users", 2));
-    let reports: Reports = Arc::default();
-    let sa = started(&a, &Reports::default());
-    let sb = started(&b, &reports);
-    sa.ready().await.unwrap();
-    sb.ready().await.unwrap();
-    let _invalidator = Invalidator::builder(&sb).scope(EventScope::Remote).start().unwrap();
-    let resyncs = || reports.lock().unwrap().iter().filter(|e| matches!(e, InvalidatorEvent::Resync { .. })).count();
-    a.put("heard".into(), 1);
-    eventually("B hears A", || invalidations(&reports) == 1).await;
+    let pair = SilencePair::start(|builder| builder).await;
+    let (a, b, heartbeat) = (&pair.a, &pair.b, pair.heartbeat);
 
     // A is cut off from the transport, and goes on writing its record.
-    memory.cut(NodeId(1));
-    eventually("A's silence flushed", || resyncs() >= 1).await;
+    pair.memory.cut(NodeId(1));
+    eventually("A's silence flushed", || pair.resyncs() >= 1).await;
     b.put("read-while-a-is-silent".into(), 1);
     eventually("flushed again while A stays silent", || !b.contains_key("read-while-a-is-silent")).await;
     b.put("read-later".into(), 1);
     eventually("and again", || !b.contains_key("read-later")).await;
 
     // A is back: its next frame is a counted gap, flushed; then no more.
-    memory.restore(NodeId(1));
+    pair.memory.restore(NodeId(1));
     b.put("probe".into(), 1);
     a.put("probe".into(), 2);
     eventually("A's changes flow again", || !b.contains_key("probe")).await;
@@ -539,29 +568,16 @@ async fn while_another_node_is_silent_without_stopping_what_is_read_is_flushed_e
 /// again), though the node is still silent.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_silent_node_keeps_the_partition_flushing_only_for_the_silent_node_window() {
-    let bus = PubSub::memory();
-    let memory = bus.as_memory().unwrap().clone();
-    let heartbeat = Duration::from_millis(100);
     // Silence is noticed 5 heartbeats after A was last heard: the window
     // leaves about 10 more of flushing. The default (100) would flush on
     // for 10 s, longer than this test waits.
-    let window = heartbeat * 15;
-    let started = |cache: &Cache<String, u32>, reports: &Reports| {
-        Streams::builder(cache).pubsub(bus.clone()).heartbeat(heartbeat).observer(recording(reports)).start().unwrap()
-    };
-    let (a, b) = (node("users", 1), node("users", 2));
-    let reports: Reports = Arc::default();
-    let _sa = started(&a, &Reports::default());
-    let sb = started(&b, &reports);
-    sb.ready().await.unwrap();
-    let _invalidator = Invalidator::builder(&sb).scope(EventScope::Remote).silent_node_window(window).start().unwrap();
-    let resyncs = || reports.lock().unwrap().iter().filter(|e| matches!(e, InvalidatorEvent::Resync { .. })).count();
-    a.put("heard".into(), 1);
-    eventually("B hears A", || invalidations(&reports) == 1).await;
+    let window = Duration::from_millis(100) * 15;
+    let pair = SilencePair::start(|builder| builder.silent_node_window(window)).await;
+    let (b, heartbeat) = (&pair.b, pair.heartbeat);
 
-    memory.cut(NodeId(1));
+    pair.memory.cut(NodeId(1));
     let cut = Instant::now();
-    eventually("A's silence flushed", || resyncs() >= 1).await;
+    eventually("A's silence flushed", || pair.resyncs() >= 1).await;
     b.put("read-while-a-is-silent".into(), 1);
     eventually("flushed again within the window", || !b.contains_key("read-while-a-is-silent")).await;
 
@@ -578,7 +594,7 @@ async fn a_silent_node_keeps_the_partition_flushing_only_for_the_silent_node_win
         }
         probe += 1;
     }
-    let flushes = resyncs();
+    let flushes = pair.resyncs();
     tokio::time::sleep(heartbeat * 5).await;
-    assert_eq!(resyncs(), flushes, "no more flushes past the window");
+    assert_eq!(pair.resyncs(), flushes, "no more flushes past the window");
 }
