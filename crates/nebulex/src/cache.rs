@@ -90,7 +90,9 @@ const SWEEP_BATCH: usize = 256;
 ///
 /// With [`max_entries`](CacheBuilder::max_entries), each shard keeps its share
 /// of the bound, and a write past it evicts the least used of a few sampled
-/// entries (LFU with aging), each with exactly one `Evicted` event; an
+/// entries (LFU with aging), each with exactly one `Evicted` event — never
+/// the entry a single-key write just stored, which would otherwise lose to
+/// every entry used since it came in; an
 /// expired entry among those sampled goes first, with its `Expired` event.
 ///
 /// # Listeners
@@ -715,10 +717,20 @@ where
         version
     }
 
+    /// Gives every shard the listener list `next` at once, under all their
+    /// locks: a call that emits one event for keys of several shards uses
+    /// one shard's list, so a listener must not be in some shards' lists
+    /// and not yet (or no longer) in others', or it would hear of a key a
+    /// bulk call wrote and miss what the key's own shard did next.
     fn install_listeners(&self, master: &mut Listeners<K>, next: Listeners<K>) {
-        for shard in self.shards.iter() {
-            shard.0.lock().listeners = next.clone();
+        let (mut guards, _) = self.lock_shards(0..self.shards.len());
+        for g in guards.iter_mut() {
+            g.listeners = next.clone();
         }
+        drop(guards);
+        // The last handle on a removed listener goes here, with no shard
+        // locked: whatever its closure held may call into the cache as it
+        // drops.
         *master = next;
     }
 
@@ -769,11 +781,13 @@ where
 
     /// Brings a shard back within its bound after a write of `command`:
     /// evicts the least used of a sample (`Evicted`), or an expired entry
-    /// met in it, which is removed as one a call found (`Expired`).
+    /// met in it, which is removed as one a call found (`Expired`). The
+    /// entry at index `spare`, the one a single-key write just stored, is
+    /// not among them: a write is not its own victim.
     #[inline]
-    fn trim(&self, s: &mut Shard<K, V>, command: Command) {
+    fn trim(&self, s: &mut Shard<K, V>, command: Command, spare: Option<usize>) {
         while s.over_capacity() {
-            let Some((k, expired)) = s.evict_one(|| self.clock.now()) else { break };
+            let Some((k, expired)) = s.evict_one(|| self.clock.now(), spare) else { break };
             s.mark_load_stale(&k);
             let version = s.next_version();
             let (kind, command) =
@@ -836,12 +850,12 @@ where
         // from the table's fresh line stalls the write (measured: 7-10 % of
         // an event's time).
         let event_key = listens(&s.listeners, EventType::Inserted).then(|| key.clone());
-        s.insert_hashed(hash, key, slot);
+        let index = s.insert_hashed(hash, key, slot);
         let version = s.next_version();
         if let Some(key) = event_key {
             self.emit(&s.listeners, EventType::Inserted, command, version, || Target::Key(key));
         }
-        self.trim(s, command);
+        self.trim(s, command, Some(index));
     }
 
     fn write_all(&self, entries: impl IntoIterator<Item = (K, V)>, only_new: bool) -> bool {
@@ -899,7 +913,7 @@ where
             self.emit(&listeners, EventType::Updated, command, version, || Target::Keys(updated));
         }
         for g in guards.iter_mut() {
-            self.trim(g, command);
+            self.trim(g, command, None);
         }
         drop(guards);
         written.resume();
@@ -1346,5 +1360,79 @@ impl<K, V> Drop for Inner<K, V> {
         // Extensions (such as a stream) may hold listeners of their own; drop
         // them before the shards, outside of any lock.
         drop(self.extensions.drain());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::mpsc;
+    use std::time::Instant;
+
+    use super::*;
+
+    /// A listener registered while another call holds a shard (here a
+    /// listener that blocks) must not start hearing of keys some shards
+    /// before others: a bulk write over shards 0 and 2 would tell it of the
+    /// key of shard 2, whose own deletion it would then miss.
+    #[test]
+    fn a_listener_is_installed_in_every_shard_at_once() {
+        let cache: Cache<u32, u32> = Cache::builder().shards(4).build().unwrap();
+        let inner = &cache.inner;
+        let key_in = |shard: usize| (0u32..).find(|k| inner.shard_index(k) == shard).unwrap();
+        let (a, b, c) = (key_in(0), key_in(1), key_in(2));
+        let in_shard_0 =
+            |id: &str| inner.shards[0].0.try_lock().is_some_and(|s| s.listeners.iter().any(|l| l.id == id));
+
+        // "hold" blocks on b's event, holding shard 1, until released.
+        let (held_tx, held_rx) = mpsc::channel();
+        let (release_tx, release_rx) = mpsc::channel::<()>();
+        let release_rx = Mutex::new(release_rx);
+        cache
+            .register_event_listener("hold", EventFilter::all(), move |e| {
+                if e.target == Target::Key(b) {
+                    let _ = held_tx.send(());
+                    let _ = release_rx.lock().recv();
+                }
+            })
+            .unwrap();
+        let heard = Arc::new(Mutex::new(Vec::new()));
+        let (cache, in_shard_0) = (&cache, &in_shard_0);
+        std::thread::scope(|s| {
+            s.spawn(move || cache.put(b, 0));
+            held_rx.recv().unwrap();
+            let log = heard.clone();
+            s.spawn(move || {
+                cache.register_event_listener("late", EventFilter::all(), move |e| {
+                    log.lock().push((e.kind, e.target.clone()))
+                })
+            });
+            let (done_tx, done_rx) = mpsc::channel();
+            s.spawn(move || {
+                // Once "late" is in shard 0's list, or after a while (it waits
+                // for shard 1 with every shard it has).
+                let since = Instant::now();
+                while !in_shard_0("late") && since.elapsed() < Duration::from_millis(200) {
+                    std::thread::yield_now();
+                }
+                cache.put_all([(a, 1), (c, 1)]);
+                cache.delete(&c);
+                let _ = done_tx.send(());
+            });
+            // The writes finish before shard 1 is let go only if "late" was
+            // installed in shard 0 alone.
+            let _ = done_rx.recv_timeout(Duration::from_secs(1));
+            release_tx.send(()).unwrap();
+        });
+        let heard = heard.lock();
+        let last_of_c = heard.iter().rev().find(|(_, t)| match t {
+            Target::Key(k) => *k == c,
+            Target::Keys(ks) => ks.contains(&c),
+            Target::All => true,
+        });
+        assert!(!cache.contains_key(&c));
+        assert!(
+            last_of_c.is_none_or(|(kind, _)| *kind == EventType::Deleted),
+            "the listener heard {c} written and not deleted: {heard:?}"
+        );
     }
 }

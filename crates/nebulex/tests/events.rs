@@ -1003,3 +1003,23 @@ fn single_key_calls_stopped_by_a_panicking_key_clone_change_nothing_unannounced(
     assert!(c.delete(&Touchy(1)));
     assert_eq!(r.take_brief(), [(Updated, Key(Touchy(1)), C::Touch), (Deleted, Key(Touchy(1)), C::Delete)]);
 }
+
+#[test]
+fn a_write_into_a_full_shard_evicts_another_entry_not_its_own() {
+    for round in 0..200 {
+        let c: Cache<u32, i64> = Cache::builder().max_entries(64).shards(1).sweep_interval(NO_SWEEP).build().unwrap();
+        for k in 0..64 {
+            c.put(k, 0);
+            c.get(&k); // every resident has been used: the newcomer is the least used
+        }
+        let r = Recorder::attach(&c);
+        assert_eq!(c.incr(1_000, 1), 1);
+        assert_eq!(c.get(&1_000), Some(1), "round {round}: the counter was evicted by its own write");
+        let events = r.take_brief();
+        let [(Inserted, Key(1_000), C::Incr), (Evicted, Key(other), C::Evict)] = &events[..] else {
+            panic!("round {round}: {events:?}")
+        };
+        assert!(*other < 64);
+        assert_eq!(c.len(), 64);
+    }
+}

@@ -3,8 +3,9 @@
 //! # Eviction
 //!
 //! When a bounded shard grows past its share of `max_entries`, it samples
-//! [`SAMPLES`] entries at random (random buckets of its table) and evicts the
-//! one used least often (each entry keeps a small saturating use counter,
+//! [`SAMPLES`] entries at random (random buckets of its table), leaving out
+//! the entry a single-key write just stored (it has had no chance to be used:
+//! a write is not its own victim), and evicts the one used least often (each entry keeps a small saturating use counter,
 //! incremented by every `get` of it, overwrite of it by `put` or `update`,
 //! and load that finds it; the bulk calls `get_all` and `put_all` do not
 //! count). All counters are halved every `AGING_FACTOR × capacity` uses, so
@@ -269,25 +270,34 @@ impl<K: Hash + Eq, V: Clone> Shard<K, V> {
         self.map.len() > self.cap
     }
 
-    /// Removes the least used of a few sampled entries and returns its key.
+    /// Removes the least used of a few sampled entries and returns its key;
+    /// never the entry at index `spare` (the one whose write made the shard
+    /// overflow: it has had no chance to be used yet), unless it is alone.
     ///
     /// An expired entry met in the sample goes first, and is said to be
     /// expired (`true`): it is removed as expired, not evicted. The clock is
     /// read only if some entry can expire.
-    pub(crate) fn evict_one(&mut self, now: impl FnOnce() -> u64) -> Option<(K, bool)> {
+    pub(crate) fn evict_one(&mut self, now: impl FnOnce() -> u64, spare: Option<usize>) -> Option<(K, bool)> {
+        let mut spare = spare.filter(|_| self.map.len() > 1);
         // A bulk write far past the bound leaves the table mostly empty as it
         // is trimmed: it is shrunk, so that a sample finds entries in a few
         // probes. Each shrink cuts the table more than threefold, so all the
         // shrinks of one trim cost about one pass over the grown table.
         if self.map.buckets() > SPARSE_BUCKETS * (self.map.len() + 1) {
             self.map.shrink_to(self.cap.min(self.map.len()));
+            spare = None; // the indices changed
         }
         let buckets = self.map.buckets();
         let now = (!self.expiries.is_empty()).then(now);
         let mut victim: Option<(usize, u8)> = None;
         for _ in 0..SAMPLES.min(self.map.len()) {
             let start = self.random_below(buckets);
-            let Some(i) = self.map.occupied_from(start) else { break };
+            let Some(mut i) = self.map.occupied_from(start) else { break };
+            if Some(i) == spare {
+                // The next entry instead: there is one besides the spared.
+                let Some(next) = self.map.occupied_from((i + 1) % buckets) else { break };
+                i = next;
+            }
             let Some((_, slot)) = self.map.get_index(i) else { continue };
             if now.is_some_and(|now| slot.is_expired(|| now)) {
                 return self.map.remove_index(i).map(|(k, _)| (k, true));
@@ -346,12 +356,33 @@ mod tests {
         }
         let grown = s.map.buckets();
         while s.over_capacity() {
-            assert!(s.evict_one(|| 0).is_some());
+            assert!(s.evict_one(|| 0, None).is_some());
         }
         assert_eq!(s.map.len(), cap);
         let buckets = s.map.buckets();
         assert!(buckets <= SPARSE_BUCKETS * (cap + 2), "{buckets} buckets for {cap} entries (grown to {grown})");
         assert!((0..50_000).filter(|k| s.map.contains_key(k)).count() == cap, "every entry left is findable");
+    }
+
+    #[test]
+    fn the_spared_entry_is_never_the_victim_unless_it_is_alone() {
+        for cap in [1, 2, 64] {
+            let mut s = Shard::new(cap, no_listeners(), 3, MapHasher::with_seed(7));
+            for key in 0..cap as u64 {
+                put(&mut s, key, 0);
+                let (i, _, _) = s.map.get_full_mut(&key).unwrap();
+                s.record_use(i); // every resident has been used: a new one is least used
+            }
+            for new in 1_000..1_500 {
+                let index = s.insert_hashed(s.map.hash(&new), new, Slot::new(new, 0, || 0));
+                let (evicted, _) = s.evict_one(|| 0, Some(index)).unwrap();
+                assert_ne!(evicted, new, "cap {cap}: the write that overflowed the shard evicted its own entry");
+                assert_eq!(s.map.len(), cap);
+            }
+        }
+        let mut s = shard();
+        let index = s.insert_hashed(s.map.hash(&7), 7, Slot::new(7, 0, || 0));
+        assert_eq!(s.evict_one(|| 0, Some(index)), Some((7, false)), "alone, it goes");
     }
 
     #[test]
