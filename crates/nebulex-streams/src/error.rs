@@ -44,8 +44,9 @@ pub enum Error {
     /// A partition was asked of a stream that is not partitioned.
     #[error("the stream is not partitioned")]
     NotPartitioned,
-    /// A network transport needs a tokio runtime, and there is none here.
-    #[error("a network transport needs a tokio runtime: start the stream from within one")]
+    /// A cluster transport (the memory bus included) or an invalidator
+    /// needs a tokio runtime, and there is none here.
+    #[error("a cluster transport or an invalidator needs a tokio runtime: start it from within one")]
     NoRuntime,
     /// The cluster transport failed (bad URL, unreachable server, lost connection).
     #[error("transport: {0}")]

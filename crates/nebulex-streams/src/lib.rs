@@ -36,8 +36,8 @@
 //! 1. **Per-key order.** With the default router, every subscriber sees a
 //!    key's events in the order the writes took effect, under concurrent
 //!    writers too.
-//! 2. **Almost no cost when nobody listens.** With no subscriber, the cache
-//!    does not even build events.
+//! 2. **Almost no cost when nobody listens.** With no subscriber (and no
+//!    cluster transport), the cache does not even build events.
 //! 3. **Writers never wait on readers.** A full subscriber buffer drops the
 //!    event for that subscriber and counts it; the subscriber then receives
 //!    [`Lagged`] with the exact count.

@@ -53,7 +53,7 @@ pub(crate) type RouterFn<K> = dyn Fn(&CacheEntryEvent<K>) -> Route + Send + Sync
 /// | [`batch_linger`](Self::batch_linger) | zero: send what is there | — |
 /// | [`outbound_buffer`](Self::outbound_buffer) | [`DEFAULT_OUTBOUND_BUFFER`](crate::DEFAULT_OUTBOUND_BUFFER) events per partition | `0`, more than [`MAX_BUFFER`] |
 /// | [`max_frame_bytes`](Self::max_frame_bytes) | 1 MiB (NATS's default payload limit) | under 64 |
-/// | [`backoff`](Self::backoff) | 50 ms doubling up to 5 s | zero, `max < initial` |
+/// | [`backoff`](Self::backoff) | 50 ms doubling up to 5 s | zero, `max < initial`, `max` above [`MAX_BACKOFF`](crate::MAX_BACKOFF) |
 /// | [`heartbeat`](Self::heartbeat) | 1 s | zero |
 ///
 /// ```
@@ -163,6 +163,9 @@ where
 
     /// Signs every frame with HMAC-SHA256 under `key`, and refuses frames
     /// that are unsigned or badly signed. Every node must use the same key.
+    /// (Frames that bear this node's own id and an epoch not after its
+    /// own, as its own come back over Redis, are ignored before they are
+    /// checked, and not counted.)
     pub fn signing_key(mut self, key: impl AsRef<[u8]>) -> Self {
         self.cluster.signing_key = Some(Arc::from(key.as_ref()));
         self

@@ -204,8 +204,10 @@ impl SubscribeOptions {
         self
     }
 
-    /// Only events of this origin: this node's, other nodes', or both (the
-    /// default, [`EventScope::All`]).
+    /// Only events of this origin: this node's, other nodes', or both
+    /// ([`EventScope::All`], what a subscription gets unless told; note that
+    /// `EventScope::default()` is [`Remote`](EventScope::Remote), the
+    /// invalidator's default).
     pub fn scope(mut self, scope: EventScope) -> Self {
         self.scope = Some(scope);
         self

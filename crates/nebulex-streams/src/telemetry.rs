@@ -17,11 +17,13 @@
 //! |---|---|---|
 //! | listener registered / unregistered | [`Telemetry::ListenerRegistered`], [`Telemetry::ListenerUnregistered`] | — |
 //! | an event this node routed, taken by every receiver of its partition (the local subscribers that want it; the outbound buffer, with a transport) | [`Telemetry::Broadcast`] with [`BroadcastStatus::Ok`] | `nebulex_streams_events_total{cache, partition, kind}` |
-//! | an event a subscriber's full buffer could not take | [`Telemetry::Broadcast`] with [`BroadcastStatus::Error`] | `nebulex_streams_broadcast_errors_total{cache, reason}` |
+//! | an event a subscriber's full buffer could not take | [`Telemetry::Broadcast`] with [`BroadcastError::SubscriberFull`] | `nebulex_streams_broadcast_errors_total{cache, reason="subscriber_full"}` (events) |
+//! | an event the outbound buffer (full) could not take, with a transport | [`Telemetry::Broadcast`] with [`BroadcastError::Transport`] | `nebulex_streams_broadcast_errors_total{cache, reason="outbound_full"}` (events) |
+//! | an event a custom router sent past the partitions, or panicked on | [`Telemetry::Broadcast`] with [`BroadcastError::PartitionOutOfRange`] or [`BroadcastError::RouterPanicked`] | `nebulex_streams_broadcast_errors_total{cache, reason="partition_out_of_range"}` or `…{reason="router_panicked"}` (events) |
 //! | a subscriber learns it missed events | [`Telemetry::Lagged`] | `nebulex_streams_lagged_total{cache, partition}` (events) |
 //! | a jump in a remote node's sequence | [`Telemetry::Gap`] | `nebulex_streams_gaps_total{cache, partition}` |
 //! | a frame from the network refused | [`Telemetry::FrameRejected`] | `nebulex_streams_frames_rejected_total{cache, reason}` |
-//! | frames that could not be published | [`Telemetry::PublishFailed`] | `nebulex_streams_broadcast_errors_total{cache, reason="transport"}` |
+//! | frames that could not be published (or encoded) | [`Telemetry::PublishFailed`] | `nebulex_streams_broadcast_errors_total{cache, reason="transport"}` (frames) |
 //! | the invalidator's work | [`Telemetry::Invalidator`] | `nebulex_streams_invalidations_total{cache}`, `nebulex_streams_propagation_seconds{cache}` |
 //!
 //! The names follow Nebulex Streams' `[:nebulex, :streams, …]` events.
@@ -206,7 +208,8 @@ pub enum BroadcastError {
         /// The partition count.
         partitions: u32,
     },
-    /// The cluster transport could not take the event.
+    /// The cluster transport could not take the event: its outbound buffer
+    /// was full (metric label `outbound_full`).
     #[error("transport: {0}")]
     Transport(String),
     /// A custom router panicked on the event (with this message): the event
@@ -268,7 +271,8 @@ pub enum InvalidatorEvent {
         /// Entries removed.
         count: usize,
     },
-    /// It received an event it does not act on (e.g. out of scope).
+    /// It received an event it does not act on: the `Inserted` of a load
+    /// elsewhere, an `Expired` or an `Evicted`.
     Unhandled {
         /// The partition.
         partition: u32,
@@ -332,6 +336,8 @@ struct Metrics {
     gaps: Vec<metrics::Counter>,
     subscriber_full: metrics::Counter,
     bad_route: metrics::Counter,
+    router_panicked: metrics::Counter,
+    outbound_full: metrics::Counter,
     transport: metrics::Counter,
     invalidations: metrics::Counter,
     propagation: metrics::Histogram,
@@ -361,6 +367,10 @@ impl Metrics {
                 "cache" => c.clone(), "reason" => "subscriber_full"),
             bad_route: metrics::counter!("nebulex_streams_broadcast_errors_total",
                 "cache" => c.clone(), "reason" => "partition_out_of_range"),
+            router_panicked: metrics::counter!("nebulex_streams_broadcast_errors_total",
+                "cache" => c.clone(), "reason" => "router_panicked"),
+            outbound_full: metrics::counter!("nebulex_streams_broadcast_errors_total",
+                "cache" => c.clone(), "reason" => "outbound_full"),
             transport: metrics::counter!("nebulex_streams_broadcast_errors_total",
                 "cache" => c.clone(), "reason" => "transport"),
             invalidations: metrics::counter!("nebulex_streams_invalidations_total", "cache" => c.clone()),
@@ -444,11 +454,10 @@ impl<K> Reporter<K> {
     pub(crate) fn broadcast_error(&self, topic: Name, event: Option<&Arc<CacheEntryEvent<K>>>, reason: BroadcastError) {
         #[cfg(feature = "metrics")]
         match reason {
-            BroadcastError::PartitionOutOfRange { .. } | BroadcastError::RouterPanicked(_) => {
-                self.metrics.bad_route.increment(1)
-            }
-            BroadcastError::Transport(_) => self.metrics.transport.increment(1),
-            _ => self.metrics.subscriber_full.increment(1),
+            BroadcastError::PartitionOutOfRange { .. } => self.metrics.bad_route.increment(1),
+            BroadcastError::RouterPanicked(_) => self.metrics.router_panicked.increment(1),
+            BroadcastError::Transport(_) => self.metrics.outbound_full.increment(1),
+            BroadcastError::SubscriberFull { .. } => self.metrics.subscriber_full.increment(1),
         }
         let Some(event) = event else { return };
         tracing::trace!(target: "nebulex_streams", cache = %self.cache, topic = %topic,

@@ -118,10 +118,11 @@ pub enum RejectReason {
         expected: u64,
     },
     /// A frame of an origin's earlier epoch (before it restarted): a replay.
-    /// Refused while the origin's current stream runs, and always for an
-    /// epoch the origin already left. A lower epoch never seen, once the
-    /// current stream stopped or fell silent, is the origin restarted with
-    /// its clock set back, and is followed.
+    /// Refused while the origin's current stream runs, and always for the
+    /// last epochs the origin left (4 are kept per origin). A lower epoch
+    /// not among those, once the current stream stopped or fell silent, is
+    /// taken for the origin restarted with its clock set back, and is
+    /// followed.
     #[error("frame of epoch {epoch:#x}, which its origin left for its current epoch {current:#x}")]
     OldEpoch {
         /// The frame's epoch.
@@ -204,7 +205,9 @@ impl RejectReason {
 pub struct FrameHeader {
     /// The sending node.
     pub origin: NodeId,
-    /// The sending stream's epoch (random at each start).
+    /// The sending stream's epoch, new at each start: the milliseconds since
+    /// the Unix epoch in the high 48 bits, 16 random bits below (so it grows
+    /// from one start to the next).
     pub epoch: u64,
     /// The cache's name.
     pub cache: String,

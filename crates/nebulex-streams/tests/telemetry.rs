@@ -321,6 +321,7 @@ mod with_metrics {
                 .partitions(2)
                 .hash(|e: &nebulex::CacheEntryEvent<String>| match &e.target {
                     Target::Key(k) if k.starts_with("bad:") => nebulex_streams::Route::Partition(7),
+                    Target::Key(k) if k.starts_with("panic:") => panic!("a router that panics on {k}"),
                     _ => nebulex_streams::Route::Partition(0),
                 })
                 .start()
@@ -330,6 +331,7 @@ mod with_metrics {
         for i in 0..3 {
             cache.put(format!("bad:{i}"), 1);
         }
+        cache.put("panic:0".to_string(), 1);
         cache.put("good".to_string(), 1);
         assert_eq!(events_only(drain(&mut sub)).len(), 1);
 
@@ -341,12 +343,64 @@ mod with_metrics {
             )]
         };
         assert_eq!(errors("partition_out_of_range"), 3);
+        assert_eq!(errors("router_panicked"), 1);
         assert_eq!(errors("subscriber_full"), 0);
         let inserted = c[&(
             "nebulex_streams_events_total".to_string(),
             labels(&[("cache", "misrouted"), ("partition", "0"), ("kind", "inserted")]),
         )];
         assert_eq!(inserted, 1);
+    }
+
+    /// Events the outbound buffer could not take are counted as events
+    /// (`outbound_full`), frames the transport could not publish as frames
+    /// (`transport`): the same counts the observer hears.
+    #[tokio::test(flavor = "current_thread")]
+    async fn metrics_count_a_full_outbound_buffer_in_events_and_unpublished_frames_in_frames() {
+        use std::sync::atomic::{AtomicU64, Ordering};
+
+        use nebulex::NodeId;
+        use nebulex_streams::PubSub;
+        let recorder = DebuggingRecorder::new();
+        let snapshotter = recorder.snapshotter();
+        let bus = PubSub::memory();
+        let memory = bus.as_memory().unwrap().clone();
+        let a: Cache<String, u32> = Cache::builder().name("cut").node_id(NodeId(1)).build().unwrap();
+        let (full, unpublished) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+        let (f, u) = (full.clone(), unpublished.clone());
+        let observer = move |t: &Telemetry<String>| match t {
+            Telemetry::Broadcast { reason: Some(BroadcastError::Transport(_)), .. } => {
+                f.fetch_add(1, Ordering::SeqCst);
+            }
+            Telemetry::PublishFailed { frames, .. } => {
+                u.fetch_add(*frames as u64, Ordering::SeqCst);
+            }
+            _ => {}
+        };
+        let streams = metrics::with_local_recorder(&recorder, || {
+            Streams::builder(&a).pubsub(bus.clone()).outbound_buffer(8).observer(observer).start().unwrap()
+        });
+        streams.ready().await.unwrap();
+        memory.cut(NodeId(1));
+        // On this one-thread runtime the sender cannot run during the burst:
+        // the buffer keeps 8 events, and the other 92 are dropped.
+        for i in 0..100 {
+            a.put(format!("k{i}"), i);
+        }
+        assert_eq!(full.load(Ordering::SeqCst), 92);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while unpublished.load(Ordering::SeqCst) == 0 {
+            assert!(std::time::Instant::now() < deadline, "the sender never tried to publish the 8");
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+
+        let c = counters(&snapshotter);
+        let errors = |reason: &str| {
+            c[&("nebulex_streams_broadcast_errors_total".to_string(), labels(&[("cache", "cut"), ("reason", reason)]))]
+        };
+        assert_eq!(errors("outbound_full"), 92, "events");
+        assert_eq!(errors("transport"), unpublished.load(Ordering::SeqCst), "frames");
+        assert_eq!(errors("subscriber_full"), 0);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -466,8 +466,8 @@ where
         self.inner.touch_live(key, Command::Expire, |slot| slot.set_ttl(ttl_nanos(ttl), || clock.now()))
     }
 
-    /// Restarts the time to live of `key`'s live entry (as it was last
-    /// written) from now; returns whether there was one (with an `Updated`
+    /// Restarts the time to live of `key`'s live entry (as last set by a
+    /// write or [`expire`](Self::expire)) from now; returns whether there was one (with an `Updated`
     /// event).
     pub fn touch<Q>(&self, key: &Q) -> bool
     where
@@ -503,7 +503,10 @@ where
     /// finds no entry) leaves it be.
     ///
     /// `load` must not load `key` itself from this cache: it would wait for
-    /// its own load.
+    /// its own load. A caller that waits blocks its thread: in async code,
+    /// use [`get_or_insert_with_async`](Self::get_or_insert_with_async)
+    /// (on a one-thread runtime, a blocking wait for a load that a task of
+    /// the same runtime leads never ends).
     pub fn get_or_insert_with(&self, key: K, load: impl FnOnce() -> V) -> V {
         match self.inner.load::<std::convert::Infallible>(key, || Ok(load())) {
             Ok(v) => v,

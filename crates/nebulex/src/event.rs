@@ -1,7 +1,7 @@
 //! Cache entry events: what changed, where, and in which order.
 //!
 //! Every write to a [`Cache`](crate::Cache) produces exactly one
-//! [`CacheEntryEvent`] per effect (see the table in the crate docs). Events
+//! [`CacheEntryEvent`] per effect (see the table on [`Cache`](crate::Cache#events)). Events
 //! carry keys, never values: they say *what* changed, and a reader fetches the
 //! value if it wants it.
 
@@ -403,7 +403,8 @@ impl fmt::Display for NodeId {
 pub struct EventMetadata {
     /// The node whose cache emitted the event.
     pub node: NodeId,
-    /// The stream partition that carries the event (`None` until a stream routes it).
+    /// The stream partition that carries the event (`None` until a stream
+    /// routes it, and on an unpartitioned stream).
     pub partition: Option<u32>,
     /// The stream's partition count (`None` for an unpartitioned stream).
     pub partitions: Option<u32>,

@@ -8,7 +8,8 @@
 //! a write is not its own victim), and evicts the one used least often (each entry keeps a small saturating use counter,
 //! incremented by every `get` of it, overwrite of it by `put` or `update`,
 //! and load that finds it; the bulk calls `get_all` and `put_all` do not
-//! count). All counters are halved every `AGING_FACTOR × capacity` uses, so
+//! count). All counters are halved every `AGING_FACTOR × capacity` uses (at
+//! least 1,024), so
 //! entries that were popular long ago make room for what is popular
 //! now. This approximates LFU with aging, like Redis's `allkeys-lfu`, in O(1)
 //! per write, with no per-entry links or global lists.
