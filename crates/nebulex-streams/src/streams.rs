@@ -107,7 +107,9 @@ where
 
     /// Routes events with this function instead of the key hash: it sees the
     /// whole event and returns a [`Route`]. Runs on the writing thread for
-    /// every event: keep it fast.
+    /// every event, while the cache holds the lock of the key's shard: keep
+    /// it fast, and do not call the cache or stop the stream from it (either
+    /// would wait for that lock for ever).
     ///
     /// ```
     /// use nebulex::{Cache, CacheEntryEvent, Target};
@@ -148,6 +150,9 @@ where
     }
 
     /// Calls `observer` with every [`Telemetry`] report, inline: keep it fast.
+    /// The `Broadcast` reports come from within the cache's write, under the
+    /// lock of the key's shard: do not call the cache or stop the stream from
+    /// the observer (hand the report to another thread for that).
     /// A panic in it is caught and logged (`tracing`, level error), and the
     /// stream carries on.
     pub fn observer(mut self, observer: impl Fn(&Telemetry<K>) + Send + Sync + 'static) -> Self {
@@ -325,7 +330,13 @@ where
             shared.cache.detach(&shared);
             return Err(e);
         }
-        shared.refresh_filter();
+        {
+            // Serialised with the subscriptions that `lookup` let in
+            // meanwhile, which set the filter themselves: one computed
+            // before theirs must not land after.
+            let _serial = shared.subscribers_lock.lock();
+            shared.refresh_filter();
+        }
         Ok(Streams { shared })
     }
 }
@@ -852,7 +863,9 @@ impl<K> StreamShared<K> {
         self.refresh_filter();
     }
 
-    /// Tells the cache which event types anyone wants now.
+    /// Tells the cache which event types anyone wants now. Called with
+    /// `subscribers_lock` held, so that two calls cannot set their masks in
+    /// the other order than they computed them.
     pub(crate) fn refresh_filter(&self) {
         let mask = if self.stopped.load(Ordering::Acquire) {
             0

@@ -13,8 +13,12 @@
 //! Events of other nodes lost on the way are counted from that node's
 //! sequence numbers, which number its events of every type: a subscriber
 //! that filters by type is told the whole jump, at least what it missed.
-//! A `Lagged(0)` means "an unknown number" (a lost cluster connection): treat
-//! every `Lagged` as loss.
+//! A `Lagged(0)` means "an unknown number" (a lost cluster connection, or
+//! more than 2^38 − 1 events missed between two receives): treat every
+//! `Lagged` as loss.
+//!
+//! A notice comes where the loss happened, with a reader on another thread
+//! too: after every event buffered before it, before any event after it.
 //!
 //! [`StreamsBuilder::buffer`]: crate::StreamsBuilder::buffer
 
@@ -263,17 +267,46 @@ impl SubscribeOptions {
     }
 }
 
-/// Set in a missed count when some loss has an unknown size.
+/// A buffer's loss record: what was missed since the last report, and where
+/// among the events pushed into the buffer it began, in one word, so that a
+/// reader takes both at once. 0: no loss.
+///
+/// - bit 63 ([`UNKNOWN`]): some loss has an unknown size;
+/// - bits `POS_BITS..63`: how many events were missed (past
+///   [`COUNT_MAX`], an unknown number);
+/// - bits `0..POS_BITS`: how many events had been pushed into the buffer
+///   before the loss, modulo `2^POS_BITS` (a buffer holds fewer, so the
+///   reader can tell whether it has read them all).
 const UNKNOWN: u64 = 1 << 63;
+const POS_BITS: u32 = 25;
+const POS_MASK: u64 = (1 << POS_BITS) - 1;
+const COUNT_MAX: u64 = (UNKNOWN - 1) >> POS_BITS;
+const _: () = assert!(crate::MAX_BUFFER < 1 << POS_BITS);
 
-/// The notice for a missed count: `UNKNOWN` reads as `Lagged(0)`.
-fn lagged(missed: u64) -> Lagged {
-    Lagged(if missed & UNKNOWN != 0 { 0 } else { missed })
+/// The missed count of a loss record (`UNKNOWN` set if the size is unknown),
+/// without its position.
+fn missed_of(record: u64) -> u64 {
+    (record & UNKNOWN) | ((record & !UNKNOWN) >> POS_BITS)
 }
 
-/// One slot of a buffer: an event, and how many were dropped just before it
-/// when some were (boxed, so that the common slot stays small: one cache
-/// line for a `u64` key).
+/// `record` with `missed` more events (`UNKNOWN` set: an unknown number) lost
+/// after the first `pushed` events of the buffer; the position stays that of
+/// the first loss not yet reported.
+fn with_loss(record: u64, missed: u64, pushed: u64) -> u64 {
+    let at = if record == 0 { pushed & POS_MASK } else { record & POS_MASK };
+    let count = missed_of(record & !UNKNOWN).saturating_add(missed & !UNKNOWN);
+    let unknown = (record | missed) & UNKNOWN | if count > COUNT_MAX { UNKNOWN } else { 0 };
+    unknown | (count.min(COUNT_MAX) << POS_BITS) | at
+}
+
+/// The notice for a loss record: an unknown size reads as `Lagged(0)`.
+fn lagged(record: u64) -> Lagged {
+    Lagged(if record & UNKNOWN != 0 { 0 } else { missed_of(record) })
+}
+
+/// One slot of a buffer: an event, and the loss record of what was dropped
+/// just before it when some were (boxed, so that the common slot stays
+/// small: one cache line for a `u64` key).
 enum Slot<K> {
     Event(Handed<K>),
     AfterLoss(Box<(u64, Handed<K>)>),
@@ -365,7 +398,9 @@ impl<K> Handed<K> {
 
 /// What the two halves of a buffer share.
 struct RingState {
-    /// Events dropped since the last slot that reported them.
+    /// The loss record of the events dropped since the last report (see
+    /// [`UNKNOWN`]); only the writer adds to it, and only the reader or the
+    /// writer's next push takes it.
     missed: AtomicU64,
     waker: AtomicWaker,
     /// The reader is (about to be) parked waiting for an event.
@@ -374,14 +409,13 @@ struct RingState {
 }
 
 impl RingState {
-    fn add_missed(&self, missed: u64) {
+    /// Records `missed` events (`UNKNOWN`: an unknown number) lost after the
+    /// first `pushed` events of the buffer.
+    fn add_missed(&self, missed: u64, pushed: u64) {
         if missed == 0 {
             return;
         }
-        let _ = self.missed.fetch_update(Ordering::AcqRel, Ordering::Acquire, |m| {
-            let unknown = (m | missed) & UNKNOWN;
-            Some(unknown | (m & !UNKNOWN).saturating_add(missed & !UNKNOWN).min(!UNKNOWN))
-        });
+        let _ = self.missed.fetch_update(Ordering::AcqRel, Ordering::Acquire, |r| Some(with_loss(r, missed, pushed)));
     }
 
     /// Wakes the reader if it is waiting.
@@ -413,13 +447,15 @@ pub(crate) fn ring<K>(capacity: usize, mask: u8, scope: EventScope, origin: Orig
         sleeping: AtomicBool::new(false),
         closed: AtomicBool::new(false),
     });
-    let writer = RingWriter { producer, state: state.clone(), mask, scope };
-    (writer, RingReader { consumer: SyncWrapper::new(consumer), state, origin, stash: None })
+    let writer = RingWriter { producer, pushed: 0, state: state.clone(), mask, scope };
+    (writer, RingReader { consumer: SyncWrapper::new(consumer), popped: 0, state, origin, stash: None })
 }
 
 /// The writers' half of a buffer.
 pub(crate) struct RingWriter<K> {
     producer: rtrb::Producer<Slot<K>>,
+    /// Events pushed so far (wrapping).
+    pushed: u64,
     state: Arc<RingState>,
     /// The event types its reader wants.
     pub(crate) mask: u8,
@@ -455,28 +491,40 @@ impl<K> RingWriter<K> {
     }
 
     /// Offers an event; returns `false` if the buffer was full (the event is
-    /// then counted as missed).
+    /// then counted as missed). A closed buffer takes nothing more: its
+    /// reader has ended, or will once it has read what it holds.
     #[inline]
     pub(crate) fn push(&mut self, event: Handed<K>) -> bool {
-        let missed = &self.state.missed;
-        let lost = if missed.load(Ordering::Relaxed) == 0 { 0 } else { missed.swap(0, Ordering::AcqRel) };
+        let state = &*self.state;
+        if state.closed.load(Ordering::Relaxed) {
+            return true;
+        }
+        // The loss not yet reported goes with this event, right before it.
+        let lost = if state.missed.load(Ordering::Relaxed) == 0 { 0 } else { state.missed.swap(0, Ordering::AcqRel) };
         let slot = if lost == 0 { Slot::Event(event) } else { Slot::AfterLoss(Box::new((lost, event))) };
         let pushed = match self.producer.push(slot) {
-            Ok(()) => true,
+            Ok(()) => {
+                self.pushed = self.pushed.wrapping_add(1);
+                true
+            }
             Err(rtrb::PushError::Full(_)) => {
-                self.state.add_missed(lost);
-                self.state.add_missed(1);
+                // The loss taken goes back where it began, this event after it.
+                state.add_missed(missed_of(lost), lost & POS_MASK);
+                state.add_missed(1, self.pushed);
                 false
             }
         };
-        self.state.wake();
+        state.wake();
         pushed
     }
 
     /// Records `missed` events lost before anything pushed from now on
     /// (`0`: an unknown number), and wakes the reader to learn it.
     pub(crate) fn push_lost(&self, missed: u64) {
-        self.state.add_missed(if missed == 0 { UNKNOWN } else { missed });
+        if self.state.closed.load(Ordering::Relaxed) {
+            return;
+        }
+        self.state.add_missed(if missed == 0 { UNKNOWN } else { missed }, self.pushed);
         self.state.wake();
     }
 
@@ -492,6 +540,8 @@ impl<K> RingWriter<K> {
 pub(crate) struct RingReader<K> {
     /// Only ever used through `&mut self`, so sharing the reader is safe.
     consumer: SyncWrapper<rtrb::Consumer<Slot<K>>>,
+    /// Events read so far (wrapping).
+    popped: u64,
     state: Arc<RingState>,
     /// What the events it reads have in common.
     origin: Origin,
@@ -510,27 +560,49 @@ impl<K> RingReader<K> {
         self.stash.is_some()
     }
 
-    /// The next item, if there is one: a pending `Lagged` first.
+    /// The next item, if there is one, in the order of the writes: a loss
+    /// is told where it happened, after the events buffered before it.
     pub(crate) fn try_next(&mut self) -> Option<Item<K>> {
         if let Some(event) = self.stash.take() {
             return Some(Ok(event));
         }
-        match self.consumer.get_mut().pop() {
-            Ok(Slot::Event(event)) => return Some(Ok(event.into_arc(&self.origin))),
-            Ok(Slot::AfterLoss(after)) => {
+        if let Some(item) = self.pop() {
+            return Some(item);
+        }
+        // A loss not yet told, that no event after it has carried.
+        loop {
+            let record = self.state.missed.load(Ordering::Acquire);
+            if record == 0 {
+                return None;
+            }
+            if record & POS_MASK != self.popped & POS_MASK {
+                // Events pushed before the loss are still buffered (they
+                // were pushed before it was recorded, so this thread sees
+                // them now): they come first.
+                if let Some(item) = self.pop() {
+                    return Some(item);
+                }
+            }
+            // Taken, unless the writer added to it (or took it) meanwhile.
+            if self.state.missed.compare_exchange(record, 0, Ordering::AcqRel, Ordering::Acquire).is_ok() {
+                return Some(Err(lagged(record)));
+            }
+        }
+    }
+
+    /// The next buffered slot's item, if there is one.
+    fn pop(&mut self) -> Option<Item<K>> {
+        let item = match self.consumer.get_mut().pop().ok()? {
+            Slot::Event(event) => Ok(event.into_arc(&self.origin)),
+            Slot::AfterLoss(after) => {
                 let (missed, event) = *after;
                 self.stash = Some(event.into_arc(&self.origin));
-                return Some(Err(lagged(missed)));
+                Err(lagged(missed))
             }
-            Ok(Slot::Blank) | Err(_) => {}
-        }
-        if self.state.missed.load(Ordering::Relaxed) != 0 {
-            let missed = self.state.missed.swap(0, Ordering::AcqRel);
-            if missed > 0 {
-                return Some(Err(lagged(missed)));
-            }
-        }
-        None
+            Slot::Blank => return None,
+        };
+        self.popped = self.popped.wrapping_add(1);
+        Some(item)
     }
 
     /// Looks for the next item until one comes, the writers close the
@@ -735,22 +807,54 @@ mod tests {
     }
 
     #[test]
-    fn missed_counts_saturate_and_an_unknown_count_stays_unknown() {
+    fn a_closed_buffer_takes_no_more_events_nor_losses() {
+        let name = Name::new("closing");
+        let origin = Origin::new(name, NodeId(1), None, 0, name);
+        let (mut writer, mut reader) = ring::<u64>(4, u8::MAX, EventScope::All, origin);
+        let event = |seq| {
+            Handed::Owned(Routed {
+                kind: EventType::Inserted,
+                command: Command::Put,
+                target: Target::Key(seq),
+                version: seq,
+                seq,
+                timestamp: 0,
+            })
+        };
+        assert!(writer.push(event(1)));
+        writer.close();
+        // A writer that got past the stream's filter before the close.
+        assert!(writer.push(event(2)), "not reported as a full buffer");
+        writer.push_lost(0);
+        assert!(matches!(reader.try_next(), Some(Ok(e)) if e.metadata.seq == 1), "what was buffered before is read");
+        assert!(reader.try_next().is_none(), "nothing after the close: not an event, not a loss");
+        assert!(reader.is_closed());
+    }
+
+    #[test]
+    fn missed_counts_add_up_keep_where_the_loss_began_and_an_unknown_count_stays_unknown() {
         let state = RingState {
             missed: AtomicU64::new(0),
             waker: AtomicWaker::new(),
             sleeping: AtomicBool::new(false),
             closed: AtomicBool::new(false),
         };
-        state.add_missed(3);
-        state.add_missed(4);
-        assert_eq!(lagged(state.missed.load(Ordering::Relaxed)), Lagged(7));
-        // Two forged gaps of 2^62 would wrap to 0 modulo 2^63: they saturate.
+        let record = || state.missed.load(Ordering::Relaxed);
+        state.add_missed(3, 10);
+        state.add_missed(4, 12);
+        assert_eq!(lagged(record()), Lagged(7));
+        assert_eq!(record() & POS_MASK, 10, "the loss began after the first 10 events");
+        // Past the count's width (forged gaps, say), the size is unknown.
+        state.add_missed(COUNT_MAX, 12);
+        assert_eq!(lagged(record()), Lagged(0));
         state.missed.store(0, Ordering::Relaxed);
-        state.add_missed(1 << 62);
-        state.add_missed(1 << 62);
-        assert_eq!(lagged(state.missed.load(Ordering::Relaxed)), Lagged(!UNKNOWN));
-        state.add_missed(UNKNOWN);
-        assert_eq!(lagged(state.missed.load(Ordering::Relaxed)), Lagged(0));
+        state.add_missed(1 << 62, 5 + (1 << POS_BITS));
+        assert_eq!(lagged(record()), Lagged(0));
+        assert_eq!(record() & POS_MASK, 5, "positions wrap");
+        state.missed.store(0, Ordering::Relaxed);
+        state.add_missed(UNKNOWN, 0);
+        assert_ne!(record(), 0, "an unknown loss at position 0 is still a loss");
+        state.add_missed(2, 0);
+        assert_eq!(lagged(record()), Lagged(0));
     }
 }

@@ -96,6 +96,51 @@ fn intermittent_reader_sees_each_lag_exactly_where_events_were_dropped() {
     assert!(notices > 100, "a lag notice per overflow, got {notices}");
 }
 
+/// With the reader on another thread, racing a writer that fills a buffer of
+/// one, every `Lagged(n)` still stands exactly where its `n` events were
+/// dropped: never before an event buffered ahead of the loss. (A third
+/// thread keeps both cores busy, so that either side is preempted anywhere.)
+#[test]
+fn a_reader_on_another_thread_sees_each_lag_exactly_where_events_were_dropped() {
+    use std::sync::atomic::AtomicBool;
+    const PUTS: u64 = 300_000;
+    let cache = cache("racing");
+    let _streams = Streams::builder(&cache).buffer(1).start().unwrap();
+    let mut sub = cache.subscribe(SubscribeOptions::new()).unwrap();
+    let done = Arc::new(AtomicBool::new(false));
+    let spinner = {
+        let done = done.clone();
+        std::thread::spawn(move || {
+            while !done.load(Ordering::Relaxed) {
+                std::hint::spin_loop();
+            }
+        })
+    };
+    let writer = {
+        let (cache, done) = (cache.clone(), done.clone());
+        std::thread::spawn(move || {
+            for i in 0..PUTS {
+                cache.put(i % 1_000, i);
+            }
+            done.store(true, Ordering::SeqCst);
+        })
+    };
+    let mut items = Vec::new();
+    loop {
+        let finished = done.load(Ordering::SeqCst);
+        match common::try_item(&mut sub) {
+            Some(item) => items.push(item),
+            None if finished => break,
+            None => std::hint::spin_loop(),
+        }
+    }
+    writer.join().unwrap();
+    spinner.join().unwrap();
+    let (received, lagged, notices) = check_positions(&items);
+    assert_eq!(received + lagged, PUTS);
+    assert!(notices > 0 && received > 0, "{received} received, {notices} notices: the race was run");
+}
+
 #[test]
 fn stalled_subscriber_does_not_block_concurrent_writers_and_lag_is_exact() {
     const WRITERS: u64 = 2;

@@ -117,6 +117,44 @@ fn a_stream_stopped_by_another_thread_while_it_starts_leaves_no_listener_behind(
     }
 }
 
+/// A subscription made from another thread as soon as `lookup` shows the
+/// stream, while `start` is finishing, hears the events written after both
+/// returned. (Many partitions make the start's last step long; a third
+/// thread keeps both cores busy, so that either side is preempted anywhere.)
+#[test]
+fn a_subscription_made_while_the_stream_starts_hears_what_is_written_after() {
+    use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
+    const PARTITIONS: u32 = 4096;
+    let key = (0u64..).find(|k| partition_of(k, PARTITIONS) == 0).unwrap();
+    let done = Arc::new(AtomicBool::new(false));
+    let spinner = {
+        let done = done.clone();
+        std::thread::spawn(move || {
+            while !done.load(SeqCst) {
+                std::hint::spin_loop();
+            }
+        })
+    };
+    let mut deaf = 0;
+    for _ in 0..300 {
+        let cache: Cache<u64, u64> = Cache::builder().name("start-subscribe-race").build().unwrap();
+        let looking = cache.clone();
+        let subscriber = std::thread::spawn(move || loop {
+            if let Some(streams) = Streams::lookup(&looking) {
+                return streams.subscribe(SubscribeOptions::new().partition(0)).unwrap();
+            }
+            std::hint::spin_loop();
+        });
+        let _streams = Streams::builder(&cache).partitions(PARTITIONS).buffer(4).start().unwrap();
+        let mut sub = subscriber.join().unwrap();
+        cache.put(key, 1);
+        deaf += usize::from(sub.try_recv().is_err());
+    }
+    done.store(true, SeqCst);
+    spinner.join().unwrap();
+    assert_eq!(deaf, 0, "subscriptions that heard nothing");
+}
+
 #[test]
 fn empty_event_filter_is_refused() {
     let cache = cache("empty-filter");
