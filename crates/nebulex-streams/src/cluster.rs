@@ -35,6 +35,7 @@
 //! partition (`Lagged(0)`), and each origin's next jump is still counted.
 
 use std::collections::{HashMap, VecDeque};
+use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::task::Poll;
@@ -48,6 +49,7 @@ use crate::error::Error;
 use crate::pubsub::{Backoff, Hooks, Link, LinkConfig, LinkState, PubSub};
 use crate::streams::StreamShared;
 use crate::subscription::{Handed, RingReader};
+use crate::telemetry::panic_message;
 use crate::wire::{clip, unix_micros, DecodeLimits, Frame, FrameHeader, RejectReason, DEFAULT_MAX_FRAME_BYTES};
 
 /// The default most events in one frame.
@@ -739,7 +741,12 @@ impl<K> StreamShared<K> {
             sent_at_us: unix_micros(SystemTime::now()),
             last,
         };
-        match (cluster.encode)(&header, events, cluster.signing_key.as_deref()) {
+        // A key's `Serialize` that panics must not end the sender task.
+        let encoded = std::panic::catch_unwind(AssertUnwindSafe(|| {
+            (cluster.encode)(&header, events, cluster.signing_key.as_deref())
+        }))
+        .unwrap_or_else(|panic| Err(format!("serializing a key panicked: {}", panic_message(panic.as_ref()))));
+        match encoded {
             Ok(bytes) => Some((p, Arc::from(bytes))),
             Err(e) => {
                 // A key that cannot be serialized: the frame is lost, and
@@ -771,7 +778,13 @@ impl<K> StreamShared<K> {
             },
             signing_key: cluster.signing_key.as_deref(),
         };
-        let frame = match (cluster.decode)(bytes, &limits) {
+        // A key's `Deserialize` that panics on what the network sent must
+        // not end the task that receives.
+        let decoded =
+            std::panic::catch_unwind(AssertUnwindSafe(|| (cluster.decode)(bytes, &limits))).unwrap_or_else(|panic| {
+                Err(RejectReason::Malformed(format!("deserializing a key panicked: {}", panic_message(panic.as_ref()))))
+            });
+        let frame = match decoded {
             Ok(frame) => frame,
             Err(reason) => return self.reporter.frame_rejected(&reason),
         };

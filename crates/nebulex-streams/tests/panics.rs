@@ -151,3 +151,85 @@ async fn an_invalidator_whose_removal_panics_flushes_the_partition_and_keeps_wor
     .await;
     assert!(!b.contains_key(&key("after")));
 }
+
+/// A key whose `Serialize` panics for `"bad-out"` and whose `Deserialize`
+/// panics for `"bad-in"`.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+struct Fragile(String);
+
+impl Serialize for Fragile {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        assert_ne!(self.0, "bad-out", "Serialize of a fragile key");
+        s.serialize_str(&self.0)
+    }
+}
+
+impl<'de> Deserialize<'de> for Fragile {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        assert_ne!(s, "bad-in", "Deserialize of a fragile key");
+        Ok(Fragile(s))
+    }
+}
+
+/// The next item of `sub`: an event's target, or a loss.
+async fn next(
+    sub: &mut nebulex_streams::Subscription<Fragile>,
+) -> Result<nebulex::Target<Fragile>, nebulex_streams::Lagged> {
+    match tokio::time::timeout(PATIENCE, sub.recv()).await.expect("in time").expect("open") {
+        Ok(event) => Ok(event.target.clone()),
+        Err(lagged) => Err(lagged),
+    }
+}
+
+/// A key's serialization that panics, on the sending node or on the
+/// receiving one, loses its frame and no more: the frame is reported (not
+/// published, or refused), the other node is told of the loss, and the
+/// next events flow.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_whose_serialization_panics_loses_its_frame_not_the_cluster_tasks() {
+    let bus = PubSub::memory();
+    let reports: Arc<Mutex<Vec<Telemetry<Fragile>>>> = Arc::default();
+    let started = |id: u64| {
+        let cache: Cache<Fragile, u32> = Cache::builder().name("fragile").node_id(NodeId(id)).build().unwrap();
+        let seen = reports.clone();
+        let streams = Streams::builder(&cache)
+            .pubsub(bus.clone())
+            .observer(move |t: &Telemetry<Fragile>| {
+                if matches!(t, Telemetry::PublishFailed { .. } | Telemetry::FrameRejected { .. }) {
+                    seen.lock().unwrap().push(t.clone());
+                }
+            })
+            .start()
+            .unwrap();
+        (cache, streams)
+    };
+    let ((a, sa), (b, sb)) = (started(1), started(2));
+    tokio::time::timeout(PATIENCE, sa.ready()).await.expect("ready in time").unwrap();
+    tokio::time::timeout(PATIENCE, sb.ready()).await.expect("ready in time").unwrap();
+    let mut on_b = b.subscribe(SubscribeOptions::new().scope(EventScope::Remote)).unwrap();
+    let key = |k: &str| Fragile(k.to_owned());
+    a.put(key("first"), 1);
+    assert_eq!(next(&mut on_b).await, Ok(nebulex::Target::Key(key("first"))));
+
+    let reported = |what: fn(&Telemetry<Fragile>) -> bool| reports.lock().unwrap().iter().filter(|t| what(t)).count();
+    a.put(key("bad-out"), 1);
+    eventually("A reports the frame it could not encode", || {
+        reported(|t| matches!(t, Telemetry::PublishFailed { .. })) == 1
+    })
+    .await;
+    a.put(key("second"), 1);
+    assert_eq!(next(&mut on_b).await, Err(nebulex_streams::Lagged(1)), "B is told of the lost frame");
+    assert_eq!(next(&mut on_b).await, Ok(nebulex::Target::Key(key("second"))), "A's sender still runs");
+
+    a.put(key("bad-in"), 1);
+    eventually("B refuses the frame it could not decode", || {
+        reported(|t| {
+            matches!(t, Telemetry::FrameRejected { reason: nebulex_streams::wire::RejectReason::Malformed(_), .. })
+        }) == 1
+    })
+    .await;
+    a.put(key("third"), 1);
+    assert_eq!(next(&mut on_b).await, Err(nebulex_streams::Lagged(1)), "B counts the refused frame as lost");
+    assert_eq!(next(&mut on_b).await, Ok(nebulex::Target::Key(key("third"))), "B still receives");
+}
