@@ -757,18 +757,26 @@ impl<K> StreamShared<K> {
         }
     }
 
+    /// A frame with this node's id, of stream `epoch`: our own, echoed back
+    /// (or our earlier stream's), which local subscribers already had; or,
+    /// from a stream started after ours, another node using our id (its
+    /// events would pass for our echoes), which is reported.
+    fn own_id_frame(&self, epoch: u64) {
+        if self.cluster.as_ref().is_some_and(|c| epoch > c.epoch) {
+            self.reporter.frame_rejected(&RejectReason::SameNodeId { epoch });
+        }
+    }
+
     /// A frame arrived on the channel of partition `index`.
     pub(crate) fn on_frame(&self, index: usize, bytes: &[u8]) {
         let Some(cluster) = self.cluster.as_ref() else { return };
-        if let Some((_, epoch)) = crate::wire::peek_origin_epoch(bytes).filter(|(o, _)| *o == self.node) {
-            if epoch > cluster.epoch {
-                // Our id, a stream started after ours: another node uses our
-                // id (its events would pass for our echoes). Say so.
-                return self.reporter.frame_rejected(&RejectReason::SameNodeId { epoch });
-            }
-            // Our own frame, echoed back (or from our own earlier stream):
-            // local subscribers already have it.
-            return;
+        // Our own frames, echoed back, are dropped before any work. With a
+        // signing key, a frame of our id and another epoch is checked first:
+        // a forged one is refused as such, not taken for our earlier stream
+        // nor for another node with our id.
+        let own_epoch = crate::wire::peek_origin_epoch(bytes).filter(|(o, _)| *o == self.node).map(|(_, e)| e);
+        if let Some(epoch) = own_epoch.filter(|e| *e == cluster.epoch || cluster.signing_key.is_none()) {
+            return self.own_id_frame(epoch);
         }
         let limits = DecodeLimits {
             max_frame_bytes: if cluster.max_frame_bytes == 0 {
@@ -790,7 +798,7 @@ impl<K> StreamShared<K> {
         };
         let h = &frame.header;
         if h.origin == self.node {
-            return;
+            return self.own_id_frame(h.epoch);
         }
         let expected = self.partitions.unwrap_or(0);
         let reason = if *h.cache != *self.reporter.cache {

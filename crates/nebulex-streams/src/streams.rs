@@ -168,9 +168,8 @@ where
 
     /// Signs every frame with HMAC-SHA256 under `key`, and refuses frames
     /// that are unsigned or badly signed. Every node must use the same key.
-    /// (Frames that bear this node's own id and an epoch not after its
-    /// own, as its own come back over Redis, are ignored before they are
-    /// checked, and not counted.)
+    /// (This node's own frames, which come back to it over Redis, are
+    /// ignored before they are checked, and not counted.)
     pub fn signing_key(mut self, key: impl AsRef<[u8]>) -> Self {
         self.cluster.signing_key = Some(Arc::from(key.as_ref()));
         self

@@ -896,6 +896,23 @@ async fn another_node_with_our_id_is_reported_not_taken_for_our_echo() {
     assert_eq!(reports.rejected()[before..], ["same_node_id"]);
 }
 
+/// With a signing key, a frame that bears this node's id and another epoch
+/// is checked before anything is made of its id: an unsigned one is refused
+/// as unsigned, not taken for another node with our id nor for our earlier
+/// stream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_a_signing_key_a_forged_frame_with_our_id_is_refused_as_unsigned() {
+    let bus = PubSub::memory();
+    let memory: MemoryBus = bus.as_memory().expect("memory bus").clone();
+    let b = node("users", 2);
+    let reports = Reports::default();
+    let _sb = ready(builder(&b, &bus).signing_key("beta").observer(reports.observer()).start().expect("b")).await;
+    let before = reports.rejected().len();
+    memory.publish_raw("nbx:users", &craft(2, epoch_from_now(60_000), "users", 0, 0, 1, &["later"]));
+    memory.publish_raw("nbx:users", &craft(2, 1, "users", 0, 0, 1, &["earlier"]));
+    assert_eq!(reports.rejected()[before..], ["unsigned", "unsigned"]);
+}
+
 /// An origin that stopped is forgotten after a while (nodes coming and going
 /// with new ids must not grow a receiver's state), but the last ones
 /// forgotten are still judged from where they stood: a frame of one captured
