@@ -36,7 +36,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::panic::AssertUnwindSafe;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::task::Poll;
 use std::time::{Duration, Instant, SystemTime};
@@ -156,6 +156,10 @@ pub(crate) struct Cluster<K> {
     ready_tx: crate::pubsub::Ready,
     /// Where each origin's numbering stands.
     seen: Mutex<Origins>,
+    /// Per partition: the send time (µs since the Unix epoch) of the last
+    /// frame made. Each frame's is later, so that a receiver refuses a
+    /// replayed heartbeat (whose sequence number is still current).
+    sent_us: Box<[AtomicU64]>,
     link_up: AtomicBool,
     /// How often an idle partition sends a heartbeat.
     heartbeat: Duration,
@@ -198,6 +202,7 @@ impl<K> Cluster<K> {
             ready,
             ready_tx,
             seen: Mutex::new(Origins::default()),
+            sent_us: channels.iter().map(|_| AtomicU64::new(0)).collect(),
             link_up: AtomicBool::new(false),
             heartbeat: options.heartbeat,
             hello: Arc::default(),
@@ -209,6 +214,16 @@ impl<K> Cluster<K> {
             channels,
             backoff: options.backoff,
         }
+    }
+
+    /// A send time for the next frame of partition `p`: now, in µs since the
+    /// Unix epoch, or just after the partition's last one if the clock
+    /// stepped back (or has not moved).
+    fn send_time(&self, p: usize) -> u64 {
+        let now = unix_micros(SystemTime::now());
+        let Some(last) = self.sent_us.get(p) else { return now };
+        let previous = last.fetch_update(Ordering::AcqRel, Ordering::Acquire, |l| Some(now.max(l + 1)));
+        previous.map_or(now, |l| now.max(l + 1))
     }
 
     /// Resolves once the sender task has finished (after a stop: sent what
@@ -266,13 +281,16 @@ struct Seen {
     ended: bool,
     /// When a frame of it last arrived.
     heard: Instant,
+    /// The send time of the last frame taken (0: none had one): a frame sent
+    /// no later is a replay.
+    sent_us: u64,
     /// Silent too long, and reported as a possible loss already.
     silent: bool,
 }
 
 impl Seen {
     fn new(epoch: u64, next: u64, now: Instant) -> Self {
-        Seen { epoch, earlier: [epoch; EARLIER_EPOCHS], next, ended: false, heard: now, silent: false }
+        Seen { epoch, earlier: [epoch; EARLIER_EPOCHS], next, ended: false, heard: now, silent: false, sent_us: 0 }
     }
 
     /// Whether the origin's stream is gone: it stopped cleanly, or fell silent.
@@ -738,7 +756,7 @@ impl<K> StreamShared<K> {
             partition: p as u32,
             partitions: self.partitions.unwrap_or(0),
             first_seq,
-            sent_at_us: unix_micros(SystemTime::now()),
+            sent_at_us: cluster.send_time(p),
             last,
         };
         // A key's `Serialize` that panics must not end the sender task.
@@ -856,9 +874,17 @@ impl<K> StreamShared<K> {
                 entry.restart(h.epoch, now);
             }
             let next = entry.next;
+            // Sequence numbers catch a replayed frame of events; a replayed
+            // heartbeat (whose number is still the next one) is caught by
+            // its send time, which the origin makes later with each frame.
             if h.first_seq < next {
                 drop(seen);
                 return self.reporter.frame_rejected(&RejectReason::Replayed { seq: h.first_seq, expected: next });
+            }
+            if h.sent_at_us != 0 && h.sent_at_us <= entry.sent_us {
+                let last_us = entry.sent_us;
+                drop(seen);
+                return self.reporter.frame_rejected(&RejectReason::Resent { sent_at_us: h.sent_at_us, last_us });
             }
             if h.first_seq > next {
                 // Also after this node's connection was lost: what the origin
@@ -868,6 +894,7 @@ impl<K> StreamShared<K> {
                 self.lose(partition, Some(h.origin), missed);
             }
             entry.next = h.first_seq.wrapping_add(frame_len);
+            entry.sent_us = h.sent_at_us;
             entry.heard = now;
             entry.silent = false;
             entry.ended = h.last;

@@ -117,6 +117,17 @@ pub enum RejectReason {
         /// The next sequence number expected from its origin.
         expected: u64,
     },
+    /// A frame sent no later than the last one taken from its origin (each
+    /// frame's send time is later than the one before): a replay, of a
+    /// heartbeat say, whose sequence number is still the next one. Labelled
+    /// `replay` too.
+    #[error("replayed frame: sent at {sent_at_us} µs, not after its origin's last frame ({last_us} µs)")]
+    Resent {
+        /// The frame's send time, µs since the Unix epoch.
+        sent_at_us: u64,
+        /// The send time of the origin's last frame taken.
+        last_us: u64,
+    },
     /// A frame of an origin's earlier epoch (before it restarted): a replay.
     /// Refused while the origin's current stream runs, and always for the
     /// last epochs the origin left (4 are kept per origin). A lower epoch
@@ -168,7 +179,7 @@ impl RejectReason {
             RejectReason::Malformed(_) => "malformed",
             RejectReason::ForeignCache { .. } => "foreign_cache",
             RejectReason::PartitionCount { .. } => "partition_count",
-            RejectReason::Replayed { .. } => "replay",
+            RejectReason::Replayed { .. } | RejectReason::Resent { .. } => "replay",
             RejectReason::OldEpoch { .. } => "old_epoch",
             RejectReason::WrongPartition { .. } => "wrong_partition",
             RejectReason::SameNodeId { .. } => "same_node_id",

@@ -896,6 +896,35 @@ async fn another_node_with_our_id_is_reported_not_taken_for_our_echo() {
     assert_eq!(reports.rejected()[before..], ["same_node_id"]);
 }
 
+/// A signed heartbeat captured and sent again is refused as a replay: its
+/// sequence number is still the next one, but its send time is not later
+/// than the last frame taken from its origin. (Taken, it would pass for a
+/// sign of life of a node cut off from the transport.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replayed_signed_heartbeat_is_refused() {
+    let bus = PubSub::memory();
+    let memory: MemoryBus = bus.as_memory().expect("memory bus").clone();
+    let (a, b) = (node("users", 1), node("users", 2));
+    let reports = Reports::default();
+    let _sb = ready(builder(&b, &bus).signing_key("alpha").observer(reports.observer()).start().expect("b")).await;
+    // A's heartbeats, as they are published: the first is kept.
+    let heartbeats: Arc<Mutex<Vec<Vec<u8>>>> = Arc::default();
+    let kept = heartbeats.clone();
+    memory.drop_frames_where(1, move |_, bytes| {
+        let limits = DecodeLimits { signing_key: Some(b"alpha"), ..Default::default() };
+        if wire::decode::<String>(bytes, &limits).is_ok_and(|f| f.header.origin == NodeId(1) && f.events.is_empty()) {
+            kept.lock().unwrap().push(bytes.to_vec());
+        }
+        false
+    });
+    let _sa = ready(builder(&a, &bus).signing_key("alpha").start().expect("a")).await;
+    wait_for("A's first heartbeat and two more", || heartbeats.lock().unwrap().len() >= 3).await;
+    let first = heartbeats.lock().unwrap()[0].clone();
+    let before = reports.rejected().len();
+    memory.publish_raw("nbx:users", &first);
+    assert_eq!(reports.rejected()[before..], ["replay"]);
+}
+
 /// With a signing key, a frame that bears this node's id and another epoch
 /// is checked before anything is made of its id: an unsigned one is refused
 /// as unsigned, not taken for another node with our id nor for our earlier
