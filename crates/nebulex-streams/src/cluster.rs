@@ -265,16 +265,20 @@ fn new_epoch() -> u64 {
 }
 
 /// Earlier epochs of an origin that a receiver remembers besides its
-/// current one: frames of those stay refused as replays, even after the
-/// origin came back with a lower epoch (its clock was set back).
+/// current one, with where each one's numbering stood when it was left:
+/// frames of those stay refused as replays, even after the origin came back
+/// with a lower epoch (its clock was set back), unless one of them goes on
+/// from where it stood (then the lower epoch was a replay: see `resume`).
 const EARLIER_EPOCHS: usize = 4;
 
 /// Where an origin's numbering on a partition stands, for a receiver.
 #[derive(Clone, Copy)]
 struct Seen {
     epoch: u64,
-    /// The epochs it left, latest first (the current one, until it restarts).
-    earlier: [u64; EARLIER_EPOCHS],
+    /// The epochs it left, latest first, each with the next number expected
+    /// when it was left (`u64::MAX` if it had ended cleanly: it cannot go
+    /// on); the current epoch, until it restarts.
+    earlier: [(u64, u64); EARLIER_EPOCHS],
     /// The next sequence number expected.
     next: u64,
     /// Its last frame said the origin's stream stopped cleanly (`last`).
@@ -290,7 +294,15 @@ struct Seen {
 
 impl Seen {
     fn new(epoch: u64, next: u64, now: Instant) -> Self {
-        Seen { epoch, earlier: [epoch; EARLIER_EPOCHS], next, ended: false, heard: now, silent: false, sent_us: 0 }
+        Seen {
+            epoch,
+            earlier: [(epoch, u64::MAX); EARLIER_EPOCHS],
+            next,
+            ended: false,
+            heard: now,
+            silent: false,
+            sent_us: 0,
+        }
     }
 
     /// Whether the origin's stream is gone: it stopped cleanly, or fell silent.
@@ -302,8 +314,23 @@ impl Seen {
     fn restart(&mut self, epoch: u64, now: Instant) {
         let mut earlier = self.earlier;
         earlier.rotate_right(1);
-        earlier[0] = self.epoch;
+        earlier[0] = (self.epoch, if self.ended { u64::MAX } else { self.next });
         *self = Seen { earlier, ..Seen::new(epoch, 1, now) };
+    }
+
+    /// The epoch it left at `earlier[i]` goes on: back to it, from where its
+    /// numbering stood (what was sent meanwhile is then a gap of known
+    /// size), leaving the current one.
+    fn resume(&mut self, i: usize, now: Instant) {
+        let (epoch, next) = self.earlier[i];
+        let mut earlier = self.earlier;
+        earlier[i] = (self.epoch, if self.ended { u64::MAX } else { self.next });
+        *self = Seen { earlier, ..Seen::new(epoch, next, now) };
+    }
+
+    /// Where the epoch it left, if it did, is among those kept.
+    fn left(&self, epoch: u64) -> Option<usize> {
+        self.earlier.iter().position(|&(e, _)| e == epoch)
     }
 }
 
@@ -857,21 +884,32 @@ impl<K> StreamShared<K> {
                 // a replay. Unless the stream it would replace is gone and
                 // the epoch was never seen: a node whose clock was set back
                 // restarted, and refusing it would leave its writes unheard.
-                // An epoch it already left stays a replay either way.
-                let left = entry.earlier.contains(&h.epoch);
-                if left || (h.epoch < entry.epoch && !entry.gone()) {
-                    let current = entry.epoch;
-                    drop(seen);
-                    return self.reporter.frame_rejected(&RejectReason::OldEpoch { epoch: h.epoch, current });
+                // An epoch it already left stays a replay either way, unless
+                // it is the later one and goes on from where it was left:
+                // then its stream never stopped, and the lower epoch followed
+                // since was a replay (of a frame never heard here, while
+                // the origin was silent). Back to it: the frames it sent
+                // meanwhile, refused, are a gap of known size.
+                let left = entry.left(h.epoch);
+                match left {
+                    Some(i) if h.epoch > entry.epoch && h.first_seq >= entry.earlier[i].1 => entry.resume(i, now),
+                    _ if left.is_some() || (h.epoch < entry.epoch && !entry.gone()) => {
+                        let current = entry.epoch;
+                        drop(seen);
+                        return self.reporter.frame_rejected(&RejectReason::OldEpoch { epoch: h.epoch, current });
+                    }
+                    _ => {
+                        // The origin restarted its stream: a new numbering.
+                        // Unless the old one ended cleanly (or its loss was
+                        // reported when it fell silent), its last events may
+                        // be lost.
+                        cluster.hello.notify_one();
+                        if !entry.gone() {
+                            self.lose(partition, Some(h.origin), 0);
+                        }
+                        entry.restart(h.epoch, now);
+                    }
                 }
-                // The origin restarted its stream: a new numbering. Unless
-                // the old one ended cleanly (or its loss was reported when
-                // it fell silent), its last events may be lost.
-                cluster.hello.notify_one();
-                if !entry.gone() {
-                    self.lose(partition, Some(h.origin), 0);
-                }
-                entry.restart(h.epoch, now);
             }
             let next = entry.next;
             // Sequence numbers catch a replayed frame of events; a replayed

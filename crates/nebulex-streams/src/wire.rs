@@ -129,11 +129,12 @@ pub enum RejectReason {
         last_us: u64,
     },
     /// A frame of an origin's earlier epoch (before it restarted): a replay.
-    /// Refused while the origin's current stream runs, and always for the
-    /// last epochs the origin left (4 are kept per origin). A lower epoch
-    /// not among those, once the current stream stopped or fell silent, is
+    /// Refused while the origin's current stream runs, and for the last
+    /// epochs the origin left (4 are kept per origin). A lower epoch not
+    /// among those, once the current stream stopped or fell silent, is
     /// taken for the origin restarted with its clock set back, and is
-    /// followed.
+    /// followed; if the epoch it replaced then goes on from where it stood,
+    /// that lower epoch was a replay, and the receiver goes back.
     #[error("frame of epoch {epoch:#x}, which its origin left for its current epoch {current:#x}")]
     OldEpoch {
         /// The frame's epoch.

@@ -925,6 +925,52 @@ async fn a_replayed_signed_heartbeat_is_refused() {
     assert_eq!(reports.rejected()[before..], ["replay"]);
 }
 
+/// A signed frame of a node's earlier stream, never heard here, replayed
+/// while the node is silent, is followed (it looks like the node restarted
+/// with its clock set back); but once the node's real stream goes on from
+/// where it stood, the receiver goes back to it: the node is not cut off.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_whose_old_stream_was_replayed_while_it_was_silent_is_heard_again() {
+    let bus = PubSub::memory();
+    let memory: MemoryBus = bus.as_memory().expect("memory bus").clone();
+    let (a, b) = (node("users", 1), node("users", 2));
+    // B's frames of events, as they are published.
+    let captured: Arc<Mutex<Vec<Vec<u8>>>> = Arc::default();
+    let kept = captured.clone();
+    memory.drop_frames_where(1, move |_, bytes| {
+        let limits = DecodeLimits { signing_key: Some(b"alpha"), ..Default::default() };
+        if wire::decode::<String>(bytes, &limits).is_ok_and(|f| f.header.origin == NodeId(2) && !f.events.is_empty()) {
+            kept.lock().unwrap().push(bytes.to_vec());
+        }
+        false
+    });
+    // B's first stream writes a frame, and stops; its second one runs.
+    let first = ready(builder(&b, &bus).signing_key("alpha").start().expect("b, first")).await;
+    b.put("old".into(), 1);
+    wait_for("B's first frame", || captured.lock().unwrap().len() == 1).await;
+    first.stop();
+    first.shutdown().await;
+    let _second = ready(builder(&b, &bus).signing_key("alpha").start().expect("b, second")).await;
+    // A starts now: it never heard B's first stream.
+    let reports = Reports::default();
+    let _sa = ready(builder(&a, &bus).signing_key("alpha").observer(reports.observer()).start().expect("a")).await;
+    let mut on_a = a.subscribe(SubscribeOptions::new()).expect("subscribe");
+    b.put("heard".into(), 1);
+    assert_eq!(key_of(&next_event(&mut on_a).await), "heard");
+
+    // B is cut off; once A took it for silent, B's old frame is replayed.
+    memory.cut(NodeId(2));
+    wait_for("A takes B for silent", || reports.gaps.lock().unwrap().contains(&(Some(NodeId(2)), 0))).await;
+    let old = captured.lock().unwrap()[0].clone();
+    memory.publish_raw("nbx:users", &old);
+    // B is back and writes: A hears it.
+    memory.restore(NodeId(2));
+    b.put("after".into(), 1);
+    let mut tally = Tally::default();
+    read_until(&mut on_a, &mut tally, |t| t.keys().contains(&"after".to_string())).await;
+    assert!(!reports.rejected().contains(&"old_epoch"), "B's real frames were taken: {:?}", reports.rejected());
+}
+
 /// With a signing key, a frame that bears this node's id and another epoch
 /// is checked before anything is made of its id: an unsigned one is refused
 /// as unsigned, not taken for another node with our id nor for our earlier
