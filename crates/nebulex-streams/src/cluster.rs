@@ -533,6 +533,10 @@ where
     // the frames from each: a busy partition does not starve the others.
     let share = (FRAMES_PER_PASS / count.max(1)).max(1);
     let mut start = 0;
+    // New nodes are greeted at most once a quarter heartbeat: frames of a
+    // stream of made-up origins do not make this node heartbeat every
+    // partition for each.
+    let (mut hello_due, mut last_hello) = (false, None::<Instant>);
     loop {
         start = (start + 1) % count.max(1);
         let wake = {
@@ -559,7 +563,7 @@ where
             checked = Instant::now();
             s.check_silence();
         }
-        let hello = matches!(wake, Wake::Hello);
+        hello_due |= matches!(wake, Wake::Hello);
         if let Wake::Item(first_p, first) = wake {
             if !cluster.batch_linger.is_zero() {
                 tokio::time::sleep(cluster.batch_linger).await;
@@ -581,6 +585,10 @@ where
         // No heartbeats while the link is down: no node would hear them, and
         // every partition is announced again once it is up.
         let beat = cluster.link_up.load(Ordering::Acquire);
+        let hello = beat && hello_due && last_hello.is_none_or(|at| now.duration_since(at) >= quarter);
+        if hello {
+            (hello_due, last_hello) = (false, Some(now));
+        }
         for ((p, last), ring) in last_sent.iter_mut().enumerate().zip(&outbound) {
             if frames.iter().any(|(fp, _)| *fp == p) {
                 *last = Some(now);

@@ -971,6 +971,44 @@ async fn a_node_whose_old_stream_was_replayed_while_it_was_silent_is_heard_again
     assert!(!reports.rejected().contains(&"old_epoch"), "B's real frames were taken: {:?}", reports.rejected());
 }
 
+/// Each new node makes this one announce every partition (so the newcomer
+/// learns where its numbering stands), but at most once a quarter
+/// heartbeat: a stream of frames from made-up origins does not make it
+/// heartbeat every partition for each.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn new_origins_are_greeted_at_most_once_a_quarter_heartbeat() {
+    const PARTITIONS: u32 = 16;
+    let bus = PubSub::memory();
+    let memory: MemoryBus = bus.as_memory().expect("memory bus").clone();
+    let b = node("users", 2);
+    let heartbeat = Duration::from_secs(2);
+    let _sb =
+        ready(Streams::builder(&b).pubsub(bus.clone()).partitions(PARTITIONS).heartbeat(heartbeat).start().expect("b"))
+            .await;
+    // B's frames, counted as they are published.
+    let sent = Arc::new(AtomicU64::new(0));
+    let counted = sent.clone();
+    memory.drop_frames_where(1, move |_, bytes| {
+        if wire::decode::<String>(bytes, &DecodeLimits::default()).is_ok_and(|f| f.header.origin == NodeId(2)) {
+            counted.fetch_add(1, Ordering::SeqCst);
+        }
+        false
+    });
+    // B's greeting at start is out of the way.
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let before = sent.load(Ordering::SeqCst);
+    // 100 origins, one after another, over about 200 ms (less than a quarter
+    // heartbeat, 500 ms, and no heartbeat is due in it).
+    for origin in 100..200 {
+        memory.publish_raw("nbx:users:0", &craft(origin, 1, "users", 0, PARTITIONS, 1, &["made up"]));
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    wait_for("B's greeting", || sent.load(Ordering::SeqCst) >= before + u64::from(PARTITIONS)).await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let greetings = (sent.load(Ordering::SeqCst) - before) / u64::from(PARTITIONS);
+    assert!(greetings <= 2, "B announced every partition {greetings} times for 100 new origins in 200 ms");
+}
+
 /// With a signing key, a frame that bears this node's id and another epoch
 /// is checked before anything is made of its id: an unsigned one is refused
 /// as unsigned, not taken for another node with our id nor for our earlier
