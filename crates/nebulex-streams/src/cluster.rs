@@ -392,6 +392,10 @@ impl Origins {
 /// the first time.
 pub const FORGOTTEN_ORIGINS: usize = 4096;
 
+/// How many times a quarter heartbeat a sender greets new nodes at once
+/// (heartbeats on every partition); more wait for the next quarter.
+const HELLO_BURST: u32 = 4;
+
 /// About how many frames a sender's pass publishes at most, shared between
 /// the partitions.
 const FRAMES_PER_PASS: usize = 64;
@@ -533,10 +537,11 @@ where
     // the frames from each: a busy partition does not starve the others.
     let share = (FRAMES_PER_PASS / count.max(1)).max(1);
     let mut start = 0;
-    // New nodes are greeted at most once a quarter heartbeat: frames of a
-    // stream of made-up origins do not make this node heartbeat every
-    // partition for each.
-    let (mut hello_due, mut last_hello) = (false, None::<Instant>);
+    // New nodes are greeted at once, but at most `HELLO_BURST` times a
+    // quarter heartbeat (then at the next quarter): frames of a stream of
+    // made-up origins do not make this node heartbeat every partition for
+    // each.
+    let (mut hello_due, mut hellos, mut hello_window) = (false, 0, Instant::now());
     loop {
         start = (start + 1) % count.max(1);
         let wake = {
@@ -585,9 +590,12 @@ where
         // No heartbeats while the link is down: no node would hear them, and
         // every partition is announced again once it is up.
         let beat = cluster.link_up.load(Ordering::Acquire);
-        let hello = beat && hello_due && last_hello.is_none_or(|at| now.duration_since(at) >= quarter);
+        if now.duration_since(hello_window) >= quarter {
+            (hellos, hello_window) = (0, now);
+        }
+        let hello = beat && hello_due && hellos < HELLO_BURST;
         if hello {
-            (hello_due, last_hello) = (false, Some(now));
+            (hello_due, hellos) = (false, hellos + 1);
         }
         for ((p, last), ring) in last_sent.iter_mut().enumerate().zip(&outbound) {
             if frames.iter().any(|(fp, _)| *fp == p) {

@@ -972,11 +972,11 @@ async fn a_node_whose_old_stream_was_replayed_while_it_was_silent_is_heard_again
 }
 
 /// Each new node makes this one announce every partition (so the newcomer
-/// learns where its numbering stands), but at most once a quarter
-/// heartbeat: a stream of frames from made-up origins does not make it
-/// heartbeat every partition for each.
+/// learns where its numbering stands) at once, but at most 4 times a
+/// quarter heartbeat: a stream of frames from made-up origins does not make
+/// it heartbeat every partition for each.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn new_origins_are_greeted_at_most_once_a_quarter_heartbeat() {
+async fn new_origins_are_greeted_at_most_4_times_a_quarter_heartbeat() {
     const PARTITIONS: u32 = 16;
     let bus = PubSub::memory();
     let memory: MemoryBus = bus.as_memory().expect("memory bus").clone();
@@ -1006,7 +1006,7 @@ async fn new_origins_are_greeted_at_most_once_a_quarter_heartbeat() {
     wait_for("B's greeting", || sent.load(Ordering::SeqCst) >= before + u64::from(PARTITIONS)).await;
     tokio::time::sleep(Duration::from_millis(100)).await;
     let greetings = (sent.load(Ordering::SeqCst) - before) / u64::from(PARTITIONS);
-    assert!(greetings <= 2, "B announced every partition {greetings} times for 100 new origins in 200 ms");
+    assert!(greetings <= 5, "B announced every partition {greetings} times for 100 new origins in 200 ms");
 }
 
 /// With a signing key, a frame that bears this node's id and another epoch
