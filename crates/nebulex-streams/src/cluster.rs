@@ -222,8 +222,8 @@ impl<K> Cluster<K> {
     fn send_time(&self, p: usize) -> u64 {
         let now = unix_micros(SystemTime::now());
         let Some(last) = self.sent_us.get(p) else { return now };
-        let previous = last.fetch_update(Ordering::AcqRel, Ordering::Acquire, |l| Some(now.max(l + 1)));
-        previous.map_or(now, |l| now.max(l + 1))
+        let next = |l: u64| now.max(l.saturating_add(1));
+        last.fetch_update(Ordering::AcqRel, Ordering::Acquire, |l| Some(next(l))).map_or(now, next)
     }
 
     /// Resolves once the sender task has finished (after a stop: sent what
@@ -271,14 +271,25 @@ fn new_epoch() -> u64 {
 /// from where it stood (then the lower epoch was a replay: see `resume`).
 const EARLIER_EPOCHS: usize = 4;
 
+/// An epoch an origin left, and where it stood then.
+#[derive(Clone, Copy)]
+struct Left {
+    epoch: u64,
+    /// The next sequence number it expected.
+    next: u64,
+    /// The send time of its last frame taken.
+    sent_us: u64,
+    /// It had not ended cleanly: it may go on.
+    open: bool,
+}
+
 /// Where an origin's numbering on a partition stands, for a receiver.
 #[derive(Clone, Copy)]
 struct Seen {
     epoch: u64,
-    /// The epochs it left, latest first, each with the next number expected
-    /// when it was left (`u64::MAX` if it had ended cleanly: it cannot go
-    /// on); the current epoch, until it restarts.
-    earlier: [(u64, u64); EARLIER_EPOCHS],
+    /// The epochs it left, latest first (the current one, closed, until it
+    /// restarts).
+    earlier: [Left; EARLIER_EPOCHS],
     /// The next sequence number expected.
     next: u64,
     /// Its last frame said the origin's stream stopped cleanly (`last`).
@@ -296,7 +307,7 @@ impl Seen {
     fn new(epoch: u64, next: u64, now: Instant) -> Self {
         Seen {
             epoch,
-            earlier: [(epoch, u64::MAX); EARLIER_EPOCHS],
+            earlier: [Left { epoch, next, sent_us: 0, open: false }; EARLIER_EPOCHS],
             next,
             ended: false,
             heard: now,
@@ -310,27 +321,43 @@ impl Seen {
         self.ended || self.silent
     }
 
+    /// The current epoch, as it is left.
+    fn leaving(&self) -> Left {
+        Left { epoch: self.epoch, next: self.next, sent_us: self.sent_us, open: !self.ended }
+    }
+
     /// The origin's stream started again in `epoch`, numbered from 1.
     fn restart(&mut self, epoch: u64, now: Instant) {
         let mut earlier = self.earlier;
         earlier.rotate_right(1);
-        earlier[0] = (self.epoch, if self.ended { u64::MAX } else { self.next });
+        earlier[0] = self.leaving();
         *self = Seen { earlier, ..Seen::new(epoch, 1, now) };
+    }
+
+    /// Whether a frame of `h` goes on with the epoch left at `earlier[i]`: a
+    /// later epoch than the current one, not ended, from where its numbering
+    /// stood, sent after its last frame taken (not a replay of it).
+    fn goes_on(&self, i: usize, h: &FrameHeader) -> bool {
+        let left = self.earlier[i];
+        left.open
+            && h.epoch > self.epoch
+            && h.first_seq >= left.next
+            && (left.sent_us == 0 || h.sent_at_us > left.sent_us)
     }
 
     /// The epoch it left at `earlier[i]` goes on: back to it, from where its
     /// numbering stood (what was sent meanwhile is then a gap of known
     /// size), leaving the current one.
     fn resume(&mut self, i: usize, now: Instant) {
-        let (epoch, next) = self.earlier[i];
+        let left = self.earlier[i];
         let mut earlier = self.earlier;
-        earlier[i] = (self.epoch, if self.ended { u64::MAX } else { self.next });
-        *self = Seen { earlier, ..Seen::new(epoch, next, now) };
+        earlier[i] = self.leaving();
+        *self = Seen { earlier, sent_us: left.sent_us, ..Seen::new(left.epoch, left.next, now) };
     }
 
     /// Where the epoch it left, if it did, is among those kept.
     fn left(&self, epoch: u64) -> Option<usize> {
-        self.earlier.iter().position(|&(e, _)| e == epoch)
+        self.earlier.iter().position(|l| l.epoch == epoch)
     }
 }
 
@@ -386,7 +413,7 @@ impl Origins {
 }
 
 /// How many forgotten (origin, partition) pairs a receiver keeps on (about
-/// 90 bytes each), the last forgotten: heard again, one of those is judged
+/// 250 bytes each), the last forgotten: heard again, one of those is judged
 /// from where it stood, so a frame of it captured earlier and replayed is
 /// still refused. An origin forgotten before these is heard again as for
 /// the first time.
@@ -590,7 +617,8 @@ where
         // No heartbeats while the link is down: no node would hear them, and
         // every partition is announced again once it is up.
         let beat = cluster.link_up.load(Ordering::Acquire);
-        if now.duration_since(hello_window) >= quarter {
+        // (Three quarters of one: this pass may run a little after its tick.)
+        if now.duration_since(hello_window) >= quarter * 3 / 4 {
             (hellos, hello_window) = (0, now);
         }
         let hello = beat && hello_due && hellos < HELLO_BURST;
@@ -908,7 +936,7 @@ impl<K> StreamShared<K> {
                 // meanwhile, refused, are a gap of known size.
                 let left = entry.left(h.epoch);
                 match left {
-                    Some(i) if h.epoch > entry.epoch && h.first_seq >= entry.earlier[i].1 => entry.resume(i, now),
+                    Some(i) if entry.goes_on(i, h) => entry.resume(i, now),
                     _ if left.is_some() || (h.epoch < entry.epoch && !entry.gone()) => {
                         let current = entry.epoch;
                         drop(seen);
@@ -935,7 +963,7 @@ impl<K> StreamShared<K> {
                 drop(seen);
                 return self.reporter.frame_rejected(&RejectReason::Replayed { seq: h.first_seq, expected: next });
             }
-            if h.sent_at_us != 0 && h.sent_at_us <= entry.sent_us {
+            if frame_len == 0 && h.sent_at_us != 0 && h.sent_at_us <= entry.sent_us {
                 let last_us = entry.sent_us;
                 drop(seen);
                 return self.reporter.frame_rejected(&RejectReason::Resent { sent_at_us: h.sent_at_us, last_us });
@@ -948,7 +976,7 @@ impl<K> StreamShared<K> {
                 self.lose(partition, Some(h.origin), missed);
             }
             entry.next = h.first_seq.wrapping_add(frame_len);
-            entry.sent_us = h.sent_at_us;
+            entry.sent_us = entry.sent_us.max(h.sent_at_us);
             entry.heard = now;
             entry.silent = false;
             entry.ended = h.last;

@@ -117,9 +117,9 @@ pub enum RejectReason {
         /// The next sequence number expected from its origin.
         expected: u64,
     },
-    /// A frame sent no later than the last one taken from its origin (each
-    /// frame's send time is later than the one before): a replay, of a
-    /// heartbeat say, whose sequence number is still the next one. Labelled
+    /// A heartbeat sent no later than the last frame taken from its origin
+    /// (each frame's send time is later than the one before): a replay,
+    /// which its sequence number, still the next one, cannot tell. Labelled
     /// `replay` too.
     #[error("replayed frame: sent at {sent_at_us} µs, not after its origin's last frame ({last_us} µs)")]
     Resent {

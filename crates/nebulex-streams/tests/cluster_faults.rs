@@ -1009,6 +1009,43 @@ async fn new_origins_are_greeted_at_most_4_times_a_quarter_heartbeat() {
     assert!(greetings <= 5, "B announced every partition {greetings} times for 100 new origins in 200 ms");
 }
 
+/// A node restarted with its clock set back is followed; a replay of the
+/// last heartbeat of the epoch it left does not bring that epoch back (its
+/// send time is not after the last frame taken of it), so the node is not
+/// cut off.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replayed_heartbeat_of_a_left_epoch_does_not_bring_it_back() {
+    let Lone { memory, reports, mut on_b, _held } = Lone::start().await;
+    let (hi, lo) = (epoch_from_now(-1_000), epoch_from_now(-60_000));
+    let heartbeat = craft_sent(9, hi, 20, 2, &[]);
+    memory.publish_raw("nbx:users", &craft_sent(9, hi, 10, 1, &["before"]));
+    memory.publish_raw("nbx:users", &heartbeat);
+    let mut tally = Tally::default();
+    read_until(&mut on_b, &mut tally, |t| !t.lagged.is_empty()).await; // 9 crashed: silent
+    memory.publish_raw("nbx:users", &craft_sent(9, lo, 5, 1, &["after the restart"]));
+    read_until(&mut on_b, &mut tally, |t| t.keys().contains(&"after the restart".to_string())).await;
+    memory.publish_raw("nbx:users", &heartbeat);
+    assert_eq!(reports.rejected(), ["old_epoch"], "the replayed heartbeat is refused");
+    memory.publish_raw("nbx:users", &craft_sent(9, lo, 6, 2, &["still heard"]));
+    read_until(&mut on_b, &mut tally, |t| t.keys().contains(&"still heard".to_string())).await;
+    assert_eq!(tally.keys(), ["before", "after the restart", "still heard"]);
+}
+
+/// Frames of events with the same send time (a sender of another kind may
+/// stamp two in one microsecond) are both taken: their numbers tell them
+/// apart. Only a heartbeat's send time must be later.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn frames_of_events_sent_in_the_same_microsecond_are_both_taken() {
+    let Lone { memory, reports, mut on_b, _held } = Lone::start().await;
+    let epoch = epoch_from_now(-1_000);
+    memory.publish_raw("nbx:users", &craft_sent(9, epoch, 10, 1, &["one"]));
+    memory.publish_raw("nbx:users", &craft_sent(9, epoch, 10, 2, &["two"]));
+    let mut tally = Tally::default();
+    read_until(&mut on_b, &mut tally, |t| t.events.len() == 2).await;
+    assert_eq!(tally.keys(), ["one", "two"]);
+    assert_eq!(reports.rejected(), Vec::<&str>::new());
+}
+
 /// With a signing key, a frame that bears this node's id and another epoch
 /// is checked before anything is made of its id: an unsigned one is refused
 /// as unsigned, not taken for another node with our id nor for our earlier

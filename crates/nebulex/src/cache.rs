@@ -616,6 +616,10 @@ where
     /// When no listener wants an event type, writes do not even build those
     /// events; a filter can be changed at any time with [`EventFilter::set`].
     ///
+    /// Registering (or unregistering) takes every shard's lock at once, so
+    /// that no call can tell a listener of some keys and not others: it waits
+    /// for the calls in flight, listeners included.
+    ///
     /// ```
     /// use std::sync::{Arc, Mutex};
     /// use nebulex::{Cache, EventFilter, EventType};
