@@ -446,6 +446,26 @@ pub(crate) fn peek_origin_epoch(bytes: &[u8]) -> Option<(NodeId, u64)> {
     Some((origin, rmp::decode::read_int(&mut body).ok()?))
 }
 
+/// The origin and send time (`sent_at_us`) of a frame, read without decoding
+/// its events.
+#[cfg_attr(not(feature = "redis"), allow(dead_code))]
+pub(crate) fn peek_origin_sent(bytes: &[u8]) -> Option<(NodeId, u64)> {
+    if bytes.first() != Some(&WIRE_VERSION) {
+        return None;
+    }
+    let mut body = bytes.get(2..)?;
+    rmp::decode::read_array_len(&mut body).ok()?;
+    let origin = rmp::decode::read_int(&mut body).ok().map(NodeId)?;
+    let _epoch: u64 = rmp::decode::read_int(&mut body).ok()?;
+    let cache = rmp::decode::read_str_len(&mut body).ok()? as usize;
+    body = body.get(cache..)?;
+    for _ in 0..3 {
+        // partition, partitions, first_seq
+        let _: u64 = rmp::decode::read_int(&mut body).ok()?;
+    }
+    Some((origin, rmp::decode::read_int(&mut body).ok()?))
+}
+
 /// What a decoder checks beyond the format.
 ///
 /// ```
@@ -679,6 +699,21 @@ mod tests {
             sent_at_us: 5,
             last: false,
         }
+    }
+
+    #[test]
+    fn the_origin_and_send_time_are_read_without_decoding_the_events() {
+        let long_name = FrameHeader { cache: "c".repeat(300), sent_at_us: u64::MAX - 1, ..header() };
+        for (h, key) in
+            [(header(), None), (long_name, Some(&b"k3y"[..])), (FrameHeader { first_seq: u64::MAX, ..header() }, None)]
+        {
+            let bytes = encode(&h, &[event(EventType::Inserted, Target::Key("k".into()))], key).unwrap();
+            assert_eq!(peek_origin_sent(&bytes), Some((h.origin, h.sent_at_us)));
+            for cut in [0, 1, 2, 3] {
+                assert_eq!(peek_origin_sent(&bytes[..cut.min(bytes.len())]), None, "cut at {cut}");
+            }
+        }
+        assert_eq!(peek_origin_sent(b"\x01\x00garbage"), None);
     }
 
     #[test]

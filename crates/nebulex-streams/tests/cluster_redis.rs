@@ -116,6 +116,44 @@ async fn a_connection_that_hangs_without_closing_is_a_gap_then_events_flow() {
     until_flowing(&b, &mut on_a, "after-the-hang").await;
 }
 
+/// The Redis client queues what the server sends without bound: a node that
+/// handles frames slower than they come falls behind for good, its queue
+/// growing. Once its own frames come back more than 10 s late, it makes its
+/// subscription again (the queue goes with it) and tells a loss of unknown
+/// size. Here every frame it refuses takes it 50 ms (its observer sleeps),
+/// and 240 of them come at once: 12 s of work, ahead of its own heartbeats.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_that_falls_far_behind_the_server_reconnects_and_tells_a_loss() {
+    let redis = RedisServer::start().expect("redis-server");
+    let links_lost = Arc::new(Mutex::new(0));
+    let lost = links_lost.clone();
+    let a = node("users", 1);
+    let sa = Streams::builder(&a)
+        .pubsub(PubSub::redis(redis.url()))
+        .heartbeat(Duration::from_millis(100))
+        .observer(move |t| match t {
+            Telemetry::FrameRejected { .. } => std::thread::sleep(Duration::from_millis(50)),
+            Telemetry::Gap { origin: None, .. } => *lost.lock().unwrap() += 1,
+            _ => {}
+        })
+        .start()
+        .unwrap();
+    tokio::time::timeout(PATIENCE, sa.ready()).await.expect("ready in time").expect("ready");
+    for _ in 0..240 {
+        redis.command(&[b"PUBLISH", b"nbx:users", b"\x01\x00garbage"]).unwrap();
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(40);
+    while *links_lost.lock().unwrap() == 0 {
+        assert!(std::time::Instant::now() < deadline, "the node never caught up, nor said it could not");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Connected again: events flow.
+    let mut on_a = a.subscribe(SubscribeOptions::new()).unwrap();
+    let b = node("users", 2);
+    let _sb = Streams::builder(&b).pubsub(PubSub::redis(redis.url())).start().unwrap();
+    until_flowing(&b, &mut on_a, "after-catching-up").await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn garbage_and_forged_frames_are_rejected_and_counted() {
     let redis = RedisServer::start().expect("redis-server");

@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 
 use futures::future::BoxFuture;
 use futures::{FutureExt, StreamExt};
+use nebulex::NodeId;
 use redis::aio::MultiplexedConnection;
 use tokio::sync::watch;
 
@@ -66,7 +67,8 @@ async fn subscribe_loop(client: redis::Client, config: LinkConfig, stop: watch::
         async move { subscribe(&client, &channels).await.map_err(|e| format!("cannot subscribe to Redis: {e}")) }
             .boxed()
     };
-    let run = |stream, stop| pump(stream, channels.clone(), hooks.clone(), liveness, stop).boxed();
+    let node = config.node;
+    let run = |stream, stop| pump(stream, channels.clone(), hooks.clone(), (node, liveness), stop).boxed();
     let server = ("Redis", CONNECT_TIMEOUT, "Redis Pub/Sub connection lost");
     keep_subscribed(&config, server, stop, connect, run).await;
 }
@@ -91,19 +93,36 @@ fn one_line(e: &redis::RedisError) -> String {
 /// would wait for ever: Redis sends this node's own frames back, and it
 /// sends one on every partition at least once a heartbeat, so hearing
 /// nothing at all for `liveness` ends it too.
+///
+/// The client queues what the server sends without bound, so the server
+/// never finds this reader slow: when frames come faster than they are
+/// handled, the queue would grow for ever. This node's own frames, back
+/// more than [`behind_limit`] after they were sent (by this node's clock),
+/// say so: the connection is ended, its queue with it, as a lost one (a
+/// loss of unknown size, which an invalidator flushes).
 async fn pump(
     mut stream: redis::aio::PubSubStream,
     channels: Arc<[String]>,
     hooks: Arc<Hooks>,
-    liveness: Duration,
+    (node, liveness): (NodeId, Duration),
     mut stop: watch::Receiver<bool>,
 ) -> Ended {
+    let behind_limit = u64::try_from(behind_limit(liveness).as_micros()).unwrap_or(u64::MAX);
     loop {
         tokio::select! {
             msg = tokio::time::timeout(liveness, stream.next()) => match msg {
                 Ok(Some(msg)) => {
+                    let bytes = msg.get_payload_bytes();
+                    if let Some((_, sent)) = crate::wire::peek_origin_sent(bytes).filter(|(o, _)| *o == node) {
+                        let behind = crate::wire::unix_micros(std::time::SystemTime::now()).saturating_sub(sent);
+                        if sent != 0 && behind > behind_limit {
+                            tracing::warn!(target: "nebulex_streams", behind_ms = behind / 1_000,
+                                "Redis Pub/Sub is behind: this node's own frames come back late; reconnecting");
+                            return Ended::Lost;
+                        }
+                    }
                     if let Some(index) = channels.iter().position(|c| c == msg.get_channel_name()) {
-                        (hooks.on_frame)(index, msg.get_payload_bytes());
+                        (hooks.on_frame)(index, bytes);
                     }
                 }
                 Ok(None) => return Ended::Lost,
@@ -116,6 +135,12 @@ async fn pump(
             _ = stop.changed() => return Ended::Stopped,
         }
     }
+}
+
+/// How far behind this node's own frames a subscription may fall (twice
+/// `liveness`, and at least 10 s) before it is made again.
+fn behind_limit(liveness: Duration) -> Duration {
+    liveness.saturating_mul(2).max(Duration::from_secs(10))
 }
 
 impl RedisLink {
