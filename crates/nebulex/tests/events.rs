@@ -904,8 +904,11 @@ impl Clone for Touchy {
 }
 
 impl PartialEq for Touchy {
+    /// Panics comparing the armed key with itself: when it is looked up and
+    /// found (not when another key's lookup meets it by a hash collision,
+    /// which depends on the table's seed).
     fn eq(&self, other: &Self) -> bool {
-        assert!(![self.0, other.0].contains(&EQ_PANICS_ON.get().unwrap_or(u32::MAX)), "a touchy key's eq");
+        assert!(!(self.0 == other.0 && EQ_PANICS_ON.get() == Some(self.0)), "a touchy key's eq");
         self.0 == other.0
     }
 }
@@ -974,10 +977,15 @@ fn a_delete_all_filter_stopped_by_a_panicking_key_clone_names_exactly_what_it_re
         c.delete_all(Query::filter(|_, _| true));
     });
     let events = r.take_brief();
-    let [(Deleted, Keys(deleted), C::DeleteAll)] = &events[..] else { panic!("{events:?}") };
+    // The filter meets the keys in the table's order: if key 5 came first,
+    // nothing was removed, and nothing is announced.
+    let mut named: Vec<u32> = match &events[..] {
+        [] => Vec::new(),
+        [(Deleted, Keys(deleted), C::DeleteAll)] => deleted.iter().map(|k| k.0).collect(),
+        other => panic!("{other:?}"),
+    };
     assert!(c.contains_key(&Touchy(5)), "the entry whose key could not be copied for the event stays");
     let mut gone: Vec<u32> = (0..10).filter(|k| !c.contains_key(&Touchy(*k))).collect();
-    let mut named: Vec<u32> = deleted.iter().map(|k| k.0).collect();
     gone.sort_unstable();
     named.sort_unstable();
     assert_eq!(named, gone, "the event names exactly what was removed");
