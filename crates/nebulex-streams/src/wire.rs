@@ -435,28 +435,29 @@ pub fn peek_origin(bytes: &[u8]) -> Option<NodeId> {
     peek_origin_epoch(bytes).map(|(origin, _)| origin)
 }
 
-/// The origin and epoch of a frame, read without decoding the rest.
-pub(crate) fn peek_origin_epoch(bytes: &[u8]) -> Option<(NodeId, u64)> {
+/// The origin and epoch of a frame, and the header fields after them, read
+/// without decoding the rest.
+fn peek_origin_epoch_rest(bytes: &[u8]) -> Option<(NodeId, u64, &[u8])> {
     if bytes.first() != Some(&WIRE_VERSION) {
         return None;
     }
     let mut body = bytes.get(2..)?;
     rmp::decode::read_array_len(&mut body).ok()?;
     let origin = rmp::decode::read_int(&mut body).ok().map(NodeId)?;
-    Some((origin, rmp::decode::read_int(&mut body).ok()?))
+    let epoch = rmp::decode::read_int(&mut body).ok()?;
+    Some((origin, epoch, body))
+}
+
+/// The origin and epoch of a frame, read without decoding the rest.
+pub(crate) fn peek_origin_epoch(bytes: &[u8]) -> Option<(NodeId, u64)> {
+    peek_origin_epoch_rest(bytes).map(|(origin, epoch, _)| (origin, epoch))
 }
 
 /// The origin and send time (`sent_at_us`) of a frame, read without decoding
 /// its events.
 #[cfg_attr(not(feature = "redis"), allow(dead_code))]
 pub(crate) fn peek_origin_sent(bytes: &[u8]) -> Option<(NodeId, u64)> {
-    if bytes.first() != Some(&WIRE_VERSION) {
-        return None;
-    }
-    let mut body = bytes.get(2..)?;
-    rmp::decode::read_array_len(&mut body).ok()?;
-    let origin = rmp::decode::read_int(&mut body).ok().map(NodeId)?;
-    let _epoch: u64 = rmp::decode::read_int(&mut body).ok()?;
+    let (origin, _, mut body) = peek_origin_epoch_rest(bytes)?;
     let cache = rmp::decode::read_str_len(&mut body).ok()? as usize;
     body = body.get(cache..)?;
     for _ in 0..3 {
