@@ -287,7 +287,14 @@ fn invalidation_window(nodes: &Nodes, first: u64, events: usize) -> BenchResult<
     }
     let removed = nodes.removals.close();
     if removed.len() != events {
-        return Err(format!("node B reported {} of {events} removals", removed.len()).into());
+        let strays = nodes.removals.stray() - stray;
+        let held = (first..first + events as u64).filter(|key| nodes.b.contains_key(key)).count();
+        return Err(format!(
+            "node B reported {} of {events} removals ({strays} reports fit no key of the window, and B still \
+             holds {held} of its keys)",
+            removed.len()
+        )
+        .into());
     }
     let strays = nodes.removals.stray() - stray;
     if strays > 0 {

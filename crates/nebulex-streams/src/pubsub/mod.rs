@@ -199,7 +199,7 @@ enum Ended {
 
 /// The loop of both network transports, until the link is closed: makes a
 /// session (`connect`: a connection with every channel subscribed, within
-/// `timeout`), says the link is in (`ready`, and up), hands the session to
+/// `timeout`), says the link is up, then in (`ready`), hands the session to
 /// `run` until it ends, says a lost one is down (`lost` says why), and after
 /// a failed or lost session starts over on the backoff.
 #[cfg(any(feature = "redis", feature = "nats"))]
@@ -221,8 +221,11 @@ async fn keep_subscribed<S>(
         match connected {
             Ok(session) => {
                 attempt = 0;
-                config.ready.send_replace(Some(Ok(())));
+                // Up before ready: what `Streams::ready()` lets go on (an
+                // invalidator started then, say) must find the link up, or
+                // take it for an outage.
                 (config.hooks.on_state)(LinkState::Up);
+                config.ready.send_replace(Some(Ok(())));
                 if let Ended::Stopped = run(session, stop.clone()).await {
                     return;
                 }
@@ -323,6 +326,53 @@ mod tests {
         assert!(b.delay(0) <= Duration::from_millis(100) && b.delay(0) >= Duration::from_millis(75));
         assert!(b.delay(2) <= Duration::from_millis(400) && b.delay(2) >= Duration::from_millis(300));
         assert!(b.delay(30) <= Duration::from_secs(1));
+    }
+
+    /// `Streams::ready()` returning means the link is up: an invalidator
+    /// started then would otherwise see an outage and flush its cache a
+    /// heartbeat later.
+    #[cfg(any(feature = "redis", feature = "nats"))]
+    #[tokio::test]
+    async fn a_link_is_up_before_it_says_it_is_ready() {
+        let (ready, mut readiness) = watch::channel(None);
+        let seen = readiness.clone();
+        let (states, mut log) = tokio::sync::mpsc::unbounded_channel();
+        let hooks = Hooks {
+            on_frame: Box::new(|_, _| {}),
+            // Whether `ready` was already said when the link came up.
+            on_state: Box::new(move |state| {
+                let _ = states.send((matches!(state, LinkState::Up), seen.borrow().is_some()));
+            }),
+        };
+        let config = LinkConfig {
+            node: NodeId(1),
+            channels: vec!["c".into()],
+            backoff: Backoff::default(),
+            hooks: Arc::new(hooks),
+            liveness: Duration::from_secs(1),
+            ready,
+        };
+        let (stop_tx, stop) = watch::channel(false);
+        let link = tokio::spawn(async move {
+            keep_subscribed(
+                &config,
+                ("a server", Duration::from_secs(5), "lost"),
+                stop,
+                || Box::pin(async { Ok(()) }),
+                |(), mut stop| {
+                    Box::pin(async move {
+                        let _ = stop.changed().await;
+                        Ended::Stopped
+                    })
+                },
+            )
+            .await
+        });
+        readiness.wait_for(Option::is_some).await.expect("the link says whether it is in");
+        assert!(matches!(*readiness.borrow(), Some(Ok(()))));
+        assert_eq!(log.recv().await, Some((true, false)), "up, and not yet ready");
+        stop_tx.send_replace(true);
+        link.await.expect("the link task ends");
     }
 
     #[test]
