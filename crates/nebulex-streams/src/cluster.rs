@@ -484,7 +484,10 @@ where
     let hooks = Arc::new(Hooks {
         on_frame: Box::new(move |index, bytes| {
             if let Some(shared) = weak.upgrade() {
-                shared.on_frame(index, bytes);
+                // What was half done is a loss: the frame's partition says so.
+                if let Err(panic) = std::panic::catch_unwind(AssertUnwindSafe(|| shared.on_frame(index, bytes))) {
+                    shared.panicked(index as u32, "handling a frame", panic.as_ref());
+                }
             }
         }),
         on_state: Box::new(move |state| {
@@ -505,7 +508,16 @@ where
     let (done, sender_done) = watch::channel(());
     let _ = cluster.sender_done.set(sender_done);
     let sender = Sender { link: link.clone(), _done: done };
-    rt.spawn(send_loop(shared.clone(), sender, cluster.shutdown.subscribe()));
+    let (guard, stop) = (shared.clone(), cluster.shutdown.subscribe());
+    rt.spawn(async move {
+        use futures::FutureExt;
+        let sent = AssertUnwindSafe(send_loop(guard.clone(), sender, stop)).catch_unwind().await;
+        // Nothing is sent any more (the link closed with the task): the
+        // connection is down, for good.
+        if let Err(panic) = sent {
+            guard.sender_panicked(panic.as_ref());
+        }
+    });
     Ok(())
 }
 
@@ -902,9 +914,15 @@ impl<K> StreamShared<K> {
         if let Some(reason) = reason {
             return self.reporter.frame_rejected(&reason);
         }
-        let partition = h.partition;
+        let (partition, origin) = (h.partition, h.origin);
         let frame_len = frame.events.len() as u64;
         let now = Instant::now();
+        // Losses, told to the readers at once (before the frame's events),
+        // reported once the state is updated and the frame delivered: the
+        // reports go through the application's observer, logger and
+        // recorder, and one that panics must not leave this origin's frames
+        // taken for gaps, again and again.
+        let mut gaps = Vec::new();
         {
             let mut seen = cluster.seen.lock();
             let key = (h.origin, partition);
@@ -949,7 +967,8 @@ impl<K> StreamShared<K> {
                         // be lost.
                         cluster.hello.notify_one();
                         if !entry.gone() {
-                            self.lose(partition, Some(h.origin), 0);
+                            self.notify_loss(partition, 0);
+                            gaps.push(0);
                         }
                         entry.restart(h.epoch, now);
                     }
@@ -973,7 +992,8 @@ impl<K> StreamShared<K> {
                 // published meanwhile was told as `Lagged(0)`, but the jump
                 // may include more, lost since, so its count is told too.
                 let missed = h.first_seq - next;
-                self.lose(partition, Some(h.origin), missed);
+                self.notify_loss(partition, missed);
+                gaps.push(missed);
             }
             entry.next = h.first_seq.wrapping_add(frame_len);
             entry.sent_us = entry.sent_us.max(h.sent_at_us);
@@ -982,13 +1002,36 @@ impl<K> StreamShared<K> {
             entry.ended = h.last;
         }
         self.deliver_remote(frame);
+        for missed in gaps {
+            self.reporter.gap(partition, Some(origin), missed);
+        }
     }
 
-    /// Tells partition `p`'s subscribers that `missed` events were lost
-    /// (`0`: an unknown number).
-    pub(crate) fn lose(&self, partition: u32, origin: Option<NodeId>, missed: u64) {
-        self.reporter.gap(partition, origin, missed);
-        self.notify_loss(partition, missed);
+    /// A panic while `doing` something for partition `partition` (in our
+    /// code, or in the application's logger or recorder it calls): what was
+    /// half done is a loss of unknown size on the partition.
+    #[cold]
+    fn panicked(&self, partition: u32, doing: &str, panic: &(dyn std::any::Any + Send)) {
+        self.notify_loss(partition, 0);
+        let _ = std::panic::catch_unwind(AssertUnwindSafe(|| {
+            tracing::error!(target: "nebulex_streams", cache = %self.reporter.cache, partition,
+                panic = panic_message(panic), "panicked {doing}: a loss of unknown size");
+            self.reporter.gap(partition, None, 0);
+        }));
+    }
+
+    /// The sender task ended by a panic: nothing is sent any more, so the
+    /// connection is down for good (every partition has a gap, and an
+    /// invalidator keeps flushing), rather than silently deaf and mute.
+    #[cold]
+    fn sender_panicked(&self, panic: &(dyn std::any::Any + Send)) {
+        let message = panic_message(panic).to_owned();
+        let _ = std::panic::catch_unwind(AssertUnwindSafe(|| {
+            tracing::error!(target: "nebulex_streams", cache = %self.reporter.cache, panic = %message,
+                "the cluster sender task panicked: the link is down for good");
+        }));
+        let down = LinkState::Down(format!("the sender task panicked: {message}"));
+        let _ = std::panic::catch_unwind(AssertUnwindSafe(|| self.on_link_state(down)));
     }
 
     /// Reports a possible loss (`Lagged(0)`), once, on each partition whose
@@ -1020,10 +1063,14 @@ impl<K> StreamShared<K> {
             (!e.ended || quiet < forget) && (!e.silent || quiet < forget_silent)
         });
         drop(seen);
+        // Every reader first, then the reports.
+        for &(_, partition) in &silent {
+            self.notify_loss(partition, 0);
+        }
         for (origin, partition) in silent {
             tracing::warn!(target: "nebulex_streams", cache = %self.reporter.cache, node = %origin, partition,
                 "a node fell silent without stopping: its unsent events are lost");
-            self.lose(partition, Some(origin), 0);
+            self.reporter.gap(partition, Some(origin), 0);
         }
     }
 
@@ -1062,12 +1109,17 @@ impl<K> StreamShared<K> {
             }
             LinkState::Down(reason) => {
                 if cluster.link_up.swap(false, Ordering::AcqRel) {
-                    tracing::warn!(target: "nebulex_streams", cache = %self.reporter.cache, %reason,
-                        "cluster connection lost: every partition has a gap");
                     // What was published meanwhile is gone: an unknown loss
                     // now, and each origin's jump, counted, at its next frame.
+                    // (Every reader first, then the reports, which go through
+                    // the application's logger, observer and recorder.)
                     for p in 0..self.count {
-                        self.lose(p, None, 0);
+                        self.notify_loss(p, 0);
+                    }
+                    tracing::warn!(target: "nebulex_streams", cache = %self.reporter.cache, %reason,
+                        "cluster connection lost: every partition has a gap");
+                    for p in 0..self.count {
+                        self.reporter.gap(p, None, 0);
                     }
                 }
             }

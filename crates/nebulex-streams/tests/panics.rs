@@ -233,3 +233,123 @@ async fn a_key_whose_serialization_panics_loses_its_frame_not_the_cluster_tasks(
     assert_eq!(next(&mut on_b).await, Err(nebulex_streams::Lagged(1)), "B counts the refused frame as lost");
     assert_eq!(next(&mut on_b).await, Ok(nebulex::Target::Key(key("third"))), "B still receives");
 }
+
+/// The application's metrics recorder is called from the cluster's tasks
+/// too: one that panics there loses what was half done, told as a loss,
+/// and never leaves a node silently deaf or mute.
+#[cfg(feature = "metrics")]
+mod with_a_panicking_recorder {
+    use super::*;
+    use metrics::{Counter, CounterFn, Gauge, Histogram, Key, KeyName, Metadata, Recorder, SharedString, Unit};
+
+    /// Counters whose name is `name` (and whose `reason` label is `reason`,
+    /// if given) panic when incremented; every other metric is a no-op.
+    struct Panicking {
+        name: &'static str,
+        reason: Option<&'static str>,
+    }
+
+    struct Boom;
+
+    impl CounterFn for Boom {
+        fn increment(&self, _: u64) {
+            panic!("recorder bug");
+        }
+        fn absolute(&self, _: u64) {
+            panic!("recorder bug");
+        }
+    }
+
+    impl Recorder for Panicking {
+        fn describe_counter(&self, _: KeyName, _: Option<Unit>, _: SharedString) {}
+        fn describe_gauge(&self, _: KeyName, _: Option<Unit>, _: SharedString) {}
+        fn describe_histogram(&self, _: KeyName, _: Option<Unit>, _: SharedString) {}
+        fn register_counter(&self, key: &Key, _: &Metadata<'_>) -> Counter {
+            let reason = key.labels().find(|l| l.key() == "reason").map(|l| l.value().to_owned());
+            if key.name() == self.name && self.reason.is_none_or(|r| reason.as_deref() == Some(r)) {
+                Counter::from_arc(Arc::new(Boom))
+            } else {
+                Counter::noop()
+            }
+        }
+        fn register_gauge(&self, _: &Key, _: &Metadata<'_>) -> Gauge {
+            Gauge::noop()
+        }
+        fn register_histogram(&self, _: &Key, _: &Metadata<'_>) -> Histogram {
+            Histogram::noop()
+        }
+    }
+
+    /// A node of cache `name` on `bus`, its stream's metrics taken from
+    /// `recorder`, with a subscription to the other nodes' events.
+    async fn node(
+        name: &str,
+        id: u64,
+        bus: &PubSub,
+        recorder: &dyn Recorder,
+    ) -> (Cache<Fragile, u32>, Streams<Fragile>, nebulex_streams::Subscription<Fragile>) {
+        let cache: Cache<Fragile, u32> = Cache::builder().name(name).node_id(NodeId(id)).build().unwrap();
+        let streams =
+            metrics::with_local_recorder(recorder, || Streams::builder(&cache).pubsub(bus.clone()).start().unwrap());
+        tokio::time::timeout(PATIENCE, streams.ready()).await.expect("ready in time").unwrap();
+        let sub = cache.subscribe(SubscribeOptions::new().scope(EventScope::Remote)).unwrap();
+        (cache, streams, sub)
+    }
+
+    /// B's recorder panics counting a gap, while B handles A's frame. B's
+    /// readers are told of the loss, the next frames are taken, and A (whose
+    /// sender the in-memory bus runs B's handling in) goes on sending.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_panic_while_a_frame_is_handled_is_a_loss_and_the_next_frames_are_taken() {
+        let bus = nebulex_streams::MemoryBus::new();
+        let pubsub = PubSub::from(bus.clone());
+        let plain = Panicking { name: "none", reason: None };
+        let (a, _sa, _) = node("gappy", 1, &pubsub, &plain).await;
+        let on_gaps = Panicking { name: "nebulex_streams_gaps_total", reason: None };
+        let (_b, _sb, mut on_b) = node("gappy", 2, &pubsub, &on_gaps).await;
+        let key = |k: &str| Fragile(k.to_owned());
+        a.put(key("first"), 1);
+        assert_eq!(next(&mut on_b).await, Ok(nebulex::Target::Key(key("first"))));
+
+        bus.drop_frames(1);
+        a.put(key("dropped"), 1);
+        a.put(key("second"), 1);
+        // B sees the gap (at "second", or at A's next heartbeat if both went
+        // in the dropped frame) and its recorder panics reporting it.
+        let mut items = vec![next(&mut on_b).await];
+        a.put(key("third"), 1);
+        let third = Ok(nebulex::Target::Key(key("third")));
+        while items.last() != Some(&third) {
+            items.push(next(&mut on_b).await); // fails unless "third" comes: A still sends, and B takes
+        }
+        // The panic, which cannot tell what it left half done, is a loss of
+        // unknown size (told alone, or merged with the gap's count).
+        assert!(matches!(items[0], Err(nebulex_streams::Lagged(_))), "{items:?}");
+        assert!(items.contains(&Err(nebulex_streams::Lagged(0))), "the panic is told as a loss: {items:?}");
+        let second = Ok(nebulex::Target::Key(key("second")));
+        assert!(items.iter().all(|i| i.is_err() || *i == second || *i == third), "{items:?}");
+    }
+
+    /// A's recorder panics in A's sender task (counting the frame a key's
+    /// `Serialize` failed on): the task is gone, so A's link is down for
+    /// good, and A's readers of the other nodes' events are told so.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_sender_task_that_panics_leaves_the_link_down_and_its_readers_told() {
+        let bus = PubSub::memory();
+        let on_unsent = Panicking { name: "nebulex_streams_broadcast_errors_total", reason: Some("transport") };
+        let (a, sa, mut on_a) = node("mute", 1, &bus, &on_unsent).await;
+        let plain = Panicking { name: "none", reason: None };
+        let (b, _sb, _) = node("mute", 2, &bus, &plain).await;
+        let key = |k: &str| Fragile(k.to_owned());
+        b.put(key("from-b"), 1);
+        assert_eq!(next(&mut on_a).await, Ok(nebulex::Target::Key(key("from-b"))));
+
+        a.put(key("bad-out"), 1); // not encoded; counting it panics in A's sender task
+        assert_eq!(next(&mut on_a).await, Err(nebulex_streams::Lagged(0)), "A's readers are told of the outage");
+        // Down for good: an invalidator of A's, started now, flushes the
+        // copies it cannot vouch for.
+        a.put(key("held"), 1);
+        let _invalidator = Invalidator::builder(&sa).scope(EventScope::Remote).start().unwrap();
+        eventually("A's invalidator flushes while the link is down", || !a.contains_key(&key("held"))).await;
+    }
+}

@@ -287,6 +287,39 @@ pub(crate) struct LinkConfig {
     pub(crate) ready: Ready,
 }
 
+/// Runs a network link's receiving task on `rt`. Should it panic (a bug of
+/// ours or of the client's), nothing would be heard again, unannounced: the
+/// link says instead that it is down, for good, so that the stream's
+/// readers are told of a loss and an invalidator keeps flushing rather than
+/// serve what it can no longer hear about; and a link not yet in says it
+/// failed.
+#[cfg(any(feature = "redis", feature = "nats"))]
+pub(crate) fn spawn_receiver(
+    rt: &tokio::runtime::Handle,
+    (hooks, ready): (Arc<Hooks>, Ready),
+    task: impl std::future::Future<Output = ()> + Send + 'static,
+) {
+    use futures::FutureExt;
+    rt.spawn(async move {
+        let Err(panic) = std::panic::AssertUnwindSafe(task).catch_unwind().await else { return };
+        let message = crate::telemetry::panic_message(panic.as_ref()).to_owned();
+        // (The hooks report through the application's logger and recorder,
+        // which may panic too.)
+        let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            tracing::error!(target: "nebulex_streams", panic = %message,
+                "the cluster link's receiving task panicked: the link is down for good");
+            ready.send_if_modified(|r| {
+                let unset = r.is_none();
+                if unset {
+                    *r = Some(Err(Error::Transport(format!("the receiving task panicked: {message}"))));
+                }
+                unset
+            });
+            (hooks.on_state)(LinkState::Down("the receiving task panicked".into()));
+        }));
+    });
+}
+
 /// Where a link tells whether it is in (see [`LinkConfig::ready`]).
 pub(crate) type Ready = watch::Sender<Option<Result<(), Error>>>;
 
@@ -373,6 +406,35 @@ mod tests {
         assert_eq!(log.recv().await, Some((true, false)), "up, and not yet ready");
         stop_tx.send_replace(true);
         link.await.expect("the link task ends");
+    }
+
+    /// A receiving task that panics leaves the link down, and a stream
+    /// waiting for it told that it failed, not waiting for ever.
+    #[cfg(any(feature = "redis", feature = "nats"))]
+    #[tokio::test]
+    async fn a_receiving_task_that_panics_leaves_the_link_down_and_not_ready() {
+        let (ready, mut readiness) = watch::channel(None);
+        let (states, mut log) = tokio::sync::mpsc::unbounded_channel();
+        let hooks = Hooks {
+            on_frame: Box::new(|_, _| {}),
+            on_state: Box::new(move |state| {
+                let _ = states.send(format!("{state:?}"));
+            }),
+        };
+        let config = LinkConfig {
+            node: NodeId(1),
+            channels: vec!["c".into()],
+            backoff: Backoff::default(),
+            hooks: Arc::new(hooks),
+            liveness: Duration::from_secs(1),
+            ready,
+        };
+        let guard = (config.hooks.clone(), config.ready.clone());
+        spawn_receiver(&tokio::runtime::Handle::current(), guard, async { panic!("a bug") });
+        readiness.wait_for(Option::is_some).await.expect("the link says whether it is in");
+        let told = format!("{:?}", *readiness.borrow());
+        assert!(told.contains("the receiving task panicked: a bug"), "{told}");
+        assert_eq!(log.recv().await.as_deref(), Some(r#"Down("the receiving task panicked")"#));
     }
 
     #[test]

@@ -17,7 +17,9 @@ use futures::future::BoxFuture;
 use futures::{FutureExt, StreamExt};
 use tokio::sync::watch;
 
-use super::{keep_subscribed, redact, runtime, Ended, Hooks, Link, LinkConfig, LinkState, CONNECT_TIMEOUT};
+use super::{
+    keep_subscribed, redact, runtime, spawn_receiver, Ended, Hooks, Link, LinkConfig, LinkState, CONNECT_TIMEOUT,
+};
 use crate::error::Error;
 
 struct NatsLink {
@@ -37,7 +39,8 @@ pub(crate) fn open(url: &str, config: LinkConfig) -> Result<Arc<dyn Link>, Error
     let (shutdown, stop) = watch::channel(false);
     let (client_tx, client_rx) = watch::channel(None);
     let link = Arc::new(NatsLink { client: client_rx, channels: config.channels.clone(), shutdown });
-    rt.spawn(run(addrs, config, client_tx, stop));
+    let guard = (config.hooks.clone(), config.ready.clone());
+    spawn_receiver(&rt, guard, run(addrs, config, client_tx, stop));
     Ok(link)
 }
 

@@ -16,7 +16,9 @@ use nebulex::NodeId;
 use redis::aio::MultiplexedConnection;
 use tokio::sync::watch;
 
-use super::{keep_subscribed, redact, runtime, Backoff, Ended, Hooks, Link, LinkConfig, CONNECT_TIMEOUT};
+use super::{
+    keep_subscribed, redact, runtime, spawn_receiver, Backoff, Ended, Hooks, Link, LinkConfig, CONNECT_TIMEOUT,
+};
 use crate::error::Error;
 
 struct RedisLink {
@@ -53,7 +55,8 @@ pub(crate) fn open(url: &str, config: LinkConfig) -> Result<Arc<dyn Link>, Error
         publisher: tokio::sync::Mutex::new(Publisher::default()),
         shutdown,
     });
-    rt.spawn(subscribe_loop(client, config, stop));
+    let guard = (config.hooks.clone(), config.ready.clone());
+    spawn_receiver(&rt, guard, subscribe_loop(client, config, stop));
     Ok(link)
 }
 
