@@ -1,0 +1,176 @@
+//! Where a receiver stands with each origin (node) on each partition: the
+//! next sequence number expected, the epochs it left, when it was last
+//! heard; and the origins it forgot, kept on for a while so that a replay of
+//! them is still refused.
+
+use std::collections::{HashMap, VecDeque};
+use std::time::{Duration, Instant};
+
+use nebulex::NodeId;
+
+use crate::wire::FrameHeader;
+
+/// Earlier epochs of an origin that a receiver remembers besides its
+/// current one, with where each one's numbering stood when it was left:
+/// frames of those stay refused as replays, even after the origin came back
+/// with a lower epoch (its clock was set back), unless one of them goes on
+/// from where it stood (then the lower epoch was a replay: see `resume`).
+const EARLIER_EPOCHS: usize = 4;
+
+/// An epoch an origin left, and where it stood then.
+#[derive(Clone, Copy)]
+struct Left {
+    epoch: u64,
+    /// The next sequence number it expected.
+    next: u64,
+    /// The send time of its last frame taken.
+    sent_us: u64,
+    /// It had not ended cleanly: it may go on.
+    open: bool,
+}
+
+/// Where an origin's numbering on a partition stands, for a receiver.
+#[derive(Clone, Copy)]
+pub(super) struct Seen {
+    pub(super) epoch: u64,
+    /// The epochs it left, latest first (the current one, closed, until it
+    /// restarts).
+    earlier: [Left; EARLIER_EPOCHS],
+    /// The next sequence number expected.
+    pub(super) next: u64,
+    /// Its last frame said the origin's stream stopped cleanly (`last`).
+    pub(super) ended: bool,
+    /// When a frame of it last arrived.
+    pub(super) heard: Instant,
+    /// The send time of the last frame taken (0: none had one): a frame sent
+    /// no later is a replay.
+    pub(super) sent_us: u64,
+    /// Silent too long, and reported as a possible loss already.
+    pub(super) silent: bool,
+}
+
+impl Seen {
+    pub(super) fn new(epoch: u64, next: u64, now: Instant) -> Self {
+        Seen {
+            epoch,
+            earlier: [Left { epoch, next, sent_us: 0, open: false }; EARLIER_EPOCHS],
+            next,
+            ended: false,
+            heard: now,
+            silent: false,
+            sent_us: 0,
+        }
+    }
+
+    /// Whether the origin's stream is gone: it stopped cleanly, or fell silent.
+    pub(super) fn gone(&self) -> bool {
+        self.ended || self.silent
+    }
+
+    /// The current epoch, as it is left.
+    fn leaving(&self) -> Left {
+        Left { epoch: self.epoch, next: self.next, sent_us: self.sent_us, open: !self.ended }
+    }
+
+    /// The origin's stream started again in `epoch`, numbered from 1.
+    pub(super) fn restart(&mut self, epoch: u64, now: Instant) {
+        let mut earlier = self.earlier;
+        earlier.rotate_right(1);
+        earlier[0] = self.leaving();
+        *self = Seen { earlier, ..Seen::new(epoch, 1, now) };
+    }
+
+    /// Whether a frame of `h` goes on with the epoch left at `earlier[i]`: a
+    /// later epoch than the current one, not ended, from where its numbering
+    /// stood, sent after its last frame taken (not a replay of it).
+    pub(super) fn goes_on(&self, i: usize, h: &FrameHeader) -> bool {
+        let left = self.earlier[i];
+        left.open
+            && h.epoch > self.epoch
+            && h.first_seq >= left.next
+            && (left.sent_us == 0 || h.sent_at_us > left.sent_us)
+    }
+
+    /// The epoch it left at `earlier[i]` goes on: back to it, from where its
+    /// numbering stood (what was sent meanwhile is then a gap of known
+    /// size), leaving the current one.
+    pub(super) fn resume(&mut self, i: usize, now: Instant) {
+        let left = self.earlier[i];
+        let mut earlier = self.earlier;
+        earlier[i] = self.leaving();
+        *self = Seen { earlier, sent_us: left.sent_us, ..Seen::new(left.epoch, left.next, now) };
+    }
+
+    /// Where the epoch it left, if it did, is among those kept.
+    pub(super) fn left(&self, epoch: u64) -> Option<usize> {
+        self.earlier.iter().position(|l| l.epoch == epoch)
+    }
+}
+
+/// An origin on one partition.
+type OriginKey = (NodeId, u32);
+
+/// Where a receiver stands with the origins it heard.
+#[derive(Default)]
+pub(super) struct Origins {
+    /// Per (origin, partition): where its numbering stands.
+    pub(super) heard: HashMap<OriginKey, Seen>,
+    /// The last [`FORGOTTEN_ORIGINS`] forgotten, each with the number it was
+    /// forgotten as (only the latest of a key counts in `order`). An origin
+    /// heard again is judged from where it stood, so a frame of it captured
+    /// earlier is still a replay once it is forgotten.
+    forgotten: HashMap<OriginKey, (Seen, u64)>,
+    /// The forgotten keys, oldest first, with their numbers.
+    order: VecDeque<(OriginKey, u64)>,
+    /// Numbers handed to the forgotten, in order.
+    forgets: u64,
+}
+
+impl Origins {
+    /// Where `key` stands, if it is heard or among the last forgotten (then
+    /// heard again).
+    pub(super) fn recall(&mut self, key: OriginKey) -> Option<&mut Seen> {
+        if let Some((seen, _)) = self.forgotten.remove(&key) {
+            self.heard.insert(key, seen);
+        }
+        self.heard.get_mut(&key)
+    }
+
+    /// Forgets the origins that `keep` does not keep, remembering the last
+    /// [`FORGOTTEN_ORIGINS`] of them.
+    pub(super) fn forget(&mut self, mut keep: impl FnMut(&Seen) -> bool) {
+        let Origins { heard, forgotten, order, forgets } = self;
+        heard.retain(|&key, seen| {
+            if keep(seen) {
+                return true;
+            }
+            *forgets += 1;
+            forgotten.insert(key, (*seen, *forgets));
+            order.push_back((key, *forgets));
+            false
+        });
+        while forgotten.len() > FORGOTTEN_ORIGINS || order.len() > 2 * FORGOTTEN_ORIGINS {
+            let Some((key, number)) = order.pop_front() else { break };
+            if forgotten.get(&key).is_some_and(|&(_, n)| n == number) {
+                forgotten.remove(&key);
+            }
+        }
+    }
+}
+
+/// How many forgotten (origin, partition) pairs a receiver keeps on (about
+/// 250 bytes each), the last forgotten: heard again, one of those is judged
+/// from where it stood, so a frame of it captured earlier and replayed is
+/// still refused. An origin forgotten before these is heard again as for
+/// the first time.
+pub const FORGOTTEN_ORIGINS: usize = 4096;
+
+/// Heartbeats after which an origin that stopped cleanly is forgotten (and
+/// kept on among the last [`FORGOTTEN_ORIGINS`] forgotten).
+pub(super) const FORGET_HEARTBEATS: u32 = 100;
+
+/// How long an origin that fell silent without stopping is remembered (at
+/// least [`FORGET_HEARTBEATS`] heartbeats): if it is heard again meanwhile,
+/// with the same epoch, what it sent while unheard is a gap of known size.
+/// (Forgetting it sooner would take its next frame for a first one.)
+pub(super) const FORGET_SILENT: Duration = Duration::from_secs(24 * 3600);
