@@ -36,8 +36,20 @@ pub(super) enum Reject {
     ForeignCache(String),
     PartitionCount(String),
     WrongPartition(String),
-    Replayed { first_seq: u64, next: u64 },
-    OldEpoch { epoch: u64, current: u64 },
+    Replayed {
+        first_seq: u64,
+        next: u64,
+    },
+    /// A heartbeat sent no later than the origin's last frame taken: its
+    /// number is still the next one, its send time tells the replay.
+    Resent {
+        sent_at_us: u64,
+        last_us: u64,
+    },
+    OldEpoch {
+        epoch: u64,
+        current: u64,
+    },
 }
 
 impl Reject {
@@ -50,7 +62,7 @@ impl Reject {
             Reject::BadSignature => "bad_signature",
             Reject::Flags(_) => "flags",
             Reject::Malformed(_) => "malformed",
-            Reject::Replayed { .. } => "replay",
+            Reject::Replayed { .. } | Reject::Resent { .. } => "replay",
             Reject::OldEpoch { .. } => "old_epoch",
             Reject::ForeignCache(_) => "foreign_cache",
             Reject::PartitionCount(_) => "partition_count",
@@ -74,6 +86,12 @@ impl fmt::Display for Reject {
             Reject::Replayed { first_seq, next } => {
                 write!(f, "replayed frame: sequence {first_seq} already seen (expected {next})")
             }
+            Reject::Resent { sent_at_us, last_us } => {
+                write!(
+                    f,
+                    "replayed heartbeat: sent at {sent_at_us} µs, not after the origin's last frame ({last_us} µs)"
+                )
+            }
             Reject::OldEpoch { epoch, current } => {
                 write!(f, "frame of epoch {epoch:016x}, older than the origin's current epoch {current:016x}")
             }
@@ -90,6 +108,9 @@ pub(super) struct RawFrame {
     pub(super) partition: u32,
     pub(super) partitions: u32,
     pub(super) first_seq: u64,
+    /// When the origin sent it, µs since the Unix epoch (0: unknown); later
+    /// with each frame of a partition.
+    pub(super) sent_at_us: u64,
     /// The origin's stream stopped: its last frame (a heartbeat).
     pub(super) last: bool,
     pub(super) events: Vec<RawEvent>,
@@ -191,10 +212,10 @@ pub(super) fn decode(bytes: &[u8], signing_key: Option<&[u8]>, max_frame_bytes: 
         partition: uint32(&fields[3], "partition")?,
         partitions: uint32(&fields[4], "partitions")?,
         first_seq: uint(&fields[5], "first_seq")?,
+        sent_at_us: uint(&fields[6], "sent_at_us")?,
         last: flags & FLAG_LAST != 0,
         events: array(&fields[7], None, "events")?.iter().map(decode_event).collect::<Result<_, _>>()?,
     };
-    uint(&fields[6], "sent_at_us")?;
     if frame.partitions > 0 && frame.partition >= frame.partitions {
         return Err(malformed(format!("partition {} of {}", frame.partition, frame.partitions)));
     }

@@ -493,11 +493,22 @@ struct Numbering {
     heard: Instant,
     /// Shown as fallen silent, until heard again.
     silent: bool,
+    /// The send time of the last frame taken (0: none had one): a heartbeat
+    /// sent no later is a replay.
+    sent_us: u64,
 }
 
 impl Numbering {
     fn new(epoch: u64, now: Instant) -> Self {
-        Numbering { epoch, earlier: [epoch; EARLIER_EPOCHS], next: None, ended: false, heard: now, silent: false }
+        Numbering {
+            epoch,
+            earlier: [epoch; EARLIER_EPOCHS],
+            next: None,
+            ended: false,
+            heard: now,
+            silent: false,
+            sent_us: 0,
+        }
     }
 
     /// Whether the origin's stream is gone: it stopped cleanly, or fell silent.
@@ -661,9 +672,15 @@ impl Tail {
             Some(next) if frame.first_seq < next => {
                 return Err(Reject::Replayed { first_seq: frame.first_seq, next });
             }
+            // A heartbeat's number is still the next one: its send time,
+            // which the origin makes later with each frame, tells a replay.
+            Some(_) if n == 0 && frame.sent_at_us != 0 && frame.sent_at_us <= entry.sent_us => {
+                return Err(Reject::Resent { sent_at_us: frame.sent_at_us, last_us: entry.sent_us });
+            }
             Some(next) => (frame.first_seq > next).then(|| frame.first_seq - next),
         };
         entry.next = Some(frame.first_seq.wrapping_add(n));
+        entry.sent_us = entry.sent_us.max(frame.sent_at_us);
         entry.ended = frame.last;
         entry.heard = now;
         entry.silent = false;
@@ -899,7 +916,10 @@ mod tests {
         (tail, captured)
     }
 
+    /// A frame's header, sent later than any made before (as an origin
+    /// sends its frames).
     fn header(partition: u32, partitions: u32, first_seq: u64) -> FrameHeader {
+        static SENT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
         FrameHeader {
             origin: NodeId(0xabc),
             epoch: 7,
@@ -907,7 +927,7 @@ mod tests {
             partition,
             partitions,
             first_seq,
-            sent_at_us: 1,
+            sent_at_us: SENT.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1,
             last: false,
         }
     }
@@ -978,6 +998,25 @@ mod tests {
         assert_eq!(lines[1]["seq"], 11);
         assert_eq!(lines[1]["target"], "keys");
         assert_eq!(lines[1]["keys"], json!(["a", "b"]));
+    }
+
+    #[test]
+    fn a_replayed_heartbeat_is_refused_by_its_send_time() {
+        let (mut t, out) = tail(&["--redis", "redis://x/", "--cache", "users"]);
+        let one = vec![event(EventType::Inserted, Target::Key("k".to_string()))];
+        let none: Vec<Arc<CacheEntryEvent<String>>> = Vec::new();
+        t.on_message("nbx:users:2", &frame!(&header(2, 4, 1), &one, None)).unwrap();
+        let beat = frame!(&header(2, 4, 2), &none, None);
+        t.on_message("nbx:users:2", &beat).unwrap(); // its number is the next one: taken
+        t.on_message("nbx:users:2", &beat).unwrap(); // the same again: a replay
+        let mut unknown = header(2, 4, 2);
+        unknown.sent_at_us = 0;
+        t.on_message("nbx:users:2", &frame!(&unknown, &none, None)).unwrap(); // no send time: judged by its number
+        t.on_message("nbx:users:2", &frame!(&header(2, 4, 2), &none, None)).unwrap(); // sent later: taken
+        let lines = out.take();
+        assert_eq!(lines.len(), 2, "{lines:?}");
+        assert!(lines[0].contains("seq 1 "), "{}", lines[0]);
+        assert!(lines[1].contains("REJECTED replay: replayed heartbeat: sent at "), "{}", lines[1]);
     }
 
     #[test]
