@@ -165,6 +165,15 @@ pub enum RejectReason {
         /// The frame's epoch.
         epoch: u64,
     },
+    /// A frame of an origin not followed yet, while the receiver follows as
+    /// many (origin, partition) pairs as it may
+    /// ([`MAX_ORIGINS_PER_PARTITION`](crate::MAX_ORIGINS_PER_PARTITION) a
+    /// partition), every one of them live.
+    #[error("frame of a new origin, while {limit} (origin, partition) pairs are followed, all live")]
+    TooManyOrigins {
+        /// The most pairs followed.
+        limit: usize,
+    },
 }
 
 impl RejectReason {
@@ -184,6 +193,7 @@ impl RejectReason {
             RejectReason::OldEpoch { .. } => "old_epoch",
             RejectReason::WrongPartition { .. } => "wrong_partition",
             RejectReason::SameNodeId { .. } => "same_node_id",
+            RejectReason::TooManyOrigins { .. } => "too_many_origins",
         }
     }
 }

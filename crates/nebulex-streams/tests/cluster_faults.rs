@@ -1180,3 +1180,43 @@ async fn a_busy_partition_does_not_starve_the_others_on_the_way_out() {
     assert_eq!(order[lone].0, "nbx:users:1");
     assert!(lone < FLOOD / 2, "the lone event waited behind {lone} flood events");
 }
+
+/// Made-up origins (anyone may publish on the channels without a signing
+/// key) cannot make a receiver follow more than
+/// `MAX_ORIGINS_PER_PARTITION` (origin, partition) pairs a partition: past
+/// that, while every one is live, a new origin's frame is refused; once
+/// they have fallen silent, the longest silent make room for new ones.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn made_up_origins_are_followed_up_to_a_bound_and_the_silent_make_room() {
+    const SLOW_HEARTBEAT: Duration = Duration::from_millis(200);
+    let bus = PubSub::memory();
+    let memory = bus.as_memory().expect("memory bus").clone();
+    let cache = node("users", 2);
+    let reports = Reports::default();
+    let _streams = ready(
+        Streams::builder(&cache)
+            .pubsub(bus.clone())
+            .heartbeat(SLOW_HEARTBEAT)
+            .observer(reports.observer())
+            .start()
+            .unwrap(),
+    )
+    .await;
+    let mut on_b = cache.subscribe(SubscribeOptions::new()).expect("subscribe");
+    let started = Instant::now();
+    let limit = nebulex_streams::MAX_ORIGINS_PER_PARTITION as u64; // the stream has one partition
+    for origin in 0..limit {
+        memory.publish_raw("nbx:users", &craft(1_000 + origin, 1, "users", 0, 0, 1, &[]));
+    }
+    memory.publish_raw("nbx:users", &craft(9, 1, "users", 0, 0, 1, &["refused"]));
+    assert!(started.elapsed() < SLOW_HEARTBEAT * nebulex_streams::SILENT_HEARTBEATS, "every origin is live still");
+    assert_eq!(reports.rejected(), ["too_many_origins"]);
+
+    // Once they are silent (a possible loss, told once), a new origin is followed.
+    let mut tally = Tally::default();
+    read_until(&mut on_b, &mut tally, |t| !t.lagged.is_empty()).await;
+    memory.publish_raw("nbx:users", &craft(9, 1, "users", 0, 0, 1, &["followed"]));
+    read_until(&mut on_b, &mut tally, |t| t.events.len() == 1).await;
+    assert_eq!(tally.keys(), ["followed"]);
+    assert_eq!(reports.rejected(), ["too_many_origins"], "refused only while all were live");
+}

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use nebulex::CacheEntryEvent;
 
-use super::origins::{Seen, FORGET_HEARTBEATS, FORGET_SILENT};
+use super::origins::{Seen, FORGET_HEARTBEATS, FORGET_SILENT, MAX_ORIGINS_PER_PARTITION};
 use super::{Cluster, SILENT_HEARTBEATS, SILENT_NODE_HEARTBEATS};
 use crate::pubsub::LinkState;
 use crate::streams::StreamShared;
@@ -154,6 +154,11 @@ impl<K> StreamShared<K> {
             let mut seen = cluster.seen.lock();
             let key = (h.origin, partition);
             if !seen.heard.contains_key(&key) {
+                let limit = MAX_ORIGINS_PER_PARTITION.saturating_mul(self.count as usize);
+                if !seen.make_room(limit) {
+                    drop(seen);
+                    return self.reporter.frame_rejected(&RejectReason::TooManyOrigins { limit });
+                }
                 // A node we have not heard from lately: tell it where we stand.
                 cluster.hello.notify_one();
             }

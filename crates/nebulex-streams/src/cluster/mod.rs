@@ -53,7 +53,7 @@ mod origins;
 mod outbound;
 
 use origins::Origins;
-pub use origins::FORGOTTEN_ORIGINS;
+pub use origins::{FORGOTTEN_ORIGINS, MAX_ORIGINS_PER_PARTITION};
 use outbound::{send_loop, Sender};
 
 use crate::error::Error;

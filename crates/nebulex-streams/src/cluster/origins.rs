@@ -136,6 +136,24 @@ impl Origins {
         self.heard.get_mut(&key)
     }
 
+    /// Makes room for one more origin when `limit` are heard: forgets the
+    /// eighth of those gone (stopped cleanly, or silent) that were heard
+    /// longest ago, at least one. Whether there is room: not if every origin
+    /// heard is live.
+    pub(super) fn make_room(&mut self, limit: usize) -> bool {
+        if self.heard.len() < limit {
+            return true;
+        }
+        let mut gone: Vec<Instant> = self.heard.values().filter(|s| s.gone()).map(|s| s.heard).collect();
+        if gone.is_empty() {
+            return false;
+        }
+        let n = (gone.len() / 8).max(1);
+        let cutoff = *gone.select_nth_unstable(n - 1).1;
+        self.forget(|s| !s.gone() || s.heard > cutoff);
+        true
+    }
+
     /// Forgets the origins that `keep` does not keep, remembering the last
     /// [`FORGOTTEN_ORIGINS`] of them.
     pub(super) fn forget(&mut self, mut keep: impl FnMut(&Seen) -> bool) {
@@ -165,6 +183,15 @@ impl Origins {
 /// the first time.
 pub const FORGOTTEN_ORIGINS: usize = 4096;
 
+/// How many (origin, partition) pairs a receiver follows at most, per
+/// partition of its stream (1,024 nodes writing to every partition). When a
+/// new one would pass the limit, those gone (stopped, or silent) longest are
+/// forgotten first; if every one is live, the new origin's frame is refused
+/// (`RejectReason::TooManyOrigins`). This bounds what a stream of made-up
+/// origins can make a receiver hold (without a signing key, anyone who can
+/// publish on the channels is trusted).
+pub const MAX_ORIGINS_PER_PARTITION: usize = 1024;
+
 /// Heartbeats after which an origin that stopped cleanly is forgotten (and
 /// kept on among the last [`FORGOTTEN_ORIGINS`] forgotten).
 pub(super) const FORGET_HEARTBEATS: u32 = 100;
@@ -174,3 +201,46 @@ pub(super) const FORGET_HEARTBEATS: u32 = 100;
 /// with the same epoch, what it sent while unheard is a gap of known size.
 /// (Forgetting it sooner would take its next frame for a first one.)
 pub(super) const FORGET_SILENT: Duration = Duration::from_secs(24 * 3600);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Origins 0..n on partition 0, heard `at`, gone or live.
+    fn heard(origins: &mut Origins, from: u64, n: u64, at: Instant, gone: bool) {
+        for id in from..from + n {
+            let mut seen = Seen::new(1, 1, at);
+            seen.silent = gone;
+            origins.heard.insert((NodeId(id), 0), seen);
+        }
+    }
+
+    #[test]
+    fn room_is_made_by_forgetting_the_gone_origins_heard_longest_ago_never_live_ones() {
+        let start = Instant::now();
+        let mut origins = Origins::default();
+        heard(&mut origins, 0, 16, start, false);
+        assert!(origins.make_room(17), "below the limit");
+        assert!(!origins.make_room(16), "every origin is live: no room");
+        assert_eq!(origins.heard.len(), 16);
+
+        // 16 gone ones, heard at 16 different times: the 2 oldest go.
+        for i in 0..16 {
+            heard(&mut origins, 100 + i, 1, start + Duration::from_secs(i), true);
+        }
+        assert!(origins.make_room(32));
+        assert_eq!(origins.heard.len(), 30);
+        assert!(!origins.heard.contains_key(&(NodeId(100), 0)) && !origins.heard.contains_key(&(NodeId(101), 0)));
+        assert!((0..16).all(|id| origins.heard.contains_key(&(NodeId(id), 0))), "the live ones stay");
+        // Forgotten, not lost: heard again, it is judged from where it stood.
+        assert!(origins.recall((NodeId(100), 0)).is_some_and(|s| s.silent));
+
+        // A single gone one is forgotten too.
+        let mut one = Origins::default();
+        heard(&mut one, 0, 3, start, false);
+        heard(&mut one, 3, 1, start, true);
+        assert!(one.make_room(4));
+        assert_eq!(one.heard.len(), 3);
+        assert!(!one.heard.contains_key(&(NodeId(3), 0)));
+    }
+}
