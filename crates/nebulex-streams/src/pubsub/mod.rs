@@ -421,16 +421,7 @@ mod tests {
                 let _ = states.send(format!("{state:?}"));
             }),
         };
-        let config = LinkConfig {
-            node: NodeId(1),
-            channels: vec!["c".into()],
-            backoff: Backoff::default(),
-            hooks: Arc::new(hooks),
-            liveness: Duration::from_secs(1),
-            ready,
-        };
-        let guard = (config.hooks.clone(), config.ready.clone());
-        spawn_receiver(&tokio::runtime::Handle::current(), guard, async { panic!("a bug") });
+        spawn_receiver(&tokio::runtime::Handle::current(), (Arc::new(hooks), ready), async { panic!("a bug") });
         readiness.wait_for(Option::is_some).await.expect("the link says whether it is in");
         let told = format!("{:?}", *readiness.borrow());
         assert!(told.contains("the receiving task panicked: a bug"), "{told}");
