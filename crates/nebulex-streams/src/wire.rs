@@ -165,13 +165,13 @@ pub enum RejectReason {
         /// The frame's epoch.
         epoch: u64,
     },
-    /// A frame of an origin not followed yet, while the receiver follows as
-    /// many (origin, partition) pairs as it may
-    /// ([`MAX_ORIGINS_PER_PARTITION`](crate::MAX_ORIGINS_PER_PARTITION) a
-    /// partition), every one of them live.
-    #[error("frame of a new origin, while {limit} (origin, partition) pairs are followed, all live")]
+    /// A frame of an origin not followed yet on its partition, while the
+    /// receiver follows as many there as it may
+    /// ([`MAX_ORIGINS_PER_PARTITION`](crate::MAX_ORIGINS_PER_PARTITION)),
+    /// every one of them live. The partition's readers are told of a loss.
+    #[error("frame of a new origin, while {limit} origins are followed on its partition, all live")]
     TooManyOrigins {
-        /// The most pairs followed.
+        /// The most origins followed on a partition.
         limit: usize,
     },
 }

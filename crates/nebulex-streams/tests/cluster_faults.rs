@@ -1182,10 +1182,11 @@ async fn a_busy_partition_does_not_starve_the_others_on_the_way_out() {
 }
 
 /// Made-up origins (anyone may publish on the channels without a signing
-/// key) cannot make a receiver follow more than
-/// `MAX_ORIGINS_PER_PARTITION` (origin, partition) pairs a partition: past
-/// that, while every one is live, a new origin's frame is refused; once
-/// they have fallen silent, the longest silent make room for new ones.
+/// key) cannot make a receiver follow more than `MAX_ORIGINS_PER_PARTITION`
+/// origins on a partition: past that, while every one is live, a new
+/// origin's frame is refused and the partition's readers are told of a loss
+/// (the other partitions are not affected); once they have fallen silent,
+/// the longest silent make room for new ones.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn made_up_origins_are_followed_up_to_a_bound_and_the_silent_make_room() {
     const SLOW_HEARTBEAT: Duration = Duration::from_millis(200);
@@ -1193,30 +1194,28 @@ async fn made_up_origins_are_followed_up_to_a_bound_and_the_silent_make_room() {
     let memory = bus.as_memory().expect("memory bus").clone();
     let cache = node("users", 2);
     let reports = Reports::default();
-    let _streams = ready(
-        Streams::builder(&cache)
-            .pubsub(bus.clone())
-            .heartbeat(SLOW_HEARTBEAT)
-            .observer(reports.observer())
-            .start()
-            .unwrap(),
-    )
-    .await;
-    let mut on_b = cache.subscribe(SubscribeOptions::new()).expect("subscribe");
+    let streams = Streams::builder(&cache).pubsub(bus.clone()).partitions(2).heartbeat(SLOW_HEARTBEAT);
+    let _streams = ready(streams.observer(reports.observer()).start().unwrap()).await;
+    let mut on_0 = cache.subscribe(SubscribeOptions::new().partition(0)).expect("subscribe");
+    let mut on_1 = cache.subscribe(SubscribeOptions::new().partition(1)).expect("subscribe");
     let started = Instant::now();
-    let limit = nebulex_streams::MAX_ORIGINS_PER_PARTITION as u64; // the stream has one partition
-    for origin in 0..limit {
-        memory.publish_raw("nbx:users", &craft(1_000 + origin, 1, "users", 0, 0, 1, &[]));
+    for origin in 0..nebulex_streams::MAX_ORIGINS_PER_PARTITION as u64 {
+        memory.publish_raw("nbx:users:0", &craft(1_000 + origin, 1, "users", 0, 2, 1, &[]));
     }
-    memory.publish_raw("nbx:users", &craft(9, 1, "users", 0, 0, 1, &["refused"]));
+    memory.publish_raw("nbx:users:0", &craft(9, 1, "users", 0, 2, 1, &["refused"]));
+    memory.publish_raw("nbx:users:1", &craft(9, 1, "users", 1, 2, 1, &["on another partition"]));
     assert!(started.elapsed() < SLOW_HEARTBEAT * nebulex_streams::SILENT_HEARTBEATS, "every origin is live still");
     assert_eq!(reports.rejected(), ["too_many_origins"]);
+    let (mut tally_0, mut tally_1) = (Tally::default(), Tally::default());
+    read_until(&mut on_0, &mut tally_0, |t| !t.lagged.is_empty()).await;
+    assert_eq!((tally_0.keys(), &tally_0.lagged[..]), (vec![], &[0][..]), "the refused origin's frame is a loss");
+    read_until(&mut on_1, &mut tally_1, |t| t.events.len() == 1).await;
+    assert_eq!(tally_1.keys(), ["on another partition"]);
 
-    // Once they are silent (a possible loss, told once), a new origin is followed.
-    let mut tally = Tally::default();
-    read_until(&mut on_b, &mut tally, |t| !t.lagged.is_empty()).await;
-    memory.publish_raw("nbx:users", &craft(9, 1, "users", 0, 0, 1, &["followed"]));
-    read_until(&mut on_b, &mut tally, |t| t.events.len() == 1).await;
-    assert_eq!(tally.keys(), ["followed"]);
+    // Once they are silent (a possible loss, told), a new origin is followed.
+    read_until(&mut on_0, &mut tally_0, |t| t.lagged.len() == 2).await;
+    memory.publish_raw("nbx:users:0", &craft(10, 1, "users", 0, 2, 1, &["followed"]));
+    read_until(&mut on_0, &mut tally_0, |t| t.events.len() == 1).await;
+    assert_eq!(tally_0.keys(), ["followed"]);
     assert_eq!(reports.rejected(), ["too_many_origins"], "refused only while all were live");
 }

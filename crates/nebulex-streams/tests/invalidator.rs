@@ -598,3 +598,36 @@ async fn a_silent_node_keeps_the_partition_flushing_only_for_the_silent_node_win
     tokio::time::sleep(heartbeat * 5).await;
     assert_eq!(pair.resyncs(), flushes, "no more flushes past the window");
 }
+
+/// A silent node forgotten to make room for new origins (past
+/// `MAX_ORIGINS_PER_PARTITION`) keeps the partition flushing for its window,
+/// as if it were still followed: it may still be writing, cut off.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_node_forgotten_to_make_room_keeps_the_partition_flushing() {
+    let pair = SilencePair::start(|builder| builder).await;
+    let b = &pair.b;
+    pair.memory.cut(NodeId(1));
+    eventually("A's silence flushed", || pair.resyncs() >= 1).await;
+
+    // New origins, each of which stopped at once: A, silent longest, is
+    // forgotten to make room for the last of them.
+    for origin in 0..nebulex_streams::MAX_ORIGINS_PER_PARTITION as u64 {
+        let header = nebulex_streams::wire::FrameHeader {
+            origin: NodeId(1_000 + origin),
+            epoch: 1,
+            cache: "users".into(),
+            partition: 0,
+            partitions: 0,
+            first_seq: 1,
+            sent_at_us: 0,
+            last: true,
+        };
+        let none: &[Arc<nebulex::CacheEntryEvent<String>>] = &[];
+        pair.memory.publish_raw("nbx:users", &nebulex_streams::wire::encode(&header, none, None).unwrap());
+    }
+    // (A flush planned before may still come: then one more.)
+    for read in ["read-after-the-new-origins", "read-later"] {
+        b.put(read.into(), 1);
+        eventually("still flushed while A is silent", || !b.contains_key(read)).await;
+    }
+}

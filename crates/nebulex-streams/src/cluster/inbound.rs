@@ -50,9 +50,11 @@ impl<K> StreamShared<K> {
         let cluster = self.cluster.as_ref()?;
         let limit = window.unwrap_or(cluster.heartbeat.saturating_mul(SILENT_NODE_HEARTBEATS));
         let now = Instant::now();
-        let silent = cluster.seen.lock().heard.iter().any(|(&(_, partition), e)| {
-            partition == p && e.silent && !e.ended && now.saturating_duration_since(e.heard) < limit
-        });
+        let recent = |heard: Instant| now.saturating_duration_since(heard) < limit;
+        let seen = cluster.seen.lock();
+        let silent =
+            seen.heard.iter().any(|(&(_, partition), e)| partition == p && e.silent && !e.ended && recent(e.heard))
+                || seen.silenced(p).is_some_and(recent);
         silent.then_some(cluster.heartbeat)
     }
 
@@ -154,9 +156,11 @@ impl<K> StreamShared<K> {
             let mut seen = cluster.seen.lock();
             let key = (h.origin, partition);
             if !seen.heard.contains_key(&key) {
-                let limit = MAX_ORIGINS_PER_PARTITION.saturating_mul(self.count as usize);
-                if !seen.make_room(limit) {
+                if !seen.make_room(partition, MAX_ORIGINS_PER_PARTITION) {
                     drop(seen);
+                    // What the refused origin writes is lost while it is.
+                    self.notify_loss(partition, 0);
+                    let limit = MAX_ORIGINS_PER_PARTITION;
                     return self.reporter.frame_rejected(&RejectReason::TooManyOrigins { limit });
                 }
                 // A node we have not heard from lately: tell it where we stand.
@@ -169,7 +173,7 @@ impl<K> StreamShared<K> {
                     // from its first number (1): a later one means frames
                     // were lost.
                     let first = if cluster.listened_since_start(h, now) { 1 } else { h.first_seq };
-                    seen.heard.entry(key).or_insert(Seen::new(h.epoch, first, now))
+                    seen.follow(key, Seen::new(h.epoch, first, now))
                 }
             };
             if h.epoch != entry.epoch {
@@ -276,7 +280,7 @@ impl<K> StreamShared<K> {
         }
         // Origins long gone are forgotten, so that nodes coming and going
         // with new ids do not grow the map.
-        seen.forget(|e| {
+        seen.forget(|_, e| {
             let quiet = now.saturating_duration_since(e.heard);
             (!e.ended || quiet < forget) && (!e.silent || quiet < forget_silent)
         });
@@ -305,6 +309,8 @@ impl<K> StreamShared<K> {
     pub(crate) fn on_link_state(&self, state: LinkState) {
         let Some(cluster) = self.cluster.as_ref() else { return };
         match state {
+            // A sender that panicked sends nothing: never up again.
+            LinkState::Up if cluster.broken.load(Ordering::Acquire) => {}
             LinkState::Up => {
                 cluster.first_up.get_or_init(Instant::now);
                 let was_up = cluster.link_up.swap(true, Ordering::AcqRel);

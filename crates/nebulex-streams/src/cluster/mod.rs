@@ -177,6 +177,9 @@ pub(crate) struct Cluster<K> {
     hello: Arc<tokio::sync::Notify>,
     /// Whether the link was ever up (its first `Up` is no recovery).
     ever_up: AtomicBool,
+    /// The sender task ended by a panic: the link stays down for good,
+    /// whatever the receiving side says.
+    broken: AtomicBool,
     /// When the link first came up (or a frame first came): this node has
     /// listened since.
     first_up: OnceLock<Instant>,
@@ -217,6 +220,7 @@ impl<K> Cluster<K> {
             heartbeat: options.heartbeat,
             hello: Arc::default(),
             ever_up: AtomicBool::new(false),
+            broken: AtomicBool::new(false),
             first_up: OnceLock::new(),
             shutdown: watch::channel(false).0,
             sender_done: OnceLock::new(),
@@ -306,7 +310,10 @@ where
         }),
         on_state: Box::new(move |state| {
             if let Some(shared) = on_state.upgrade() {
-                shared.on_link_state(state);
+                // (Every reader is told before the reports, which may panic:
+                // the application's logger or recorder; NATS calls this from
+                // its client's event task, which must outlive that.)
+                let _ = std::panic::catch_unwind(AssertUnwindSafe(|| shared.on_link_state(state)));
             }
         }),
     });

@@ -3,7 +3,7 @@
 //! heard; and the origins it forgot, kept on for a while so that a replay of
 //! them is still refused.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::time::{Duration, Instant};
 
 use nebulex::NodeId;
@@ -113,8 +113,12 @@ type OriginKey = (NodeId, u32);
 /// Where a receiver stands with the origins it heard.
 #[derive(Default)]
 pub(super) struct Origins {
-    /// Per (origin, partition): where its numbering stands.
+    /// Per (origin, partition): where its numbering stands. (Added to by
+    /// [`follow`](Self::follow) and [`recall`](Self::recall) only, which
+    /// keep `counts`.)
     pub(super) heard: HashMap<OriginKey, Seen>,
+    /// How many origins `heard` holds, per partition.
+    counts: HashMap<u32, usize>,
     /// The last [`FORGOTTEN_ORIGINS`] forgotten, each with the number it was
     /// forgotten as (only the latest of a key counts in `order`). An origin
     /// heard again is judged from where it stood, so a frame of it captured
@@ -124,6 +128,15 @@ pub(super) struct Origins {
     order: VecDeque<(OriginKey, u64)>,
     /// Numbers handed to the forgotten, in order.
     forgets: u64,
+    /// Per partition, when the last origin forgotten while silent without
+    /// having stopped was last heard: for an invalidator, that partition
+    /// still has a silent node (it may be writing, cut off) as long as it
+    /// would if the origin were still followed.
+    silenced: HashMap<u32, Instant>,
+    /// Partitions found full of live origins, until the next
+    /// [`forget`](Self::forget) (at each silence check, when origins may have
+    /// fallen silent): no room is looked for there meanwhile.
+    full: HashSet<u32>,
 }
 
 impl Origins {
@@ -131,40 +144,66 @@ impl Origins {
     /// heard again).
     pub(super) fn recall(&mut self, key: OriginKey) -> Option<&mut Seen> {
         if let Some((seen, _)) = self.forgotten.remove(&key) {
-            self.heard.insert(key, seen);
+            self.follow(key, seen);
         }
         self.heard.get_mut(&key)
     }
 
-    /// Makes room for one more origin when `limit` are heard: forgets the
-    /// eighth of those gone (stopped cleanly, or silent) that were heard
-    /// longest ago, at least one. Whether there is room: not if every origin
-    /// heard is live.
-    pub(super) fn make_room(&mut self, limit: usize) -> bool {
-        if self.heard.len() < limit {
+    /// Follows `key`, not heard yet, from `seen`.
+    pub(super) fn follow(&mut self, key: OriginKey, seen: Seen) -> &mut Seen {
+        *self.counts.entry(key.1).or_default() += 1;
+        self.heard.entry(key).or_insert(seen)
+    }
+
+    /// Makes room on `partition` for one more origin when `limit` are
+    /// followed there: forgets the eighth of those gone (stopped cleanly, or
+    /// silent) that were heard longest ago, at least one. Whether there is
+    /// room: not if every origin of the partition is live.
+    pub(super) fn make_room(&mut self, partition: u32, limit: usize) -> bool {
+        if self.counts.get(&partition).copied().unwrap_or(0) < limit {
             return true;
         }
-        let mut gone: Vec<Instant> = self.heard.values().filter(|s| s.gone()).map(|s| s.heard).collect();
+        if self.full.contains(&partition) {
+            return false;
+        }
+        let mut gone: Vec<(Instant, OriginKey)> =
+            self.heard.iter().filter(|(k, s)| k.1 == partition && s.gone()).map(|(&k, s)| (s.heard, k)).collect();
         if gone.is_empty() {
+            self.full.insert(partition);
             return false;
         }
         let n = (gone.len() / 8).max(1);
-        let cutoff = *gone.select_nth_unstable(n - 1).1;
-        self.forget(|s| !s.gone() || s.heard > cutoff);
+        gone.select_nth_unstable_by_key(n - 1, |&(heard, _)| heard);
+        let oldest: HashSet<OriginKey> = gone[..n].iter().map(|&(_, k)| k).collect();
+        self.forget(|k, _| !oldest.contains(k));
         true
+    }
+
+    /// When the last origin of `partition` forgotten while silent without
+    /// having stopped was last heard, if one was.
+    pub(super) fn silenced(&self, partition: u32) -> Option<Instant> {
+        self.silenced.get(&partition).copied()
     }
 
     /// Forgets the origins that `keep` does not keep, remembering the last
     /// [`FORGOTTEN_ORIGINS`] of them.
-    pub(super) fn forget(&mut self, mut keep: impl FnMut(&Seen) -> bool) {
-        let Origins { heard, forgotten, order, forgets } = self;
-        heard.retain(|&key, seen| {
-            if keep(seen) {
+    pub(super) fn forget(&mut self, mut keep: impl FnMut(&OriginKey, &Seen) -> bool) {
+        let Origins { heard, counts, forgotten, order, forgets, silenced, full } = self;
+        full.clear();
+        heard.retain(|key, seen| {
+            if keep(key, seen) {
                 return true;
             }
+            if let Some(count) = counts.get_mut(&key.1) {
+                *count = count.saturating_sub(1);
+            }
+            if seen.silent && !seen.ended {
+                let at = silenced.entry(key.1).or_insert(seen.heard);
+                *at = (*at).max(seen.heard);
+            }
             *forgets += 1;
-            forgotten.insert(key, (*seen, *forgets));
-            order.push_back((key, *forgets));
+            forgotten.insert(*key, (*seen, *forgets));
+            order.push_back((*key, *forgets));
             false
         });
         while forgotten.len() > FORGOTTEN_ORIGINS || order.len() > 2 * FORGOTTEN_ORIGINS {
@@ -183,13 +222,15 @@ impl Origins {
 /// the first time.
 pub const FORGOTTEN_ORIGINS: usize = 4096;
 
-/// How many (origin, partition) pairs a receiver follows at most, per
-/// partition of its stream (1,024 nodes writing to every partition). When a
-/// new one would pass the limit, those gone (stopped, or silent) longest are
-/// forgotten first; if every one is live, the new origin's frame is refused
-/// (`RejectReason::TooManyOrigins`). This bounds what a stream of made-up
-/// origins can make a receiver hold (without a signing key, anyone who can
-/// publish on the channels is trusted).
+/// How many origins (nodes) a receiver follows at most on each partition.
+/// When a new one would pass the limit, those gone (stopped, or silent)
+/// longest are forgotten first (one forgotten while silent still keeps an
+/// invalidator flushing the partition for its window, as if followed); if
+/// every one is live, the new origin's frame is refused
+/// (`RejectReason::TooManyOrigins`) and the partition's readers are told of
+/// a loss of unknown size. This bounds what a stream of made-up origins can
+/// make a receiver hold (without a signing key, anyone who can publish on
+/// the channels is trusted).
 pub const MAX_ORIGINS_PER_PARTITION: usize = 1024;
 
 /// Heartbeats after which an origin that stopped cleanly is forgotten (and
@@ -206,12 +247,12 @@ pub(super) const FORGET_SILENT: Duration = Duration::from_secs(24 * 3600);
 mod tests {
     use super::*;
 
-    /// Origins 0..n on partition 0, heard `at`, gone or live.
-    fn heard(origins: &mut Origins, from: u64, n: u64, at: Instant, gone: bool) {
+    /// Origins `from..from + n` on `partition`, heard `at`, silent or live.
+    fn follow(origins: &mut Origins, partition: u32, from: u64, n: u64, at: Instant, silent: bool) {
         for id in from..from + n {
             let mut seen = Seen::new(1, 1, at);
-            seen.silent = gone;
-            origins.heard.insert((NodeId(id), 0), seen);
+            seen.silent = silent;
+            origins.follow((NodeId(id), partition), seen);
         }
     }
 
@@ -219,28 +260,32 @@ mod tests {
     fn room_is_made_by_forgetting_the_gone_origins_heard_longest_ago_never_live_ones() {
         let start = Instant::now();
         let mut origins = Origins::default();
-        heard(&mut origins, 0, 16, start, false);
-        assert!(origins.make_room(17), "below the limit");
-        assert!(!origins.make_room(16), "every origin is live: no room");
+        follow(&mut origins, 0, 0, 16, start, false);
+        assert!(origins.make_room(0, 17), "below the limit");
+        assert!(!origins.make_room(0, 16), "every origin is live: no room");
+        assert!(origins.make_room(1, 16), "the limit is each partition's");
         assert_eq!(origins.heard.len(), 16);
 
-        // 16 gone ones, heard at 16 different times: the 2 oldest go.
+        // 16 silent ones, heard at 16 different times: the 2 oldest go.
         for i in 0..16 {
-            heard(&mut origins, 100 + i, 1, start + Duration::from_secs(i), true);
+            follow(&mut origins, 0, 100 + i, 1, start + Duration::from_secs(i), true);
         }
-        assert!(origins.make_room(32));
+        origins.forget(|_, _| true); // (a silence check: the partition may have room again)
+        assert!(origins.make_room(0, 32));
         assert_eq!(origins.heard.len(), 30);
         assert!(!origins.heard.contains_key(&(NodeId(100), 0)) && !origins.heard.contains_key(&(NodeId(101), 0)));
         assert!((0..16).all(|id| origins.heard.contains_key(&(NodeId(id), 0))), "the live ones stay");
+        // The partition still has a silent node, as when it was followed.
+        assert_eq!(origins.silenced(0), Some(start + Duration::from_secs(1)));
+        assert_eq!(origins.silenced(1), None);
         // Forgotten, not lost: heard again, it is judged from where it stood.
         assert!(origins.recall((NodeId(100), 0)).is_some_and(|s| s.silent));
+        assert!(origins.make_room(0, 32), "the count follows: 31 of 32");
 
-        // A single gone one is forgotten too.
-        let mut one = Origins::default();
-        heard(&mut one, 0, 3, start, false);
-        heard(&mut one, 3, 1, start, true);
-        assert!(one.make_room(4));
-        assert_eq!(one.heard.len(), 3);
-        assert!(!one.heard.contains_key(&(NodeId(3), 0)));
+        // Heard at the same time (as after a reconnection): an eighth still.
+        let mut tied = Origins::default();
+        follow(&mut tied, 0, 0, 16, start, true);
+        assert!(tied.make_room(0, 16));
+        assert_eq!(tied.heard.len(), 14);
     }
 }

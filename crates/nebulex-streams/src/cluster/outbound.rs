@@ -323,6 +323,9 @@ impl<K> StreamShared<K> {
             tracing::error!(target: "nebulex_streams", cache = %self.reporter.cache, panic = %message,
                 "the cluster sender task panicked: the link is down for good");
         }));
+        if let Some(cluster) = self.cluster.as_ref() {
+            cluster.broken.store(true, Ordering::Release);
+        }
         let down = LinkState::Down(format!("the sender task panicked: {message}"));
         let _ = std::panic::catch_unwind(AssertUnwindSafe(|| self.on_link_state(down)));
     }
