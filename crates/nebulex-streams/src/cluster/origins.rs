@@ -3,6 +3,7 @@
 //! heard; and the origins it forgot, kept on for a while so that a replay of
 //! them is still refused.
 
+use std::collections::hash_map::Entry;
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::time::{Duration, Instant};
 
@@ -130,8 +131,9 @@ pub(super) struct Origins {
     forgets: u64,
     /// Per partition, when the last origin forgotten while silent without
     /// having stopped was last heard: for an invalidator, that partition
-    /// still has a silent node (it may be writing, cut off) as long as it
-    /// would if the origin were still followed.
+    /// still has a silent node (it may be writing, cut off) for as long as
+    /// it would if the origin were still followed (even if it is heard again
+    /// meanwhile: a flush too many, never one too few).
     silenced: HashMap<u32, Instant>,
     /// Partitions found full of live origins, until the next
     /// [`forget`](Self::forget) (at each silence check, when origins may have
@@ -151,8 +153,13 @@ impl Origins {
 
     /// Follows `key`, not heard yet, from `seen`.
     pub(super) fn follow(&mut self, key: OriginKey, seen: Seen) -> &mut Seen {
-        *self.counts.entry(key.1).or_default() += 1;
-        self.heard.entry(key).or_insert(seen)
+        match self.heard.entry(key) {
+            Entry::Occupied(followed) => followed.into_mut(),
+            Entry::Vacant(new) => {
+                *self.counts.entry(key.1).or_default() += 1;
+                new.insert(seen)
+            }
+        }
     }
 
     /// Makes room on `partition` for one more origin when `limit` are
