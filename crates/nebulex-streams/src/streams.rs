@@ -414,6 +414,7 @@ impl<K> fmt::Debug for Streams<K> {
 /// assert_eq!(info.cache, "users");
 /// assert_eq!(info.partitions, Some(4));
 /// assert_eq!(info.pubsub, None); // no cluster transport
+/// assert_eq!(info.connected, None);
 /// assert_eq!(info.node, cache.node_id());
 /// # Ok::<(), nebulex_streams::Error>(())
 /// ```
@@ -426,6 +427,11 @@ pub struct StreamsInfo {
     pub partitions: Option<u32>,
     /// The cluster transport, if any (its kind and address, no credentials).
     pub pubsub: Option<String>,
+    /// With a cluster transport, whether its connection is up: `false`
+    /// before it first is, and while it is lost (what other nodes write
+    /// meanwhile is not heard, and an invalidator flushes). For a health
+    /// check.
+    pub connected: Option<bool>,
     /// This node's id.
     pub node: NodeId,
 }
@@ -474,6 +480,7 @@ where
             cache: self.shared.reporter.cache,
             partitions: self.shared.partitions,
             pubsub: cluster::describe(&self.shared.cluster),
+            connected: self.shared.connected(),
             node: self.shared.node,
         }
     }

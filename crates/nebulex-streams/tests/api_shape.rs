@@ -83,6 +83,7 @@ async fn streams_api(cache: Cache<String, u32>) -> Result<(), Error> {
     let info: StreamsInfo = streams.info();
     let _: NodeId = info.node;
     let _: Option<u32> = info.partitions;
+    let _: Option<bool> = info.connected;
     let _: Option<Streams<String>> = Streams::lookup(&cache);
 
     let mut sub: Subscription<String> =

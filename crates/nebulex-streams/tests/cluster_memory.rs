@@ -93,15 +93,18 @@ async fn a_cut_connection_is_an_unknown_gap_then_events_flow_again() {
     let memory = bus.as_memory().unwrap().clone();
     let (a, b) = (node("users", 1), node("users", 2));
     let _sa = start(&a, &bus, 2).await;
-    let _sb = start(&b, &bus, 2).await;
+    let sb = start(&b, &bus, 2).await;
     let mut subs: Vec<_> = (0..2).map(|p| b.subscribe(SubscribeOptions::new().partition(p)).unwrap()).collect();
 
+    assert_eq!(sb.info().connected, Some(true));
     memory.cut(NodeId(2));
+    assert_eq!(sb.info().connected, Some(false), "a health check sees the connection down");
     for sub in &mut subs {
         assert_eq!(next(sub).await.unwrap_err(), Lagged(0));
     }
     a.put("lost".into(), 1);
     memory.restore(NodeId(2));
+    assert_eq!(sb.info().connected, Some(true));
     // Back: the loss is told again (what was published meanwhile is gone)...
     for sub in &mut subs {
         assert_eq!(next(sub).await.unwrap_err(), Lagged(0));

@@ -65,6 +65,11 @@ impl<K> StreamShared<K> {
         (!cluster.link_up.load(Ordering::Acquire)).then_some(cluster.heartbeat)
     }
 
+    /// With a cluster transport, whether this node's connection is up.
+    pub(crate) fn connected(&self) -> Option<bool> {
+        Some(self.cluster.as_ref()?.link_up.load(Ordering::Acquire))
+    }
+
     /// Hands a remote node's events to this node's subscribers of the partition.
     fn deliver_remote(&self, frame: Frame<K>) {
         let Some(part) = self.parts.get(frame.header.partition as usize) else { return };

@@ -25,6 +25,7 @@ pub(crate) async fn start(cache: &Cache<String, u32>, pubsub: &PubSub, partition
         .start()
         .expect("start");
     tokio::time::timeout(PATIENCE, streams.ready()).await.expect("ready in time").expect("ready");
+    assert_eq!(streams.info().connected, Some(true), "ready: the connection is up");
     streams
 }
 
