@@ -46,6 +46,9 @@ pub(super) enum Reject {
         sent_at_us: u64,
         last_us: u64,
     },
+    /// A frame of an origin not followed yet, while the tail follows as many
+    /// as it may, all live.
+    TooManyOrigins(usize),
     OldEpoch {
         epoch: u64,
         current: u64,
@@ -63,6 +66,7 @@ impl Reject {
             Reject::Flags(_) => "flags",
             Reject::Malformed(_) => "malformed",
             Reject::Replayed { .. } | Reject::Resent { .. } => "replay",
+            Reject::TooManyOrigins(_) => "too_many_origins",
             Reject::OldEpoch { .. } => "old_epoch",
             Reject::ForeignCache(_) => "foreign_cache",
             Reject::PartitionCount(_) => "partition_count",
@@ -86,6 +90,7 @@ impl fmt::Display for Reject {
             Reject::Replayed { first_seq, next } => {
                 write!(f, "replayed frame: sequence {first_seq} already seen (expected {next})")
             }
+            Reject::TooManyOrigins(limit) => write!(f, "frame of a new origin, while {limit} are followed, all live"),
             Reject::Resent { sent_at_us, last_us } => {
                 write!(
                     f,

@@ -460,6 +460,9 @@ const EARLIER_EPOCHS: usize = 4;
 /// gone, as the nodes do with their default heartbeat of 1 s.
 const SILENT: Duration = Duration::from_secs(nebulex_streams::SILENT_HEARTBEATS as u64);
 
+/// How many (origin, partition) pairs the tail follows at most.
+const MAX_ORIGINS: usize = 65_536;
+
 /// Why an origin's unsent events are taken for lost when it falls silent.
 const SILENT_REASON: &str = "fell silent without stopping";
 /// Why they are when it starts a new stream without having stopped the last.
@@ -539,6 +542,8 @@ struct Tail {
     max_frame_bytes: usize,
     /// Per (origin, partitions, partition).
     numbering: HashMap<(u64, u32, u32), Numbering>,
+    /// The most entries of `numbering` ([`MAX_ORIGINS`]).
+    max_origins: usize,
     out: Box<dyn Write>,
 }
 
@@ -560,6 +565,7 @@ impl Tail {
                 .map(String::into_bytes),
             max_frame_bytes: args.max_frame_bytes,
             numbering: HashMap::new(),
+            max_origins: MAX_ORIGINS,
             out: Box::new(io::stdout()),
         }
     }
@@ -648,10 +654,16 @@ impl Tail {
         }
         let n = frame.events.len() as u64;
         let mut restarted_unstopped = false;
-        let entry = self
-            .numbering
-            .entry((frame.origin, frame.partitions, frame.partition))
-            .or_insert_with(|| Numbering::new(frame.epoch, now));
+        let key = (frame.origin, frame.partitions, frame.partition);
+        if !self.numbering.contains_key(&key) && self.numbering.len() >= self.max_origins {
+            // Made-up origins cannot grow the tail without bound: those gone
+            // (stopped, or silent) make room; if every one is live, no more.
+            self.numbering.retain(|_, n| !n.gone(now));
+            if self.numbering.len() >= self.max_origins {
+                return Err(Reject::TooManyOrigins(self.max_origins));
+            }
+        }
+        let entry = self.numbering.entry(key).or_insert_with(|| Numbering::new(frame.epoch, now));
         if frame.epoch != entry.epoch {
             // An epoch it left is a replay; so is a lower one while its
             // current stream lives. Otherwise the origin restarted its
@@ -998,6 +1010,28 @@ mod tests {
         assert_eq!(lines[1]["seq"], 11);
         assert_eq!(lines[1]["target"], "keys");
         assert_eq!(lines[1]["keys"], json!(["a", "b"]));
+    }
+
+    #[test]
+    fn origins_are_followed_up_to_a_bound_and_those_gone_make_room() {
+        let (mut t, out) = tail(&["--redis", "redis://x/", "--cache", "users"]);
+        t.max_origins = 2;
+        let one = vec![event(EventType::Inserted, Target::Key("k".to_string()))];
+        let none: Vec<Arc<CacheEntryEvent<String>>> = Vec::new();
+        let from = |origin, first_seq, last| FrameHeader { origin: NodeId(origin), first_seq, last, ..header(0, 0, 0) };
+        t.on_message("nbx:users", &frame!(&from(1, 1, false), &one, None)).unwrap();
+        t.on_message("nbx:users", &frame!(&from(2, 1, false), &one, None)).unwrap();
+        t.on_message("nbx:users", &frame!(&from(3, 1, false), &one, None)).unwrap(); // refused: 1 and 2 live
+        t.on_message("nbx:users", &frame!(&from(1, 2, true), &none, None)).unwrap(); // 1 stops
+        t.on_message("nbx:users", &frame!(&from(3, 1, false), &one, None)).unwrap(); // room made
+        let lines = out.take();
+        assert_eq!(lines.len(), 4, "{lines:?}");
+        assert!(
+            lines[2].contains("REJECTED too_many_origins: frame of a new origin, while 2 are followed"),
+            "{}",
+            lines[2]
+        );
+        assert!(lines[3].contains("0000000000000003"), "{}", lines[3]);
     }
 
     #[test]
