@@ -279,14 +279,15 @@ impl<K: Hash + Eq, V: Clone> Shard<K, V> {
     /// expired (`true`): it is removed as expired, not evicted. The clock is
     /// read only if some entry can expire.
     pub(crate) fn evict_one(&mut self, now: impl FnOnce() -> u64, spare: Option<usize>) -> Option<(K, bool)> {
-        let mut spare = spare.filter(|_| self.map.len() > 1);
+        let spare = spare.filter(|_| self.map.len() > 1);
         // A bulk write far past the bound leaves the table mostly empty as it
         // is trimmed: it is shrunk, so that a sample finds entries in a few
         // probes. Each shrink cuts the table more than threefold, so all the
-        // shrinks of one trim cost about one pass over the grown table.
-        if self.map.buckets() > SPARSE_BUCKETS * (self.map.len() + 1) {
+        // shrinks of one trim cost about one pass over the grown table. A
+        // single-key write (the one that spares an entry) overflows by one
+        // entry: it is not shrunk for, as that would move the spared entry.
+        if spare.is_none() && self.map.buckets() > SPARSE_BUCKETS * (self.map.len() + 1) {
             self.map.shrink_to(self.cap.min(self.map.len()));
-            spare = None; // the indices changed
         }
         let buckets = self.map.buckets();
         let now = (!self.expiries.is_empty()).then(now);
@@ -384,6 +385,28 @@ mod tests {
         let mut s = shard();
         let index = s.insert_hashed(s.map.hash(&7), 7, Slot::new(7, 0, || 0));
         assert_eq!(s.evict_one(|| 0, Some(index)), Some((7, false)), "alone, it goes");
+    }
+
+    #[test]
+    fn the_spared_entry_is_spared_in_a_sparse_table_too() {
+        for seed in 0..32 {
+            let mut s = Shard::new(2, no_listeners(), seed, MapHasher::with_seed(seed));
+            for key in 0..1_000 {
+                put(&mut s, key, 0);
+            }
+            for key in 2..1_000 {
+                assert!(s.map.remove(&key).is_some());
+            }
+            for key in 0..2 {
+                let (i, _, _) = s.map.get_full_mut(&key).unwrap();
+                s.record_use(i);
+            }
+            assert!(s.map.buckets() > SPARSE_BUCKETS * 4, "the table is sparse");
+            let index = s.insert_hashed(s.map.hash(&7_000), 7_000, Slot::new(7_000, 0, || 0));
+            let (evicted, _) = s.evict_one(|| 0, Some(index)).unwrap();
+            assert_ne!(evicted, 7_000, "seed {seed}: the write that overflowed the shard evicted its own entry");
+            assert_eq!(s.map.len(), 2);
+        }
     }
 
     #[test]
