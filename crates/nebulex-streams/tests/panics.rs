@@ -332,10 +332,12 @@ mod with_a_panicking_recorder {
 
     /// A's recorder panics in A's sender task (counting the frame a key's
     /// `Serialize` failed on): the task is gone, so A's link is down for
-    /// good, and A's readers of the other nodes' events are told so.
+    /// good, and A's readers of the other nodes' events are told so, even
+    /// after the connection drops and comes back.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_sender_task_that_panics_leaves_the_link_down_and_its_readers_told() {
-        let bus = PubSub::memory();
+        let memory = nebulex_streams::MemoryBus::new();
+        let bus = PubSub::from(memory.clone());
         let on_unsent = Panicking { name: "nebulex_streams_broadcast_errors_total", reason: Some("transport") };
         let (a, sa, mut on_a) = node("mute", 1, &bus, &on_unsent).await;
         let plain = Panicking { name: "none", reason: None };
@@ -351,5 +353,15 @@ mod with_a_panicking_recorder {
         a.put(key("held"), 1);
         let _invalidator = Invalidator::builder(&sa).scope(EventScope::Remote).start().unwrap();
         eventually("A's invalidator flushes while the link is down", || !a.contains_key(&key("held"))).await;
+        assert_eq!(sa.info().connected, Some(false));
+
+        // The connection drops and comes back: A still sends nothing (its
+        // link closed with the task), so it stays down and its invalidator
+        // keeps flushing.
+        memory.cut(NodeId(1));
+        memory.restore(NodeId(1));
+        assert_eq!(sa.info().connected, Some(false), "up again with no sender");
+        a.put(key("held again"), 1);
+        eventually("A's invalidator still flushes", || !a.contains_key(&key("held again"))).await;
     }
 }

@@ -352,3 +352,27 @@ pub(crate) const STOP_FLUSH_TIMEOUT: Duration = Duration::from_secs(5);
 pub(crate) fn describe<K>(cluster: &Option<Cluster<K>>) -> Option<String> {
     cluster.as_ref().map(|c| c.describe.clone())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pubsub::LinkState;
+    use crate::Streams;
+
+    /// A sender task that panicked sends nothing: an "up" that a receiving
+    /// task reports afterwards (it may be reconnecting while the link
+    /// closes) does not make the connection up again.
+    #[tokio::test]
+    async fn a_link_whose_sender_panicked_is_never_up_again() {
+        let cache: nebulex::Cache<u64, u64> = nebulex::Cache::builder().name("broken").build().unwrap();
+        let streams = Streams::builder(&cache).pubsub(PubSub::memory()).start().unwrap();
+        tokio::time::timeout(Duration::from_secs(10), streams.ready()).await.expect("ready in time").unwrap();
+        let shared = streams.shared();
+        assert_eq!(shared.connected(), Some(true));
+
+        shared.sender_panicked(&"boom");
+        assert_eq!(shared.connected(), Some(false), "down once the sender is gone");
+        shared.on_link_state(LinkState::Up);
+        assert_eq!(shared.connected(), Some(false), "up again with no sender");
+    }
+}
