@@ -13,7 +13,7 @@ use nebulex::{Cache, CacheEntryEvent, EventType, NodeId, Target};
 use nebulex_streams::wire::{self, DecodeLimits};
 use nebulex_streams::{
     BroadcastError, Lagged, MemoryBus, PubSub, Route, Streams, StreamsBuilder, StreamsExt, SubscribeOptions,
-    Subscription, Telemetry, FORGOTTEN_ORIGINS,
+    Subscription, Telemetry, FORGOTTEN_ORIGINS, MAX_ORIGINS_PER_PARTITION,
 };
 use tokio::time::{timeout, timeout_at, Instant};
 
@@ -509,11 +509,17 @@ struct Lone {
 
 impl Lone {
     async fn start() -> Lone {
+        Lone::start_with(HEARTBEAT).await
+    }
+
+    /// B heartbeats every `heartbeat` (and checks for silences as often).
+    async fn start_with(heartbeat: Duration) -> Lone {
         let bus = PubSub::memory();
         let memory = bus.as_memory().expect("memory bus").clone();
         let cache = node("users", 2);
         let reports = Reports::default();
-        let streams = ready(builder(&cache, &bus).observer(reports.observer()).start().expect("start b")).await;
+        let streams = builder(&cache, &bus).heartbeat(heartbeat).observer(reports.observer());
+        let streams = ready(streams.start().expect("start b")).await;
         let on_b = cache.subscribe(SubscribeOptions::new()).expect("subscribe");
         Lone { memory, reports, on_b, _held: (cache, streams) }
     }
@@ -1035,6 +1041,32 @@ async fn a_replayed_heartbeat_of_a_left_epoch_does_not_bring_it_back() {
     assert_eq!(tally.keys(), ["before", "after the restart", "still heard"]);
 }
 
+/// A node restarted with its clock set back (a lower epoch) is followed; a
+/// frame of the epoch it left, never heard here, replayed, brings that epoch
+/// back (as if the lower one had been the replay), and the node's real
+/// frames are refused meanwhile. Once the epoch brought back falls silent,
+/// the real one goes on from where it stood: the node is not cut off, and
+/// the frames refused are a gap of known size.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_left_epoch_brought_back_by_a_replay_gives_way_once_it_falls_silent() {
+    let Lone { memory, reports, mut on_b, _held } = Lone::start().await;
+    let (hi, lo) = (epoch_from_now(-1_000), epoch_from_now(-60_000));
+    let mut tally = Tally::default();
+    memory.publish_raw("nbx:users", &craft_sent(9, hi, 10, 1, &["before"]));
+    read_until(&mut on_b, &mut tally, |t| !t.lagged.is_empty()).await; // 9 crashed: silent
+    memory.publish_raw("nbx:users", &craft_sent(9, lo, 5, 1, &["after the restart"]));
+    memory.publish_raw("nbx:users", &craft_sent(9, hi, 30, 2, &["replayed"]));
+    read_until(&mut on_b, &mut tally, |t| t.keys().contains(&"replayed".to_string())).await;
+    memory.publish_raw("nbx:users", &craft_sent(9, lo, 6, 2, &["refused"]));
+    assert_eq!(reports.rejected(), ["old_epoch"]);
+    read_until(&mut on_b, &mut tally, |t| t.lagged.len() == 2).await; // the epoch brought back: silent
+    memory.publish_raw("nbx:users", &craft_sent(9, lo, 7, 3, &["heard again"]));
+    read_until(&mut on_b, &mut tally, |t| t.keys().contains(&"heard again".to_string())).await;
+    assert_eq!(tally.keys(), ["before", "after the restart", "replayed", "heard again"]);
+    assert_eq!(tally.lagged, [0, 0, 1], "each silence, then the frame refused");
+    assert_eq!(reports.rejected(), ["old_epoch"]);
+}
+
 /// Frames of events with the same send time (a sender of another kind may
 /// stamp two in one microsecond) are both taken: their numbers tell them
 /// apart. Only a heartbeat's send time must be later.
@@ -1135,6 +1167,35 @@ async fn only_the_last_forgotten_origins_are_kept_on() {
     assert_eq!(*reports.gaps.lock().unwrap(), [(Some(NodeId(others.start)), 2)]);
 }
 
+/// An origin kept among the last forgotten is judged from where it stood
+/// also when its return makes room on a full partition: the origins
+/// forgotten for it do not push it out of those kept.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kept_forgotten_origin_whose_return_makes_room_is_judged_from_where_it_stood() {
+    // Slow heartbeats: nothing is forgotten by time meanwhile.
+    let Lone { memory, reports, mut on_b, _held } = Lone::start_with(Duration::from_secs(10)).await;
+    let epoch = epoch_from_now(1_000); // started after us: followed from 1
+    let captured = craft(9, epoch, "users", 0, 0, 1, &["first"]);
+    memory.publish_raw("nbx:users", &captured);
+    memory.publish_raw("nbx:users", &last_heartbeat(9, epoch, 0, 0, 2));
+    // Made-up origins, each stopped at once, fill the partition; then each
+    // new one past the limit forgets the eighth heard longest ago (9 among
+    // the first), until exactly `FORGOTTEN_ORIGINS` were forgotten: 9 is
+    // among the oldest kept, and the partition is full again.
+    let made_up = (MAX_ORIGINS_PER_PARTITION - 1) + FORGOTTEN_ORIGINS;
+    for origin in 1_000..1_000 + made_up as u64 {
+        memory.publish_raw("nbx:users", &last_heartbeat(origin, 1, 0, 0, 3));
+    }
+    // 9's captured frame comes again, then its numbering goes on at 5.
+    memory.publish_raw("nbx:users", &captured);
+    memory.publish_raw("nbx:users", &craft(9, epoch, "users", 0, 0, 5, &["again"]));
+    let mut tally = Tally::default();
+    read_until(&mut on_b, &mut tally, |t| t.events.len() == 2).await;
+    assert_eq!(tally.keys(), ["first", "again"], "the captured frame, refused");
+    assert_eq!(tally.lagged, [3], "2, 3 and 4 lost");
+    assert_eq!(reports.rejected(), ["replay"]);
+}
+
 /// A partition flooded with events does not hold back another's: each of
 /// the sender's passes takes a share of frames from every partition.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1199,7 +1260,7 @@ async fn made_up_origins_are_followed_up_to_a_bound_and_the_silent_make_room() {
     let mut on_0 = cache.subscribe(SubscribeOptions::new().partition(0)).expect("subscribe");
     let mut on_1 = cache.subscribe(SubscribeOptions::new().partition(1)).expect("subscribe");
     let started = Instant::now();
-    for origin in 0..nebulex_streams::MAX_ORIGINS_PER_PARTITION as u64 {
+    for origin in 0..MAX_ORIGINS_PER_PARTITION as u64 {
         memory.publish_raw("nbx:users:0", &craft(1_000 + origin, 1, "users", 0, 2, 1, &[]));
     }
     memory.publish_raw("nbx:users:0", &craft(9, 1, "users", 0, 2, 1, &["refused"]));

@@ -161,7 +161,7 @@ impl<K> StreamShared<K> {
             let mut seen = cluster.seen.lock();
             let key = (h.origin, partition);
             if !seen.heard.contains_key(&key) {
-                if !seen.make_room(partition, MAX_ORIGINS_PER_PARTITION) {
+                if !seen.admit(key, MAX_ORIGINS_PER_PARTITION) {
                     drop(seen);
                     // What the refused origin writes is lost while it is.
                     self.notify_loss(partition, 0);
@@ -188,11 +188,13 @@ impl<K> StreamShared<K> {
                 // the epoch was never seen: a node whose clock was set back
                 // restarted, and refusing it would leave its writes unheard.
                 // An epoch it already left stays a replay either way, unless
-                // it is the later one and goes on from where it was left:
-                // then its stream never stopped, and the lower epoch followed
-                // since was a replay (of a frame never heard here, while
-                // the origin was silent). Back to it: the frames it sent
-                // meanwhile, refused, are a gap of known size.
+                // it goes on from where it was left, and it is the later one
+                // (then its stream never stopped, and the lower epoch
+                // followed since was a replay of a frame never heard here,
+                // while the origin was silent) or the one followed since is
+                // gone (then that one may have been the replay). Back to it:
+                // the frames it sent meanwhile, refused, are a gap of known
+                // size.
                 let left = entry.left(h.epoch);
                 match left {
                     Some(i) if entry.goes_on(i, h) => entry.resume(i, now),

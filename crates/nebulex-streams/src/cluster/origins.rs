@@ -81,13 +81,16 @@ impl Seen {
         *self = Seen { earlier, ..Seen::new(epoch, 1, now) };
     }
 
-    /// Whether a frame of `h` goes on with the epoch left at `earlier[i]`: a
-    /// later epoch than the current one, not ended, from where its numbering
-    /// stood, sent after its last frame taken (not a replay of it).
+    /// Whether a frame of `h` goes on with the epoch left at `earlier[i]`:
+    /// not ended, from where its numbering stood, sent after its last frame
+    /// taken (not a replay of it); and a later epoch than the current one,
+    /// or the current one is gone (stopped, or silent: then the epoch left
+    /// for it may have been the node's real stream all along, and refusing
+    /// it would leave the node unheard for good).
     pub(super) fn goes_on(&self, i: usize, h: &FrameHeader) -> bool {
         let left = self.earlier[i];
         left.open
-            && h.epoch > self.epoch
+            && (h.epoch > self.epoch || self.gone())
             && h.first_seq >= left.next
             && (left.sent_us == 0 || h.sent_at_us > left.sent_us)
     }
@@ -151,6 +154,25 @@ impl Origins {
         self.heard.get_mut(&key)
     }
 
+    /// Makes room for `key`, not followed (see [`make_room`](Self::make_room)),
+    /// and follows it from where it stood if it is among the last forgotten:
+    /// taken out of them first, so that the origins forgotten to make room
+    /// cannot push it out. Whether there was room.
+    pub(super) fn admit(&mut self, key: OriginKey, limit: usize) -> bool {
+        let kept = self.forgotten.remove(&key);
+        if !self.make_room(key.1, limit) {
+            // Nothing was forgotten: it goes back as it was.
+            if let Some(kept) = kept {
+                self.forgotten.insert(key, kept);
+            }
+            return false;
+        }
+        if let Some((seen, _)) = kept {
+            self.follow(key, seen);
+        }
+        true
+    }
+
     /// Follows `key`, not heard yet, from `seen`.
     pub(super) fn follow(&mut self, key: OriginKey, seen: Seen) -> &mut Seen {
         match self.heard.entry(key) {
@@ -166,7 +188,7 @@ impl Origins {
     /// followed there: forgets the eighth of those gone (stopped cleanly, or
     /// silent) that were heard longest ago, at least one. Whether there is
     /// room: not if every origin of the partition is live.
-    pub(super) fn make_room(&mut self, partition: u32, limit: usize) -> bool {
+    fn make_room(&mut self, partition: u32, limit: usize) -> bool {
         if self.counts.get(&partition).copied().unwrap_or(0) < limit {
             return true;
         }
@@ -294,5 +316,19 @@ mod tests {
         follow(&mut tied, 0, 0, 16, start, true);
         assert!(tied.make_room(0, 16));
         assert_eq!(tied.heard.len(), 14);
+    }
+
+    #[test]
+    fn a_forgotten_origin_refused_for_want_of_room_is_still_recalled_later() {
+        let start = Instant::now();
+        let mut origins = Origins::default();
+        follow(&mut origins, 0, 9, 1, start, true);
+        origins.forget(|_, _| false);
+        follow(&mut origins, 0, 0, 4, start, false);
+        assert!(!origins.admit((NodeId(9), 0), 4), "every origin is live: no room");
+        assert!(!origins.heard.contains_key(&(NodeId(9), 0)));
+        origins.forget(|k, _| k.0 != NodeId(0)); // one falls silent and goes
+        assert!(origins.admit((NodeId(9), 0), 4));
+        assert!(origins.heard.get(&(NodeId(9), 0)).is_some_and(|s| s.silent), "followed from where it stood");
     }
 }
