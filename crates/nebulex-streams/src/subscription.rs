@@ -508,9 +508,14 @@ impl<K> RingWriter<K> {
                 true
             }
             Err(rtrb::PushError::Full(_)) => {
-                // The loss taken goes back where it began, this event after it.
-                state.add_missed(missed_of(lost), lost & POS_MASK);
-                state.add_missed(1, self.pushed);
+                // The loss taken goes back where it began, this event after
+                // it: in one step, or a reader could take the one before the
+                // other is added (one loss told as two notices).
+                let pushed = self.pushed;
+                let _ = state.missed.fetch_update(Ordering::AcqRel, Ordering::Acquire, |record| {
+                    let record = if lost == 0 { record } else { with_loss(record, missed_of(lost), lost & POS_MASK) };
+                    Some(with_loss(record, 1, pushed))
+                });
                 false
             }
         };

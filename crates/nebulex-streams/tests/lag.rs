@@ -21,11 +21,19 @@ fn cache(name: &str) -> Cache<u64, u64> {
 
 /// Walks a single writer's items of one unpartitioned stream: every event's
 /// `seq` must be the next published one, a `Lagged(n)` must stand exactly
-/// where `n` events were dropped. Returns (received, lagged, lag notices).
+/// where `n` events were dropped, and be the only notice of them (an event
+/// follows it). Returns (received, lagged, lag notices).
 #[track_caller]
 fn check_positions(items: &[Item<u64>]) -> (u64, u64, usize) {
     let (mut received, mut lagged, mut notices) = (0u64, 0u64, 0usize);
     let mut next_seq = 1u64;
+    if let Some(at) = items.windows(2).position(|pair| pair[0].is_err() && pair[1].is_err()) {
+        let around: Vec<_> = items[at.saturating_sub(1)..(at + 3).min(items.len())]
+            .iter()
+            .map(|i| i.as_ref().map(|e| e.metadata.seq).map_err(|l| l.0))
+            .collect();
+        panic!("one loss told as two notices in a row: {around:?}");
+    }
     for item in items {
         match item {
             Ok(e) => {
