@@ -892,22 +892,27 @@ impl<K> StreamShared<K> {
 
     /// Ends every subscription; idempotent.
     fn close(&self) {
-        let _serial = self.subscribers_lock.lock();
-        if self.stopped.swap(true, Ordering::AcqRel) {
-            return;
-        }
-        // Closed with its cache (not by `detach`): the listener went with it.
-        if self.registered.swap(false, Ordering::AcqRel) {
-            self.reporter.listener_unregistered();
-        }
-        self.filter.set_mask(0);
-        if let Some(cluster) = &self.cluster {
-            cluster.close();
-        }
-        for part in self.parts.iter() {
-            for ring in part.state.lock().subscribers.iter() {
-                ring.close();
+        let unregistered = {
+            let _serial = self.subscribers_lock.lock();
+            if self.stopped.swap(true, Ordering::AcqRel) {
+                return;
             }
+            self.filter.set_mask(0);
+            if let Some(cluster) = &self.cluster {
+                cluster.close();
+            }
+            for part in self.parts.iter() {
+                for ring in part.state.lock().subscribers.iter() {
+                    ring.close();
+                }
+            }
+            // Closed with its cache (not by `detach`): the listener went with it.
+            self.registered.swap(false, Ordering::AcqRel)
+        };
+        // Reported once no lock is held: the observer may subscribe, or drop
+        // a subscription.
+        if unregistered {
+            self.reporter.listener_unregistered();
         }
     }
 }

@@ -88,6 +88,32 @@ fn dropping_the_cache_reports_its_listener_unregistered() {
     assert_eq!(recorded.all().len(), 2);
 }
 
+/// The observer told that the listener went with its cache may drop (or
+/// make) a subscription: no lock of the stream is held while it runs.
+#[test]
+fn an_observer_may_drop_a_subscription_when_told_the_cache_is_gone() {
+    use std::sync::Mutex;
+    let cache = cache("dropped with a subscriber");
+    let held: Arc<Mutex<Option<nebulex_streams::Subscription<String>>>> = Arc::default();
+    let on_report = held.clone();
+    let _streams = Streams::builder(&cache)
+        .observer(move |t| {
+            if let Telemetry::ListenerUnregistered { .. } = t {
+                drop(on_report.lock().unwrap().take());
+            }
+        })
+        .start()
+        .unwrap();
+    *held.lock().unwrap() = Some(cache.subscribe(SubscribeOptions::new()).unwrap());
+    let (dropped, done) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        drop(cache);
+        let _ = dropped.send(());
+    });
+    assert!(done.recv_timeout(std::time::Duration::from_secs(10)).is_ok(), "dropping the cache hung");
+    assert!(held.lock().unwrap().is_none(), "the observer ran");
+}
+
 #[test]
 fn every_delivered_event_is_a_broadcast_ok_on_its_partition_topic() {
     init_tracing();
