@@ -272,10 +272,17 @@ impl<K> Cluster<K> {
 }
 
 /// An epoch for a stream starting now: milliseconds since the Unix epoch in
-/// the high 48 bits (so a node's epochs grow across restarts), random low bits.
+/// the high 48 bits (so a node's epochs grow across restarts), random low
+/// bits; and above every epoch this process gave before, so that a stream
+/// restarted within the same millisecond is not taken for a replay of the
+/// last one.
 fn new_epoch() -> u64 {
+    static LAST: AtomicU64 = AtomicU64::new(0);
     let millis = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
-    (millis << 16) | (NodeId::random().0 & 0xffff)
+    let now = (millis << 16) | (NodeId::random().0 & 0xffff);
+    let (Ok(last) | Err(last)) =
+        LAST.fetch_update(Ordering::AcqRel, Ordering::Acquire, |last| Some(now.max(last.wrapping_add(1))));
+    now.max(last.wrapping_add(1))
 }
 
 /// Heartbeats (of this node's period: a stream's nodes should share it) an
@@ -362,6 +369,12 @@ mod tests {
     /// A sender task that panicked sends nothing: an "up" that a receiving
     /// task reports afterwards (it may be reconnecting while the link
     /// closes) does not make the connection up again.
+    #[test]
+    fn epochs_grow_with_each_start_even_within_a_millisecond() {
+        let epochs: Vec<u64> = (0..10_000).map(|_| new_epoch()).collect();
+        assert!(epochs.windows(2).all(|pair| pair[0] < pair[1]));
+    }
+
     #[tokio::test]
     async fn a_link_whose_sender_panicked_is_never_up_again() {
         let cache: nebulex::Cache<u64, u64> = nebulex::Cache::builder().name("broken").build().unwrap();
