@@ -52,7 +52,7 @@ pub(crate) type RouterFn<K> = dyn Fn(&CacheEntryEvent<K>) -> Route + Send + Sync
 /// | [`batch_size`](Self::batch_size) | 512 events per frame | `0` |
 /// | [`batch_linger`](Self::batch_linger) | zero: send what is there | — |
 /// | [`outbound_buffer`](Self::outbound_buffer) | [`DEFAULT_OUTBOUND_BUFFER`](crate::DEFAULT_OUTBOUND_BUFFER) events per partition | `0`, more than [`MAX_BUFFER`] |
-/// | [`max_frame_bytes`](Self::max_frame_bytes) | 1 MiB (NATS's default payload limit) | under 64 |
+/// | [`max_frame_bytes`](Self::max_frame_bytes) | 1 MiB (NATS's default payload limit) | under 64, or too small for a heartbeat (52 bytes and the cache name, 32 more signed) |
 /// | [`backoff`](Self::backoff) | 50 ms doubling up to 5 s | zero, `max < initial`, `max` above [`MAX_BACKOFF`](crate::MAX_BACKOFF) |
 /// | [`heartbeat`](Self::heartbeat) | 1 s | zero |
 ///
@@ -202,7 +202,9 @@ where
 
     /// The largest frame sent (larger batches are split) and accepted from
     /// the network. Every node should use the same value; NATS servers refuse
-    /// payloads over their `max_payload` (1 MiB by default).
+    /// payloads over their `max_payload` (1 MiB by default). It must hold a
+    /// heartbeat (a frame without events: about 52 bytes and the cache name,
+    /// 32 more when signed), which tells the other nodes this one's numbering.
     pub fn max_frame_bytes(mut self, bytes: usize) -> Self {
         self.cluster.max_frame_bytes = bytes;
         self
@@ -255,7 +257,7 @@ where
                 self.buffer
             )));
         }
-        self.cluster.validate()?;
+        self.cluster.validate(&self.cache.name())?;
         let cache_name = self.cache.name();
         let prefix = self.cluster.prefix.as_str();
         let topics: Vec<String> = (0..count)

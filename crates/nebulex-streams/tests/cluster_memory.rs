@@ -163,6 +163,8 @@ async fn bad_cluster_options_are_refused_and_leave_nothing_started() {
         ("outbound_buffer 0", builder().outbound_buffer(0).start()),
         ("outbound_buffer too big", builder().outbound_buffer(MAX_BUFFER + 1).start()),
         ("max_frame_bytes 63", builder().max_frame_bytes(63).start()),
+        // Receivers would refuse its heartbeats: deaf to its numbering.
+        ("max_frame_bytes below a signed heartbeat", builder().signing_key("secret").max_frame_bytes(64).start()),
         ("empty prefix", builder().prefix("").start()),
         ("prefix with a space", builder().prefix("a b").start()),
         ("zero backoff", builder().backoff(Duration::ZERO, ms(10)).start()),

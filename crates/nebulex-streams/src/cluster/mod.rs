@@ -108,7 +108,8 @@ impl Default for ClusterOptions {
 }
 
 impl ClusterOptions {
-    pub(crate) fn validate(&self) -> Result<(), Error> {
+    /// Checks the options of a stream of cache `cache`.
+    pub(crate) fn validate(&self, cache: &str) -> Result<(), Error> {
         let invalid = |m: String| Err(Error::InvalidOption(m));
         if self.batch_size == 0 {
             return invalid("batch_size must be at least 1".into());
@@ -125,6 +126,16 @@ impl ClusterOptions {
         }
         if self.max_frame_bytes < 64 {
             return invalid(format!("max_frame_bytes must be at least 64, got {}", self.max_frame_bytes));
+        }
+        // Receivers refuse what is larger: a heartbeat that is would leave
+        // them deaf to this node's numbering, and so to its losses.
+        let heartbeat = largest_heartbeat(cache, self.signing_key.as_deref());
+        if self.max_frame_bytes < heartbeat {
+            return invalid(format!(
+                "max_frame_bytes must hold a heartbeat of cache `{cache}`'s stream ({heartbeat} bytes{}), got {}",
+                if self.signing_key.is_some() { ", signed" } else { "" },
+                self.max_frame_bytes
+            ));
         }
         if self.prefix.is_empty() || self.prefix.contains(char::is_whitespace) {
             return invalid(format!("prefix must be non-empty without spaces, got `{}`", self.prefix));
@@ -143,6 +154,23 @@ impl ClusterOptions {
         }
         Ok(())
     }
+}
+
+/// The size of the largest heartbeat (a frame without events) of a stream
+/// of cache `cache`: every number at its widest.
+fn largest_heartbeat(cache: &str, signing_key: Option<&[u8]>) -> usize {
+    let header = FrameHeader {
+        origin: NodeId(u64::MAX),
+        epoch: u64::MAX,
+        cache: cache.to_owned(),
+        partition: u32::MAX,
+        partitions: u32::MAX,
+        first_seq: u64::MAX,
+        sent_at_us: u64::MAX,
+        last: true,
+    };
+    let none: &[Arc<CacheEntryEvent<()>>] = &[];
+    crate::wire::encode(&header, none, signing_key).map_or(usize::MAX, |frame| frame.len())
 }
 
 /// A started stream's cluster state.
