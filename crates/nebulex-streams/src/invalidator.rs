@@ -75,10 +75,12 @@
 
 use std::fmt;
 use std::hash::Hash;
+use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
+use futures::FutureExt;
 use nebulex::{CacheEntryEvent, Command, EventType};
 use tokio::sync::watch;
 
@@ -397,7 +399,12 @@ where
                     flush_at = self.outage_flush(partition);
                     continue;
                 }
-                item = sub.recv() => item,
+                // Receiving reports a loss to the application's logger and
+                // recorder: a panic there is a loss of unknown size too.
+                item = AssertUnwindSafe(sub.recv()).catch_unwind() => item.unwrap_or_else(|panic| {
+                    self.panicked(partition, "receiving", panic.as_ref());
+                    Some(Err(Lagged(0)))
+                }),
             };
             if *stop.borrow() {
                 return;
@@ -449,14 +456,23 @@ where
     /// that died would leave stale copies for good); returns whether `f`
     /// returned.
     fn guarded(&self, partition: u32, what: &str, f: impl FnOnce()) -> bool {
-        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
+        match std::panic::catch_unwind(AssertUnwindSafe(f)) {
             Ok(()) => true,
             Err(panic) => {
-                tracing::error!(target: "nebulex_streams", cache = %self.shared.reporter.cache, partition,
-                    panic = crate::telemetry::panic_message(panic.as_ref()), "the invalidator panicked {what}");
+                self.panicked(partition, what, panic.as_ref());
                 false
             }
         }
+    }
+
+    /// Logs a panic caught while `doing` something, unless the logger
+    /// panics too.
+    #[cold]
+    fn panicked(&self, partition: u32, doing: &str, panic: &(dyn std::any::Any + Send)) {
+        let _ = std::panic::catch_unwind(AssertUnwindSafe(|| {
+            tracing::error!(target: "nebulex_streams", cache = %self.shared.reporter.cache, partition,
+                panic = crate::telemetry::panic_message(panic), "the invalidator panicked {doing}");
+        }));
     }
 
     /// Deletes an event's target from the local cache.

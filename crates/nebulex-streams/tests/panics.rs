@@ -365,3 +365,48 @@ mod with_a_panicking_recorder {
         eventually("A's invalidator still flushes", || !a.contains_key(&key("held again"))).await;
     }
 }
+
+/// The application's logger panics as an invalidator's worker receives a
+/// loss notice (receiving logs it): the loss is still acted on, and the
+/// worker goes on.
+#[tokio::test]
+async fn a_logger_that_panics_on_a_loss_notice_does_not_end_the_invalidator() {
+    use tracing_subscriber::layer::{Context, Layer, SubscriberExt};
+    static ARMED: AtomicBool = AtomicBool::new(false);
+    /// Panics once, while armed, on a subscriber's lag warning (a count
+    /// missed, no origin).
+    struct PanicOnLagged;
+    impl<S: tracing::Subscriber> Layer<S> for PanicOnLagged {
+        fn on_event(&self, event: &tracing::Event<'_>, _: Context<'_, S>) {
+            let fields = event.metadata().fields();
+            if fields.field("missed").is_some()
+                && fields.field("origin").is_none()
+                && ARMED.swap(false, Ordering::SeqCst)
+            {
+                panic!("logger bug");
+            }
+        }
+    }
+    // The stream's tasks run on this test's one thread: they log through it.
+    let _log = tracing::subscriber::set_default(tracing_subscriber::registry().with(PanicOnLagged));
+    let memory = nebulex_streams::MemoryBus::new();
+    let bus = PubSub::from(memory.clone());
+    let node = |id| Cache::<String, u32>::builder().name("users").node_id(NodeId(id)).build().unwrap();
+    let (a, b) = (node(1), node(2));
+    let _sa = Streams::builder(&a).pubsub(bus.clone()).start().unwrap();
+    let sb = Streams::builder(&b).pubsub(bus.clone()).start().unwrap();
+    tokio::time::timeout(PATIENCE, sb.ready()).await.expect("ready in time").unwrap();
+    let _invalidator = Invalidator::builder(&sb).start().unwrap();
+
+    b.put("held".into(), 1);
+    ARMED.store(true, Ordering::SeqCst);
+    memory.cut(NodeId(2));
+    eventually("B's invalidator flushes at the loss", || !b.contains_key("held")).await;
+    assert!(!ARMED.load(Ordering::SeqCst), "the logger panicked in the worker");
+
+    memory.restore(NodeId(2));
+    eventually("B is connected again", || sb.info().connected == Some(true)).await;
+    b.put("later".into(), 1);
+    a.put("later".into(), 2);
+    eventually("B's invalidator still removes what A changes", || !b.contains_key("later")).await;
+}
