@@ -326,6 +326,11 @@ where
     /// Starts one worker per partition, as tasks on the ambient tokio runtime
     /// ([`Error::NoRuntime`] outside one; [`Error::StreamNotStarted`] if the
     /// stream was stopped).
+    ///
+    /// First it removes (without events) what the cache holds: it was stored
+    /// before the invalidator could hear of other nodes' changes, so nothing
+    /// vouches for it; and loads in flight will not store what they read.
+    /// Each partition that held entries is reported as a `Resync`.
     pub fn start(self) -> Result<Invalidator, Error> {
         let rt = crate::pubsub::runtime()?;
         let shared = self.streams.shared().clone();
@@ -339,6 +344,7 @@ where
             stopped: AtomicBool::new(false),
             on_stop: Box::new(move || reporter.reporter.invalidator(InvalidatorEvent::Stopped)),
         });
+        shared.reporter.invalidator(InvalidatorEvent::Started);
         for sub in subscriptions {
             let worker = Worker {
                 shared: shared.clone(),
@@ -347,12 +353,16 @@ where
                 remote: self.scope.remote(),
                 inner: inner.clone(),
             };
+            // What the cache holds was stored before this worker could hear
+            // of changes: nothing vouches for it. (Nor for what loads in
+            // flight read: they will not store it.)
+            let partition = sub.partition();
+            worker.guarded(partition, "flushing the partition", || worker.flush_unheard(partition));
             // Not yet connected is an outage too: what is read meanwhile
             // misses the other nodes' changes.
-            let flush_at = worker.outage_flush(sub.partition());
+            let flush_at = worker.outage_flush(partition);
             rt.spawn(worker.run(sub, stopped.clone(), flush_at));
         }
-        shared.reporter.invalidator(InvalidatorEvent::Started);
         Ok(Invalidator { inner })
     }
 }
@@ -499,16 +509,31 @@ where
         }
     }
 
-    /// Deletes every local entry of the partition (all of them with a custom
-    /// router, or an unpartitioned stream).
+    /// Deletes every local entry of the partition, and reports it.
     fn resync(&self, partition: u32) {
+        let removed = self.flush(partition);
+        self.shared.reporter.invalidator(InvalidatorEvent::Resync { partition, count: removed });
+    }
+
+    /// Deletes every local entry of the partition, stored before the worker
+    /// started; reported if there was any.
+    fn flush_unheard(&self, partition: u32) {
+        let removed = self.flush(partition);
+        if removed > 0 {
+            self.shared.reporter.invalidator(InvalidatorEvent::Resync { partition, count: removed });
+        }
+    }
+
+    /// Deletes every local entry of the partition (all of them with a custom
+    /// router, or an unpartitioned stream); loads in flight of those keys
+    /// will not store what they read. Returns how many.
+    fn flush(&self, partition: u32) -> usize {
         let count = self.shared.count;
-        let removed = if self.shared.router.is_none() && count > 1 {
+        if self.shared.router.is_none() && count > 1 {
             self.shared.cache.invalidate_where(&mut |k| partition_of(k, count) == partition)
         } else {
             self.shared.cache.invalidate_where(&mut |_| true)
-        };
-        self.shared.reporter.invalidator(InvalidatorEvent::Resync { partition, count: removed });
+        }
     }
 }
 

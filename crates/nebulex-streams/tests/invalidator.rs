@@ -460,6 +460,61 @@ async fn a_load_overtaken_by_a_remote_change_is_returned_but_not_stored() {
     assert!(!b.contains_key("user:1"), "but the possibly stale value is not stored");
 }
 
+/// What the cache holds when an invalidator starts was stored before it
+/// could hear of other nodes' changes: it is removed (and reported), and a
+/// load in flight does not store what it read.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_invalidator_removes_what_was_stored_before_it_started_and_what_loads_in_flight_read() {
+    let bus = PubSub::memory();
+    let a = node("users", 1);
+    let _sa = start(&a, &bus, 2).await;
+    let (b, sb, rb) = node_recording(2, &bus, 2).await;
+    b.put("cached".into(), 1);
+    let (started_tx, started_rx) = std::sync::mpsc::channel();
+    let (go_tx, go_rx) = std::sync::mpsc::channel::<()>();
+    let loader_cache = b.clone();
+    let load = std::thread::spawn(move || {
+        loader_cache.get_or_insert_with("user:1".to_string(), || {
+            started_tx.send(()).unwrap();
+            go_rx.recv().unwrap();
+            1 // read from the system of record before A's write
+        })
+    });
+    started_rx.recv().unwrap();
+    // A changes the record; B's stream hears it before B has an invalidator.
+    let on_user_1 = SubscribeOptions::new().scope(EventScope::Remote).partition(partition_of(&"user:1".to_string(), 2));
+    let mut heard = b.subscribe(on_user_1).unwrap();
+    a.put("user:1".into(), 2);
+    until(&mut heard, |e| e.target == nebulex::Target::Key("user:1".into())).await;
+
+    let _ib = Invalidator::builder(&sb).start().unwrap();
+    assert!(!b.contains_key("cached"), "removed as the invalidator starts");
+    let flushed = |p: u32| InvalidatorEvent::Resync { partition: p, count: 1 };
+    let reports = rb.lock().unwrap().clone();
+    assert_eq!(reports, [InvalidatorEvent::Started, flushed(partition_of(&"cached".to_string(), 2))]);
+    go_tx.send(()).unwrap();
+    assert_eq!(load.join().unwrap(), 1, "the caller still gets what it loaded");
+    assert!(!b.contains_key("user:1"), "but the possibly stale value is not stored");
+}
+
+/// A stream stopped and started again heard nothing meanwhile: the new
+/// invalidator does not keep what the cache held from before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_invalidator_of_a_restarted_stream_removes_what_went_stale_meanwhile() {
+    let bus = PubSub::memory();
+    let a = node("users", 1);
+    let _sa = start(&a, &bus, 1).await;
+    let b = node("users", 2);
+    let first = start(&b, &bus, 1).await;
+    let _first_invalidator = Invalidator::builder(&first).start().unwrap();
+    b.put("k".into(), 1);
+    first.stop();
+    a.put("k".into(), 2); // unheard by B
+    let again = start(&b, &bus, 1).await;
+    let _invalidator = Invalidator::builder(&again).start().unwrap();
+    assert_eq!(b.get("k"), None, "B's copy from before, removed");
+}
+
 #[tokio::test]
 async fn stop_ends_the_workers_and_reports_it() {
     let bus = PubSub::memory();
