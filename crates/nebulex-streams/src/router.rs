@@ -37,8 +37,10 @@ use std::hash::{Hash, Hasher};
 /// ```
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Route {
-    /// To this partition (an out-of-range partition drops the event with a
-    /// `Broadcast` error in telemetry).
+    /// To this partition. An out-of-range partition drops the event with a
+    /// `Broadcast` error in telemetry; as it might have been any partition's,
+    /// every partition's readers are told of a loss (`Lagged(0)` for this
+    /// node's subscribers that want its type, a gap for the other nodes).
     Partition(u32),
     /// Nowhere: the event is dropped on purpose.
     Discard,

@@ -106,10 +106,11 @@ where
     }
 
     /// Routes events with this function instead of the key hash: it sees the
-    /// whole event and returns a [`Route`]. Runs on the writing thread for
-    /// every event, while the cache holds the lock of the key's shard: keep
-    /// it fast, and do not call the cache or stop the stream from it (either
-    /// would wait for that lock for ever).
+    /// whole event and returns a [`Route`] (a partition out of range, or a
+    /// panic, is a loss told to every partition's readers). Runs on the
+    /// writing thread for every event, while the cache holds the lock of the
+    /// key's shard: keep it fast, and do not call the cache or stop the
+    /// stream from it (either would wait for that lock for ever).
     ///
     /// ```
     /// use nebulex::{Cache, CacheEntryEvent, Target};
@@ -804,6 +805,19 @@ where
     /// The report's topic is the stream's own (`{prefix}:{cache}`): names
     /// are interned for good, and a router's bad answers are unbounded.
     fn misrouted(&self, reason: BroadcastError, event: &CacheEntryEvent<K>) {
+        // It reaches no partition, and might have been any one's: a loss of
+        // unknown size for every reader that wants its type, and for the
+        // other nodes a number no frame carries (a gap at the partition's
+        // next frame or heartbeat).
+        for part in self.parts.iter() {
+            let mut state = part.state.lock();
+            if state.outbound.is_some() {
+                state.seq += 1;
+            }
+            if !self.broadcast_from {
+                state.subscribers.iter().filter(|r| r.wants_local(event.kind)).for_each(|r| r.push_lost(0));
+            }
+        }
         let topic = Name::new(&format!("{}:{}", self.prefix, self.reporter.cache));
         let event = self.reporter.wants_events().then(|| Arc::new(event.clone()));
         self.reporter.broadcast_error(topic, event.as_ref(), reason);

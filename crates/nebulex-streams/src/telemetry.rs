@@ -213,7 +213,8 @@ pub enum BroadcastError {
     #[error("transport: {0}")]
     Transport(String),
     /// A custom router panicked on the event (with this message): the event
-    /// went to no partition, as with `Route::Discard`.
+    /// went to no partition, and every partition's readers are told of a
+    /// loss, as with an out-of-range partition.
     #[error("the router panicked: {0}")]
     RouterPanicked(String),
 }

@@ -460,6 +460,50 @@ async fn a_load_overtaken_by_a_remote_change_is_returned_but_not_stored() {
     assert!(!b.contains_key("user:1"), "but the possibly stale value is not stored");
 }
 
+/// An event that A's router sends nowhere (a partition out of range) might
+/// have been any partition's: every partition of B has a gap, and B's
+/// invalidator flushes them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_event_a_router_sends_nowhere_is_a_loss_on_every_partition_of_the_other_nodes() {
+    use nebulex_streams::Route;
+    let bus = PubSub::memory();
+    let a = node("users", 1);
+    let _sa = Streams::builder(&a)
+        .partitions(2)
+        .pubsub(bus.clone())
+        .hash(|e| match &e.target {
+            nebulex::Target::Key(k) if k == "lost" => Route::Partition(99),
+            nebulex::Target::Key(k) => Route::Partition(partition_of(k, 2)),
+            _ => Route::Partition(0),
+        })
+        .start()
+        .unwrap();
+    let (b, sb, rb) = node_recording(2, &bus, 2).await;
+    let _ib = Invalidator::builder(&sb).start().unwrap();
+    let mut on_b: Vec<_> =
+        (0..2).map(|p| b.subscribe(SubscribeOptions::new().scope(EventScope::Remote).partition(p)).unwrap()).collect();
+    for sub in &mut on_b {
+        until_flowing(&a, sub, "probe").await;
+    }
+    let keys: Vec<String> = (0..20).map(|i| format!("user:{i}")).collect();
+    for k in &keys {
+        b.put(k.clone(), 1);
+    }
+    a.put("lost".into(), 1);
+    for sub in &mut on_b {
+        // (After the probes still buffered.)
+        let lagged = loop {
+            if let Err(lagged) = next(sub).await {
+                break lagged;
+            }
+        };
+        assert_eq!(lagged, nebulex_streams::Lagged(1), "a number no frame carried");
+    }
+    eventually("B's invalidator flushed both partitions", || keys.iter().all(|k| !b.contains_key(k))).await;
+    let resyncs = rb.lock().unwrap().iter().filter(|e| matches!(e, InvalidatorEvent::Resync { .. })).count();
+    assert!(resyncs >= 2, "{:?}", rb.lock().unwrap());
+}
+
 /// What the cache holds when an invalidator starts was stored before it
 /// could hear of other nodes' changes: it is removed (and reported), and a
 /// load in flight does not store what it read.

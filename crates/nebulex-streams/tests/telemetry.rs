@@ -359,7 +359,10 @@ mod with_metrics {
         }
         cache.put("panic:0".to_string(), 1);
         cache.put("good".to_string(), 1);
-        assert_eq!(events_only(drain(&mut sub)).len(), 1);
+        // What went nowhere might have been this partition's: one notice of
+        // a loss of unknown size, before the next event.
+        let items = drain(&mut sub);
+        assert!(matches!(items[..], [Err(Lagged(0)), Ok(_)]), "{items:?}");
 
         let c = counters(&snapshotter);
         let errors = |reason: &str| {
