@@ -171,6 +171,8 @@ pub struct InvalidatorBuilder<'a, K> {
     scope: EventScope,
     policy: DisconnectPolicy,
     silent_node_window: Option<Duration>,
+    /// Whether what the cache holds at the start stays.
+    keep_cached: bool,
 }
 
 impl<K> fmt::Debug for InvalidatorBuilder<'_, K> {
@@ -179,6 +181,7 @@ impl<K> fmt::Debug for InvalidatorBuilder<'_, K> {
             .field("scope", &self.scope)
             .field("policy", &self.policy)
             .field("silent_node_window", &self.silent_node_window)
+            .field("keep_cached", &self.keep_cached)
             .finish()
     }
 }
@@ -253,6 +256,7 @@ impl Invalidator {
             scope: EventScope::Remote,
             policy: DisconnectPolicy::Flush,
             silent_node_window: None,
+            keep_cached: false,
         }
     }
 
@@ -323,6 +327,30 @@ where
         self
     }
 
+    /// Keeps what the cache holds when the invalidator starts, instead of
+    /// removing it: for a cache filled from the system of record just
+    /// before, while no other node wrote (a change it made meanwhile would
+    /// not be heard, and its stale copy would stay until the key's next
+    /// change).
+    ///
+    /// ```
+    /// use nebulex::Cache;
+    /// use nebulex_streams::{Invalidator, Streams};
+    ///
+    /// let cache: Cache<String, u32> = Cache::builder().build()?;
+    /// cache.put("user:1".to_string(), 30); // read from the system of record
+    /// let streams = Streams::builder(&cache).start()?;
+    /// let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    /// let _in_runtime = rt.enter();
+    /// let _invalidator = Invalidator::builder(&streams).keep_cached().start()?;
+    /// assert!(cache.contains_key("user:1"));
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn keep_cached(mut self) -> Self {
+        self.keep_cached = true;
+        self
+    }
+
     /// Starts one worker per partition, as tasks on the ambient tokio runtime
     /// ([`Error::NoRuntime`] outside one; [`Error::StreamNotStarted`] if the
     /// stream was stopped).
@@ -330,7 +358,8 @@ where
     /// First it removes (without events) what the cache holds: it was stored
     /// before the invalidator could hear of other nodes' changes, so nothing
     /// vouches for it; and loads in flight will not store what they read.
-    /// Each partition that held entries is reported as a `Resync`.
+    /// Each partition that held entries is reported as a `Resync`. (Unless
+    /// [`keep_cached`](Self::keep_cached).)
     pub fn start(self) -> Result<Invalidator, Error> {
         let rt = crate::pubsub::runtime()?;
         let shared = self.streams.shared().clone();
@@ -357,7 +386,9 @@ where
             // of changes: nothing vouches for it. (Nor for what loads in
             // flight read: they will not store it.)
             let partition = sub.partition();
-            worker.guarded(partition, "flushing the partition", || worker.flush_unheard(partition));
+            if !self.keep_cached {
+                worker.guarded(partition, "flushing the partition", || worker.flush_unheard(partition));
+            }
             // Not yet connected is an outage too: what is read meanwhile
             // misses the other nodes' changes.
             let flush_at = worker.outage_flush(partition);

@@ -149,7 +149,8 @@ impl Nodes {
         };
         let a_streams = start_streams(config, rt, &a, &pubsub, None)?;
         let b_streams = start_streams(config, rt, &b, &pubsub, Some(Box::new(observer)))?;
-        let invalidator = Invalidator::builder(&b_streams).scope(EventScope::Remote).start()?;
+        // B was filled from nothing while A wrote nothing: nothing is stale.
+        let invalidator = Invalidator::builder(&b_streams).scope(EventScope::Remote).keep_cached().start()?;
         let nodes = Nodes { a, b, a_streams, b_streams, invalidator, resyncs, removals };
         if nodes.b_streams.info().partitions.is_some() {
             nodes.stop();
