@@ -232,6 +232,9 @@ async fn a_full_outbound_buffer_and_lost_frames_are_counted_exactly() {
     assert_eq!(tally.lost(), WRITES, "lagged {:?}", tally.lagged);
     assert_eq!(tally.accounted(), WRITES + 1);
     assert_eq!(tally.lost(), sent.outbound_full.load(Ordering::SeqCst) + lost_in_frames.load(Ordering::SeqCst));
+    // (Readers are told first, then the report is made.)
+    let reported = || got.gaps.lock().unwrap().iter().map(|(_, n)| n).sum::<u64>();
+    wait_for("every gap reported", || reported() >= WRITES).await;
     let gaps = got.gaps.lock().unwrap().clone();
     assert_eq!(gaps.iter().map(|(_, n)| n).sum::<u64>(), WRITES, "gaps {gaps:?}");
     assert!(gaps.iter().all(|(origin, _)| *origin == Some(NodeId(1))), "gaps {gaps:?}");
@@ -735,6 +738,8 @@ async fn a_node_restarted_with_its_clock_set_back_is_followed_once_its_stream_is
     assert_eq!(tally.keys(), ["before", "after a clean stop", "marker", "from 10", "after a crash"]);
     assert_eq!(tally.lagged, [0, 1], "number 1 of the new stream was refused, and is a gap");
     assert_eq!(reports.rejected(), ["old_epoch"; 3]);
+    // (Readers are told first, then the report is made.)
+    wait_for("both gaps reported", || reports.gaps.lock().unwrap().len() == 2).await;
     assert_eq!(*reports.gaps.lock().unwrap(), [(Some(NodeId(10)), 0), (Some(NodeId(10)), 1)]);
 }
 
@@ -881,6 +886,8 @@ async fn a_node_silent_without_stopping_is_a_possible_loss_reported_once() {
     assert!(started.elapsed() >= HEARTBEAT * nebulex_streams::SILENT_HEARTBEATS, "not before the silence limit");
     assert_eq!(tally.keys(), ["from 9", "from 10"]);
     assert_eq!(tally.lagged, [0]);
+    // (Readers are told first, then the report is made.)
+    wait_for("the silence reported", || !reports.gaps.lock().unwrap().is_empty()).await;
     assert_eq!(*reports.gaps.lock().unwrap(), [(Some(NodeId(9)), 0)]);
     // Once: a marker from 10's next start arrives with nothing before it.
     tokio::time::sleep(HEARTBEAT * 2 * nebulex_streams::SILENT_HEARTBEATS).await;

@@ -84,6 +84,8 @@ async fn dropped_frames_are_reported_as_exact_lag() {
     a.put("k2".into(), 2);
     assert_eq!(next(&mut on_b).await.unwrap_err(), Lagged(1));
     assert_eq!(next(&mut on_b).await.unwrap().target, Target::Key("k2".to_string()));
+    // (Readers are told first, then the report is made.)
+    support::eventually("the gap reported", || !gaps.lock().unwrap().is_empty()).await;
     assert_eq!(*gaps.lock().unwrap(), [(Some(NodeId(1)), 1)]);
 }
 
