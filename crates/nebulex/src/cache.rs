@@ -1347,8 +1347,24 @@ where
     V: Clone + Send + Sync + 'static,
 {
     fn drop(&mut self) {
-        self.inner.lock_for(self.key).forget_load(self.key, self.load);
+        let forgotten = std::panic::catch_unwind(AssertUnwindSafe(|| {
+            self.inner.lock_for(self.key).forget_load(self.key, self.load)
+        }));
+        if forgotten.is_err() {
+            // The key's `Hash` or `Eq` panicked: the load is found by itself
+            // instead, or later callers of the key would wait on it for ever.
+            for shard in self.inner.shards.iter() {
+                shard.0.lock().loads.retain(|_, load| !Arc::ptr_eq(load, self.load));
+            }
+        }
         self.load.finish(std::mem::replace(&mut self.outcome, Outcome::Abandoned));
+        // The caller hears of the panic, unless it is unwinding from one
+        // already (in `store_loaded`, say).
+        if let Err(panic) = forgotten {
+            if !std::thread::panicking() {
+                std::panic::resume_unwind(panic);
+            }
+        }
     }
 }
 

@@ -933,6 +933,28 @@ fn touchy_cache() -> Cache<Touchy, u32> {
     Cache::builder().shards(1).sweep_interval(NO_SWEEP).build().unwrap()
 }
 
+/// A load whose key's `Eq` panics as the load ends (it is then forgotten
+/// by the key) is still finished and forgotten: the panic reaches its
+/// caller, and later callers of the key load afresh instead of waiting for
+/// it for ever (nor does the process abort, which a second panic while the
+/// first unwinds would make it do).
+#[test]
+fn a_load_whose_key_eq_panics_as_it_ends_leaves_no_load_behind() {
+    let c = touchy_cache();
+    panics_with_armed(&EQ_PANICS_ON, 1, || {
+        let _ = c.try_get_or_insert_with(Touchy(1), || Err::<u32, &str>("the record is unreachable"));
+    });
+    panics_with_armed(&EQ_PANICS_ON, 2, || {
+        c.get_or_insert_with(Touchy(2), || 2);
+    });
+    let (loaded, got) = std::sync::mpsc::channel();
+    let later = c.clone();
+    std::thread::spawn(move || {
+        let _ = loaded.send((later.get_or_insert_with(Touchy(1), || 10), later.get_or_insert_with(Touchy(2), || 20)));
+    });
+    assert_eq!(got.recv_timeout(Duration::from_secs(10)), Ok((10, 20)), "later callers load afresh");
+}
+
 #[test]
 fn a_put_all_stopped_by_a_panicking_key_clone_emits_the_events_of_what_it_stored() {
     let c = touchy_cache();
