@@ -652,7 +652,7 @@ where
         }
         let listener = Arc::new(Listener { id, filter, f: Box::new(f) });
         let next: Listeners<K> = master.iter().cloned().chain(std::iter::once(listener)).collect();
-        self.inner.install_listeners(&mut master, next);
+        let _old = self.inner.install_listeners(&mut master, next);
         Ok(())
     }
 
@@ -663,7 +663,12 @@ where
             return false;
         }
         let next: Listeners<K> = master.iter().filter(|l| l.id != id).cloned().collect();
-        self.inner.install_listeners(&mut master, next);
+        let old = self.inner.install_listeners(&mut master, next);
+        // The last handle on the removed listener goes with `old`, once no
+        // lock is held: whatever its closure held may call into the cache
+        // (even register or unregister a listener) as it drops.
+        drop(master);
+        drop(old);
         true
     }
 }
@@ -729,16 +734,16 @@ where
     /// one shard's list, so a listener must not be in some shards' lists
     /// and not yet (or no longer) in others', or it would hear of a key a
     /// bulk call wrote and miss what the key's own shard did next.
-    fn install_listeners(&self, master: &mut Listeners<K>, next: Listeners<K>) {
+    /// Returns the list replaced, for the caller to drop once it holds no
+    /// lock.
+    #[must_use]
+    fn install_listeners(&self, master: &mut Listeners<K>, next: Listeners<K>) -> Listeners<K> {
         let (mut guards, _) = self.lock_shards(0..self.shards.len());
         for g in guards.iter_mut() {
-            g.listeners = next.clone();
+            g.listeners = next.clone(); // (the master list still holds the old ones)
         }
         drop(guards);
-        // The last handle on a removed listener goes here, with no shard
-        // locked: whatever its closure held may call into the cache as it
-        // drops.
-        *master = next;
+        std::mem::replace(master, next)
     }
 
     /// Builds the event and calls the listeners that want it, if any does.

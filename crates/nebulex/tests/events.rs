@@ -886,6 +886,35 @@ fn a_panicking_delete_all_predicate_reaches_its_caller_after_the_event_of_what_i
     assert!(removed.iter().all(|k| !c.contains_key(k)), "the event names exactly what was removed");
 }
 
+/// A listener's closure is dropped with its last handle, when it is
+/// unregistered: once no lock is held, so that what it held may call into
+/// the cache as it drops, even to unregister another listener.
+#[test]
+fn a_listener_closure_may_unregister_another_listener_as_it_drops() {
+    struct Unregisters(nebulex::WeakCache<u32, u32>);
+    impl Drop for Unregisters {
+        fn drop(&mut self) {
+            if let Some(cache) = self.0.upgrade() {
+                assert!(cache.unregister_event_listener("other"));
+            }
+        }
+    }
+    let c: Cache<u32, u32> = Cache::builder().build().unwrap();
+    let held = Unregisters(c.downgrade());
+    c.register_event_listener("a", EventFilter::all(), move |_| {
+        let _ = &held;
+    })
+    .unwrap();
+    c.register_event_listener("other", EventFilter::all(), |_| {}).unwrap();
+    let (done, unregistered) = std::sync::mpsc::channel();
+    let cache = c.clone();
+    std::thread::spawn(move || {
+        let _ = done.send(cache.unregister_event_listener("a"));
+    });
+    assert_eq!(unregistered.recv_timeout(Duration::from_secs(10)), Ok(true), "unregistering hung");
+    assert!(!c.unregister_event_listener("other"), "the closure's drop unregistered it");
+}
+
 /// A key whose `Clone` or `Eq` panics on one value, once armed on this thread
 /// (the calls of these tests run on it).
 #[derive(Debug)]
