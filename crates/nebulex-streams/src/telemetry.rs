@@ -325,6 +325,8 @@ pub(crate) struct Reporter<K> {
     /// Frames not published: the `tracing` warning comes at most once a
     /// second (the observer and the metric hear of every failure).
     unpublished: parking_lot::Mutex<Throttle>,
+    /// Frames dropped on the way in: reported at most once a second.
+    dropped: parking_lot::Mutex<Throttle>,
     #[cfg(feature = "metrics")]
     metrics: Metrics,
 }
@@ -389,6 +391,7 @@ impl<K> Reporter<K> {
             cache,
             observer,
             unpublished: parking_lot::Mutex::new(Throttle::default()),
+            dropped: parking_lot::Mutex::new(Throttle::default()),
         }
     }
 
@@ -478,6 +481,11 @@ impl<K> Reporter<K> {
         }
         tracing::warn!(target: "nebulex_streams", cache = %self.cache, partition, missed, "subscriber lagged");
         self.observe(|| Telemetry::Lagged { cache: self.cache, partition, missed });
+    }
+
+    /// Frames were dropped on the way in (again): whether to report it now.
+    pub(crate) fn drops_due(&self) -> bool {
+        self.dropped.lock().add(1, std::time::Instant::now()).is_some()
     }
 
     pub(crate) fn gap(&self, partition: u32, origin: Option<NodeId>, missed: u64) {

@@ -236,3 +236,56 @@ async fn a_connection_that_hangs_without_closing_is_a_gap_then_events_flow() {
     let _sb = fast(&b).start().expect("start b");
     until_flowing(&b, &mut on_a, "after-the-hang").await;
 }
+
+/// Publishes `n` tiny messages on `subject` over one raw connection.
+fn flood(port: u16, subject: &str, n: usize) {
+    use std::io::{BufRead, BufReader, Write};
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    let mut reader = BufReader::new(stream.try_clone().unwrap());
+    let mut info = String::new();
+    reader.read_line(&mut info).unwrap();
+    let mut out = b"CONNECT {\"verbose\":false,\"pedantic\":false}\r\n".to_vec();
+    for _ in 0..n {
+        out.extend_from_slice(format!("PUB {subject} 1\r\nx\r\n").as_bytes());
+    }
+    out.extend_from_slice(b"PING\r\n");
+    stream.write_all(&out).unwrap();
+    let mut pong = String::new();
+    reader.read_line(&mut pong).unwrap();
+    assert!(pong.starts_with("PONG"), "{pong}");
+}
+
+/// A node whose receiving falls behind while the NATS client reads on: the
+/// client's queue overflows and it drops messages (a slow consumer), while
+/// the connection stays up. That is a loss of unknown size on every
+/// partition, told to the readers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_the_client_drops_for_a_slow_consumer_are_a_loss() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    const FLOOD: usize = 150_000;
+    let nats = NatsServer::start().expect("nats-server");
+    let b = node("flood", 2);
+    let handled = Arc::new(AtomicUsize::new(0));
+    let counted = handled.clone();
+    let streams = Streams::builder(&b)
+        .pubsub(PubSub::nats(nats.url()))
+        .observer(move |t| {
+            // The flood is garbage: each message handled is refused. The
+            // first is slow to handle (a slow logger, a busy core) while the
+            // worker's other tasks, the client's connection among them, run.
+            if let Telemetry::FrameRejected { .. } = t {
+                if counted.fetch_add(1, Ordering::SeqCst) == 0 {
+                    tokio::task::block_in_place(|| std::thread::sleep(Duration::from_secs(2)));
+                }
+            }
+        })
+        .start()
+        .unwrap();
+    tokio::time::timeout(PATIENCE, streams.ready()).await.expect("ready in time").expect("ready");
+    let mut sub = b.subscribe(SubscribeOptions::new()).unwrap();
+    let port = nats.port();
+    tokio::task::spawn_blocking(move || flood(port, "nbx:flood", FLOOD)).await.unwrap();
+    assert_eq!(next(&mut sub).await, Err(nebulex_streams::Lagged(0)), "the readers are told");
+    assert!(handled.load(Ordering::SeqCst) < FLOOD, "the client dropped messages");
+    assert_eq!(streams.info().connected, Some(true), "the connection stayed up");
+}

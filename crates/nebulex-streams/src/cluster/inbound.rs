@@ -354,6 +354,23 @@ impl<K> StreamShared<K> {
                     }
                 }
             }
+            // (While down, the loss is told already.)
+            LinkState::Dropped(reason) if cluster.link_up.load(Ordering::Acquire) => {
+                // An unknown loss on every partition, told to the readers
+                // each time; reported at most once a second (a client
+                // overflowing may say so for every frame it drops).
+                for p in 0..self.count {
+                    self.notify_loss(p, 0);
+                }
+                if self.reporter.drops_due() {
+                    tracing::warn!(target: "nebulex_streams", cache = %self.reporter.cache, %reason,
+                        "frames dropped on the way in: every partition has a gap");
+                    for p in 0..self.count {
+                        self.reporter.gap(p, None, 0);
+                    }
+                }
+            }
+            LinkState::Dropped(_) => {}
         }
     }
 }

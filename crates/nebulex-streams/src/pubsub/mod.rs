@@ -131,13 +131,16 @@ impl fmt::Debug for PubSub {
     }
 }
 
-/// `scheme://user:pass@host` without the credentials.
+/// `scheme://user:pass@host` without the credentials; also without the
+/// scheme (NATS takes `user:pass@host`), and for each server of a list.
 #[cfg_attr(not(any(feature = "redis", feature = "nats")), allow(dead_code))]
 fn redact(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(scheme_end), Some(at)) if at > scheme_end => format!("{}://{}", &url[..scheme_end], &url[at + 1..]),
-        _ => url.to_string(),
-    }
+    let server = |url: &str| {
+        let (scheme, rest) = url.find("://").map_or(("", url), |i| url.split_at(i + 3));
+        // (The last `@`: a password may hold one, a host cannot.)
+        rest.rfind('@').map_or_else(|| url.to_string(), |at| format!("{scheme}{}", &rest[at + 1..]))
+    };
+    url.split(',').map(server).collect::<Vec<_>>().join(",")
 }
 
 /// Reconnection delays: `initial`, doubling up to `max`, with jitter.
@@ -254,6 +257,10 @@ pub(crate) enum LinkState {
     Up,
     /// The connection was lost: frames may have been missed.
     Down(String),
+    /// The connection stays up, but frames were dropped on the way in (a
+    /// client's queue overflowed).
+    #[cfg_attr(not(feature = "nats"), allow(dead_code))]
+    Dropped(String),
 }
 
 /// Called with a frame's channel index and bytes.
@@ -351,6 +358,9 @@ mod tests {
     fn credentials_are_not_described() {
         assert_eq!(redact("redis://user:secret@localhost:6379/0"), "redis://localhost:6379/0");
         assert_eq!(redact("nats://127.0.0.1:4222"), "nats://127.0.0.1:4222");
+        assert_eq!(redact("alice:s3cret@127.0.0.1:4222"), "127.0.0.1:4222", "no scheme");
+        assert_eq!(redact("a:p@h1:4222,nats://b:q@h2:4222"), "h1:4222,nats://h2:4222", "a list");
+        assert_eq!(redact("rediss://:p@ss@host:6380/#insecure"), "rediss://host:6380/#insecure");
     }
 
     #[test]

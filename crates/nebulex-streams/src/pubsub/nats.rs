@@ -116,6 +116,11 @@ fn options(
                     async_nats::Event::Connected if subscribed.load(Ordering::Acquire) => {
                         (hooks.on_state)(LinkState::Up)
                     }
+                    // The client's queue of a subscription was full: it
+                    // dropped messages, and says so for each.
+                    async_nats::Event::SlowConsumer(_) => {
+                        (hooks.on_state)(LinkState::Dropped("the NATS client dropped messages: slow consumer".into()))
+                    }
                     other => tracing::debug!(target: "nebulex_streams", event = %other, "NATS"),
                 }
             }
