@@ -568,10 +568,15 @@ pub fn decode<K: DeserializeOwned>(bytes: &[u8], limits: &DecodeLimits<'_>) -> R
         mac.verify_slice(&bytes[body_end..]).map_err(|_| RejectReason::BadSignature)?;
     }
     let body = &bytes[2..body_end];
-    let mut de = rmp_serde::Deserializer::new(std::io::Cursor::new(body));
     // The frame nests five levels deep, plus its keys': a deeper frame is
     // garbage, refused before its nesting can exhaust a thread's stack.
-    de.set_max_depth(MAX_DEPTH);
+    // (Measured here, over every map and array: the deserializer does not
+    // count the map that holds an enum's variant.)
+    if nesting(body) > MAX_DEPTH {
+        return Err(RejectReason::Malformed(format!("nested deeper than {MAX_DEPTH} levels")));
+    }
+    let mut de = rmp_serde::Deserializer::new(std::io::Cursor::new(body));
+    de.set_max_depth(MAX_DEPTH + 1); // (its count stops one level short)
     type Body<K> = (u64, u64, String, u32, u32, u64, u64, Vec<EventIn<K>>);
     let (origin, epoch, cache, partition, partitions, first_seq, sent_at_us, events): Body<K> =
         Deserialize::deserialize(&mut de).map_err(|e| RejectReason::Malformed(clip(&e.to_string())))?;
@@ -594,6 +599,65 @@ pub fn decode<K: DeserializeOwned>(bytes: &[u8], limits: &DecodeLimits<'_>) -> R
         },
         events: events.into_iter().map(|e| e.0).collect(),
     })
+}
+
+/// How deep the MessagePack values of `body` nest (arrays and maps), read
+/// without recursion; it stops counting at `MAX_DEPTH + 1`, and at anything
+/// it cannot read (the deserializer says what is wrong with it).
+fn nesting(body: &[u8]) -> usize {
+    // Values still to read at each open level; the body is one value.
+    let mut pending: Vec<u64> = vec![1];
+    let mut deepest = 0;
+    let mut at = 0usize;
+    let read = |at: usize, n: usize| -> Option<u64> {
+        let bytes = body.get(at..at.checked_add(n)?)?;
+        Some(bytes.iter().fold(0u64, |v, b| v << 8 | u64::from(*b)))
+    };
+    while let Some(left) = pending.last_mut() {
+        if *left == 0 {
+            pending.pop();
+            continue;
+        }
+        *left -= 1;
+        let Some(&marker) = body.get(at) else { break };
+        at += 1;
+        // (Bytes to skip; for an array or a map, its items.)
+        let (skip, items): (Option<u64>, Option<u64>) = match marker {
+            0x00..=0x7f | 0xc0 | 0xc2 | 0xc3 | 0xe0..=0xff => (Some(0), None),
+            0x80..=0x8f => (Some(0), Some(2 * u64::from(marker & 0x0f))),
+            0x90..=0x9f => (Some(0), Some(u64::from(marker & 0x0f))),
+            0xa0..=0xbf => (Some(u64::from(marker & 0x1f)), None),
+            0xc4 | 0xd9 => (read(at, 1).map(|n| 1 + n), None),
+            0xc5 | 0xda => (read(at, 2).map(|n| 2 + n), None),
+            0xc6 | 0xdb => (read(at, 4).map(|n| 4 + n), None),
+            0xc7 => (read(at, 1).map(|n| 2 + n), None),
+            0xc8 => (read(at, 2).map(|n| 3 + n), None),
+            0xc9 => (read(at, 4).map(|n| 5 + n), None),
+            0xca => (Some(4), None),
+            0xcb => (Some(8), None),
+            0xcc..=0xcf => (Some(1 << (marker - 0xcc)), None),
+            0xd0..=0xd3 => (Some(1 << (marker - 0xd0)), None),
+            0xd4..=0xd8 => (Some(1 + (1 << (marker - 0xd4))), None),
+            0xdc => (Some(2), read(at, 2)),
+            0xdd => (Some(4), read(at, 4)),
+            0xde => (Some(2), read(at, 2).map(|n| 2 * n)),
+            0xdf => (Some(4), read(at, 4).map(|n| 2 * n)),
+            0xc1 => (None, None),
+        };
+        let Some(next) = skip.and_then(|n| usize::try_from(n).ok()).and_then(|n| at.checked_add(n)) else { break };
+        at = next;
+        if let Some(items) = items {
+            // One level below the open ones (the body's own is the first).
+            deepest = deepest.max(pending.len());
+            if deepest > MAX_DEPTH {
+                break;
+            }
+            if items > 0 {
+                pending.push(items);
+            }
+        }
+    }
+    deepest
 }
 
 struct EventsOut<'a, K, E>(&'a [E], PhantomData<K>);
@@ -825,15 +889,17 @@ mod tests {
         // [kind, command, version, timestamp, target]: five elements.
         let event_with = |target: &[u8]| [&[0x95, 0, 0, 1, 0][..], target].concat();
 
+        let too_deep = RejectReason::Malformed(format!("nested deeper than {MAX_DEPTH} levels"));
         // An `All` target with a deeply nested extra element.
         let extra = event_with(&[&[0x92, 2][..], &nested(100_000)].concat());
-        let err = decode::<String>(&raw_frame(1, &extra), &limits).unwrap_err();
-        assert!(matches!(&err, RejectReason::Malformed(m) if m.contains("extra elements")), "{err:?}");
-
+        assert_eq!(decode::<String>(&raw_frame(1, &extra), &limits).map(|_| ()), Err(too_deep.clone()));
         // A key whose type nests, nested deeper than the limit.
         let deep = event_with(&[&[0x92, 0][..], &nested(100_000)].concat());
-        let err = decode::<Nest>(&raw_frame(1, &deep), &limits).unwrap_err();
-        assert!(matches!(&err, RejectReason::Malformed(m) if m.contains("depth")), "{err:?}");
+        assert_eq!(decode::<Nest>(&raw_frame(1, &deep), &limits).map(|_| ()), Err(too_deep));
+        // An `All` target with an extra element within the limit.
+        let extra = event_with(&[&[0x92, 2][..], &nested(4)].concat());
+        let err = decode::<String>(&raw_frame(1, &extra), &limits).unwrap_err();
+        assert!(matches!(&err, RejectReason::Malformed(m) if m.contains("extra elements")), "{err:?}");
 
         // Within the limit, the same key type decodes.
         let fine = event_with(&[&[0x92, 0][..], &nested(MAX_DEPTH - 8)].concat());

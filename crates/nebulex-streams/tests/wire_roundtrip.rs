@@ -310,3 +310,59 @@ fn every_change_of_every_byte_of_a_signed_frame_is_refused() {
     assert_eq!(reason(10, 0x80), RejectReason::BadSignature);
     assert_eq!(reason(bytes.len() - 1, 0x01), RejectReason::BadSignature);
 }
+
+/// A frame of cache "users", unpartitioned, from origin 1: `count` events,
+/// their MessagePack as given.
+fn raw_frame(count: u8, events: &[u8]) -> Vec<u8> {
+    let mut frame = vec![1, 0, 0x98, 1, 1, 0xa5, b'u', b's', b'e', b'r', b's', 0, 0, 1, 0, 0x90 | count];
+    frame.extend_from_slice(events);
+    frame
+}
+
+/// One `Inserted` event by `Put` of a key whose MessagePack is `key`: the
+/// key nests four levels down (body, events, event, target).
+fn key_event(key: &[u8]) -> Vec<u8> {
+    [&[0x95, 0, 0, 1, 0, 0x92, 0][..], key].concat()
+}
+
+/// A key type whose values nest as deep as they are built: as maps.
+#[derive(Debug, serde::Deserialize)]
+enum Tree {
+    Leaf(#[allow(dead_code)] u32),
+    Node(#[allow(dead_code)] Box<Tree>),
+}
+
+/// A `Tree` of `nodes` nodes above its leaf: `nodes + 1` levels of maps.
+fn tree(nodes: usize) -> Vec<u8> {
+    [b"\x81\xa4Node".repeat(nodes), b"\x81\xa4Leaf\x00".to_vec()].concat()
+}
+
+/// The same, as arrays.
+#[derive(Debug, serde::Deserialize)]
+struct Nest(#[allow(dead_code)] Vec<Nest>);
+
+/// A `Nest` of `levels` arrays, the innermost empty.
+fn nest(levels: usize) -> Vec<u8> {
+    [vec![0x91; levels - 1], vec![0x90]].concat()
+}
+
+/// A frame nests at most `MAX_DEPTH` levels, whatever its keys nest by (an
+/// enum's variant is a map too): deeper, it is refused, and never exhausts
+/// the stack, however deep.
+#[test]
+fn frames_nested_deeper_than_the_limit_are_refused_whatever_nests() {
+    use nebulex_streams::wire::MAX_DEPTH;
+    let limits = DecodeLimits::default();
+    let key_levels = MAX_DEPTH - 4;
+    assert!(wire::decode::<Tree>(&raw_frame(1, &key_event(&tree(key_levels - 1))), &limits).is_ok());
+    assert!(wire::decode::<Nest>(&raw_frame(1, &key_event(&nest(key_levels))), &limits).is_ok());
+    let too_deep = format!("nested deeper than {MAX_DEPTH} levels");
+    for frame in [
+        raw_frame(1, &key_event(&tree(key_levels))),
+        raw_frame(1, &key_event(&nest(key_levels + 1))),
+        raw_frame(1, &key_event(&tree(150_000))),
+    ] {
+        let refused = wire::decode::<Tree>(&frame, &limits).map(|_| ());
+        assert_eq!(refused, Err(RejectReason::Malformed(too_deep.clone())), "{} bytes", frame.len());
+    }
+}
