@@ -289,3 +289,37 @@ async fn a_node_that_shuts_down_and_exits_at_once_delivers_its_last_events() {
     let redis = RedisServer::start().expect("redis-server");
     a_node_that_shuts_down_and_exits_delivers_its_last_events(PubSub::redis(redis.url())).await;
 }
+
+/// A node ends a connection whose queue its own frames say is far behind:
+/// frames that anyone may publish with its id, sent long ago (a replay, or
+/// forged), do not make it drop a sound connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn frames_that_only_claim_to_be_a_nodes_own_do_not_make_it_reconnect() {
+    let redis = RedisServer::start().expect("redis-server");
+    let pubsub = PubSub::redis(redis.url());
+    let (a, b) = (node("carts", 1), node("carts", 2));
+    let _sa = Streams::builder(&a).pubsub(pubsub.clone()).signing_key("k3y").start().unwrap();
+    let sb = Streams::builder(&b).pubsub(pubsub).signing_key("k3y").start().unwrap();
+    tokio::time::timeout(PATIENCE, sb.ready()).await.expect("ready in time").unwrap();
+    let mut on_b = b.subscribe(SubscribeOptions::new()).unwrap();
+    until_flowing(&a, &mut on_b, "before").await;
+    let none: &[Arc<nebulex::CacheEntryEvent<String>>] = &[];
+    let an_hour = 3_600_000_000;
+    let now = nebulex_streams::wire::unix_micros(std::time::SystemTime::now());
+    for sent_at_us in [1, now - an_hour, now + an_hour, now - an_hour / 2] {
+        let header = FrameHeader {
+            origin: NodeId(2),
+            epoch: 1,
+            cache: "carts".into(),
+            partition: 0,
+            partitions: 0,
+            first_seq: 1,
+            sent_at_us,
+            last: false,
+        };
+        redis.command(&[b"PUBLISH", b"nbx:carts", &encode::<String>(&header, none, None).unwrap()]).unwrap();
+    }
+    a.put("after".into(), 1);
+    let item = next(&mut on_b).await.map(|e| e.target.clone());
+    assert_eq!(item, Ok(Target::Key("after".to_string())), "B's connection was not dropped");
+}

@@ -7,6 +7,7 @@
 //! reports the loss, which the stream turns into a gap on every partition
 //! (Pub/Sub does not replay what was published meanwhile).
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -71,7 +72,13 @@ async fn subscribe_loop(client: redis::Client, config: LinkConfig, stop: watch::
             .boxed()
     };
     let node = config.node;
-    let run = |stream, stop| pump(stream, channels.clone(), hooks.clone(), (node, liveness), stop).boxed();
+    // The send time of the latest of this node's own frames heard back, over
+    // every connection (none was sent before the link was opened).
+    let own_heard = Arc::new(AtomicU64::new(crate::wire::unix_micros(std::time::SystemTime::now())));
+    let run = |stream, stop| {
+        let own = (node, own_heard.clone());
+        pump(stream, channels.clone(), hooks.clone(), own, liveness, stop).boxed()
+    };
     let server = ("Redis", CONNECT_TIMEOUT, "Redis Pub/Sub connection lost");
     keep_subscribed(&config, server, stop, connect, run).await;
 }
@@ -102,12 +109,16 @@ fn one_line(e: &redis::RedisError) -> String {
 /// handled, the queue would grow for ever. This node's own frames, back
 /// more than [`behind_limit`] after they were sent (by this node's clock),
 /// say so: the connection is ended, its queue with it, as a lost one (a
-/// loss of unknown size, which an invalidator flushes).
+/// loss of unknown size, which an invalidator flushes). Anyone may publish
+/// a frame that says it is this node's (the check runs before any other):
+/// only one sent after the latest of its own heard back, and not in the
+/// future, is taken for a measure of the lag.
 async fn pump(
     mut stream: redis::aio::PubSubStream,
     channels: Arc<[String]>,
     hooks: Arc<Hooks>,
-    (node, liveness): (NodeId, Duration),
+    (node, own_heard): (NodeId, Arc<AtomicU64>),
+    liveness: Duration,
     mut stop: watch::Receiver<bool>,
 ) -> Ended {
     let behind_limit = u64::try_from(behind_limit(liveness).as_micros()).unwrap_or(u64::MAX);
@@ -117,8 +128,15 @@ async fn pump(
                 Ok(Some(msg)) => {
                     let bytes = msg.get_payload_bytes();
                     if let Some((_, sent)) = crate::wire::peek_origin_sent(bytes).filter(|(o, _)| *o == node) {
-                        let behind = crate::wire::unix_micros(std::time::SystemTime::now()).saturating_sub(sent);
-                        if sent != 0 && behind > behind_limit {
+                        let now = crate::wire::unix_micros(std::time::SystemTime::now());
+                        // (Redis keeps a publisher's order: an earlier one
+                        // heard after a later one is a replay.)
+                        let latest = sent > own_heard.load(Ordering::Relaxed) && sent <= now.saturating_add(FUTURE_SLACK_US);
+                        if latest {
+                            own_heard.store(sent, Ordering::Relaxed);
+                        }
+                        let behind = now.saturating_sub(sent);
+                        if latest && behind > behind_limit {
                             tracing::warn!(target: "nebulex_streams", behind_ms = behind / 1_000,
                                 "Redis Pub/Sub is behind: this node's own frames come back late; reconnecting");
                             return Ended::Lost;
@@ -139,6 +157,10 @@ async fn pump(
         }
     }
 }
+
+/// How far ahead of this node's clock its own frame may say it was sent
+/// (clocks read on different cores): 1 s.
+const FUTURE_SLACK_US: u64 = 1_000_000;
 
 /// How far behind this node's own frames a subscription may fall (twice
 /// `liveness`, and at least 10 s) before it is made again.
