@@ -50,11 +50,11 @@ pub(crate) type RouterFn<K> = dyn Fn(&CacheEntryEvent<K>) -> Route + Send + Sync
 /// | [`prefix`](Self::prefix) | `"nbx"`: channels `nbx:{cache}:{partition}` | empty, with spaces |
 /// | [`signing_key`](Self::signing_key) | none: frames unsigned | empty |
 /// | [`batch_size`](Self::batch_size) | 512 events per frame | `0` |
-/// | [`batch_linger`](Self::batch_linger) | zero: send what is there | — |
+/// | [`batch_linger`](Self::batch_linger) | zero: send what is there | above [`MAX_BATCH_LINGER`](crate::MAX_BATCH_LINGER) (1 s) |
 /// | [`outbound_buffer`](Self::outbound_buffer) | [`DEFAULT_OUTBOUND_BUFFER`](crate::DEFAULT_OUTBOUND_BUFFER) events per partition | `0`, more than [`MAX_BUFFER`] |
 /// | [`max_frame_bytes`](Self::max_frame_bytes) | 1 MiB (NATS's default payload limit) | under 64, or too small for a heartbeat (52 bytes and the cache name, 32 more signed) |
 /// | [`backoff`](Self::backoff) | 50 ms doubling up to 5 s | zero, `max < initial`, `max` above [`MAX_BACKOFF`](crate::MAX_BACKOFF) |
-/// | [`heartbeat`](Self::heartbeat) | 1 s | zero |
+/// | [`heartbeat`](Self::heartbeat) | 1 s | below [`MIN_HEARTBEAT`](crate::MIN_HEARTBEAT) (10 ms) |
 ///
 /// ```
 /// use nebulex::Cache;
@@ -186,7 +186,8 @@ where
     /// that is not full. Zero (the default) sends at once whatever has
     /// accumulated, so a lone event never waits; under load, frames fill
     /// while the previous one is being sent. (Timers have about 1 ms
-    /// resolution.)
+    /// resolution.) At most [`MAX_BATCH_LINGER`](crate::MAX_BATCH_LINGER):
+    /// a stopping stream sends what it holds within a few seconds.
     pub fn batch_linger(mut self, linger: Duration) -> Self {
         self.cluster.batch_linger = linger;
         self
@@ -219,7 +220,10 @@ where
     /// having stopped, is taken for gone: its unsent events are reported lost
     /// (`Lagged(0)`). While this node's connection is down, an
     /// [`Invalidator`](crate::Invalidator) flushes again every heartbeat.
-    /// The nodes of a stream should share this setting.
+    /// The nodes of a stream should share this setting. At least
+    /// [`MIN_HEARTBEAT`](crate::MIN_HEARTBEAT): a node that cannot keep to a
+    /// shorter one, or a connection that cannot carry it, would be taken
+    /// for silent, or lost, over and over.
     pub fn heartbeat(mut self, every: Duration) -> Self {
         self.cluster.heartbeat = every;
         self

@@ -155,7 +155,7 @@ async fn cluster_options_apply_before_or_after_the_transport() {
 
 #[tokio::test]
 async fn bad_cluster_options_are_refused_and_leave_nothing_started() {
-    use nebulex_streams::{Error, MAX_BACKOFF, MAX_BUFFER};
+    use nebulex_streams::{Error, MAX_BACKOFF, MAX_BATCH_LINGER, MAX_BUFFER, MIN_HEARTBEAT};
     let bus = PubSub::memory();
     let cache = node("options", 1);
     let builder = || Streams::builder(&cache).pubsub(bus.clone());
@@ -173,6 +173,8 @@ async fn bad_cluster_options_are_refused_and_leave_nothing_started() {
         ("max backoff below initial", builder().backoff(ms(10), ms(5)).start()),
         ("max backoff too long", builder().backoff(ms(10), MAX_BACKOFF + ms(1)).start()),
         ("zero heartbeat", builder().heartbeat(Duration::ZERO).start()),
+        ("heartbeat too short", builder().heartbeat(MIN_HEARTBEAT - Duration::from_nanos(1)).start()),
+        ("batch_linger too long", builder().batch_linger(MAX_BATCH_LINGER + Duration::from_nanos(1)).start()),
         ("empty signing key", builder().signing_key([]).start()),
     ];
     for (what, outcome) in refused {
@@ -185,6 +187,8 @@ async fn bad_cluster_options_are_refused_and_leave_nothing_started() {
         .batch_size(1)
         .max_frame_bytes(64)
         .backoff(MAX_BACKOFF, MAX_BACKOFF)
+        .heartbeat(MIN_HEARTBEAT)
+        .batch_linger(MAX_BATCH_LINGER)
         .start()
         .expect("start");
     streams.ready().await.expect("ready");

@@ -146,8 +146,11 @@ impl ClusterOptions {
         if self.backoff.max > MAX_BACKOFF {
             return invalid(format!("backoff max must be at most {MAX_BACKOFF:?}, got {:?}", self.backoff.max));
         }
-        if self.heartbeat.is_zero() {
-            return invalid("heartbeat must be longer than zero".into());
+        if self.heartbeat < MIN_HEARTBEAT {
+            return invalid(format!("heartbeat must be at least {MIN_HEARTBEAT:?}, got {:?}", self.heartbeat));
+        }
+        if self.batch_linger > MAX_BATCH_LINGER {
+            return invalid(format!("batch_linger must be at most {MAX_BATCH_LINGER:?}, got {:?}", self.batch_linger));
         }
         if self.signing_key.as_ref().is_some_and(|k| k.is_empty()) {
             return invalid("signing_key must not be empty".into());
@@ -376,6 +379,15 @@ where
     });
     Ok(())
 }
+
+/// The shortest heartbeat a stream may have: shorter ones cannot be kept to
+/// on a busy machine, nor carried by every connection, and a node that
+/// misses a few heartbeats is taken for silent.
+pub const MIN_HEARTBEAT: Duration = Duration::from_millis(10);
+
+/// The longest a sender may wait for more events before it sends a frame
+/// (see `StreamsBuilder::batch_linger`).
+pub const MAX_BATCH_LINGER: Duration = Duration::from_secs(1);
 
 /// The longest delay between reconnection attempts [`Backoff`] may ask for.
 pub const MAX_BACKOFF: Duration = Duration::from_secs(3_600);
