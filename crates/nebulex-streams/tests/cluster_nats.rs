@@ -289,3 +289,15 @@ async fn messages_the_client_drops_for_a_slow_consumer_are_a_loss() {
     assert!(handled.load(Ordering::SeqCst) < FLOOD, "the client dropped messages");
     assert_eq!(streams.info().connected, Some(true), "the connection stayed up");
 }
+
+/// A cache name that would make its channel a NATS wildcard (or no subject
+/// at all) is refused as the stream starts: it would hear other caches.
+#[tokio::test]
+async fn a_cache_whose_channel_is_no_nats_subject_of_its_own_is_refused() {
+    for name in ["users.*", "users.>", "my users", "users."] {
+        let cache = node(name, 1);
+        let outcome = Streams::builder(&cache).pubsub(PubSub::nats("nats://127.0.0.1:1")).start().map(|_| ());
+        assert!(matches!(outcome, Err(nebulex_streams::Error::InvalidOption(_))), "{name}: {outcome:?}");
+        assert!(Streams::lookup(&cache).is_none(), "{name}: nothing is left started");
+    }
+}

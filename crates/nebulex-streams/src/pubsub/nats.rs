@@ -35,6 +35,11 @@ pub(crate) fn open(url: &str, config: LinkConfig) -> Result<Arc<dyn Link>, Error
         .map(|u| u.trim().parse())
         .collect::<Result<_, _>>()
         .map_err(|e| Error::Transport(format!("invalid NATS URL `{}`: {e}", redact(url))))?;
+    if let Some((channel, why)) = config.channels.iter().find_map(|c| subject_fault(c).map(|why| (c, why))) {
+        return Err(Error::InvalidOption(format!(
+            "the channel `{channel}` (prefix, cache name and partition) is no NATS subject: {why}"
+        )));
+    }
     let rt = runtime()?;
     let (shutdown, stop) = watch::channel(false);
     let (client_tx, client_rx) = watch::channel(None);
@@ -42,6 +47,21 @@ pub(crate) fn open(url: &str, config: LinkConfig) -> Result<Arc<dyn Link>, Error
     let guard = (config.hooks.clone(), config.ready.clone());
     spawn_receiver(&rt, guard, run(addrs, config, client_tx, stop));
     Ok(link)
+}
+
+/// Why `channel` cannot be subscribed to as a NATS subject of its own, if
+/// it cannot: NATS splits subjects into tokens at dots, and takes a token
+/// `*` or `>` for a wildcard (that would match other caches' channels).
+fn subject_fault(channel: &str) -> Option<&'static str> {
+    if channel.chars().any(char::is_whitespace) {
+        Some("it holds white space")
+    } else if channel.split('.').any(str::is_empty) {
+        Some("it starts or ends with a dot, or holds two in a row")
+    } else if channel.split('.').any(|token| token == "*" || token == ">") {
+        Some("a `*` or `>` between dots is a wildcard")
+    } else {
+        None
+    }
 }
 
 /// The shortest time between two pings of the server.
@@ -242,6 +262,16 @@ mod tests {
     fn of(urls: &[&str]) -> Option<Credentials> {
         let addrs: Vec<async_nats::ServerAddr> = urls.iter().map(|u| u.parse().expect("a NATS URL")).collect();
         credentials(&addrs)
+    }
+
+    #[test]
+    fn channels_that_are_no_subject_of_their_own_are_found() {
+        for fine in ["nbx:users", "nbx:users.v2:3", "nbx:a*b", "ns.nbx:users:0"] {
+            assert_eq!(subject_fault(fine), None, "{fine}");
+        }
+        for bad in ["nbx:my users", "nbx:users.", "nbx:a..b", ".nbx:users", "nbx:x.*", "nbx:x.>.y", "*"] {
+            assert!(subject_fault(bad).is_some(), "{bad}");
+        }
     }
 
     #[test]
