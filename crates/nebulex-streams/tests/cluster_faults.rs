@@ -1106,6 +1106,36 @@ async fn with_a_signing_key_a_forged_frame_with_our_id_is_refused_as_unsigned() 
     assert_eq!(reports.rejected()[before..], ["unsigned", "unsigned"]);
 }
 
+/// Origin 9, whose stream started after B's (so B follows it from its
+/// number 1), sends frame 1 ("first") and stops: its epoch, and that frame
+/// as captured.
+fn origin_9_sends_first_then_stops(memory: &MemoryBus) -> (u64, Vec<u8>) {
+    let epoch = epoch_from_now(1_000);
+    let captured = craft(9, epoch, "users", 0, 0, 1, &["first"]);
+    memory.publish_raw("nbx:users", &captured);
+    memory.publish_raw("nbx:users", &last_heartbeat(9, epoch, 0, 0, 2));
+    (epoch, captured)
+}
+
+/// Origin 9's captured frame comes again, then its numbering goes on at 5:
+/// the replay is refused, and 2, 3 and 4 are a gap (heard as for the first
+/// time, it would be 1 to 4).
+async fn origin_9_is_judged_from_where_it_stood(
+    memory: &MemoryBus,
+    on_b: &mut Subscription<String>,
+    reports: &Reports,
+    epoch: u64,
+    captured: &[u8],
+) {
+    memory.publish_raw("nbx:users", captured);
+    memory.publish_raw("nbx:users", &craft(9, epoch, "users", 0, 0, 5, &["again"]));
+    let mut tally = Tally::default();
+    read_until(on_b, &mut tally, |t| t.events.len() == 2).await;
+    assert_eq!(tally.keys(), ["first", "again"], "the captured frame, refused");
+    assert_eq!(tally.lagged, [3], "judged from where it stood: 2, 3 and 4 lost");
+    assert_eq!(reports.rejected(), ["replay"]);
+}
+
 /// An origin that stopped is forgotten after a while (nodes coming and going
 /// with new ids must not grow a receiver's state), but the last ones
 /// forgotten are still judged from where they stood: a frame of one captured
@@ -1113,21 +1143,10 @@ async fn with_a_signing_key_a_forged_frame_with_our_id_is_refused_as_unsigned() 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stopped_origin_is_forgotten_after_a_while_and_its_captured_frames_stay_refused() {
     let Lone { memory, reports, mut on_b, _held } = Lone::start().await;
-    let epoch = epoch_from_now(1_000); // started after us: followed from 1
-    let captured = craft(9, epoch, "users", 0, 0, 1, &["first"]);
-    memory.publish_raw("nbx:users", &captured);
-    memory.publish_raw("nbx:users", &last_heartbeat(9, epoch, 0, 0, 2));
-    // Long after (100 heartbeats), its first frame comes again, then the
-    // same numbering goes on at 5: 2, 3 and 4 were lost (heard as for the
-    // first time, it would be 1 to 4).
+    let (epoch, captured) = origin_9_sends_first_then_stops(&memory);
+    // Long after (100 heartbeats), it is forgotten.
     tokio::time::sleep(HEARTBEAT * 110).await;
-    memory.publish_raw("nbx:users", &captured);
-    memory.publish_raw("nbx:users", &craft(9, epoch, "users", 0, 0, 5, &["again"]));
-    let mut tally = Tally::default();
-    read_until(&mut on_b, &mut tally, |t| t.events.len() == 2).await;
-    assert_eq!(tally.keys(), ["first", "again"], "the captured frame, refused");
-    assert_eq!(tally.lagged, [3], "judged from where it stood");
-    assert_eq!(reports.rejected(), ["replay"]);
+    origin_9_is_judged_from_where_it_stood(&memory, &mut on_b, &reports, epoch, &captured).await;
 }
 
 /// Whether a node's stream started after ours is judged by how long each
@@ -1181,10 +1200,7 @@ async fn only_the_last_forgotten_origins_are_kept_on() {
 async fn a_kept_forgotten_origin_whose_return_makes_room_is_judged_from_where_it_stood() {
     // Slow heartbeats: nothing is forgotten by time meanwhile.
     let Lone { memory, reports, mut on_b, _held } = Lone::start_with(Duration::from_secs(10)).await;
-    let epoch = epoch_from_now(1_000); // started after us: followed from 1
-    let captured = craft(9, epoch, "users", 0, 0, 1, &["first"]);
-    memory.publish_raw("nbx:users", &captured);
-    memory.publish_raw("nbx:users", &last_heartbeat(9, epoch, 0, 0, 2));
+    let (epoch, captured) = origin_9_sends_first_then_stops(&memory);
     // Made-up origins, each stopped at once, fill the partition; then each
     // new one past the limit forgets the eighth heard longest ago (9 among
     // the first), until exactly `FORGOTTEN_ORIGINS` were forgotten: 9 is
@@ -1193,14 +1209,7 @@ async fn a_kept_forgotten_origin_whose_return_makes_room_is_judged_from_where_it
     for origin in 1_000..1_000 + made_up as u64 {
         memory.publish_raw("nbx:users", &last_heartbeat(origin, 1, 0, 0, 3));
     }
-    // 9's captured frame comes again, then its numbering goes on at 5.
-    memory.publish_raw("nbx:users", &captured);
-    memory.publish_raw("nbx:users", &craft(9, epoch, "users", 0, 0, 5, &["again"]));
-    let mut tally = Tally::default();
-    read_until(&mut on_b, &mut tally, |t| t.events.len() == 2).await;
-    assert_eq!(tally.keys(), ["first", "again"], "the captured frame, refused");
-    assert_eq!(tally.lagged, [3], "2, 3 and 4 lost");
-    assert_eq!(reports.rejected(), ["replay"]);
+    origin_9_is_judged_from_where_it_stood(&memory, &mut on_b, &reports, epoch, &captured).await;
 }
 
 /// A partition flooded with events does not hold back another's: each of

@@ -437,22 +437,29 @@ async fn serve_stale_for_ever_survives_an_outage_and_keeps_invalidating() {
     assert!(rb.lock().unwrap().iter().all(|e| !matches!(e, InvalidatorEvent::Resync { .. })));
 }
 
+/// A load of "user:1" on `cache`, on a thread of its own, that has read 1
+/// from the system of record and waits to return it until told to.
+fn blocked_load(cache: &Cache<String, u32>) -> (std::thread::JoinHandle<u32>, std::sync::mpsc::Sender<()>) {
+    let (started_tx, started_rx) = std::sync::mpsc::channel();
+    let (go_tx, go_rx) = std::sync::mpsc::channel::<()>();
+    let loader_cache = cache.clone();
+    let load = std::thread::spawn(move || {
+        loader_cache.get_or_insert_with("user:1".to_string(), || {
+            started_tx.send(()).unwrap();
+            go_rx.recv().unwrap();
+            1 // read from the system of record before the other node's write
+        })
+    });
+    started_rx.recv().unwrap();
+    (load, go_tx)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_load_overtaken_by_a_remote_change_is_returned_but_not_stored() {
     let bus = PubSub::memory();
     let (a, _sa, _ia, _) = node_with_invalidator(1, &bus, 1, EventScope::Remote, DisconnectPolicy::Flush).await;
     let (b, _sb, _ib, rb) = node_with_invalidator(2, &bus, 1, EventScope::Remote, DisconnectPolicy::Flush).await;
-    let (started_tx, started_rx) = std::sync::mpsc::channel();
-    let (go_tx, go_rx) = std::sync::mpsc::channel::<()>();
-    let loader_cache = b.clone();
-    let load = std::thread::spawn(move || {
-        loader_cache.get_or_insert_with("user:1".to_string(), || {
-            started_tx.send(()).unwrap();
-            go_rx.recv().unwrap();
-            1 // read from the system of record before A's write
-        })
-    });
-    started_rx.recv().unwrap();
+    let (load, go_tx) = blocked_load(&b);
     a.put("user:1".into(), 2); // A changes the record meanwhile
     eventually("B's invalidator applied A's change", || invalidations(&rb) == 1).await;
     go_tx.send(()).unwrap();
@@ -514,17 +521,7 @@ async fn an_invalidator_removes_what_was_stored_before_it_started_and_what_loads
     let _sa = start(&a, &bus, 2).await;
     let (b, sb, rb) = node_recording(2, &bus, 2).await;
     b.put("cached".into(), 1);
-    let (started_tx, started_rx) = std::sync::mpsc::channel();
-    let (go_tx, go_rx) = std::sync::mpsc::channel::<()>();
-    let loader_cache = b.clone();
-    let load = std::thread::spawn(move || {
-        loader_cache.get_or_insert_with("user:1".to_string(), || {
-            started_tx.send(()).unwrap();
-            go_rx.recv().unwrap();
-            1 // read from the system of record before A's write
-        })
-    });
-    started_rx.recv().unwrap();
+    let (load, go_tx) = blocked_load(&b);
     // A changes the record; B's stream hears it before B has an invalidator.
     let on_user_1 = SubscribeOptions::new().scope(EventScope::Remote).partition(partition_of(&"user:1".to_string(), 2));
     let mut heard = b.subscribe(on_user_1).unwrap();
