@@ -66,7 +66,9 @@ pub use router::{partition_of, stable_hash, Route, StableHasher};
 pub use streams::{
     Streams, StreamsBuilder, StreamsExt, StreamsInfo, DEFAULT_BUFFER, DEFAULT_PREFIX, MAX_BUFFER, MAX_PARTITIONS,
 };
-pub use subscription::{EventScope, Item, Lagged, SubscribeOptions, Subscription, TryRecvError, MAX_BUSY_POLL};
+pub use subscription::{
+    EventScope, Item, Lagged, SubscribeOptions, Subscription, TryRecvError, MAX_BUSY_POLL, PREMAPPED_BYTES,
+};
 pub use telemetry::{BroadcastError, BroadcastStatus, InvalidatorEvent, Telemetry};
 
 /// The README's Rust blocks, compiled and run as doc tests (its quick start

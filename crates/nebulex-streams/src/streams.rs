@@ -16,8 +16,8 @@ use crate::error::Error;
 use crate::pubsub::{Backoff, PubSub};
 use crate::router::{partition_of, Route};
 use crate::subscription::{
-    ring, unix_nanos, EventScope, Handed, Origin, RingReader, RingWriter, Routed, SubscribeOptions, Subscription,
-    MAX_BUSY_POLL,
+    ring, unix_nanos, EventScope, Handed, Origin, Premap, RingReader, RingWriter, Routed, SubscribeOptions,
+    Subscription, MAX_BUSY_POLL, PREMAPPED_BYTES,
 };
 use crate::telemetry::{BroadcastError, ObserverFn, Reporter, Telemetry};
 
@@ -136,8 +136,10 @@ where
 
     /// How many events each subscriber's buffer holds before it lags.
     ///
-    /// The memory is taken when the subscription is made: 64 bytes per event
-    /// for a `u64` or `String` key.
+    /// It takes 64 bytes per event for a `u64` or `String` key, mapped when
+    /// the subscription is made while the stream's buffers stay within
+    /// [`PREMAPPED_BYTES`](crate::PREMAPPED_BYTES) together, and as events
+    /// first fill it beyond that.
     pub fn buffer(mut self, events: usize) -> Self {
         self.buffer = events;
         self
@@ -194,9 +196,11 @@ where
     }
 
     /// How many events per partition may wait for the network before new
-    /// ones are dropped (and counted: receivers see the gap). The memory is
-    /// taken when the stream starts: 64 bytes per event for a `u64` or
-    /// `String` key.
+    /// ones are dropped (and counted: receivers see the gap). It takes 64
+    /// bytes per event for a `u64` or `String` key, mapped when the stream
+    /// starts while the stream's buffers stay within
+    /// [`PREMAPPED_BYTES`](crate::PREMAPPED_BYTES) together, and as events
+    /// first fill it beyond that.
     pub fn outbound_buffer(mut self, events: usize) -> Self {
         self.cluster.outbound_buffer = events;
         self
@@ -274,6 +278,7 @@ where
         if self.transport.is_some() {
             crate::pubsub::runtime()?;
         }
+        let premap = Premap::new(PREMAPPED_BYTES);
         // With a transport, each partition also feeds the cluster's sender.
         let (parts, outbound): (Vec<_>, Vec<_>) = (0..)
             .zip(&topics)
@@ -282,7 +287,8 @@ where
                 let (writer, reader) = match self.transport {
                     Some(_) => {
                         let origin = Origin::new(cache_name, self.cache.node_id(), self.partitions, p, topic);
-                        let (writer, reader) = ring(self.cluster.outbound_buffer, u8::MAX, EventScope::Local, origin);
+                        let (writer, reader) =
+                            ring(self.cluster.outbound_buffer, u8::MAX, EventScope::Local, origin, &premap);
                         (Some(writer), Some(reader))
                     }
                     None => (None, None),
@@ -306,6 +312,7 @@ where
             router: self.router,
             parts: parts.into(),
             buffer: self.buffer,
+            premap,
             broadcast_from: self.broadcast_from,
             filter: EventFilter::none(),
             subscribers_lock: Mutex::new(()),
@@ -670,6 +677,8 @@ pub(crate) struct StreamShared<K> {
     pub(crate) router: Option<Box<RouterFn<K>>>,
     pub(crate) parts: Box<[Partition<K>]>,
     pub(crate) buffer: usize,
+    /// What is left of the memory its buffers may map when made.
+    premap: Premap,
     broadcast_from: bool,
     /// The cache listener's filter: the union of what subscribers want.
     filter: EventFilter,
@@ -867,7 +876,7 @@ where
         scope: EventScope,
     ) -> Result<Subscription<K>, Error> {
         let origin = self.origin(partition, &self.parts[partition as usize]);
-        let (writer, reader) = ring(self.buffer, mask, scope, origin);
+        let (writer, reader) = ring(self.buffer, mask, scope, origin, &self.premap);
         {
             let _serial = self.subscribers_lock.lock();
             if self.stopped.load(Ordering::Acquire) {

@@ -24,7 +24,7 @@
 
 use std::fmt;
 use std::pin::Pin;
-use std::sync::atomic::{fence, AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{fence, AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant, SystemTime};
@@ -406,6 +406,9 @@ struct RingState {
     /// The reader is (about to be) parked waiting for an event.
     sleeping: AtomicBool,
     closed: AtomicBool,
+    /// The share of its stream's [`PREMAPPED_BYTES`] its memory took, if
+    /// any: given back when both halves are gone.
+    _premapped: Option<Premapped>,
 }
 
 impl RingState {
@@ -437,18 +440,75 @@ impl RingState {
 /// (no compare-and-swap to claim a slot, and the reader never writes the
 /// lines the writer fills). The reader's half is owned by one subscription
 /// (or by the cluster's sender).
-pub(crate) fn ring<K>(capacity: usize, mask: u8, scope: EventScope, origin: Origin) -> (RingWriter<K>, RingReader<K>) {
+///
+/// Its memory is mapped now if `premap` allows it (no page fault in the
+/// event path then), else as its first lap of events fills it.
+pub(crate) fn ring<K>(
+    capacity: usize,
+    mask: u8,
+    scope: EventScope,
+    origin: Origin,
+    premap: &Premap,
+) -> (RingWriter<K>, RingReader<K>) {
     let (mut producer, mut consumer) = rtrb::RingBuffer::new(capacity);
-    while producer.push(Slot::Blank).is_ok() {}
-    while consumer.pop().is_ok() {}
+    let premapped = premap.take(capacity.saturating_mul(std::mem::size_of::<Slot<K>>()));
+    if premapped.is_some() {
+        while producer.push(Slot::Blank).is_ok() {}
+        while consumer.pop().is_ok() {}
+    }
     let state = Arc::new(RingState {
         missed: AtomicU64::new(0),
         waker: AtomicWaker::new(),
         sleeping: AtomicBool::new(false),
         closed: AtomicBool::new(false),
+        _premapped: premapped,
     });
     let writer = RingWriter { producer, pushed: 0, state: state.clone(), mask, scope };
     (writer, RingReader { consumer: SyncWrapper::new(consumer), popped: 0, state, origin, stash: None })
+}
+
+/// The most bytes of one stream's buffers (its subscribers' and its
+/// outbound ones together) whose memory is mapped when they are made; the
+/// rest is mapped as events first fill it.
+///
+/// Mapping a buffer up front keeps page faults out of the event path, but a
+/// stream of thousands of partitions would map gigabytes at start (64 bytes
+/// per event of each buffer), most of which its events may never reach.
+pub const PREMAPPED_BYTES: usize = 256 << 20;
+
+/// What is left of a stream's [`PREMAPPED_BYTES`]. A cheap handle: clones
+/// share it.
+#[derive(Clone)]
+pub(crate) struct Premap(Arc<AtomicUsize>);
+
+impl Premap {
+    /// An allowance of `bytes`.
+    pub(crate) fn new(bytes: usize) -> Self {
+        Premap(Arc::new(AtomicUsize::new(bytes)))
+    }
+
+    /// Takes `bytes` of what is left, if that much is.
+    fn take(&self, bytes: usize) -> Option<Premapped> {
+        self.0.fetch_update(Ordering::AcqRel, Ordering::Acquire, |left| left.checked_sub(bytes)).ok()?;
+        Some(Premapped { premap: self.clone(), bytes })
+    }
+
+    #[cfg(test)]
+    fn left(&self) -> usize {
+        self.0.load(Ordering::Acquire)
+    }
+}
+
+/// A share taken of a stream's [`PREMAPPED_BYTES`], given back when dropped.
+struct Premapped {
+    premap: Premap,
+    bytes: usize,
+}
+
+impl Drop for Premapped {
+    fn drop(&mut self) {
+        self.premap.0.fetch_add(self.bytes, Ordering::AcqRel);
+    }
 }
 
 /// The writers' half of a buffer.
@@ -811,21 +871,57 @@ mod tests {
         assert_eq!(unix_nanos(SystemTime::UNIX_EPOCH - Duration::from_secs(1)), 0);
     }
 
+    fn event(seq: u64) -> Handed<u64> {
+        Handed::Owned(Routed {
+            kind: EventType::Inserted,
+            command: Command::Put,
+            target: Target::Key(seq),
+            version: seq,
+            seq,
+            timestamp: 0,
+        })
+    }
+
+    #[test]
+    fn buffers_are_mapped_when_made_within_their_streams_allowance_alone() {
+        let name = Name::new("premapped");
+        let ring = |premap: &Premap| {
+            ring::<u64>(4, u8::MAX, EventScope::All, Origin::new(name, NodeId(1), None, 0, name), premap)
+        };
+        let bytes = 4 * std::mem::size_of::<Slot<u64>>();
+        let premap = Premap::new(bytes + bytes / 2);
+        let first = ring(&premap);
+        assert!(first.0.state._premapped.is_some());
+        assert_eq!(premap.left(), bytes / 2);
+        // Too little is left: mapped as events come.
+        let (mut writer, mut reader) = ring(&premap);
+        assert!(writer.state._premapped.is_none());
+        assert_eq!(premap.left(), bytes / 2);
+        // It carries events as well, over its first lap and on.
+        for seq in 1..=6 {
+            writer.push(event(seq));
+        }
+        let mut read = || match reader.try_next() {
+            Some(Ok(e)) => Ok(e.metadata.seq),
+            Some(Err(Lagged(n))) => Err(n),
+            None => Err(u64::MAX),
+        };
+        assert_eq!([read(), read(), read(), read(), read()], [Ok(1), Ok(2), Ok(3), Ok(4), Err(2)]);
+        writer.push(event(7));
+        assert_eq!([read(), read()], [Ok(7), Err(u64::MAX)]);
+        // A buffer gone gives its share back, once both halves are.
+        drop(first.0);
+        assert_eq!(premap.left(), bytes / 2);
+        drop(first.1);
+        assert_eq!(premap.left(), bytes + bytes / 2);
+        assert!(ring(&premap).0.state._premapped.is_some());
+    }
+
     #[test]
     fn a_closed_buffer_takes_no_more_events_nor_losses() {
         let name = Name::new("closing");
         let origin = Origin::new(name, NodeId(1), None, 0, name);
-        let (mut writer, mut reader) = ring::<u64>(4, u8::MAX, EventScope::All, origin);
-        let event = |seq| {
-            Handed::Owned(Routed {
-                kind: EventType::Inserted,
-                command: Command::Put,
-                target: Target::Key(seq),
-                version: seq,
-                seq,
-                timestamp: 0,
-            })
-        };
+        let (mut writer, mut reader) = ring::<u64>(4, u8::MAX, EventScope::All, origin, &Premap::new(0));
         assert!(writer.push(event(1)));
         writer.close();
         // A writer that got past the stream's filter before the close.
@@ -843,6 +939,7 @@ mod tests {
             waker: AtomicWaker::new(),
             sleeping: AtomicBool::new(false),
             closed: AtomicBool::new(false),
+            _premapped: None,
         };
         let record = || state.missed.load(Ordering::Relaxed);
         state.add_missed(3, 10);

@@ -727,3 +727,40 @@ async fn a_silent_node_forgotten_to_make_room_keeps_the_partition_flushing() {
         eventually("still flushed while A is silent", || !b.contains_key(read)).await;
     }
 }
+
+/// This process's resident memory, in bytes.
+#[cfg(target_os = "linux")]
+fn resident_bytes() -> usize {
+    let status = std::fs::read_to_string("/proc/self/status").expect("/proc/self/status");
+    let line = status.lines().find_map(|l| l.strip_prefix("VmRSS:")).expect("a VmRSS line");
+    line.trim().trim_end_matches("kB").trim().parse::<usize>().expect("VmRSS in kB") * 1_024
+}
+
+/// Mapped when made, B's 4,096 outbound buffers and its invalidator's 4,096
+/// buffers would take 8 GiB at their default sizes, most of it for events
+/// that may never come. Those beyond the stream's allowance are mapped as
+/// events fill them, and carry events as well.
+#[cfg(target_os = "linux")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn thousands_of_partitions_map_a_bounded_share_of_their_buffers_when_they_start() {
+    let bus = PubSub::memory();
+    let partitions = nebulex_streams::MAX_PARTITIONS;
+    let a = node("users", 1);
+    let sa = Streams::builder(&a).partitions(partitions).outbound_buffer(16).pubsub(bus.clone()).start().unwrap();
+    let before = resident_bytes();
+    let b = node("users", 2);
+    let sb = Streams::builder(&b).partitions(partitions).pubsub(bus.clone()).start().unwrap();
+    let _ib = Invalidator::builder(&sb).start().unwrap();
+    let grown = resident_bytes().saturating_sub(before);
+    assert!(grown < nebulex_streams::PREMAPPED_BYTES + (256 << 20), "B took {} MiB at start", grown >> 20);
+
+    for streams in [&sa, &sb] {
+        tokio::time::timeout(PATIENCE, streams.ready()).await.expect("ready in time").expect("ready");
+    }
+    let keys: Vec<String> = (0..256).map(|i| format!("user:{i}")).collect();
+    for key in &keys {
+        b.put(key.clone(), 0);
+        a.put(key.clone(), 1);
+    }
+    eventually("every copy on B removed by A's writes", || keys.iter().all(|k| !b.contains_key(k))).await;
+}
