@@ -113,6 +113,7 @@ fn options(
     subscribed: Arc<AtomicBool>,
 ) -> ConnectOptions {
     let backoff = config.backoff;
+    let events = Arc::new(ClientEvents::new(hooks, subscribed));
     let options = match credentials(addrs) {
         Some(Credentials::UserPassword(user, pass)) => ConnectOptions::with_user_and_password(user, pass),
         Some(Credentials::Token(token)) => ConnectOptions::with_token(token),
@@ -126,25 +127,59 @@ fn options(
         .max_reconnects(addrs.len().max(1) * 2)
         .reconnect_delay_callback(move |attempts| backoff.delay(attempts.saturating_sub(1) as u32))
         .event_callback(move |event| {
-            let (hooks, subscribed) = (hooks.clone(), subscribed.clone());
-            async move {
-                match event {
-                    async_nats::Event::Disconnected => {
-                        tracing::warn!(target: "nebulex_streams", "NATS connection lost; reconnecting");
-                        (hooks.on_state)(LinkState::Down("NATS connection lost".into()));
-                    }
-                    async_nats::Event::Connected if subscribed.load(Ordering::Acquire) => {
-                        (hooks.on_state)(LinkState::Up)
-                    }
-                    // The client's queue of a subscription was full: it
-                    // dropped messages, and says so for each.
-                    async_nats::Event::SlowConsumer(_) => {
-                        (hooks.on_state)(LinkState::Dropped("the NATS client dropped messages: slow consumer".into()))
-                    }
-                    other => tracing::debug!(target: "nebulex_streams", event = %other, "NATS"),
+            let events = events.clone();
+            async move { events.on(event) }
+        })
+}
+
+/// Turns one client's connection events into the link's state.
+///
+/// The client hands its events over through a bounded queue (128) that drops
+/// what does not fit, and a flood of slow-consumer events may crowd out a
+/// `Disconnected`. Any `Connected` but the client's first (its initial
+/// connection's) is a reconnection, so a loss: told even if its
+/// `Disconnected` was dropped.
+struct ClientEvents {
+    hooks: Arc<Hooks>,
+    /// The link has subscribed every channel: a connection is up from then.
+    subscribed: Arc<AtomicBool>,
+    /// The client's initial connection was told.
+    connected: AtomicBool,
+    /// A `Disconnected` was told since the last `Connected`.
+    down: AtomicBool,
+}
+
+impl ClientEvents {
+    fn new(hooks: Arc<Hooks>, subscribed: Arc<AtomicBool>) -> Self {
+        ClientEvents { hooks, subscribed, connected: AtomicBool::new(false), down: AtomicBool::new(false) }
+    }
+
+    fn on(&self, event: async_nats::Event) {
+        match event {
+            async_nats::Event::Disconnected => {
+                self.down.store(true, Ordering::Release);
+                tracing::warn!(target: "nebulex_streams", "NATS connection lost; reconnecting");
+                (self.hooks.on_state)(LinkState::Down("NATS connection lost".into()));
+            }
+            async_nats::Event::Connected => {
+                let reconnected = self.connected.swap(true, Ordering::AcqRel);
+                if reconnected && !self.down.swap(false, Ordering::AcqRel) {
+                    tracing::warn!(target: "nebulex_streams", "NATS connection lost and back (the client's notice \
+                        of the loss was dropped)");
+                    (self.hooks.on_state)(LinkState::Down("NATS connection lost".into()));
+                }
+                if self.subscribed.load(Ordering::Acquire) {
+                    (self.hooks.on_state)(LinkState::Up);
                 }
             }
-        })
+            // The client's queue of a subscription was full: it dropped
+            // messages, and says so for each.
+            async_nats::Event::SlowConsumer(_) => {
+                (self.hooks.on_state)(LinkState::Dropped("the NATS client dropped messages: slow consumer".into()))
+            }
+            other => tracing::debug!(target: "nebulex_streams", event = %other, "NATS"),
+        }
+    }
 }
 
 /// Connects, subscribes every channel and hands frames to the stream,
@@ -262,6 +297,39 @@ mod tests {
     fn of(urls: &[&str]) -> Option<Credentials> {
         let addrs: Vec<async_nats::ServerAddr> = urls.iter().map(|u| u.parse().expect("a NATS URL")).collect();
         credentials(&addrs)
+    }
+
+    /// A client's events, and the link states they told.
+    fn told(subscribed_after: usize, events: Vec<async_nats::Event>) -> Vec<LinkState> {
+        let states = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let seen = states.clone();
+        let hooks = Hooks {
+            on_frame: Box::new(|_, _| {}),
+            on_state: Box::new(move |s| seen.lock().unwrap_or_else(std::sync::PoisonError::into_inner).push(s)),
+        };
+        let subscribed = Arc::new(AtomicBool::new(false));
+        let client = ClientEvents::new(Arc::new(hooks), subscribed.clone());
+        for (i, event) in events.into_iter().enumerate() {
+            subscribed.store(i >= subscribed_after, Ordering::Release);
+            client.on(event);
+        }
+        let told = states.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone();
+        told
+    }
+
+    #[test]
+    fn a_reconnection_whose_disconnection_the_client_dropped_is_a_loss_all_the_same() {
+        use async_nats::Event::{Connected, Disconnected, SlowConsumer};
+        let (down, up) = (LinkState::Down("NATS connection lost".into()), LinkState::Up);
+        // Told in full.
+        assert_eq!(told(1, vec![Connected, Disconnected, Connected]), [down.clone(), up.clone()]);
+        // The `Disconnected` crowded out by slow-consumer events.
+        let dropped = LinkState::Dropped("the NATS client dropped messages: slow consumer".into());
+        assert_eq!(told(1, vec![Connected, SlowConsumer(1), Connected]), [dropped, down.clone(), up.clone()]);
+        // The initial connection, told before or after the link subscribed:
+        // no loss.
+        assert_eq!(told(1, vec![Connected]), []);
+        assert_eq!(told(0, vec![Connected]), [up]);
     }
 
     #[test]
