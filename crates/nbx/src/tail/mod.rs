@@ -453,7 +453,8 @@ fn now_us() -> u64 {
 
 /// Earlier epochs of an origin the tail remembers, as the nodes do: frames
 /// of those stay refused as replays, even after the origin came back with a
-/// lower epoch (its clock was set back).
+/// lower epoch (its clock was set back), unless one goes on from where it
+/// was left (see [`Numbering::goes_on`]).
 const EARLIER_EPOCHS: usize = 4;
 
 /// How long an origin may be unheard before the tail takes its stream for
@@ -479,6 +480,18 @@ struct Accepted {
     gap: Option<u64>,
 }
 
+/// An epoch an origin left, and where it stood then.
+#[derive(Debug, Clone, Copy)]
+struct Left {
+    epoch: u64,
+    /// The next sequence number it expected (none before its first frame).
+    next: Option<u64>,
+    /// The send time of its last frame taken.
+    sent_us: u64,
+    /// It had not ended cleanly: it may go on.
+    open: bool,
+}
+
 /// What the tail remembers of one (origin, stream, partition), following the
 /// nodes' rules (`docs/wire-format.md`).
 #[derive(Debug)]
@@ -486,8 +499,9 @@ struct Numbering {
     /// The origin's current epoch (epochs grow across its restarts, unless
     /// its clock was set back).
     epoch: u64,
-    /// The epochs it left, latest first.
-    earlier: [u64; EARLIER_EPOCHS],
+    /// The epochs it left, latest first (the current one, closed, until it
+    /// restarts).
+    earlier: [Left; EARLIER_EPOCHS],
     /// The next sequence number expected (none before its first frame).
     next: Option<u64>,
     /// Its last frame said its stream stopped cleanly.
@@ -505,7 +519,7 @@ impl Numbering {
     fn new(epoch: u64, now: Instant) -> Self {
         Numbering {
             epoch,
-            earlier: [epoch; EARLIER_EPOCHS],
+            earlier: [Left { epoch, next: None, sent_us: 0, open: false }; EARLIER_EPOCHS],
             next: None,
             ended: false,
             heard: now,
@@ -519,12 +533,40 @@ impl Numbering {
         self.ended || now.saturating_duration_since(self.heard) >= SILENT
     }
 
+    /// The current epoch, as it is left.
+    fn leaving(&self) -> Left {
+        Left { epoch: self.epoch, next: self.next, sent_us: self.sent_us, open: !self.ended }
+    }
+
     /// The origin's stream started again in `epoch`, numbered from 1.
     fn restart(&mut self, epoch: u64, now: Instant) {
         let mut earlier = self.earlier;
         earlier.rotate_right(1);
-        earlier[0] = self.epoch;
+        earlier[0] = self.leaving();
         *self = Numbering { earlier, next: Some(1), ..Numbering::new(epoch, now) };
+    }
+
+    /// Whether `frame` goes on with the epoch left at `earlier[i]`, as the
+    /// nodes judge it: not ended, from where its numbering stood, sent after
+    /// its last frame taken (not a replay of it); and a later epoch than the
+    /// current one, or the current one is gone (then the epoch left for it
+    /// may have been the origin's real stream all along).
+    fn goes_on(&self, i: usize, frame: &RawFrame, now: Instant) -> bool {
+        let left = self.earlier[i];
+        left.open
+            && (frame.epoch > self.epoch || self.gone(now))
+            && left.next.is_none_or(|next| frame.first_seq >= next)
+            && (left.sent_us == 0 || frame.sent_at_us > left.sent_us)
+    }
+
+    /// Back to the epoch left at `earlier[i]`, from where its numbering
+    /// stood (what was sent meanwhile is then a gap of known size), leaving
+    /// the current one.
+    fn resume(&mut self, i: usize, now: Instant) {
+        let left = self.earlier[i];
+        let mut earlier = self.earlier;
+        earlier[i] = self.leaving();
+        *self = Numbering { earlier, next: left.next, sent_us: left.sent_us, ..Numbering::new(left.epoch, now) };
     }
 }
 
@@ -665,17 +707,23 @@ impl Tail {
         }
         let entry = self.numbering.entry(key).or_insert_with(|| Numbering::new(frame.epoch, now));
         if frame.epoch != entry.epoch {
-            // An epoch it left is a replay; so is a lower one while its
-            // current stream lives. Otherwise the origin restarted its
-            // stream (a lower epoch: with its clock set back).
-            let left = entry.earlier.contains(&frame.epoch);
-            if left || (frame.epoch < entry.epoch && !entry.gone(now)) {
-                return Err(Reject::OldEpoch { epoch: frame.epoch, current: entry.epoch });
+            // An epoch it left is a replay, unless it goes on from where it
+            // was left; so is a lower one while its current stream lives.
+            // Otherwise the origin restarted its stream (a lower epoch: with
+            // its clock set back).
+            let left = entry.earlier.iter().position(|l| l.epoch == frame.epoch);
+            match left {
+                Some(i) if entry.goes_on(i, &frame, now) => entry.resume(i, now),
+                _ if left.is_some() || (frame.epoch < entry.epoch && !entry.gone(now)) => {
+                    return Err(Reject::OldEpoch { epoch: frame.epoch, current: entry.epoch });
+                }
+                _ => {
+                    // Without a LAST frame (or its silence shown), its last
+                    // events may be lost, as the nodes report it.
+                    restarted_unstopped = !entry.ended && !entry.silent;
+                    entry.restart(frame.epoch, now);
+                }
             }
-            // Without a LAST frame (or its silence shown), its last events
-            // may be lost, as the nodes report it.
-            restarted_unstopped = !entry.ended && !entry.silent;
-            entry.restart(frame.epoch, now);
         }
         // (After this tail's connection was lost, too: the jump counts what
         // was published meanwhile.)
@@ -1117,11 +1165,12 @@ mod tests {
         t.on_message_at("nbx:users:1", &frame!(&at(5, 1, false), &one, None), later).unwrap();
         t.on_message_at("nbx:users:1", &frame!(&at(5, 3, false), &one, None), later).unwrap();
         // Epoch 5 stops cleanly; a restart with a still lower epoch is
-        // followed at once, and an epoch it left stays a replay.
+        // followed at once, and a frame of an epoch it left, from before
+        // where that one stood, stays a replay.
         let none: Vec<Arc<CacheEntryEvent<String>>> = Vec::new();
         t.on_message_at("nbx:users:1", &frame!(&at(5, 4, true), &none, None), later).unwrap();
         t.on_message_at("nbx:users:1", &frame!(&at(4, 1, false), &one, None), later).unwrap();
-        t.on_message_at("nbx:users:1", &frame!(&at(7, 2, false), &one, None), later).unwrap();
+        t.on_message_at("nbx:users:1", &frame!(&at(7, 1, false), &one, None), later).unwrap();
         let lines = out.take();
         let expected = [
             "p1   seq 1 ",
@@ -1132,6 +1181,42 @@ mod tests {
             "p1   seq 3 ",
             "p1   seq 1 ",
             "REJECTED old_epoch: frame of epoch 0000000000000007",
+        ];
+        assert_eq!(lines.len(), expected.len(), "{lines:?}");
+        for (line, want) in lines.iter().zip(expected) {
+            assert!(line.contains(want), "{line:?} lacks {want:?}");
+        }
+    }
+
+    /// As the nodes: a replayed frame of an epoch the origin left (never
+    /// heard here) brings that epoch back, and once it falls silent, the
+    /// epoch left for it goes on from where it stood.
+    #[test]
+    fn a_left_epoch_brought_back_by_a_replay_gives_way_once_it_falls_silent() {
+        let (mut t, out) = tail(&["--redis", "redis://x/", "--cache", "users"]);
+        let one = vec![event(EventType::Inserted, Target::Key("k".to_string()))];
+        let at = |epoch, first_seq, sent_at_us| FrameHeader { epoch, first_seq, sent_at_us, ..header(1, 4, 0) };
+        let (hi, lo) = (7, 5);
+        let now = Instant::now();
+        t.on_message_at("nbx:users:1", &frame!(&at(hi, 1, 10), &one, None), now).unwrap();
+        let later = now + SILENT;
+        t.check_silence_at(later).unwrap();
+        t.on_message_at("nbx:users:1", &frame!(&at(lo, 1, 5), &one, None), later).unwrap();
+        t.on_message_at("nbx:users:1", &frame!(&at(hi, 2, 30), &one, None), later).unwrap();
+        t.on_message_at("nbx:users:1", &frame!(&at(lo, 2, 6), &one, None), later).unwrap();
+        let latest = later + SILENT;
+        t.check_silence_at(latest).unwrap();
+        t.on_message_at("nbx:users:1", &frame!(&at(lo, 3, 7), &one, None), latest).unwrap();
+        let lines = out.take();
+        let expected = [
+            "p1   seq 1 ",
+            "GAP unknown number of events missed from 0000000000000abc on partition 1 (fell silent without stopping)",
+            "p1   seq 1 ",
+            "p1   seq 2 ",
+            "REJECTED old_epoch: frame of epoch 0000000000000005",
+            "GAP unknown number of events missed from 0000000000000abc on partition 1 (fell silent without stopping)",
+            "GAP 1 events missed",
+            "p1   seq 3 ",
         ];
         assert_eq!(lines.len(), expected.len(), "{lines:?}");
         for (line, want) in lines.iter().zip(expected) {
