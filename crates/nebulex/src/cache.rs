@@ -79,6 +79,13 @@ const SWEEP_BATCH: usize = 256;
 /// announces what it changed before it. Either way the panic reaches the
 /// caller.
 ///
+/// The values a call replaces or removes are dropped once it has made its
+/// change, emitted its events and released its locks: a value's `Drop` may
+/// call the cache, and one that panics leaves the cache whole (the panic
+/// reaches the caller, after every other value was dropped). Keys are
+/// dropped under a shard's lock: a key's `Drop` must neither panic nor call
+/// the cache.
+///
 /// # Expiry and eviction
 ///
 /// An expired entry is never returned. It is removed, with exactly one
@@ -429,7 +436,7 @@ where
             if slot.is_expired(|| self.inner.clock.now()) {
                 self.inner.remove_expired(s, i, Command::Delete);
             } else {
-                s.map.remove_index(i);
+                s.remove_index(i);
                 removed = true;
             }
         }
@@ -580,7 +587,9 @@ where
     {
         let mut s = self.inner.lock_for(key);
         s.mark_load_stale(key);
-        s.map.remove(key).is_some()
+        let Some((_, slot)) = s.map.remove(key) else { return false };
+        s.bury(slot.value);
+        true
     }
 
     /// Removes, without events, every entry whose key `pred` selects; returns
@@ -588,12 +597,10 @@ where
     /// results.
     pub fn invalidate_where(&self, mut pred: impl FnMut(&K) -> bool) -> usize {
         let mut removed = 0;
-        for shard in self.inner.shards.iter() {
-            let mut s = shard.0.lock();
+        for i in 0..self.inner.shards.len() {
+            let mut s = self.inner.lock_shard(i);
             s.mark_loads_stale_where(&mut pred);
-            let before = s.map.len();
-            s.map.retain(|k, _| !pred(k));
-            removed += before - s.map.len();
+            removed += s.remove_where(|k, _| pred(k));
         }
         removed
     }
@@ -690,7 +697,85 @@ where
     }
 }
 
-type Guard<'a, K, V> = MutexGuard<'a, Shard<K, V>>;
+/// A shard's lock. The values the call holding it replaced or removed
+/// ([`Shard::bury`]) are dropped once it is released: a value's `Drop` may
+/// panic, or call the cache.
+struct Guard<'a, K, V>(Option<MutexGuard<'a, Shard<K, V>>>);
+
+impl<'a, K, V> Guard<'a, K, V> {
+    fn new(guard: MutexGuard<'a, Shard<K, V>>) -> Self {
+        Guard(Some(guard))
+    }
+
+    /// Lets a thread waiting for the lock have it, then takes it back; the
+    /// values buried so far are dropped meanwhile.
+    fn bump(&mut self) {
+        let Some(guard) = self.0.as_mut() else { return };
+        let dead = dead_of(guard);
+        let panicked = MutexGuard::unlocked_fair(guard, || drop_each(dead));
+        panicked.resume();
+    }
+}
+
+impl<K, V> std::ops::Deref for Guard<'_, K, V> {
+    type Target = Shard<K, V>;
+    #[inline]
+    fn deref(&self) -> &Shard<K, V> {
+        let Some(guard) = self.0.as_deref() else { unreachable!("a shard's guard is emptied only as it drops") };
+        guard
+    }
+}
+
+impl<K, V> std::ops::DerefMut for Guard<'_, K, V> {
+    #[inline]
+    fn deref_mut(&mut self) -> &mut Shard<K, V> {
+        let Some(guard) = self.0.as_deref_mut() else { unreachable!("a shard's guard is emptied only as it drops") };
+        guard
+    }
+}
+
+impl<K, V> Drop for Guard<'_, K, V> {
+    #[inline]
+    fn drop(&mut self) {
+        let Some(mut guard) = self.0.take() else { return };
+        if guard.dead.is_empty() {
+            return;
+        }
+        let dead = dead_of(&mut guard);
+        drop(guard);
+        drop_each(dead).resume();
+    }
+}
+
+/// The values buried under `guard`, taken to drop once it is released
+/// (while a panic unwinds, they are left for the next call: a second panic
+/// would abort the process).
+fn dead_of<K, V>(guard: &mut Shard<K, V>) -> Vec<V> {
+    if std::thread::panicking() {
+        return Vec::new();
+    }
+    std::mem::take(&mut guard.dead)
+}
+
+/// Releases several shards' locks, then drops the values their call buried
+/// (a value's `Drop` calling the cache must find none of them held).
+fn release<K, V>(mut guards: Vec<Guard<'_, K, V>>) {
+    let dead: Vec<Vec<V>> = guards.iter_mut().filter(|g| !g.dead.is_empty()).map(|g| dead_of(g)).collect();
+    drop(guards);
+    drop_each(dead.into_iter().flatten()).resume();
+}
+
+/// Drops each value, even after one's `Drop` panicked (the first panic is
+/// held for the caller to raise: two at once would abort the process).
+fn drop_each<V>(values: impl IntoIterator<Item = V>) -> Held {
+    let mut first = None;
+    for value in values {
+        if let Err(panic) = std::panic::catch_unwind(AssertUnwindSafe(move || drop(value))) {
+            first.get_or_insert(panic);
+        }
+    }
+    Held(first)
+}
 
 impl<K, V> Inner<K, V>
 where
@@ -704,7 +789,13 @@ where
 
     #[inline]
     fn lock_for<Q: Hash + ?Sized>(&self, key: &Q) -> Guard<'_, K, V> {
-        self.shards[self.shard_index(key)].0.lock()
+        self.lock_shard(self.shard_index(key))
+    }
+
+    /// Locks shard `i`.
+    #[inline]
+    fn lock_shard(&self, i: usize) -> Guard<'_, K, V> {
+        Guard::new(self.shards[i].0.lock())
     }
 
     /// Locks several shards in index order (so two callers cannot deadlock);
@@ -716,7 +807,7 @@ where
         let mut guards = Vec::new();
         for (i, _) in wanted.iter().enumerate().filter(|(_, w)| **w) {
             slots[i] = Some(guards.len());
-            guards.push(self.shards[i].0.lock());
+            guards.push(self.lock_shard(i));
         }
         (guards, slots)
     }
@@ -784,7 +875,7 @@ where
 
     /// Removes the expired entry at `index`, with its `Expired` event.
     fn remove_expired(&self, s: &mut Shard<K, V>, index: usize, command: Command) {
-        if let Some((k, _)) = s.map.remove_index(index) {
+        if let Some(k) = s.remove_index(index) {
             s.mark_load_stale(&k);
             let version = s.next_version();
             self.emit(&s.listeners, EventType::Expired, command, version, || Target::Key(k));
@@ -821,11 +912,12 @@ where
                 if mode == Mode::OnlyNew {
                     return false;
                 }
-                slot.value = value;
+                let old = std::mem::replace(&mut slot.value, value);
                 let expires_at = slot.set_ttl(ttl, now);
                 if bounded {
                     slot.used();
                 }
+                s.bury(old);
                 s.mark_load_stale(&key);
                 s.expires_hashed(hash, expires_at);
                 s.age();
@@ -901,8 +993,9 @@ where
                 let hash = s.map.hash(&key);
                 match s.map.get_full_mut_hashed(hash, &key) {
                     Some((_, _, slot)) if !slot.is_expired(now) => {
-                        slot.value = value;
+                        let old = std::mem::replace(&mut slot.value, value);
                         let expires_at = slot.set_ttl(ttl, now);
+                        s.bury(old);
                         s.expires_hashed(hash, expires_at);
                         updated.push(key);
                     }
@@ -927,7 +1020,7 @@ where
         for g in guards.iter_mut() {
             self.trim(g, command, None);
         }
-        drop(guards);
+        release(guards);
         written.resume();
         true
     }
@@ -942,10 +1035,11 @@ where
         match s.map.get_full_mut_hashed(hash, &key) {
             Some((_, _, slot)) if !slot.is_expired(now) => {
                 let value = f(&slot.value);
-                slot.value = value.clone();
+                let old = std::mem::replace(&mut slot.value, value.clone());
                 if bounded {
                     slot.used();
                 }
+                s.bury(old);
                 s.mark_load_stale(&key);
                 s.age();
                 let version = s.next_version();
@@ -1060,6 +1154,7 @@ where
                 }
                 let version = Self::shared_version(&mut guards);
                 self.emit(&guards[0].listeners, EventType::Deleted, Command::DeleteAll, version, || Target::All);
+                release(guards);
                 removed
             }
             Query::Keys(keys) => {
@@ -1081,7 +1176,7 @@ where
                             if slot.is_expired(|| self.clock.now()) {
                                 self.remove_expired(s, i, Command::DeleteAll);
                             } else {
-                                s.map.remove_index(i);
+                                s.remove_index(i);
                                 removed += 1;
                             }
                         }
@@ -1095,7 +1190,7 @@ where
                         Target::Keys(keys)
                     });
                 }
-                drop(guards);
+                release(guards);
                 deleted.resume();
                 removed
             }
@@ -1107,9 +1202,9 @@ where
                 let mut panicked = None;
                 for s in guards.iter_mut() {
                     self.remove_all_expired(s, Command::DeleteAll);
-                    s.map.retain(|k, slot| {
+                    s.remove_where(|k, slot| {
                         if panicked.is_some() {
-                            return true;
+                            return false;
                         }
                         // The key is copied for the event before the entry
                         // goes: a `Clone` that panics leaves its entry be.
@@ -1121,10 +1216,10 @@ where
                             hit
                         }));
                         match judged {
-                            Ok(hit) => !hit,
+                            Ok(hit) => hit,
                             Err(panic) => {
                                 panicked = Some(panic);
-                                true
+                                false
                             }
                         }
                     });
@@ -1142,7 +1237,7 @@ where
                         Target::Keys(removed)
                     });
                 }
-                drop(guards);
+                release(guards);
                 Held(panicked).resume();
                 count
             }
@@ -1183,8 +1278,8 @@ where
     fn sweep_expired(&self) -> usize {
         let mut now = None;
         let mut swept = 0;
-        for shard in self.shards.iter() {
-            let mut guard = shard.0.lock();
+        for i in 0..self.shards.len() {
+            let mut guard = self.lock_shard(i);
             loop {
                 let at = || *now.get_or_insert_with(|| self.clock.now());
                 let (removed, more) = self.remove_expired_batch(&mut guard, at, Command::Sweep, SWEEP_BATCH);
@@ -1192,7 +1287,7 @@ where
                 if !more {
                     break;
                 }
-                MutexGuard::bump(&mut guard);
+                guard.bump();
             }
         }
         swept

@@ -1082,3 +1082,16 @@ fn a_write_into_a_full_shard_evicts_another_entry_not_its_own() {
         assert_eq!(c.len(), 64);
     }
 }
+
+/// At a manual clock's end (time stops there), an entry written with a time
+/// to live is not expired at once: its deadline, which saturates, is still
+/// later than the clock.
+#[test]
+fn at_a_manual_clocks_end_an_entry_with_a_ttl_lives() {
+    let clock = ManualClock::new();
+    let cache: Cache<u32, u32> = Cache::builder().clock(clock.clone()).sweep_interval(NO_SWEEP).build().unwrap();
+    clock.advance(Duration::MAX);
+    cache.put_with_ttl(1, 1, Duration::MAX);
+    cache.put_with_ttl(2, 2, Duration::from_nanos(1));
+    assert_eq!((cache.get(&1), cache.get(&2)), (Some(1), Some(2)));
+}

@@ -75,7 +75,10 @@ impl Clock {
         Clock::System
     }
 
-    /// Nanoseconds since the clock's origin, plus one so that 0 can mean "never".
+    /// Nanoseconds since the clock's origin, plus one so that 0 can mean
+    /// "never"; at most `u64::MAX - 1`, so that a deadline (which saturates
+    /// at `u64::MAX`) is always later than the time it was set at, even at a
+    /// manual clock's end.
     #[inline]
     pub(crate) fn now(&self) -> u64 {
         match self {
@@ -83,6 +86,7 @@ impl Clock {
             Clock::Manual(m) => m.nanos.load(Ordering::SeqCst),
         }
         .saturating_add(1)
+        .min(u64::MAX - 1)
     }
 }
 

@@ -122,21 +122,32 @@ impl<K: Hash + Eq, V> EntryMap<K, V> {
 
     /// Removes every entry whose key may have the hash `hash` (the table
     /// does not keep whole hashes: an entry of another hash can be among
-    /// them) and whose slot `remove` picks, handing each key to `removed`.
+    /// them) and whose slot `remove` picks, handing each to `removed`.
     pub(crate) fn remove_hashed_where(
         &mut self,
         hash: u64,
         mut remove: impl FnMut(&Slot<V>) -> bool,
-        mut removed: impl FnMut(K),
+        mut removed: impl FnMut(K, Slot<V>),
     ) {
         while let Ok(entry) = self.table.find_entry(hash, |e| remove(&e.slot)) {
             let (e, _) = entry.remove();
-            removed(e.key);
+            removed(e.key, e.slot);
         }
     }
 
-    pub(crate) fn retain(&mut self, mut keep: impl FnMut(&K, &mut Slot<V>) -> bool) {
-        self.table.retain(|e| keep(&e.key, &mut e.slot));
+    /// Removes the entries `remove` selects, as the returned iterator is
+    /// walked (the rest stay if it is dropped before its end).
+    pub(crate) fn extract_if<'a>(
+        &'a mut self,
+        mut remove: impl FnMut(&K, &mut Slot<V>) -> bool + 'a,
+    ) -> impl Iterator<Item = (K, Slot<V>)> + 'a {
+        self.table.extract_if(move |e| remove(&e.key, &mut e.slot)).map(|e| (e.key, e.slot))
+    }
+
+    /// Removes every entry, as the returned iterator is walked (the rest go
+    /// when it is dropped).
+    pub(crate) fn drain(&mut self) -> impl Iterator<Item = (K, Slot<V>)> + '_ {
+        self.table.drain().map(|e| (e.key, e.slot))
     }
 
     pub(crate) fn clear(&mut self) {

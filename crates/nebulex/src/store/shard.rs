@@ -96,6 +96,9 @@ pub(crate) struct Shard<K, V> {
     expiries: Expiries,
     rng: u64,
     uses_since_aging: usize,
+    /// Values the call holding the lock replaced or removed, dropped once it
+    /// has released the lock (see [`bury`](Self::bury)).
+    pub(crate) dead: Vec<V>,
 }
 
 impl<K: Hash + Eq, V: Clone> Shard<K, V> {
@@ -109,6 +112,18 @@ impl<K: Hash + Eq, V: Clone> Shard<K, V> {
             expiries: Expiries::default(),
             rng: seed | 1,
             uses_since_aging: 0,
+            dead: Vec::new(),
+        }
+    }
+
+    /// Keeps a value the call replaced or removed, to drop once the call has
+    /// released the lock: its `Drop` is the application's, and may panic or
+    /// call the cache, which must then find the change complete, its event
+    /// told, and no lock held. (A value without drop glue goes at once.)
+    #[inline]
+    pub(crate) fn bury(&mut self, value: V) {
+        if std::mem::needs_drop::<V>() {
+            self.dead.push(value);
         }
     }
 
@@ -173,17 +188,45 @@ impl<K: Hash + Eq, V: Clone> Shard<K, V> {
             return false;
         }
         let now = now();
+        let dead = &mut self.dead;
         for _ in 0..limit {
             let Some(hash) = self.expiries.pop_due(now) else { return false };
-            self.map.remove_hashed_where(hash, |slot| slot.is_expired(|| now), &mut expired);
+            self.map.remove_hashed_where(
+                hash,
+                |slot| slot.is_expired(|| now),
+                |key, slot| {
+                    if std::mem::needs_drop::<V>() {
+                        dead.push(slot.value);
+                    }
+                    expired(key);
+                },
+            );
         }
         self.expiries.has_due(now)
     }
 
-    /// Removes every entry.
+    /// Removes every entry, its value [buried](Self::bury).
     pub(crate) fn clear(&mut self) {
+        if std::mem::needs_drop::<V>() {
+            let dead = &mut self.dead;
+            dead.extend(self.map.drain().map(|(_, slot)| slot.value));
+        }
         self.map.clear();
         self.expiries.clear();
+    }
+
+    /// Removes every entry `remove` selects, its value
+    /// [buried](Self::bury); returns how many.
+    pub(crate) fn remove_where(&mut self, mut remove: impl FnMut(&K, &mut Slot<V>) -> bool) -> usize {
+        let dead = &mut self.dead;
+        let mut removed = 0;
+        for (_, slot) in self.map.extract_if(|k, slot| remove(k, slot)) {
+            removed += 1;
+            if std::mem::needs_drop::<V>() {
+                dead.push(slot.value);
+            }
+        }
+        removed
     }
 
     #[inline]
@@ -271,7 +314,8 @@ impl<K: Hash + Eq, V: Clone> Shard<K, V> {
         self.map.len() > self.cap
     }
 
-    /// Removes the least used of a few sampled entries and returns its key;
+    /// Removes the least used of a few sampled entries (its value
+    /// [buried](Self::bury)) and returns its key;
     /// never the entry at index `spare` (the one whose write made the shard
     /// overflow: it has had no chance to be used yet), unless it is alone.
     ///
@@ -302,13 +346,22 @@ impl<K: Hash + Eq, V: Clone> Shard<K, V> {
             }
             let Some((_, slot)) = self.map.get_index(i) else { continue };
             if now.is_some_and(|now| slot.is_expired(|| now)) {
-                return self.map.remove_index(i).map(|(k, _)| (k, true));
+                return self.remove_index(i).map(|k| (k, true));
             }
             if victim.is_none_or(|(_, least)| slot.uses < least) {
                 victim = Some((i, slot.uses));
             }
         }
-        self.map.remove_index(victim?.0).map(|(k, _)| (k, false))
+        self.remove_index(victim?.0).map(|k| (k, false))
+    }
+
+    /// Removes the entry at bucket index `index`, its value
+    /// [buried](Self::bury); returns its key.
+    #[inline]
+    pub(crate) fn remove_index(&mut self, index: usize) -> Option<K> {
+        let (key, slot) = self.map.remove_index(index)?;
+        self.bury(slot.value);
+        Some(key)
     }
 
     /// A random number below `n` (xorshift64*, then a multiply-shift reduction).

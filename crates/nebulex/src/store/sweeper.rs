@@ -60,8 +60,13 @@ fn run(sweeper: &Sweeper) {
             drop(jobs);
             for target in due {
                 if let Some(target) = target.upgrade() {
-                    // A listener that panics must not end sweeping for every cache.
-                    let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| target.sweep()));
+                    // A listener that panics must not end sweeping for every
+                    // cache; nor must what the cache holds, if its last
+                    // handle went meanwhile and it is dropped here.
+                    let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || {
+                        target.sweep();
+                        drop(target);
+                    }));
                 }
             }
             jobs = sweeper.jobs.lock();
