@@ -984,6 +984,32 @@ fn a_load_whose_key_eq_panics_as_it_ends_leaves_no_load_behind() {
     assert_eq!(got.recv_timeout(Duration::from_secs(10)), Ok((10, 20)), "later callers load afresh");
 }
 
+/// A single-key write or load that finds the key's entry expired copies the
+/// key before it removes that entry: a `Clone` that panics leaves the entry
+/// as it was, with no event.
+#[test]
+fn a_write_or_load_whose_key_clone_panics_leaves_an_expired_entry_as_it_was() {
+    for call in ["put", "update", "get_or_insert_with"] {
+        let clock = ManualClock::new();
+        let c: Cache<Touchy, u32> =
+            Cache::builder().shards(1).clock(clock.clone()).sweep_interval(NO_SWEEP).build().unwrap();
+        c.put_with_ttl(Touchy(1), 1, ms(5));
+        clock.advance(ms(5));
+        let r = Recorder::attach(&c);
+        panics_with_armed(&CLONE_PANICS_ON, 1, || match call {
+            "put" => c.put(Touchy(1), 2),
+            "update" => {
+                c.update(Touchy(1), 0, |v| v + 1);
+            }
+            _ => {
+                c.get_or_insert_with(Touchy(1), || 5);
+            }
+        });
+        assert!(r.take_brief().is_empty(), "{call}: no event");
+        assert_eq!(c.len(), 1, "{call}: the expired entry is still stored");
+    }
+}
+
 #[test]
 fn a_put_all_stopped_by_a_panicking_key_clone_emits_the_events_of_what_it_stored() {
     let c = touchy_cache();
