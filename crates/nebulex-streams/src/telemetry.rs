@@ -83,7 +83,10 @@ pub enum Telemetry<K> {
         status: BroadcastStatus,
         /// Why not, on error.
         reason: Option<BroadcastError>,
-        /// The partition's topic.
+        /// The partition's topic; the stream's own (`{prefix}:{cache}`) for
+        /// an event a custom router sent to no partition
+        /// ([`PartitionOutOfRange`](BroadcastError::PartitionOutOfRange),
+        /// [`RouterPanicked`](BroadcastError::RouterPanicked)).
         topic: Name,
         /// The event.
         event: Arc<CacheEntryEvent<K>>,

@@ -132,13 +132,18 @@ impl fmt::Debug for PubSub {
 }
 
 /// `scheme://user:pass@host` without the credentials; also without the
-/// scheme (NATS takes `user:pass@host`), and for each server of a list.
+/// scheme (NATS takes `user:pass@host`), and for each server of a list. The
+/// query is left out too: the Redis client also takes credentials there
+/// (`redis+unix:///path?user=u&pass=p`).
 #[cfg_attr(not(any(feature = "redis", feature = "nats")), allow(dead_code))]
 fn redact(url: &str) -> String {
     let server = |url: &str| {
         let (scheme, rest) = url.find("://").map_or(("", url), |i| url.split_at(i + 3));
+        // (Whatever follows a query goes with it.)
+        let rest = rest.find('?').map_or(rest, |i| &rest[..i]);
         // (The last `@`: a password may hold one, a host cannot.)
-        rest.rfind('@').map_or_else(|| url.to_string(), |at| format!("{scheme}{}", &rest[at + 1..]))
+        let rest = rest.rfind('@').map_or(rest, |at| &rest[at + 1..]);
+        format!("{scheme}{rest}")
     };
     url.split(',').map(server).collect::<Vec<_>>().join(",")
 }
@@ -361,6 +366,9 @@ mod tests {
         assert_eq!(redact("alice:s3cret@127.0.0.1:4222"), "127.0.0.1:4222", "no scheme");
         assert_eq!(redact("a:p@h1:4222,nats://b:q@h2:4222"), "h1:4222,nats://h2:4222", "a list");
         assert_eq!(redact("rediss://:p@ss@host:6380/#insecure"), "rediss://host:6380/#insecure");
+        assert_eq!(redact("redis+unix:///tmp/redis.sock?user=alice&pass=s3cret"), "redis+unix:///tmp/redis.sock");
+        assert_eq!(redact("redis://host/0?password=p@ss&protocol=resp3#insecure"), "redis://host/0");
+        assert_eq!(redact("redis://:p#ss@host:6379"), "redis://host:6379");
     }
 
     #[test]
