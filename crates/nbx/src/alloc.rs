@@ -1,11 +1,9 @@
 //! A counting global allocator: wraps mimalloc and, while tracking is on,
 //! adds up the bytes allocated minus the bytes freed.
 //!
-//! mimalloc, not the system allocator: streams allocate each event on the
-//! writer's thread and free it on the reader's, which glibc's allocator
-//! serializes on an arena lock (halving the stream figures); every cache of
-//! the benchmark, ours and the peers, runs on the same allocator. Production
-//! users of streams are advised the same (see the README's performance notes).
+//! mimalloc, not the system allocator: every cache of the benchmark, ours
+//! and the peers, runs on the same allocator, one that many services use
+//! (the README's performance notes say so).
 //!
 //! Tracking is switched on only around a measurement ([`measure`]), so the
 //! throughput figures pay one relaxed load per allocation and nothing more

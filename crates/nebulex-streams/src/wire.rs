@@ -601,10 +601,21 @@ pub fn decode<K: DeserializeOwned>(bytes: &[u8], limits: &DecodeLimits<'_>) -> R
     })
 }
 
-/// How deep the MessagePack values of `body` nest (arrays and maps), read
-/// without recursion; it stops counting at `MAX_DEPTH + 1`, and at anything
-/// it cannot read (the deserializer says what is wrong with it).
-fn nesting(body: &[u8]) -> usize {
+/// How deep the MessagePack values of `body` nest (arrays and maps, the
+/// body's own included), read without recursion; it stops counting at
+/// `MAX_DEPTH + 1`, and at anything it cannot read (a decoder then says
+/// what is wrong with it). A frame's body (its bytes after the version and
+/// flags, before a signature's tag) that nests deeper than [`MAX_DEPTH`] is
+/// refused: this is how [`decode`] counts, for tools that read frames
+/// without it.
+///
+/// ```
+/// use nebulex_streams::wire::{nesting, MAX_DEPTH};
+///
+/// assert_eq!(nesting(&[0x92, 0x91, 0x01, 0x80]), 2); // [[1], {}]
+/// assert_eq!(nesting(&[0x91; 100]), MAX_DEPTH + 1); // counted no further
+/// ```
+pub fn nesting(body: &[u8]) -> usize {
     // Values still to read at each open level; the body is one value.
     let mut pending: Vec<u64> = vec![1];
     let mut deepest = 0;

@@ -20,8 +20,11 @@ const FLAG_SIGNED: u8 = 1;
 const FLAG_LAST: u8 = 2;
 /// Length of a signed frame's tag.
 const TAG_LEN: usize = 32;
-/// MessagePack nesting the decoder accepts (as the nodes' decoder).
-const MAX_DEPTH: usize = 1024;
+/// How deep `rmpv` may recurse: deeper than any frame the nodes accept
+/// (their limit, [`wire::MAX_DEPTH`](nebulex_streams::wire::MAX_DEPTH), is
+/// checked first, as they count it: `rmpv` counts each value, and a map's
+/// keys and values each, so its depth runs ahead of theirs).
+const RMPV_DEPTH: usize = 4 * nebulex_streams::wire::MAX_DEPTH + 8;
 
 /// Why a frame was refused; the labels are the nodes' (`RejectReason::label`).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -197,8 +200,12 @@ pub(super) fn decode(bytes: &[u8], signing_key: Option<&[u8]>, max_frame_bytes: 
         mac.verify_slice(&bytes[body_end..]).map_err(|_| Reject::BadSignature)?;
     }
     let body = &bytes[2..body_end];
+    let nodes_limit = nebulex_streams::wire::MAX_DEPTH;
+    if nebulex_streams::wire::nesting(body) > nodes_limit {
+        return Err(malformed(format!("nested deeper than {nodes_limit} levels")));
+    }
     let mut cursor = io::Cursor::new(body);
-    let value = rmpv::decode::read_value_with_max_depth(&mut cursor, MAX_DEPTH)
+    let value = rmpv::decode::read_value_with_max_depth(&mut cursor, RMPV_DEPTH)
         .map_err(|e| malformed(format!("not MessagePack: {e}")))?;
     let read = usize::try_from(cursor.position()).unwrap_or(usize::MAX);
     if read != body.len() {
@@ -343,6 +350,62 @@ pub(super) fn key_json(v: &Value) -> serde_json::Value {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A frame of one event whose key is nested `levels` deep: arrays
+    /// around an empty one, arrays around a number, or maps.
+    fn nested_key_frame(levels: usize, shape: usize) -> Vec<u8> {
+        use nebulex::{CacheEntryEvent, Command, EventMetadata, EventType, Name, NodeId, Target};
+        let mut key = match shape {
+            0 => json!([]),
+            1 => json!([7]),
+            _ => json!({"k": 7}),
+        };
+        for _ in 1..levels {
+            key = if shape == 2 { json!({ "k": key }) } else { json!([key]) };
+        }
+        let header = nebulex_streams::wire::FrameHeader {
+            origin: NodeId(1),
+            epoch: 1,
+            cache: "users".into(),
+            partition: 0,
+            partitions: 0,
+            first_seq: 1,
+            sent_at_us: 1,
+            last: false,
+        };
+        let event = std::sync::Arc::new(CacheEntryEvent {
+            cache: Name::new("users"),
+            kind: EventType::Inserted,
+            target: Target::Key(key),
+            command: Command::Put,
+            version: 1,
+            metadata: EventMetadata {
+                node: NodeId(1),
+                partition: None,
+                partitions: None,
+                topic: None,
+                seq: 1,
+                timestamp: std::time::SystemTime::UNIX_EPOCH,
+            },
+        });
+        nebulex_streams::wire::encode(&header, &[event], None).unwrap_or_default()
+    }
+
+    #[test]
+    fn frames_are_refused_for_their_nesting_exactly_where_the_nodes_refuse_them() {
+        use nebulex_streams::wire::{DecodeLimits, MAX_DEPTH as NODES};
+        for shape in 0..3 {
+            for levels in NODES - 8..NODES + 4 {
+                let bytes = nested_key_frame(levels, shape);
+                let limits = DecodeLimits::default();
+                let node = nebulex_streams::wire::decode::<serde_json::Value>(&bytes, &limits).is_ok();
+                let tail = decode(&bytes, None, usize::MAX).is_ok();
+                assert_eq!(tail, node, "a key of shape {shape} nested {levels} levels: the nodes accept it: {node}");
+            }
+            assert!(decode(&nested_key_frame(NODES - 8, shape), None, usize::MAX).is_ok(), "some are accepted");
+            assert!(decode(&nested_key_frame(NODES + 3, shape), None, usize::MAX).is_err(), "some are refused");
+        }
+    }
 
     #[test]
     fn generic_values_print_and_convert_to_json() {

@@ -304,6 +304,7 @@ async fn redis_loop(url: &str, plan: &Plan, tail: &mut Tail) -> Result<(), TailE
         _ = tokio::signal::ctrl_c() => return Ok(()),
     };
     eprintln!("nbx tail: subscribed to {} on Redis at {addr} (Ctrl-C to stop)", plan.describe());
+    tail.listening();
     let mut silence = silence_ticks();
     loop {
         tokio::select! {
@@ -382,6 +383,7 @@ async fn nats_loop(url: &str, plan: &Plan, tail: &mut Tail) -> Result<(), TailEr
         .map_err(|_| format!("NATS at {shown} did not answer within {CONNECT_TIMEOUT:?}"))?
         .map_err(|e| format!("cannot subscribe on NATS at {shown}: {e}"))?;
     eprintln!("nbx tail: subscribed to {} on NATS at {shown} (Ctrl-C to stop)", plan.describe());
+    tail.listening();
     let mut merged = futures::stream::select_all(subscribers);
     let mut connected = true;
     let mut silence = silence_ticks();
@@ -586,6 +588,9 @@ struct Tail {
     numbering: HashMap<(u64, u32, u32), Numbering>,
     /// The most entries of `numbering` ([`MAX_ORIGINS`]).
     max_origins: usize,
+    /// Since when it has listened (first subscribed): then and the Unix
+    /// time in milliseconds.
+    listening: Option<(Instant, u64)>,
     out: Box<dyn Write>,
 }
 
@@ -608,8 +613,34 @@ impl Tail {
             max_frame_bytes: args.max_frame_bytes,
             numbering: HashMap::new(),
             max_origins: MAX_ORIGINS,
+            listening: None,
             out: Box::new(io::stdout()),
         }
+    }
+
+    /// It has subscribed: from now on, an origin whose stream started later
+    /// is heard from its first number.
+    fn listening(&mut self) {
+        self.listening_at(Instant::now(), now_us() / 1_000);
+    }
+
+    fn listening_at(&mut self, now: Instant, unix_ms: u64) {
+        self.listening.get_or_insert((now, unix_ms));
+    }
+
+    /// Whether it has listened since the stream that sent `frame` started,
+    /// as the nodes judge it: that stream has run for less (the frame's send
+    /// time less its epoch's start, by the origin's clock) than the tail has
+    /// listened (by its own); for a frame without a usable send time, by
+    /// the two start times.
+    fn listened_since_start(&self, frame: &RawFrame, now: Instant) -> bool {
+        let Some((since, since_ms)) = self.listening else { return false };
+        // (An epoch holds its stream's start, Unix milliseconds, above 16 bits.)
+        let (started, sent) = (frame.epoch >> 16, frame.sent_at_us / 1_000);
+        if frame.sent_at_us == 0 || sent < started {
+            return started > since_ms;
+        }
+        Duration::from_millis(sent - started) < now.saturating_duration_since(since)
     }
 
     /// The channel's kind, or none for channels of other streams that a
@@ -705,7 +736,11 @@ impl Tail {
                 return Err(Reject::TooManyOrigins(self.max_origins));
             }
         }
-        let entry = self.numbering.entry(key).or_insert_with(|| Numbering::new(frame.epoch, now));
+        // If it has listened since the origin's stream started, it heard from
+        // its first number (1): a later one means frames were lost.
+        let first = self.listened_since_start(&frame, now).then_some(1);
+        let entry =
+            self.numbering.entry(key).or_insert_with(|| Numbering { next: first, ..Numbering::new(frame.epoch, now) });
         if frame.epoch != entry.epoch {
             // An epoch it left is a replay, unless it goes on from where it
             // was left; so is a lower one while its current stream lives.
@@ -1186,6 +1221,48 @@ mod tests {
         for (line, want) in lines.iter().zip(expected) {
             assert!(line.contains(want), "{line:?} lacks {want:?}");
         }
+    }
+
+    /// As the nodes: the first frame of an origin whose stream started after
+    /// the tail began to listen is judged from that stream's first number,
+    /// so the frames missed before it are a gap; an origin whose stream ran
+    /// before is followed from its first frame heard.
+    #[test]
+    fn an_origin_started_since_the_tail_listens_is_heard_from_its_first_number() {
+        let (mut t, out) = tail(&["--redis", "redis://x/", "--cache", "users", "--json"]);
+        let one = vec![event(EventType::Inserted, Target::Key("k".to_string()))];
+        let (now, since_ms) = (Instant::now(), 1_800_000_000_000);
+        t.listening_at(now, since_ms);
+        let started = |origin, started_ms: u64, sent_ms: u64| FrameHeader {
+            origin: NodeId(origin),
+            epoch: started_ms << 16,
+            first_seq: 3,
+            sent_at_us: sent_ms * 1_000,
+            ..header(1, 4, 0)
+        };
+        let later = now + Duration::from_secs(1);
+        // Started 5 ms after the tail listened, sent 2 ms after it started.
+        t.on_message_at("nbx:users:1", &frame!(&started(1, since_ms + 5, since_ms + 7), &one, None), later).unwrap();
+        // Started an hour before: its frames before this one were not the tail's to hear.
+        t.on_message_at("nbx:users:1", &frame!(&started(2, since_ms - 3_600_000, since_ms), &one, None), later)
+            .unwrap();
+        // No send time: judged by the start times.
+        let unsent = |origin, started_ms: u64| FrameHeader { sent_at_us: 0, ..started(origin, started_ms, 0) };
+        t.on_message_at("nbx:users:1", &frame!(&unsent(3, since_ms + 1), &one, None), later).unwrap();
+        t.on_message_at("nbx:users:1", &frame!(&unsent(4, since_ms - 1), &one, None), later).unwrap();
+        let kinds: Vec<(String, u64)> = out
+            .take()
+            .iter()
+            .map(|l| {
+                let v: serde_json::Value = serde_json::from_str(l).expect("JSON");
+                (
+                    v["type"].as_str().unwrap_or_default().to_string(),
+                    v["origin"].as_str().map_or(0, |o| u64::from_str_radix(o, 16).unwrap_or(0)),
+                )
+            })
+            .collect();
+        let expected = [("gap", 1), ("event", 1), ("event", 2), ("gap", 3), ("event", 3), ("event", 4)];
+        assert_eq!(kinds, expected.map(|(k, o)| (k.to_string(), o)), "{kinds:?}");
     }
 
     /// As the nodes: a replayed frame of an epoch the origin left (never
