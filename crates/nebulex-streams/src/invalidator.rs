@@ -454,9 +454,14 @@ where
                 // The stream stopped: so did the invalidator.
                 None => return self.inner.finish(),
                 Some(Ok(event)) => {
-                    // A panic (in the key's `Hash` or `Eq`, say) may have
-                    // left a stale copy: the partition is flushed instead.
-                    if !self.guarded(partition, "removing an event's keys", || self.apply(partition, &event)) {
+                    // A panic (in the key's `Hash`, `Eq` or `Drop`, say) may
+                    // have left a stale copy: the partition is flushed instead.
+                    let worker = &self;
+                    let applied = move || {
+                        worker.apply(partition, &event);
+                        drop(event);
+                    };
+                    if !self.guarded(partition, "removing an event's keys", applied) {
                         self.guarded(partition, "flushing the partition", || self.resync(partition));
                     }
                 }

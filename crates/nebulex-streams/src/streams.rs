@@ -19,7 +19,7 @@ use crate::subscription::{
     ring, unix_nanos, EventScope, Handed, Origin, Premap, RingReader, RingWriter, Routed, SubscribeOptions,
     Subscription, MAX_BUSY_POLL, PREMAPPED_BYTES,
 };
-use crate::telemetry::{BroadcastError, ObserverFn, Reporter, Telemetry};
+use crate::telemetry::{quietly, BroadcastError, ObserverFn, Reporter, Telemetry};
 
 /// The default per-subscriber buffer, in events.
 pub const DEFAULT_BUFFER: usize = 16_384;
@@ -700,11 +700,26 @@ where
         format!("nebulex_streams:{:p}", Arc::as_ptr(self))
     }
 
-    /// The cache listener: routes one event to its partition(s).
+    /// The cache listener: routes one event to its partition(s). A key
+    /// whose `Hash` or `Clone` panics as it is routed sends the event to no
+    /// partition, as a router that panics does.
     fn dispatch(&self, event: &CacheEntryEvent<K>) {
         if self.broadcast_from && self.cluster.is_none() {
             return;
         }
+        if let Err(panic) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.route(event))) {
+            let message = crate::telemetry::panic_message(panic.as_ref()).to_owned();
+            self.misrouted(BroadcastError::KeyPanicked(message.clone()), event);
+            quietly(|| {
+                tracing::error!(target: "nebulex_streams", cache = %self.reporter.cache, panic = %message,
+                    "a key's Hash or Clone panicked as its event was routed; the event goes to no partition");
+            });
+        }
+    }
+
+    /// Routes one event to its partition(s): [`dispatch`](Self::dispatch)
+    /// without its guard.
+    fn route(&self, event: &CacheEntryEvent<K>) {
         if let Some(router) = &self.router {
             match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| router(event))) {
                 Ok(Route::Discard) => {}
@@ -714,9 +729,12 @@ where
                 }
                 Err(panic) => {
                     let message = crate::telemetry::panic_message(panic.as_ref()).to_owned();
-                    tracing::error!(target: "nebulex_streams", cache = %self.reporter.cache,
-                        panic = %message, "the router panicked; the event goes to no partition");
-                    self.misrouted(BroadcastError::RouterPanicked(message), event)
+                    // The readers first: the logger may panic too.
+                    self.misrouted(BroadcastError::RouterPanicked(message.clone()), event);
+                    quietly(|| {
+                        tracing::error!(target: "nebulex_streams", cache = %self.reporter.cache,
+                            panic = %message, "the router panicked; the event goes to no partition");
+                    });
                 }
             }
             return;
@@ -755,11 +773,14 @@ where
             if receivers == 0 {
                 return;
             }
+            // (Before the number is taken: a key's `Clone` that panics here
+            // is a loss told by the caller, on every partition.)
+            let target = target();
             state.seq += 1;
             let routed = Routed {
                 kind,
                 command: event.command,
-                target: target(),
+                target,
                 version: event.version,
                 seq: state.seq,
                 timestamp: unix_nanos(event.metadata.timestamp),
@@ -813,10 +834,11 @@ where
         }
     }
 
-    /// A custom router answered a partition that does not exist, or panicked.
-    #[cold]
+    /// An event went to no partition: a custom router answered one that
+    /// does not exist, or panicked, or the key panicked as it was routed.
     /// The report's topic is the stream's own (`{prefix}:{cache}`): names
     /// are interned for good, and a router's bad answers are unbounded.
+    #[cold]
     fn misrouted(&self, reason: BroadcastError, event: &CacheEntryEvent<K>) {
         // It reaches no partition, and might have been any one's: a loss of
         // unknown size for every reader that wants its type, and for the

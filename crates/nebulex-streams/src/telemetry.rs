@@ -220,6 +220,12 @@ pub enum BroadcastError {
     /// loss, as with an out-of-range partition.
     #[error("the router panicked: {0}")]
     RouterPanicked(String),
+    /// The event's key's `Hash` or `Clone` panicked as the event was routed
+    /// (with this message): the event went to no partition, and every
+    /// partition's readers are told of a loss, as with a router that
+    /// panicked (metric label `key_panicked`).
+    #[error("a key's Hash or Clone panicked as the event was routed: {0}")]
+    KeyPanicked(String),
 }
 
 /// What an invalidator reports.
@@ -343,6 +349,7 @@ struct Metrics {
     subscriber_full: metrics::Counter,
     bad_route: metrics::Counter,
     router_panicked: metrics::Counter,
+    key_panicked: metrics::Counter,
     outbound_full: metrics::Counter,
     transport: metrics::Counter,
     invalidations: metrics::Counter,
@@ -375,6 +382,8 @@ impl Metrics {
                 "cache" => c.clone(), "reason" => "partition_out_of_range"),
             router_panicked: metrics::counter!("nebulex_streams_broadcast_errors_total",
                 "cache" => c.clone(), "reason" => "router_panicked"),
+            key_panicked: metrics::counter!("nebulex_streams_broadcast_errors_total",
+                "cache" => c.clone(), "reason" => "key_panicked"),
             outbound_full: metrics::counter!("nebulex_streams_broadcast_errors_total",
                 "cache" => c.clone(), "reason" => "outbound_full"),
             transport: metrics::counter!("nebulex_streams_broadcast_errors_total",
@@ -413,13 +422,17 @@ impl<K> Reporter<K> {
     }
 
     pub(crate) fn listener_registered(&self) {
-        tracing::debug!(target: "nebulex_streams", cache = %self.cache, "listener registered");
-        self.observe(|| Telemetry::ListenerRegistered { cache: self.cache });
+        quietly(|| {
+            tracing::debug!(target: "nebulex_streams", cache = %self.cache, "listener registered");
+            self.observe(|| Telemetry::ListenerRegistered { cache: self.cache });
+        });
     }
 
     pub(crate) fn listener_unregistered(&self) {
-        tracing::debug!(target: "nebulex_streams", cache = %self.cache, "listener unregistered");
-        self.observe(|| Telemetry::ListenerUnregistered { cache: self.cache });
+        quietly(|| {
+            tracing::debug!(target: "nebulex_streams", cache = %self.cache, "listener unregistered");
+            self.observe(|| Telemetry::ListenerUnregistered { cache: self.cache });
+        });
     }
 
     /// Whether reports of single events need the event itself: an observer
@@ -440,50 +453,57 @@ impl<K> Reporter<K> {
         kind: EventType,
         event: Option<&Arc<CacheEntryEvent<K>>>,
     ) {
-        #[cfg(feature = "metrics")]
-        if let Some(c) = self.metrics.events.get(partition as usize) {
-            c[kind as usize].increment(1);
-        }
-        let (_, _) = (partition, kind);
-        let Some(event) = event else { return };
-        tracing::trace!(target: "nebulex_streams", cache = %self.cache, topic = %topic,
-            kind = %event.kind, command = %event.command, seq = event.metadata.seq, "broadcast");
-        self.observe(|| Telemetry::Broadcast {
-            status: BroadcastStatus::Ok,
-            reason: None,
-            topic,
-            event: event.clone(),
+        quietly(|| {
+            #[cfg(feature = "metrics")]
+            if let Some(c) = self.metrics.events.get(partition as usize) {
+                c[kind as usize].increment(1);
+            }
+            let (_, _) = (partition, kind);
+            let Some(event) = event else { return };
+            tracing::trace!(target: "nebulex_streams", cache = %self.cache, topic = %topic,
+                kind = %event.kind, command = %event.command, seq = event.metadata.seq, "broadcast");
+            self.observe(|| Telemetry::Broadcast {
+                status: BroadcastStatus::Ok,
+                reason: None,
+                topic,
+                event: event.clone(),
+            });
         });
     }
 
     /// An event that could not be delivered (`event`: the event itself, if
     /// [`wants_events`](Self::wants_events)).
     pub(crate) fn broadcast_error(&self, topic: Name, event: Option<&Arc<CacheEntryEvent<K>>>, reason: BroadcastError) {
-        #[cfg(feature = "metrics")]
-        match reason {
-            BroadcastError::PartitionOutOfRange { .. } => self.metrics.bad_route.increment(1),
-            BroadcastError::RouterPanicked(_) => self.metrics.router_panicked.increment(1),
-            BroadcastError::Transport(_) => self.metrics.outbound_full.increment(1),
-            BroadcastError::SubscriberFull { .. } => self.metrics.subscriber_full.increment(1),
-        }
-        let Some(event) = event else { return };
-        tracing::trace!(target: "nebulex_streams", cache = %self.cache, topic = %topic,
-            kind = %event.kind, %reason, "broadcast failed");
-        self.observe(|| Telemetry::Broadcast {
-            status: BroadcastStatus::Error,
-            reason: Some(reason),
-            topic,
-            event: event.clone(),
+        quietly(|| {
+            #[cfg(feature = "metrics")]
+            match reason {
+                BroadcastError::PartitionOutOfRange { .. } => self.metrics.bad_route.increment(1),
+                BroadcastError::RouterPanicked(_) => self.metrics.router_panicked.increment(1),
+                BroadcastError::KeyPanicked(_) => self.metrics.key_panicked.increment(1),
+                BroadcastError::Transport(_) => self.metrics.outbound_full.increment(1),
+                BroadcastError::SubscriberFull { .. } => self.metrics.subscriber_full.increment(1),
+            }
+            let Some(event) = event else { return };
+            tracing::trace!(target: "nebulex_streams", cache = %self.cache, topic = %topic,
+                kind = %event.kind, %reason, "broadcast failed");
+            self.observe(|| Telemetry::Broadcast {
+                status: BroadcastStatus::Error,
+                reason: Some(reason),
+                topic,
+                event: event.clone(),
+            });
         });
     }
 
     pub(crate) fn lagged(&self, partition: u32, missed: u64) {
-        #[cfg(feature = "metrics")]
-        if let Some(c) = self.metrics.lagged.get(partition as usize) {
-            c.increment(missed);
-        }
-        tracing::warn!(target: "nebulex_streams", cache = %self.cache, partition, missed, "subscriber lagged");
-        self.observe(|| Telemetry::Lagged { cache: self.cache, partition, missed });
+        quietly(|| {
+            #[cfg(feature = "metrics")]
+            if let Some(c) = self.metrics.lagged.get(partition as usize) {
+                c.increment(missed);
+            }
+            tracing::warn!(target: "nebulex_streams", cache = %self.cache, partition, missed, "subscriber lagged");
+            self.observe(|| Telemetry::Lagged { cache: self.cache, partition, missed });
+        });
     }
 
     /// Frames were dropped on the way in (again): whether to report it now.
@@ -492,64 +512,91 @@ impl<K> Reporter<K> {
     }
 
     pub(crate) fn gap(&self, partition: u32, origin: Option<NodeId>, missed: u64) {
-        #[cfg(feature = "metrics")]
-        if let Some(c) = self.metrics.gaps.get(partition as usize) {
-            c.increment(1);
-        }
-        tracing::warn!(target: "nebulex_streams", cache = %self.cache, partition, origin = ?origin, missed, "gap");
-        self.observe(|| Telemetry::Gap { cache: self.cache, partition, origin, missed });
+        quietly(|| {
+            #[cfg(feature = "metrics")]
+            if let Some(c) = self.metrics.gaps.get(partition as usize) {
+                c.increment(1);
+            }
+            tracing::warn!(target: "nebulex_streams", cache = %self.cache, partition, origin = ?origin, missed, "gap");
+            self.observe(|| Telemetry::Gap { cache: self.cache, partition, origin, missed });
+        });
     }
 
     pub(crate) fn frame_rejected(&self, reason: &RejectReason) {
-        #[cfg(feature = "metrics")]
-        metrics::counter!("nebulex_streams_frames_rejected_total",
-            "cache" => self.cache.to_string(), "reason" => reason.label())
-        .increment(1);
-        tracing::warn!(target: "nebulex_streams", cache = %self.cache, %reason, "frame rejected");
-        self.observe(|| Telemetry::FrameRejected { cache: self.cache, reason: reason.clone() });
+        quietly(|| {
+            #[cfg(feature = "metrics")]
+            metrics::counter!("nebulex_streams_frames_rejected_total",
+                "cache" => self.cache.to_string(), "reason" => reason.label())
+            .increment(1);
+            tracing::warn!(target: "nebulex_streams", cache = %self.cache, %reason, "frame rejected");
+            self.observe(|| Telemetry::FrameRejected { cache: self.cache, reason: reason.clone() });
+        });
     }
 
     /// `failed` of `sent` frames could not be handed to the transport.
     pub(crate) fn transport_error(&self, failed: usize, sent: usize) {
-        #[cfg(feature = "metrics")]
-        self.metrics.transport.increment(failed as u64);
-        let due = self.unpublished.lock().add(failed, std::time::Instant::now());
-        match due {
-            Some(failed) => tracing::warn!(target: "nebulex_streams", cache = %self.cache, failed,
-                "frames not published (since the last such warning)"),
-            None => {
-                tracing::debug!(target: "nebulex_streams", cache = %self.cache, failed, sent, "frames not published")
+        quietly(|| {
+            #[cfg(feature = "metrics")]
+            self.metrics.transport.increment(failed as u64);
+            let due = self.unpublished.lock().add(failed, std::time::Instant::now());
+            match due {
+                Some(failed) => tracing::warn!(target: "nebulex_streams", cache = %self.cache, failed,
+                    "frames not published (since the last such warning)"),
+                None => {
+                    tracing::debug!(target: "nebulex_streams", cache = %self.cache, failed, sent, "frames not published")
+                }
             }
-        }
-        self.observe(|| Telemetry::PublishFailed { cache: self.cache, frames: failed });
+            self.observe(|| Telemetry::PublishFailed { cache: self.cache, frames: failed });
+        });
     }
 
     pub(crate) fn encode_error(&self, error: &str) {
-        #[cfg(feature = "metrics")]
-        self.metrics.transport.increment(1);
-        tracing::error!(target: "nebulex_streams", cache = %self.cache, error, "cannot encode a frame");
-        self.observe(|| Telemetry::PublishFailed { cache: self.cache, frames: 1 });
+        quietly(|| {
+            #[cfg(feature = "metrics")]
+            self.metrics.transport.increment(1);
+            tracing::error!(target: "nebulex_streams", cache = %self.cache, error, "cannot encode a frame");
+            self.observe(|| Telemetry::PublishFailed { cache: self.cache, frames: 1 });
+        });
     }
 
     pub(crate) fn invalidator(&self, event: InvalidatorEvent) {
-        #[cfg(feature = "metrics")]
-        if let InvalidatorEvent::Invalidate { count, .. } | InvalidatorEvent::Resync { count, .. } = event {
-            self.metrics.invalidations.increment(count as u64);
-        }
-        tracing::debug!(target: "nebulex_streams", cache = %self.cache, ?event, "invalidator");
-        self.observe(|| Telemetry::Invalidator { cache: self.cache, event });
+        quietly(|| {
+            #[cfg(feature = "metrics")]
+            if let InvalidatorEvent::Invalidate { count, .. } | InvalidatorEvent::Resync { count, .. } = event {
+                self.metrics.invalidations.increment(count as u64);
+            }
+            tracing::debug!(target: "nebulex_streams", cache = %self.cache, ?event, "invalidator");
+            self.observe(|| Telemetry::Invalidator { cache: self.cache, event });
+        });
     }
 
     pub(crate) fn propagation(&self, seconds: f64) {
-        #[cfg(feature = "metrics")]
-        self.metrics.propagation.record(seconds);
-        let _ = seconds;
+        quietly(|| {
+            #[cfg(feature = "metrics")]
+            self.metrics.propagation.record(seconds);
+            let _ = seconds;
+        });
     }
 }
 
 impl<K> fmt::Debug for Reporter<K> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Reporter").field("cache", &self.cache).field("observer", &self.observer.is_some()).finish()
+    }
+}
+
+/// Runs `f`, a report through the application's logger, metrics recorder
+/// and observer: a panic in any of them is caught (and logged, unless the
+/// logger is what panics), for reports come from within writes, receives,
+/// the cluster's tasks and the invalidator, none of which may stop half way
+/// for it.
+#[inline]
+pub(crate) fn quietly(f: impl FnOnce()) {
+    if let Err(panic) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
+        let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            tracing::error!(target: "nebulex_streams", panic = panic_message(panic.as_ref()),
+                "reporting panicked (the logger, the metrics recorder or the observer); carrying on");
+        }));
     }
 }
 

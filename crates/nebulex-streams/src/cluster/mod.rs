@@ -370,7 +370,12 @@ where
     let (guard, stop) = (shared.clone(), cluster.shutdown.subscribe());
     rt.spawn(async move {
         use futures::FutureExt;
+        // Dropped unfinished, its runtime shut down: nothing is sent nor
+        // heard any more (the receiving tasks went with it), and unless the
+        // stream was stopping, no one else will say so.
+        let abandoned = Abandoned(Some(guard.clone()));
         let sent = AssertUnwindSafe(send_loop(guard.clone(), sender, stop)).catch_unwind().await;
+        abandoned.defuse();
         // Nothing is sent any more (the link closed with the task): the
         // connection is down, for good.
         if let Err(panic) = sent {
@@ -378,6 +383,27 @@ where
         }
     });
     Ok(())
+}
+
+/// The sender task's stream while the task runs: if the task is dropped
+/// before it ends (its runtime shut down), the link is down for good, unless
+/// the stream was stopping.
+struct Abandoned<K>(Option<Arc<StreamShared<K>>>);
+
+impl<K> Abandoned<K> {
+    /// The task ended: nothing to tell.
+    fn defuse(mut self) {
+        self.0 = None;
+    }
+}
+
+impl<K> Drop for Abandoned<K> {
+    fn drop(&mut self) {
+        let Some(shared) = self.0.take() else { return };
+        if shared.cluster.as_ref().is_some_and(|c| !*c.shutdown.borrow()) {
+            shared.sender_gone("was dropped unfinished (its runtime shut down)");
+        }
+    }
 }
 
 /// The shortest heartbeat a stream may have: shorter ones cannot be kept to

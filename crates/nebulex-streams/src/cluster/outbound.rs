@@ -256,7 +256,9 @@ impl<K> StreamShared<K> {
     fn seal(&self, p: usize, events: &mut Vec<Arc<CacheEntryEvent<K>>>) -> Vec<(usize, Arc<[u8]>)> {
         let mut frames = Vec::new();
         self.seal_within_limit(p, events, &mut frames);
-        events.clear();
+        // A key's `Drop` that panics must not end the sender task: the
+        // events are in their frames already.
+        crate::telemetry::quietly(|| events.clear());
         frames
     }
 
@@ -318,15 +320,22 @@ impl<K> StreamShared<K> {
     /// invalidator keeps flushing), rather than silently deaf and mute.
     #[cold]
     pub(super) fn sender_panicked(&self, panic: &(dyn std::any::Any + Send)) {
-        let message = panic_message(panic).to_owned();
-        let _ = std::panic::catch_unwind(AssertUnwindSafe(|| {
-            tracing::error!(target: "nebulex_streams", cache = %self.reporter.cache, panic = %message,
-                "the cluster sender task panicked: the link is down for good");
-        }));
+        self.sender_gone(&format!("panicked: {}", panic_message(panic)));
+    }
+
+    /// The sender task ended before the stream stopped (`why`: it panicked,
+    /// or its runtime shut down): the connection is down for good, as after
+    /// [`sender_panicked`](Self::sender_panicked).
+    #[cold]
+    pub(super) fn sender_gone(&self, why: &str) {
         if let Some(cluster) = self.cluster.as_ref() {
             cluster.broken.store(true, Ordering::Release);
         }
-        let down = LinkState::Down(format!("the sender task panicked: {message}"));
+        let down = LinkState::Down(format!("the sender task {why}"));
         let _ = std::panic::catch_unwind(AssertUnwindSafe(|| self.on_link_state(down)));
+        crate::telemetry::quietly(|| {
+            tracing::error!(target: "nebulex_streams", cache = %self.reporter.cache,
+                "the cluster sender task {why}: the link is down for good");
+        });
     }
 }
