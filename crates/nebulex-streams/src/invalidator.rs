@@ -187,8 +187,9 @@ impl<K> fmt::Debug for InvalidatorBuilder<'_, K> {
 }
 
 /// A started invalidator. A cheap handle: it lives until
-/// [`stop`](Self::stop) or until its stream stops; dropping handles does not
-/// stop it. See the [module docs](self).
+/// [`stop`](Self::stop), until its stream stops, or until the tokio runtime
+/// it was started on shuts down (its workers run there; it then says it
+/// stopped); dropping handles does not stop it. See the [module docs](self).
 ///
 /// Two nodes of one cluster, on an in-process bus: a change on one removes
 /// the other's copy.
@@ -230,6 +231,17 @@ struct Inner {
     stopped: AtomicBool,
     /// Reports `Stopped` once.
     on_stop: Box<dyn Fn() + Send + Sync>,
+}
+
+/// Held by a worker's task: when the task ends, however it ends (its
+/// runtime may shut down under it), the invalidator has stopped: a worker
+/// gone leaves its partition unguarded, which must not go unsaid.
+struct Ended(Arc<Inner>);
+
+impl Drop for Ended {
+    fn drop(&mut self) {
+        self.0.finish();
+    }
 }
 
 impl Inner {
@@ -392,7 +404,12 @@ where
             // Not yet connected is an outage too: what is read meanwhile
             // misses the other nodes' changes.
             let flush_at = worker.outage_flush(partition);
-            rt.spawn(worker.run(sub, stopped.clone(), flush_at));
+            let ended = Ended(inner.clone());
+            let stop = stopped.clone();
+            rt.spawn(async move {
+                worker.run(sub, stop, flush_at).await;
+                drop(ended);
+            });
         }
         Ok(Invalidator { inner })
     }

@@ -339,7 +339,17 @@ where
             shared.cache.detach(&shared);
             return Err(Error::AlreadyStarted);
         }
-        if let Err(e) = cluster::start_link(&shared) {
+        // The cache's previous stream may still be sending what it had
+        // routed: this one sends once that is done, or the other nodes, who
+        // would hear this one's epoch first, would refuse those frames.
+        let senders = match self.cache.extensions().get::<cluster::LastSender>() {
+            Some(senders) => senders,
+            None => {
+                let _ = self.cache.extensions().try_insert(Arc::new(cluster::LastSender::default()));
+                self.cache.extensions().get::<cluster::LastSender>().unwrap_or_default()
+            }
+        };
+        if let Err(e) = cluster::start_link(&shared, &senders) {
             shared.cache.detach(&shared);
             return Err(e);
         }
@@ -523,7 +533,9 @@ where
     /// With a cluster transport, events already routed are still sent to the
     /// other nodes (within a few seconds, in the background); await
     /// [`shutdown`](Self::shutdown) instead to wait for that, e.g. before a
-    /// process exits.
+    /// process exits. A stream started again on the cache meanwhile sends
+    /// once that is done, so the other nodes see the first end cleanly
+    /// before the next begins.
     pub fn stop(&self) {
         self.shared.cache.detach(&self.shared);
         self.shared.close();
@@ -685,7 +697,7 @@ pub(crate) struct StreamShared<K> {
     subscribers_lock: Mutex<()>,
     next_partition: AtomicU32,
     registered: AtomicBool,
-    stopped: AtomicBool,
+    pub(crate) stopped: AtomicBool,
     pub(crate) cache: Box<dyn LocalCache<K>>,
     pub(crate) cluster: Option<Cluster<K>>,
     /// The prefix of topic names.

@@ -105,6 +105,12 @@ impl<K> StreamShared<K> {
     /// A frame arrived on the channel of partition `index`.
     pub(crate) fn on_frame(&self, index: usize, bytes: &[u8]) {
         let Some(cluster) = self.cluster.as_ref() else { return };
+        // A stopped stream's link is open only to send what it had routed:
+        // what it hears is no one's (its readers have ended), and a frame of
+        // this node's next stream is no other node with its id.
+        if self.stopped.load(Ordering::Acquire) {
+            return;
+        }
         // Our own frames, echoed back, are dropped before any work. With a
         // signing key, a frame of our id and another epoch is checked first:
         // a forged one is refused as such, not taken for our earlier stream

@@ -329,7 +329,7 @@ pub const SILENT_HEARTBEATS: u32 = 5;
 pub const SILENT_NODE_HEARTBEATS: u32 = 100;
 
 /// Connects a started stream to its transport and starts its sender task.
-pub(crate) fn start_link<K>(shared: &Arc<StreamShared<K>>) -> Result<(), Error>
+pub(crate) fn start_link<K>(shared: &Arc<StreamShared<K>>, senders: &LastSender) -> Result<(), Error>
 where
     K: Send + Sync + 'static,
 {
@@ -365,6 +365,7 @@ where
     })?;
     let _ = cluster.link.set(link.clone());
     let (done, sender_done) = watch::channel(());
+    let previous = senders.0.lock().replace(sender_done.clone());
     let _ = cluster.sender_done.set(sender_done);
     let sender = Sender { link: link.clone(), _done: done };
     let (guard, stop) = (shared.clone(), cluster.shutdown.subscribe());
@@ -374,6 +375,11 @@ where
         // heard any more (the receiving tasks went with it), and unless the
         // stream was stopping, no one else will say so.
         let abandoned = Abandoned(Some(guard.clone()));
+        if let Some(mut previous) = previous {
+            // (It ends within its flush timeout: nothing is ever sent on it.)
+            let done = async { while previous.changed().await.is_ok() {} };
+            let _ = tokio::time::timeout(STOP_FLUSH_TIMEOUT + Duration::from_secs(1), done).await;
+        }
         let sent = AssertUnwindSafe(send_loop(guard.clone(), sender, stop)).catch_unwind().await;
         abandoned.defuse();
         // Nothing is sent any more (the link closed with the task): the
@@ -384,6 +390,11 @@ where
     });
     Ok(())
 }
+
+/// The sender of a cache's last clustered stream (a cache extension): the
+/// next stream of the cache starts sending once it has ended.
+#[derive(Default)]
+pub(crate) struct LastSender(parking_lot::Mutex<Option<watch::Receiver<()>>>);
 
 /// The sender task's stream while the task runs: if the task is dropped
 /// before it ends (its runtime shut down), the link is down for good, unless

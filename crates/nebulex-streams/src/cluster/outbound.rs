@@ -109,7 +109,11 @@ where
         hello_due |= matches!(wake, Wake::Hello);
         if let Wake::Item(first_p, first) = wake {
             if !cluster.batch_linger.is_zero() {
-                tokio::time::sleep(cluster.batch_linger).await;
+                // (Cut short by a stop: then what is buffered goes at once.)
+                tokio::select! {
+                    () = tokio::time::sleep(cluster.batch_linger) => {}
+                    () = stopped(&mut stop) => {}
+                }
             }
             let mut pending: Vec<Vec<Arc<CacheEntryEvent<K>>>> = vec![Vec::new(); count];
             s.accept(first_p, first, &mut pending[first_p], &mut frames);
