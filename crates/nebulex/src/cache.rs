@@ -925,24 +925,20 @@ where
                 self.emit(&s.listeners, EventType::Updated, command, version, || Target::Key(key));
                 true
             }
-            Some((i, _, _)) if mode == Mode::OnlyExisting => {
-                self.remove_expired(s, i, command);
-                false
-            }
-            Some((i, _, _)) => {
-                // The key is copied for the event before the expired entry
-                // goes: a `Clone` that panics leaves it be.
-                let event_key = inserted_key(s, &key);
-                self.remove_expired(s, i, command);
-                s.mark_load_stale(&key);
-                self.insert_new(s, hash, key, event_key, Slot::new(value, ttl, now), command);
-                true
-            }
-            None => {
+            found => {
+                let expired = found.map(|(i, _, _)| i);
                 if mode == Mode::OnlyExisting {
+                    if let Some(i) = expired {
+                        self.remove_expired(s, i, command);
+                    }
                     return false;
                 }
+                // The key is copied for the event before an expired entry
+                // goes: a `Clone` that panics leaves it be.
                 let event_key = inserted_key(s, &key);
+                if let Some(i) = expired {
+                    self.remove_expired(s, i, command);
+                }
                 s.mark_load_stale(&key);
                 self.insert_new(s, hash, key, event_key, Slot::new(value, ttl, now), command);
                 true

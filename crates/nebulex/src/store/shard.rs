@@ -122,9 +122,7 @@ impl<K: Hash + Eq, V: Clone> Shard<K, V> {
     /// told, and no lock held. (A value without drop glue goes at once.)
     #[inline]
     pub(crate) fn bury(&mut self, value: V) {
-        if std::mem::needs_drop::<V>() {
-            self.dead.push(value);
-        }
+        bury(&mut self.dead, value);
     }
 
     /// Stores an entry for a key that has none, whose hash (`map.hash`) is
@@ -195,9 +193,7 @@ impl<K: Hash + Eq, V: Clone> Shard<K, V> {
                 hash,
                 |slot| slot.is_expired(|| now),
                 |key, slot| {
-                    if std::mem::needs_drop::<V>() {
-                        dead.push(slot.value);
-                    }
+                    bury(dead, slot.value);
                     expired(key);
                 },
             );
@@ -208,8 +204,7 @@ impl<K: Hash + Eq, V: Clone> Shard<K, V> {
     /// Removes every entry, its value [buried](Self::bury).
     pub(crate) fn clear(&mut self) {
         if std::mem::needs_drop::<V>() {
-            let dead = &mut self.dead;
-            dead.extend(self.map.drain().map(|(_, slot)| slot.value));
+            self.dead.extend(self.map.drain().map(|(_, slot)| slot.value));
         }
         self.map.clear();
         self.expiries.clear();
@@ -222,9 +217,7 @@ impl<K: Hash + Eq, V: Clone> Shard<K, V> {
         let mut removed = 0;
         for (_, slot) in self.map.extract_if(|k, slot| remove(k, slot)) {
             removed += 1;
-            if std::mem::needs_drop::<V>() {
-                dead.push(slot.value);
-            }
+            bury(dead, slot.value);
         }
         removed
     }
@@ -374,6 +367,15 @@ impl<K: Hash + Eq, V: Clone> Shard<K, V> {
         self.rng = x;
         let r = x.wrapping_mul(0x2545_f491_4f6c_dd1d);
         ((u128::from(r >> 32) * n as u128) >> 32) as usize
+    }
+}
+
+/// [`Shard::bury`] into `dead`, for a caller that holds the shard's other
+/// fields borrowed.
+#[inline]
+fn bury<V>(dead: &mut Vec<V>, value: V) {
+    if std::mem::needs_drop::<V>() {
+        dead.push(value);
     }
 }
 
