@@ -3,6 +3,8 @@
 //! that shuts down. The stream tells every loss, and carries on.
 #![allow(clippy::unwrap_used)]
 
+mod support;
+
 mod keys {
     //! A key whose `Clone` or `Hash` panics as its event is routed: the event
     //! goes to no partition, and every reader that wants its type is told of a
@@ -12,9 +14,9 @@ mod keys {
     use std::sync::atomic::{AtomicBool, Ordering};
 
     use nebulex::{Cache, Target};
-    use nebulex_streams::{
-        partition_of, Item, Lagged, Streams, StreamsExt, SubscribeOptions, Subscription, TryRecvError,
-    };
+    use nebulex_streams::{partition_of, Item, Streams, StreamsExt, SubscribeOptions};
+
+    use super::support::drain;
 
     /// A key: `id` is what it is; `copy` marks a clone. While armed, cloning a
     /// clone of key 13 (`CLONE_BOMB`) or hashing one (`HASH_BOMB`) panics. The
@@ -57,17 +59,6 @@ mod keys {
                 panic!("Hash of key 13");
             }
             self.id.hash(state);
-        }
-    }
-
-    fn drain(sub: &mut Subscription<K>) -> Vec<Item<K>> {
-        let mut items = Vec::new();
-        loop {
-            match sub.try_recv() {
-                Ok(e) => items.push(Ok(e)),
-                Err(TryRecvError::Lagged(n)) => items.push(Err(Lagged(n))),
-                Err(_) => return items,
-            }
         }
     }
 
@@ -342,57 +333,9 @@ mod reporting {
     //! the event path: a panic in them is caught where the report is made, after
     //! the readers were told, and loses nothing.
 
-    use std::sync::Arc;
-
-    use metrics::{Counter, CounterFn, Gauge, Histogram, Key, KeyName, Metadata, Recorder, SharedString, Unit};
+    use super::support::{drain, Panicking};
     use nebulex::{Cache, Query, Target};
-    use nebulex_streams::{Item, Lagged, Route, Streams, StreamsExt, SubscribeOptions, Subscription, TryRecvError};
-
-    /// Counters named `name` panic when incremented; every other metric is a no-op.
-    struct Panicking {
-        name: &'static str,
-    }
-
-    struct Boom;
-
-    impl CounterFn for Boom {
-        fn increment(&self, _: u64) {
-            panic!("recorder bug");
-        }
-        fn absolute(&self, _: u64) {
-            panic!("recorder bug");
-        }
-    }
-
-    impl Recorder for Panicking {
-        fn describe_counter(&self, _: KeyName, _: Option<Unit>, _: SharedString) {}
-        fn describe_gauge(&self, _: KeyName, _: Option<Unit>, _: SharedString) {}
-        fn describe_histogram(&self, _: KeyName, _: Option<Unit>, _: SharedString) {}
-        fn register_counter(&self, key: &Key, _: &Metadata<'_>) -> Counter {
-            if key.name() == self.name {
-                Counter::from_arc(Arc::new(Boom))
-            } else {
-                Counter::noop()
-            }
-        }
-        fn register_gauge(&self, _: &Key, _: &Metadata<'_>) -> Gauge {
-            Gauge::noop()
-        }
-        fn register_histogram(&self, _: &Key, _: &Metadata<'_>) -> Histogram {
-            Histogram::noop()
-        }
-    }
-
-    fn drain(sub: &mut Subscription<String>) -> Vec<Item<String>> {
-        let mut items = Vec::new();
-        loop {
-            match sub.try_recv() {
-                Ok(e) => items.push(Ok(e)),
-                Err(TryRecvError::Lagged(n)) => items.push(Err(Lagged(n))),
-                Err(_) => return items,
-            }
-        }
-    }
+    use nebulex_streams::{Item, Lagged, Route, Streams, StreamsExt, SubscribeOptions, TryRecvError};
 
     fn describe(items: &[Item<String>]) -> Vec<String> {
         items
@@ -411,7 +354,7 @@ mod reporting {
     #[test]
     fn a_recorder_that_panics_on_one_partition_lets_a_delete_all_reach_the_others() {
         let cache: Cache<String, u32> = Cache::builder().name("recorder-events").build().unwrap();
-        let recorder = Panicking { name: "nebulex_streams_events_total" };
+        let recorder = Panicking { name: "nebulex_streams_events_total", reason: None };
         let _streams =
             metrics::with_local_recorder(&recorder, || Streams::builder(&cache).partitions(2).start().unwrap());
         let mut p0 = cache.subscribe(SubscribeOptions::new().partition(0)).unwrap();
@@ -475,7 +418,7 @@ mod reporting {
     #[test]
     fn a_recorder_that_panics_as_a_lag_is_reported_hands_over_the_notice() {
         let cache: Cache<u64, u64> = Cache::builder().name("recorder-lagged").build().unwrap();
-        let recorder = Panicking { name: "nebulex_streams_lagged_total" };
+        let recorder = Panicking { name: "nebulex_streams_lagged_total", reason: None };
         let _streams = metrics::with_local_recorder(&recorder, || Streams::builder(&cache).buffer(1).start().unwrap());
         let mut sub = cache.subscribe(SubscribeOptions::new()).unwrap();
         for i in 0..3 {

@@ -243,49 +243,8 @@ async fn a_key_whose_serialization_panics_loses_its_frame_not_the_cluster_tasks(
 #[cfg(feature = "metrics")]
 mod with_a_panicking_recorder {
     use super::*;
-    use metrics::{Counter, CounterFn, Gauge, Histogram, Key, KeyName, Metadata, Recorder, SharedString, Unit};
-
-    /// Counters whose name is `name` (and whose `reason` label is `reason`,
-    /// if given) panic when incremented; every other metric is a no-op.
-    struct Panicking {
-        name: &'static str,
-        reason: Option<&'static str>,
-    }
-
-    struct Boom;
-
-    /// How many times a counter panicked.
-    static BOOMS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
-
-    impl CounterFn for Boom {
-        fn increment(&self, _: u64) {
-            BOOMS.fetch_add(1, Ordering::SeqCst);
-            panic!("recorder bug");
-        }
-        fn absolute(&self, _: u64) {
-            panic!("recorder bug");
-        }
-    }
-
-    impl Recorder for Panicking {
-        fn describe_counter(&self, _: KeyName, _: Option<Unit>, _: SharedString) {}
-        fn describe_gauge(&self, _: KeyName, _: Option<Unit>, _: SharedString) {}
-        fn describe_histogram(&self, _: KeyName, _: Option<Unit>, _: SharedString) {}
-        fn register_counter(&self, key: &Key, _: &Metadata<'_>) -> Counter {
-            let reason = key.labels().find(|l| l.key() == "reason").map(|l| l.value().to_owned());
-            if key.name() == self.name && self.reason.is_none_or(|r| reason.as_deref() == Some(r)) {
-                Counter::from_arc(Arc::new(Boom))
-            } else {
-                Counter::noop()
-            }
-        }
-        fn register_gauge(&self, _: &Key, _: &Metadata<'_>) -> Gauge {
-            Gauge::noop()
-        }
-        fn register_histogram(&self, _: &Key, _: &Metadata<'_>) -> Histogram {
-            Histogram::noop()
-        }
-    }
+    use metrics::Recorder;
+    use support::{Panicking, BOOMS};
 
     /// A node of cache `name` on `bus`, its stream's metrics taken from
     /// `recorder`, with a subscription to the other nodes' events.
@@ -349,6 +308,9 @@ mod with_a_panicking_recorder {
         let plain = Panicking { name: "none", reason: None };
         let (_b, _sb, mut on_b) = node("mute", 2, &bus, &plain).await;
         let key = |k: &str| Fragile(k.to_owned());
+        // B has heard A: it knows where A's numbering stands.
+        a.put(key("first"), 1);
+        assert_eq!(next(&mut on_b).await, Ok(nebulex::Target::Key(key("first"))));
         a.put(key("bad-out"), 1); // not encoded; counting it panics in A's sender task
         eventually("A's recorder panicked", || BOOMS.load(Ordering::SeqCst) > 0).await;
         a.put(key("after"), 1);

@@ -153,3 +153,68 @@ async fn receive_from(all: &mut futures::stream::SelectAll<Subscription<String>>
         }
     }
 }
+
+/// Everything waiting in `sub`, until `Empty` or `Closed`.
+pub(crate) fn drain<K>(sub: &mut Subscription<K>) -> Vec<Result<Arc<CacheEntryEvent<K>>, Lagged>> {
+    std::iter::from_fn(|| match sub.try_recv() {
+        Ok(event) => Some(Ok(event)),
+        Err(nebulex_streams::TryRecvError::Lagged(n)) => Some(Err(Lagged(n))),
+        Err(_) => None,
+    })
+    .collect()
+}
+
+/// A metrics recorder whose counters named `name` (and whose `reason`
+/// label is `reason`, if given) panic when incremented; every other metric
+/// is a no-op.
+#[cfg(feature = "metrics")]
+pub(crate) struct Panicking {
+    pub(crate) name: &'static str,
+    pub(crate) reason: Option<&'static str>,
+}
+
+/// How many times a [`Panicking`] counter panicked.
+#[cfg(feature = "metrics")]
+pub(crate) static BOOMS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+#[cfg(feature = "metrics")]
+mod panicking {
+    use std::sync::atomic::Ordering;
+    use std::sync::Arc;
+
+    use metrics::{Counter, CounterFn, Gauge, Histogram, Key, KeyName, Metadata, Recorder, SharedString, Unit};
+
+    use super::{Panicking, BOOMS};
+
+    struct Boom;
+
+    impl CounterFn for Boom {
+        fn increment(&self, _: u64) {
+            BOOMS.fetch_add(1, Ordering::SeqCst);
+            panic!("recorder bug");
+        }
+        fn absolute(&self, _: u64) {
+            panic!("recorder bug");
+        }
+    }
+
+    impl Recorder for Panicking {
+        fn describe_counter(&self, _: KeyName, _: Option<Unit>, _: SharedString) {}
+        fn describe_gauge(&self, _: KeyName, _: Option<Unit>, _: SharedString) {}
+        fn describe_histogram(&self, _: KeyName, _: Option<Unit>, _: SharedString) {}
+        fn register_counter(&self, key: &Key, _: &Metadata<'_>) -> Counter {
+            let reason = key.labels().find(|l| l.key() == "reason").map(|l| l.value().to_owned());
+            if key.name() == self.name && self.reason.is_none_or(|r| reason.as_deref() == Some(r)) {
+                Counter::from_arc(Arc::new(Boom))
+            } else {
+                Counter::noop()
+            }
+        }
+        fn register_gauge(&self, _: &Key, _: &Metadata<'_>) -> Gauge {
+            Gauge::noop()
+        }
+        fn register_histogram(&self, _: &Key, _: &Metadata<'_>) -> Histogram {
+            Histogram::noop()
+        }
+    }
+}
