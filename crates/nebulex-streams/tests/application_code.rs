@@ -354,7 +354,7 @@ mod reporting {
     #[test]
     fn a_recorder_that_panics_on_one_partition_lets_a_delete_all_reach_the_others() {
         let cache: Cache<String, u32> = Cache::builder().name("recorder-events").build().unwrap();
-        let recorder = Panicking { name: "nebulex_streams_events_total", reason: None };
+        let recorder = Panicking::new("nebulex_streams_events_total", None);
         let _streams =
             metrics::with_local_recorder(&recorder, || Streams::builder(&cache).partitions(2).start().unwrap());
         let mut p0 = cache.subscribe(SubscribeOptions::new().partition(0)).unwrap();
@@ -418,7 +418,7 @@ mod reporting {
     #[test]
     fn a_recorder_that_panics_as_a_lag_is_reported_hands_over_the_notice() {
         let cache: Cache<u64, u64> = Cache::builder().name("recorder-lagged").build().unwrap();
-        let recorder = Panicking { name: "nebulex_streams_lagged_total", reason: None };
+        let recorder = Panicking::new("nebulex_streams_lagged_total", None);
         let _streams = metrics::with_local_recorder(&recorder, || Streams::builder(&cache).buffer(1).start().unwrap());
         let mut sub = cache.subscribe(SubscribeOptions::new()).unwrap();
         for i in 0..3 {

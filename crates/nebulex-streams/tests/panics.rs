@@ -244,7 +244,7 @@ async fn a_key_whose_serialization_panics_loses_its_frame_not_the_cluster_tasks(
 mod with_a_panicking_recorder {
     use super::*;
     use metrics::Recorder;
-    use support::{Panicking, BOOMS};
+    use support::Panicking;
 
     /// A node of cache `name` on `bus`, its stream's metrics taken from
     /// `recorder`, with a subscription to the other nodes' events.
@@ -269,9 +269,9 @@ mod with_a_panicking_recorder {
     async fn a_panic_while_a_gap_is_counted_loses_nothing_more() {
         let bus = nebulex_streams::MemoryBus::new();
         let pubsub = PubSub::from(bus.clone());
-        let plain = Panicking { name: "none", reason: None };
+        let plain = Panicking::new("none", None);
         let (a, _sa, _) = node("gappy", 1, &pubsub, &plain).await;
-        let on_gaps = Panicking { name: "nebulex_streams_gaps_total", reason: None };
+        let on_gaps = Panicking::new("nebulex_streams_gaps_total", None);
         let (_b, _sb, mut on_b) = node("gappy", 2, &pubsub, &on_gaps).await;
         let key = |k: &str| Fragile(k.to_owned());
         a.put(key("first"), 1);
@@ -288,7 +288,7 @@ mod with_a_panicking_recorder {
         while items.last() != Some(&third) {
             items.push(next(&mut on_b).await); // fails unless "third" comes
         }
-        assert!(BOOMS.load(Ordering::SeqCst) > 0, "the recorder panicked");
+        assert!(on_gaps.booms() > 0, "the recorder panicked");
         let second = Ok(nebulex::Target::Key(key("second")));
         assert!(
             matches!(items[..], [Err(nebulex_streams::Lagged(1 | 2)), ..]),
@@ -303,16 +303,16 @@ mod with_a_panicking_recorder {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_panic_while_the_sender_counts_a_lost_frame_loses_nothing_more() {
         let bus = PubSub::memory();
-        let on_unsent = Panicking { name: "nebulex_streams_broadcast_errors_total", reason: Some("transport") };
+        let on_unsent = Panicking::new("nebulex_streams_broadcast_errors_total", Some("transport"));
         let (a, sa, _) = node("mute", 1, &bus, &on_unsent).await;
-        let plain = Panicking { name: "none", reason: None };
+        let plain = Panicking::new("none", None);
         let (_b, _sb, mut on_b) = node("mute", 2, &bus, &plain).await;
         let key = |k: &str| Fragile(k.to_owned());
         // B has heard A: it knows where A's numbering stands.
         a.put(key("first"), 1);
         assert_eq!(next(&mut on_b).await, Ok(nebulex::Target::Key(key("first"))));
         a.put(key("bad-out"), 1); // not encoded; counting it panics in A's sender task
-        eventually("A's recorder panicked", || BOOMS.load(Ordering::SeqCst) > 0).await;
+        eventually("A's recorder panicked", || on_unsent.booms() > 0).await;
         a.put(key("after"), 1);
         assert_eq!(next(&mut on_b).await, Err(nebulex_streams::Lagged(1)), "B is told of the frame lost");
         assert_eq!(next(&mut on_b).await, Ok(nebulex::Target::Key(key("after"))));

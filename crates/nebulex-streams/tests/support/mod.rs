@@ -169,28 +169,38 @@ pub(crate) fn drain<K>(sub: &mut Subscription<K>) -> Vec<Result<Arc<CacheEntryEv
 /// is a no-op.
 #[cfg(feature = "metrics")]
 pub(crate) struct Panicking {
-    pub(crate) name: &'static str,
-    pub(crate) reason: Option<&'static str>,
+    name: &'static str,
+    reason: Option<&'static str>,
+    /// How many times its counters panicked.
+    booms: Arc<std::sync::atomic::AtomicUsize>,
 }
 
-/// How many times a [`Panicking`] counter panicked.
 #[cfg(feature = "metrics")]
-pub(crate) static BOOMS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+impl Panicking {
+    pub(crate) fn new(name: &'static str, reason: Option<&'static str>) -> Self {
+        Panicking { name, reason, booms: Arc::default() }
+    }
+
+    /// How many times its counters panicked so far.
+    pub(crate) fn booms(&self) -> usize {
+        self.booms.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
 
 #[cfg(feature = "metrics")]
 mod panicking {
-    use std::sync::atomic::Ordering;
+    use std::sync::atomic::{AtomicUsize, Ordering};
     use std::sync::Arc;
 
     use metrics::{Counter, CounterFn, Gauge, Histogram, Key, KeyName, Metadata, Recorder, SharedString, Unit};
 
-    use super::{Panicking, BOOMS};
+    use super::Panicking;
 
-    struct Boom;
+    struct Boom(Arc<AtomicUsize>);
 
     impl CounterFn for Boom {
         fn increment(&self, _: u64) {
-            BOOMS.fetch_add(1, Ordering::SeqCst);
+            self.0.fetch_add(1, Ordering::SeqCst);
             panic!("recorder bug");
         }
         fn absolute(&self, _: u64) {
@@ -205,7 +215,7 @@ mod panicking {
         fn register_counter(&self, key: &Key, _: &Metadata<'_>) -> Counter {
             let reason = key.labels().find(|l| l.key() == "reason").map(|l| l.value().to_owned());
             if key.name() == self.name && self.reason.is_none_or(|r| reason.as_deref() == Some(r)) {
-                Counter::from_arc(Arc::new(Boom))
+                Counter::from_arc(Arc::new(Boom(self.booms.clone())))
             } else {
                 Counter::noop()
             }
