@@ -1045,6 +1045,16 @@ mod tests {
         })
     }
 
+    /// Each printed line holds the expected text at its place, and there
+    /// are as many lines as expected.
+    #[track_caller]
+    fn assert_lines(lines: &[String], expected: &[&str]) {
+        assert_eq!(lines.len(), expected.len(), "{lines:?}");
+        for (line, want) in lines.iter().zip(expected) {
+            assert!(line.contains(want), "{line:?} lacks {want:?}");
+        }
+    }
+
     macro_rules! frame {
         ($h:expr, $events:expr, $key:expr) => {
             wire::encode($h, $events, $key).expect("encode")
@@ -1217,10 +1227,7 @@ mod tests {
             "p1   seq 1 ",
             "REJECTED old_epoch: frame of epoch 0000000000000007",
         ];
-        assert_eq!(lines.len(), expected.len(), "{lines:?}");
-        for (line, want) in lines.iter().zip(expected) {
-            assert!(line.contains(want), "{line:?} lacks {want:?}");
-        }
+        assert_lines(&lines, &expected);
     }
 
     /// As the nodes: the first frame of an origin whose stream started after
@@ -1295,10 +1302,7 @@ mod tests {
             "GAP 1 events missed",
             "p1   seq 3 ",
         ];
-        assert_eq!(lines.len(), expected.len(), "{lines:?}");
-        for (line, want) in lines.iter().zip(expected) {
-            assert!(line.contains(want), "{line:?} lacks {want:?}");
-        }
+        assert_lines(&lines, &expected);
     }
 
     #[test]
@@ -1374,10 +1378,7 @@ mod tests {
             "REJECTED foreign_cache: frame of cache `orders`",
             "REJECTED flags: unknown flags 0x04",
         ];
-        assert_eq!(lines.len(), expected.len(), "{lines:?}");
-        for (line, want) in lines.iter().zip(expected) {
-            assert!(line.contains(want), "{line:?} lacks {want:?}");
-        }
+        assert_lines(&lines, &expected);
         // Without a key, the truncated signed frame is malformed.
         let (mut t, out) = tail(&["--redis", "redis://x/", "--cache", "users"]);
         let mut cut = frame!(&header(1, 4, 1), &one, None);
